@@ -1,0 +1,9 @@
+"""autoq: find the per-layer precisions that are Pareto-optimal in quality, measured latency and size."""
+
+from autoq.api import SearchResult, search
+from autoq.errors import AutoqError
+from autoq.precision import Assignment, Precision
+from autoq.space import SearchSpace, load_space
+
+__version__ = "0.1.0"
+__all__ = ["Assignment", "AutoqError", "Precision", "SearchResult", "SearchSpace", "load_space", "search"]

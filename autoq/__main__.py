@@ -1,0 +1,5 @@
+import sys
+
+from autoq.cli import main
+
+sys.exit(main())

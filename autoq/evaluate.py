@@ -1,0 +1,91 @@
+"""Evaluate one Assignment for real: build it, score it against FP32, time it, check what executed."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from autoq.backends.base import Backend, Candidate
+from autoq.data import Dataset, Splits, batch_size
+from autoq.graph import OnnxModel
+from autoq.measure import time_runner
+from autoq.metrics import Metric
+from autoq.precision import Assignment
+
+
+class CandidateError(RuntimeError):
+    """A candidate that cannot be built, run or scored: its trial fails, the search goes on."""
+
+
+@dataclass
+class Evaluator:
+    backend: Backend
+    model: OnnxModel
+    calibration: Path
+    splits: Splits
+    metric: Metric
+    threads: int = 2
+    latency_batch: int = 1
+    _reference: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self._tmp = Path(tempfile.mkdtemp(prefix="autoq-"))
+        fp32 = Assignment.uniform(self.model.layer_names, "fp32")
+        self._ref_candidate = self.backend.build(self.model, fp32, self.calibration, self._tmp / "reference")
+        self._ref_run = self.backend.runner(self._ref_candidate, self.threads)
+        search = self.splits.search
+        self.latency_feeds = {k: v[: self.latency_batch] for k, v in search.arrays.items()}
+
+    def close(self) -> None:
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def _outputs(self, run, dataset: Dataset) -> list[np.ndarray]:
+        parts = [run(feeds) for feeds in dataset.batches(batch_size(self.model.inputs))]
+        return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
+
+    def reference(self, split: str) -> list[np.ndarray]:
+        if split not in self._reference:
+            self._reference[split] = self._outputs(self._ref_run, getattr(self.splits, split))
+        return self._reference[split]
+
+    def build(self, assignment: Assignment, workdir: Path | None = None) -> Candidate:
+        workdir = workdir or Path(tempfile.mkdtemp(dir=self._tmp))
+        try:
+            return self.backend.build(self.model, assignment, self.calibration, workdir)
+        except Exception as exc:
+            msg = f"build failed: {type(exc).__name__}: {exc}"
+            raise CandidateError(msg) from exc
+
+    def evaluate(self, assignment: Assignment, split: str = "search", candidate: Candidate | None = None,
+                 **timing: int) -> dict:
+        """quality (on `split`), latency (median, spread, load, ratio to FP32), size and executed check."""
+        own = candidate is None
+        candidate = candidate or self.build(assignment)
+        try:
+            try:
+                run = self.backend.runner(candidate, self.threads)
+                outputs = self._outputs(run, getattr(self.splits, split))
+            except Exception as exc:
+                msg = f"run failed: {type(exc).__name__}: {exc}"
+                raise CandidateError(msg) from exc
+            if not all(np.isfinite(o).all() for o in outputs if o.dtype.kind == "f"):
+                raise CandidateError("outputs contain NaN or infinite values")
+            dataset = getattr(self.splits, split)
+            quality = float(self.metric(self.reference(split), outputs, dataset.labels))
+            if not np.isfinite(quality):
+                raise CandidateError(f"the metric returned {quality}")
+            executed = self.backend.executed(candidate)
+            feeds = self.latency_feeds
+            measured = time_runner(lambda: run(feeds), lambda: self._ref_run(feeds), **timing)
+        finally:
+            if own:
+                shutil.rmtree(candidate.path.parent, ignore_errors=True)
+        mismatched = sorted(n for n, p in assignment.layers.items() if executed.get(n) != p)
+        return {"quality": quality, "latency_ms": measured.median_ms, "latency_spread_ms": measured.spread_ms,
+                "latency_runs": measured.runs, "load": measured.load, "fp32_latency_ms": measured.ref_median_ms,
+                "speedup": measured.speedup, "size_bytes": candidate.size_bytes,
+                "executed_ok": not mismatched, "mismatched_layers": mismatched, "executed": executed}

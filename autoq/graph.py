@@ -1,0 +1,181 @@
+"""ONNX model loading, validation and normalisation; quantizable layer discovery (params, MACs)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from autoq.errors import AutoqError
+
+LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+MIN_OPSET = 13  # per-channel QDQ needs opset >= 13
+MAX_PROTO_BYTES = 1_800_000_000  # above this, save weights as external data
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A quantizable op with a constant weight, named by its ONNX node name."""
+
+    name: str
+    op_type: str
+    weight: str
+    weight_shape: tuple[int, ...]
+    params: int
+    macs: int
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    shape: tuple[int | None, ...]  # None for a symbolic dimension
+    dtype: np.dtype
+
+
+@dataclass
+class OnnxModel:
+    """A normalised model saved at `path`, with its layers and input signature."""
+
+    path: Path
+    proto: onnx.ModelProto
+    layers: list[Layer]
+    inputs: list[InputSpec]
+    outputs: list[str]
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [layer.name for layer in self.layers]
+
+
+def load_onnx(path: str | Path) -> onnx.ModelProto:
+    """Load and check an ONNX file (external data beside it is loaded too)."""
+    path = Path(path)
+    if not path.is_file():
+        msg = f"model file not found: {path}"
+        raise AutoqError(msg)
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # protobuf raises several unrelated types for a corrupt file
+        msg = f"{path} is not a readable ONNX model ({type(exc).__name__}): re-export it"
+        raise AutoqError(msg) from exc
+    if not model.graph.node:
+        msg = f"{path} is not a valid ONNX model: its graph has no nodes"
+        raise AutoqError(msg)
+    try:
+        onnx.checker.check_model(model if model.ByteSize() < MAX_PROTO_BYTES else str(path))
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0]
+        msg = f"{path} fails the ONNX checker: {first}"
+        raise AutoqError(msg) from exc
+    return model
+
+
+def normalise(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Make a model quantizer-ready: opset >= 13, weights as initializers, unique node names, shapes."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < MIN_OPSET:
+        try:
+            model = onnx.version_converter.convert_version(model, MIN_OPSET)
+        except Exception as exc:
+            msg = f"cannot upgrade the model from opset {opset} to {MIN_OPSET}: {exc}; re-export with opset >= 13"
+            raise AutoqError(msg) from exc
+    graph = model.graph
+    kept = []
+    for node in graph.node:
+        value = next((a for a in node.attribute if a.name == "value" and a.type == a.TENSOR), None)
+        if node.op_type == "Constant" and value is not None:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(value.t)
+            tensor.name = node.output[0]
+            graph.initializer.append(tensor)
+        else:
+            kept.append(node)
+    del graph.node[:]
+    graph.node.extend(kept)
+    initializers = {t.name for t in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in initializers]
+    del graph.input[:]
+    graph.input.extend(inputs)
+    seen: set[str] = set()
+    for index, node in enumerate(graph.node):
+        name = node.name or f"{node.op_type}_{index}"
+        while name in seen:
+            name = f"{name}_{index}"
+        node.name = name
+        seen.add(name)
+    try:
+        return onnx.shape_inference.infer_shapes(model)
+    except Exception:  # shape inference is a help for MACs, not a requirement
+        return model
+
+
+def _dims(value_info: onnx.ValueInfoProto) -> tuple[int | None, ...]:
+    shape = value_info.type.tensor_type.shape
+    return tuple(d.dim_value if d.HasField("dim_value") else None for d in shape.dim)
+
+
+def _elements(shape: tuple[int | None, ...] | None) -> int:
+    return int(np.prod([d or 1 for d in shape])) if shape else 0
+
+
+def find_layers(model: onnx.ModelProto) -> list[Layer]:
+    """Every Conv/ConvTranspose/Gemm/MatMul whose weight (input 1) is a constant, in graph order."""
+    graph = model.graph
+    weights = {t.name: tuple(t.dims) for t in graph.initializer}
+    shapes = {v.name: _dims(v) for v in [*graph.value_info, *graph.input, *graph.output]}
+    layers = []
+    for node in graph.node:
+        if node.op_type not in LAYER_OPS or len(node.input) < 2 or node.input[1] not in weights:
+            continue
+        w = weights[node.input[1]]
+        params = int(np.prod(w)) + (int(np.prod(weights[node.input[2]])) if len(node.input) > 2 and
+                                    node.input[2] in weights else 0)
+        out = _elements(shapes.get(node.output[0]))
+        if node.op_type == "Conv":
+            macs = out * int(np.prod(w[1:]))
+        elif node.op_type == "ConvTranspose":
+            macs = _elements(shapes.get(node.input[0])) * int(np.prod(w[1:]))
+        elif node.op_type == "Gemm":
+            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+            macs = out * (w[1] if trans_b else w[0])
+        else:
+            macs = out * w[0]
+        layers.append(Layer(node.name, node.op_type, node.input[1], w, params, int(macs)))
+    return layers
+
+
+def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
+    specs = []
+    for value in model.graph.input:
+        elem = value.type.tensor_type.elem_type
+        specs.append(InputSpec(value.name, _dims(value), np.dtype(helper.tensor_dtype_to_np_dtype(elem))))
+    return specs
+
+
+def save_onnx(model: onnx.ModelProto, path: Path) -> Path:
+    """Save a model, moving weights to `<name>.data` when the protobuf would be too large."""
+    large = model.ByteSize() > MAX_PROTO_BYTES
+    onnx.save(model, str(path), save_as_external_data=large, location=f"{path.name}.data")
+    return path
+
+
+def prepare(source: str | Path, workdir: Path) -> OnnxModel:
+    """Load, validate and normalise `source`; save the result as `workdir/model.onnx`."""
+    model = normalise(load_onnx(source))
+    layers = find_layers(model)
+    if not layers:
+        msg = (f"{source} has no quantizable layers (Conv, ConvTranspose, Gemm or MatMul with a constant "
+               "weight): nothing to search")
+        raise AutoqError(msg)
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = save_onnx(model, workdir / "model.onnx")
+    outputs = [o.name for o in model.graph.output]
+    return OnnxModel(path, model, layers, input_specs(model), outputs)
+
+
+def weight_array(model: onnx.ModelProto, name: str) -> np.ndarray:
+    tensor = next(t for t in model.graph.initializer if t.name == name)
+    return numpy_helper.to_array(tensor)

@@ -1,0 +1,94 @@
+"""report.html: one self-contained file (plotly inlined) that explains the front, works offline."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import pandas as pd
+import plotly.graph_objects as go
+
+PRECISION_COLOURS = {"fp32": "#4c72b0", "bf16": "#8172b3", "fp16": "#64b5cd", "int8": "#dd8452",
+                     "int8-dyn": "#c44e52", "w8": "#55a868", "w4g32": "#937860", "w4g128": "#da8bc3"}
+
+
+def _front_figure(trials: pd.DataFrame, front: pd.DataFrame, metric: str) -> go.Figure:
+    done = trials[trials["state"] == "COMPLETE"]
+    fig = go.Figure()
+    fig.add_scatter(x=done["latency_ms"], y=done["quality"], mode="markers", name="all trials",
+                    marker={"color": "rgba(120,120,120,0.35)", "size": 7}, text=done["summary"],
+                    hovertemplate="trial %{customdata}<br>%{text}<br>%{x:.2f} ms, quality %{y:.4f}<extra></extra>",
+                    customdata=done["trial"])
+    fig.add_scatter(x=front["latency_ms"], y=front["quality"], mode="markers+lines", name="Pareto front",
+                    line={"shape": "hv", "color": "#dd8452"},
+                    marker={"size": 12, "color": front["size_bytes"] / 1e6, "colorscale": "Viridis",
+                            "showscale": True, "colorbar": {"title": "size MB"}},
+                    text=front["summary"], customdata=front["trial"],
+                    hovertemplate="front point, trial %{customdata}<br>%{text}<br>%{x:.2f} ms, quality %{y:.4f}"
+                                  "<extra></extra>")
+    baselines = done[done["baseline"] != ""].drop_duplicates("baseline")
+    fig.add_scatter(x=baselines["latency_ms"], y=baselines["quality"], mode="markers+text", name="uniform",
+                    text=baselines["baseline"], textposition="top center",
+                    marker={"symbol": "x", "size": 14, "color": "black"})
+    fig.update_layout(title="Quality vs measured latency", xaxis_title="latency (ms, median)",
+                      yaxis_title=f"quality ({metric})", height=520, template="plotly_white")
+    return fig
+
+
+def _precision_map(front: pd.DataFrame) -> go.Figure:
+    layers = list(json.loads(front["assignment"].iloc[0])["layers"])
+    names = list(PRECISION_COLOURS)
+    z, text = [], []
+    for assignment in front["assignment"]:
+        chosen = json.loads(assignment)["layers"]
+        z.append([names.index(chosen[layer]) for layer in layers])
+        text.append([chosen[layer] for layer in layers])
+    used = sorted({v for row in z for v in row})
+    scale = []
+    for i, value in enumerate(used):  # a discrete colour per precision present
+        lo, hi = i / len(used), (i + 1) / len(used)
+        scale += [[lo, PRECISION_COLOURS[names[value]]], [hi, PRECISION_COLOURS[names[value]]]]
+    position = {v: i for i, v in enumerate(used)}
+    fig = go.Figure(go.Heatmap(z=[[position[v] for v in row] for row in z], x=layers, text=text,
+                               y=[f"point {i} (trial {t})" for i, t in enumerate(front["trial"])],
+                               colorscale=scale, zmin=-0.5, zmax=len(used) - 0.5, xgap=1, ygap=2,
+                               hovertemplate="%{y}<br>%{x}: %{text}<extra></extra>",
+                               colorbar={"tickvals": list(range(len(used))), "ticktext": [names[v] for v in used]}))
+    fig.update_layout(title="Per-layer precision of each front point (layers in model order)",
+                      height=180 + 40 * len(front), template="plotly_white", xaxis={"showticklabels": False})
+    return fig
+
+
+def _table(frame: pd.DataFrame) -> str:
+    return frame.to_html(index=False, border=0, classes="table", float_format=lambda v: f"{v:.4g}")
+
+
+def write_html(path: Path, trials: pd.DataFrame, front: pd.DataFrame, meta: dict) -> Path:
+    figures = [_front_figure(trials, front, meta.get("metric", "quality"))]
+    if not front.empty:
+        figures.append(_precision_map(front))
+    plots = [fig.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, fig in enumerate(figures)]
+    columns = [c for c in ("point", "trial", "summary", "quality", "val_quality", "latency_ms", "val_latency_ms",
+                           "val_latency_spread_ms", "speedup", "size_bytes", "val_executed_ok", "model")
+               if c in front.columns]
+    machine = meta.get("machine", {})
+    facts = {"model": meta.get("model"), "backend": meta.get("backend"), "metric": meta.get("metric"),
+             "CPU": machine.get("cpu"), "CPU flags": " ".join(machine.get("cpu_flags", [])),
+             "cores / threads": f"{machine.get('cores')} / {machine.get('threads')}",
+             "libraries": ", ".join(f"{k} {v}" for k, v in machine.get("libraries", {}).items()),
+             "trials": f"{len(trials)} ({int((trials['state'] == 'COMPLETE').sum())} complete)",
+             "median load of other processes (cores)": f"{trials['load'].median():.2f}" if len(trials) else "",
+             "wall time of this run": f"{meta.get('wall_s', 0):.0f} s"}
+    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts.items())
+    body = f"""<!doctype html><html><head><meta charset="utf-8"><title>autoq report</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1200px}} table{{border-collapse:collapse}}
+th,td{{padding:3px 10px;text-align:left;border-bottom:1px solid #ddd;font-size:14px}}</style></head><body>
+<h1>autoq: {html.escape(str(meta.get("model", "")))} on {html.escape(str(meta.get("backend", "")))}</h1>
+<table>{rows}</table>
+<h2>Pareto front</h2>{plots[0]}
+<h2>Front points (quality and latency re-measured on the validation split)</h2>{_table(front[columns])}
+{plots[1] if len(plots) > 1 else "<p>No completed trial.</p>"}
+</body></html>"""
+    path.write_text(body)
+    return path

@@ -1,0 +1,31 @@
+"""The trials table: one row per Optuna trial, with its measurements and assignment."""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+import pandas as pd
+
+# Documented in the README; trials.csv has these columns, pareto.csv these plus the val_* ones.
+TRIAL_COLUMNS = ["trial", "state", "baseline", "duplicate", "quality", "latency_ms", "latency_spread_ms",
+                 "latency_runs", "load", "fp32_latency_ms", "speedup", "size_bytes", "executed_ok",
+                 "mismatched_layers", "summary", "error", "key", "assignment"]
+
+
+def trials_frame(study: optuna.Study) -> pd.DataFrame:
+    rows = []
+    for trial in study.get_trials(deepcopy=False):
+        attrs = trial.user_attrs
+        assignment = json.loads(attrs["assignment"]) if "assignment" in attrs else {"layers": {}}
+        counts = pd.Series(list(assignment["layers"].values()), dtype=object).value_counts()
+        rows.append({
+            "trial": trial.number, "state": trial.state.name, "baseline": attrs.get("baseline", ""),
+            "duplicate": bool(attrs.get("duplicate", False)),
+            **{c: attrs.get(c) for c in ("quality", "latency_ms", "latency_spread_ms", "latency_runs", "load",
+                                         "fp32_latency_ms", "speedup", "size_bytes", "executed_ok")},
+            "mismatched_layers": ";".join(attrs.get("mismatched_layers", [])),
+            "summary": ", ".join(f"{p} x{n}" for p, n in sorted(counts.items())),
+            "error": attrs.get("error", ""), "key": attrs.get("key", ""), "assignment": attrs.get("assignment", ""),
+        })
+    return pd.DataFrame(rows, columns=TRIAL_COLUMNS)

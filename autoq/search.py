@@ -1,0 +1,128 @@
+"""The Optuna study: per-layer precisions as parameters, (quality, latency, size) as objectives.
+
+The uniform assignments are enqueued first; the study lives in SQLite in the run directory, so the
+same command resumes it: finished trials are kept, an interrupted one is retried, an assignment already
+measured is never measured again.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from autoq.errors import AutoqError
+from autoq.evaluate import CandidateError, Evaluator
+from autoq.precision import Assignment
+from autoq.space import SearchSpace
+
+DIRECTIONS = ["maximize", "minimize", "minimize"]  # quality, latency_ms, size_bytes
+OPTION_PREFIX = "option:"
+
+
+def make_sampler(space: SearchSpace, seed: int) -> optuna.samplers.BaseSampler:
+    if space.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True)
+    if space.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.NSGAIISampler(seed=seed, population_size=space.population)
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """One search process per run directory."""
+    with open(run_dir / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            msg = f"another autoq search is running in {run_dir}: wait for it or choose another --out"
+            raise AutoqError(msg) from exc
+        yield
+
+
+def open_study(run_dir: Path, space: SearchSpace, seed: int, hardware: str) -> optuna.Study:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = f"sqlite:///{run_dir / 'study.db'}"
+    study = optuna.create_study(storage=storage, study_name="autoq", directions=DIRECTIONS,
+                                sampler=make_sampler(space, seed), load_if_exists=True)
+    known = study.user_attrs.get("hardware")
+    if known is None:
+        study.set_user_attr("hardware", hardware)
+    elif known != hardware:
+        msg = (f"the study in {run_dir} was measured on another machine or thread count ({known}); "
+               "latencies must not mix: use a new --out")
+        raise AutoqError(msg)
+    return study
+
+
+def _recover_interrupted(study: optuna.Study) -> None:
+    """Trials left RUNNING by a killed process (we hold the run lock): fail them, retry their params."""
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study._storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
+        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        study.enqueue_trial(trial.params, user_attrs={k: v for k, v in trial.user_attrs.items()
+                                                      if k == "baseline"})
+
+
+def _enqueue_baselines(study: optuna.Study, choices: dict[str, list[str]], options: dict[str, list]) -> None:
+    precisions = sorted({p for c in choices.values() for p in c}, key=lambda p: p != "fp32")
+    for precision in precisions:
+        params = {name: precision if precision in c else c[0] for name, c in choices.items() if len(c) > 1}
+        params |= {OPTION_PREFIX + k: v[0] for k, v in options.items() if len(v) > 1}
+        study.enqueue_trial(params, user_attrs={"baseline": f"uniform-{precision}"})
+
+
+def budget_used(study: optuna.Study) -> int:
+    """Finished trials that count toward --trials (interrupted ones are retried, not counted)."""
+    return sum(1 for t in study.get_trials(deepcopy=False)
+               if t.state == TrialState.COMPLETE or (t.state == TrialState.FAIL and "error" in t.user_attrs))
+
+
+def suggest(trial: optuna.Trial, choices: dict[str, list[str]], options: dict[str, list]) -> Assignment:
+    layers = {n: trial.suggest_categorical(n, c) if len(c) > 1 else c[0] for n, c in choices.items()}
+    chosen = {k: trial.suggest_categorical(OPTION_PREFIX + k, v) if len(v) > 1 else v[0] for k, v in options.items()}
+    return Assignment(layers, chosen)
+
+
+def run_search(study: optuna.Study, evaluator: Evaluator, choices: dict[str, list[str]], space: SearchSpace,
+               trials: int, timeout: float | None = None, progress: bool = True) -> optuna.Study:
+    """Run until `trials` trials have finished in the study (counting earlier runs), or `timeout` seconds."""
+    if not study.trials:
+        _enqueue_baselines(study, choices, space.options)
+    _recover_interrupted(study)
+    measured = {t.user_attrs["key"]: (tuple(t.values), t.user_attrs)
+                for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if "key" in t.user_attrs}
+
+    def objective(trial: optuna.Trial) -> tuple[float, float, float]:
+        assignment = suggest(trial, choices, space.options)
+        key = assignment.key()
+        trial.set_user_attr("key", key)
+        trial.set_user_attr("assignment", json.dumps(assignment.to_dict()))
+        if key in measured:  # same assignment: reuse the measurement, never time it twice
+            values, attrs = measured[key]
+            trial.set_user_attr("duplicate", True)
+            for name, value in attrs.items():
+                if name not in ("key", "assignment", "baseline", "duplicate"):
+                    trial.set_user_attr(name, value)
+            return values
+        try:
+            row = evaluator.evaluate(assignment)
+        except CandidateError as exc:
+            trial.set_user_attr("error", str(exc))
+            raise
+        for name, value in row.items():
+            trial.set_user_attr(name, value)
+        values = (row["quality"], row["latency_ms"], row["size_bytes"])
+        measured[key] = (values, row)
+        return values
+
+    remaining = trials - budget_used(study)
+    if remaining > 0:
+        study.optimize(objective, n_trials=remaining, timeout=timeout, catch=(CandidateError,),
+                       show_progress_bar=progress)
+    return study

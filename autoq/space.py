@@ -1,0 +1,158 @@
+"""SearchSpace from search_spaces/*.yaml: ordered match rules -> per-layer precision choices.
+
+```yaml
+name: cpu-int8
+default: [fp32, int8]          # choices of a layer no rule matches
+rules:                          # first match wins
+  - match: "re:.*classifier.*"  # exact node name, "re:<regex>" (fullmatch), or
+    precisions: [fp32]
+  - op_type: [Conv]             # op types
+    precisions: [fp32, int8]
+options: {reduce_range: [false]}   # model-wide choices
+sampler: nsga2                  # nsga2 | tpe | random
+population: 16
+seed: 0
+```
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from autoq.errors import AutoqError
+from autoq.graph import Layer
+from autoq.precision import KNOWN
+
+TOP_KEYS = {"name", "description", "default", "rules", "options", "sampler", "population", "seed"}
+RULE_KEYS = {"match", "op_type", "precisions"}
+SAMPLERS = ("nsga2", "tpe", "random")
+DEFAULT_SPACE = "cpu-int8"
+
+
+@dataclass(frozen=True)
+class Rule:
+    precisions: tuple[str, ...]
+    match: str | None = None
+    op_types: tuple[str, ...] = ()
+
+    def matches(self, layer: Layer) -> bool:
+        if self.op_types and layer.op_type not in self.op_types:
+            return False
+        if self.match is None:
+            return True
+        if self.match.startswith("re:"):
+            return re.fullmatch(self.match[3:], layer.name) is not None
+        return self.match == layer.name
+
+
+@dataclass
+class SearchSpace:
+    name: str
+    default: tuple[str, ...]
+    rules: list[Rule] = field(default_factory=list)
+    options: dict[str, list] = field(default_factory=dict)
+    sampler: str = "nsga2"
+    population: int = 16
+    seed: int = 0
+    source: str = "<dict>"
+
+    def choices(self, layers: list[Layer], supported: set[str]) -> dict[str, list[str]]:
+        """Layer -> allowed precisions (first matching rule, else `default`), checked against the backend."""
+        result = {}
+        for layer in layers:
+            allowed = next((r.precisions for r in self.rules if r.matches(layer)), self.default)
+            unsupported = [p for p in allowed if p not in supported]
+            if unsupported:
+                msg = (f"{self.source}: precision {unsupported[0]} (for layer {layer.name}) is not available on this "
+                       f"backend (it builds: {', '.join(sorted(supported))})")
+                raise AutoqError(msg)
+            result[layer.name] = list(allowed)
+        return result
+
+
+def _fail(source: str, key: str, problem: str) -> AutoqError:
+    return AutoqError(f"{source}: key '{key}': {problem}")
+
+
+def _precisions(value: object, source: str, key: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise _fail(source, key, "expected a non-empty list of precisions")
+    for item in value:
+        if item not in KNOWN:
+            raise _fail(source, key, f"unknown precision '{item}' (allowed: {', '.join(KNOWN)})")
+    return tuple(value)
+
+
+def parse_space(data: object, source: str = "<dict>") -> SearchSpace:
+    """Validate a space's dict form; errors name the source, the key and the allowed values."""
+    if not isinstance(data, dict):
+        msg = f"{source}: a search space must be a YAML mapping (keys: {', '.join(sorted(TOP_KEYS))})"
+        raise AutoqError(msg)
+    for key in data:
+        if key not in TOP_KEYS:
+            raise _fail(source, key, f"unknown key (allowed: {', '.join(sorted(TOP_KEYS))})")
+    rules = []
+    for index, rule in enumerate(data.get("rules") or []):
+        where = f"rules[{index}]"
+        if not isinstance(rule, dict):
+            raise _fail(source, where, "each rule is a mapping with 'precisions' and 'match' and/or 'op_type'")
+        for key in rule:
+            if key not in RULE_KEYS:
+                raise _fail(source, f"{where}.{key}", f"unknown key (allowed: {', '.join(sorted(RULE_KEYS))})")
+        if "precisions" not in rule:
+            raise _fail(source, where, "missing 'precisions'")
+        match = rule.get("match")
+        if match is not None and match.startswith("re:"):
+            try:
+                re.compile(match[3:])
+            except re.error as exc:
+                raise _fail(source, f"{where}.match", f"bad regular expression: {exc}") from exc
+        op_types = rule.get("op_type") or []
+        rules.append(Rule(_precisions(rule["precisions"], source, f"{where}.precisions"), match,
+                          tuple([op_types] if isinstance(op_types, str) else op_types)))
+    sampler = data.get("sampler", "nsga2")
+    if sampler not in SAMPLERS:
+        raise _fail(source, "sampler", f"unknown sampler '{sampler}' (allowed: {', '.join(SAMPLERS)})")
+    options = data.get("options") or {}
+    if not isinstance(options, dict) or not all(isinstance(v, list) and v for v in options.values()):
+        raise _fail(source, "options", "expected a mapping of option name -> non-empty list of values")
+    population = data.get("population", 16)
+    if not isinstance(population, int) or population < 2:
+        raise _fail(source, "population", "expected an integer >= 2")
+    return SearchSpace(str(data.get("name", Path(source).stem)),
+                       _precisions(data.get("default", ["fp32", "int8"]), source, "default"), rules,
+                       dict(options), sampler, population, int(data.get("seed", 0)), source)
+
+
+def load_space(space: str | Path | dict | SearchSpace | None) -> SearchSpace:
+    """A space from a SearchSpace, a dict, a YAML path, or the name of a bundled space."""
+    if isinstance(space, SearchSpace):
+        return space
+    if space is None:
+        space = DEFAULT_SPACE
+    if isinstance(space, dict):
+        return parse_space(space)
+    path = Path(space)
+    if not path.is_file():
+        bundled = resources.files("autoq.search_spaces") / f"{space}.yaml"
+        if not bundled.is_file():
+            names = sorted(p.name[:-5] for p in resources.files("autoq.search_spaces").iterdir()
+                           if p.name.endswith(".yaml"))
+            msg = f"search space '{space}' is neither a file nor a bundled space ({', '.join(names)})"
+            raise AutoqError(msg)
+        return parse_space(yaml.safe_load(bundled.read_text()), f"{space}.yaml")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        msg = f"{path}: invalid YAML{where}: {getattr(exc, 'problem', exc)}"
+        raise AutoqError(msg) from exc
+    return parse_space(data, str(path))

@@ -1,0 +1,75 @@
+"""The Backend contract and the registry (name -> lazily imported class)."""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from autoq.errors import AutoqError
+from autoq.graph import OnnxModel
+from autoq.precision import Assignment
+
+Feeds = dict[str, np.ndarray]
+Outputs = list[np.ndarray]
+
+BACKENDS = {
+    "onnxruntime": "autoq.backends.onnxruntime:OnnxRuntimeBackend",
+}
+
+
+@dataclass
+class Candidate:
+    """An Assignment built by a backend into an artifact it can run."""
+
+    assignment: Assignment
+    path: Path  # the built model file
+    size_bytes: int
+    extra: dict = field(default_factory=dict)
+
+
+class Backend(ABC):
+    """Builds assignments for real, runs them, and says which precision each layer really executed in.
+
+    Backends never time themselves: `autoq.measure` times whatever `runner` returns.
+    """
+
+    name: str
+
+    @abstractmethod
+    def precisions(self) -> set[str]:
+        """Per-layer precisions this backend can build."""
+
+    @abstractmethod
+    def build(self, model: OnnxModel, assignment: Assignment, calibration: Path, workdir: Path) -> Candidate:
+        """Build `assignment` into `workdir` from cached calibration ranges (never re-calibrates)."""
+
+    @abstractmethod
+    def runner(self, candidate: Candidate, threads: int) -> Callable[[Feeds], Outputs]:
+        """A callable running the candidate on one batch of feeds with a fixed thread count."""
+
+    @abstractmethod
+    def executed(self, candidate: Candidate) -> dict[str, str]:
+        """Layer -> precision its kernel really ran in, read from the runtime's own graph."""
+
+    @abstractmethod
+    def export(self, candidate: Candidate, path: Path) -> Path:
+        """Write the candidate as a model file a user can deploy; return its path."""
+
+
+def get_backend(name: str) -> Backend:
+    """Instantiate a registered backend; an unknown name or a missing install is a clear error."""
+    if name not in BACKENDS:
+        msg = f"unknown backend '{name}' (available: {', '.join(BACKENDS)})"
+        raise AutoqError(msg)
+    module_name, _, class_name = BACKENDS[name].partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        msg = f"backend '{name}' needs a package that is not installed ({exc.name}): pip install 'autoq[{name}]'"
+        raise AutoqError(msg) from exc
+    return getattr(module, class_name)()

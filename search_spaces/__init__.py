@@ -1,0 +1,1 @@
+"""Bundled search spaces (YAML), installed as `autoq.search_spaces`."""

@@ -1,0 +1,85 @@
+"""The shared backend test suite: subclass `BackendContract` per backend (as Optuna's storage tests do)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from autoq import data, graph
+from autoq.backends import get_backend
+from autoq.calibrate import calibrate
+from autoq.precision import Assignment
+
+
+class BackendContract:
+    backend_name: str
+    low_precision: str  # a precision with real low-precision kernels on this backend
+
+    @pytest.fixture(scope="class")
+    def setup(self, digits_cnn, digits_npz, tmp_path_factory):
+        workdir = tmp_path_factory.mktemp(self.backend_name)
+        model = graph.prepare(digits_cnn, workdir)
+        dataset = data.load(digits_npz, "label")
+        splits = data.split(dataset)
+        calibration = calibrate(model, splits.calibration, workdir / "cache")
+        return get_backend(self.backend_name), model, splits, calibration, workdir
+
+    def _build(self, setup, layers: dict[str, str], name: str):
+        backend, model, _, calibration, workdir = setup
+        return backend.build(model, Assignment(layers), calibration, workdir / name)
+
+    def test_declares_what_it_builds(self, setup):
+        assert {"fp32", self.low_precision} <= setup[0].precisions()
+
+    def test_uniform_low_precision_executes_low_precision(self, setup):
+        backend, model = setup[0], setup[1]
+        candidate = self._build(setup, {n: self.low_precision for n in model.layer_names}, "all-low")
+        backend.runner(candidate, 1)
+        assert backend.executed(candidate) == {n: self.low_precision for n in model.layer_names}
+
+    def test_mixed_assignment_executes_as_asked(self, setup):
+        backend, model = setup[0], setup[1]
+        names = model.layer_names
+        asked = {n: ("fp32" if i % 2 == 0 else self.low_precision) for i, n in enumerate(names)}
+        candidate = self._build(setup, asked, "mixed")
+        backend.runner(candidate, 1)
+        assert backend.executed(candidate) == asked
+
+    def test_fp32_matches_the_source_model(self, setup):
+        backend, model, splits = setup[0], setup[1], setup[2]
+        candidate = self._build(setup, {n: "fp32" for n in model.layer_names}, "fp32")
+        feeds = {"image": splits.search.arrays["image"]}
+        expected = ort.InferenceSession(str(model.path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+        got = backend.runner(candidate, 2)(feeds)[0]
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+        assert set(backend.executed(candidate).values()) == {"fp32"}
+
+    def test_low_precision_keeps_accuracy_and_shrinks(self, setup):
+        backend, model, splits = setup[0], setup[1], setup[2]
+        fp32 = self._build(setup, {n: "fp32" for n in model.layer_names}, "fp32-size")
+        low = self._build(setup, {n: self.low_precision for n in model.layer_names}, "low-size")
+        feeds = {"image": splits.search.arrays["image"]}
+        outputs = [backend.runner(c, 2)(feeds)[0] for c in (fp32, low)]
+        accuracy = [(o.argmax(1) == splits.search.labels).mean() for o in outputs]
+        assert accuracy[1] >= accuracy[0] - 0.03
+        assert not np.allclose(outputs[0], outputs[1])  # it really changed the arithmetic
+        assert low.size_bytes < 0.5 * fp32.size_bytes
+
+    def test_export_writes_a_runnable_model(self, setup, tmp_path):
+        backend, model, splits = setup[0], setup[1], setup[2]
+        candidate = self._build(setup, {n: self.low_precision for n in model.layer_names}, "export")
+        path = backend.export(candidate, tmp_path / "exported" / "model.onnx")
+        feeds = {"image": splits.search.arrays["image"][:4]}
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        np.testing.assert_allclose(session.run(None, feeds)[0], backend.runner(candidate, 1)(feeds)[0], atol=1e-5)
+
+    def test_build_is_fast_and_reuses_calibration(self, setup):
+        """Building must not re-calibrate: the cache file is the only source of ranges."""
+        backend, model, _, calibration, workdir = setup
+        before = calibration.stat().st_mtime_ns
+        self._build(setup, {n: self.low_precision for n in model.layer_names}, "again")
+        assert calibration.stat().st_mtime_ns == before
+        assert isinstance(calibration, Path)

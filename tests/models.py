@@ -1,0 +1,41 @@
+"""Small real models for tests: a CNN trained in seconds on scikit-learn's digits, exported to ONNX."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def digits_data() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = (digits.images / 16.0).astype(np.float32)[:, None]  # (1797, 1, 8, 8)
+    return images, digits.target.astype(np.int64)
+
+
+def train_digits_cnn(out: Path, epochs: int = 12, seed: int = 0, opset: int = 17) -> Path:
+    """Train a 4-layer CNN (2 Conv + 2 Gemm) on digits and export it to `out` with dynamic batch."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    images, labels = digits_data()
+    model = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Flatten(),
+        nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10),
+    )
+    x, y = torch.from_numpy(images[:1400]), torch.from_numpy(labels[:1400])
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(epochs):
+        for start in range(0, len(x), 64):
+            optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(model(x[start:start + 64]), y[start:start + 64])
+            loss.backward()
+            optimizer.step()
+    model.eval()
+    torch.onnx.export(model, (x[:1],), str(out), dynamo=False, input_names=["image"], output_names=["logits"],
+                      dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset)
+    return out

@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+import onnx
+
+from tests.backend_contract import BackendContract
+
+
+class TestOnnxRuntime(BackendContract):
+    backend_name = "onnxruntime"
+    low_precision = "int8"
+
+    def test_unfused_qdq_is_reported_as_fp32(self, setup):
+        """A layer whose QDQ pair ORT cannot fuse runs fp32 between Q/DQ: it must not count as int8."""
+        backend, model = setup[0], setup[1]
+        layers = {n: "int8" for n in model.layer_names}
+        candidate = self._build(setup, layers, "unfusable")
+        proto = onnx.load(str(candidate.path))
+        first = model.layers[0]
+        # Feed the first layer its float activation instead of the Q/DQ pair: what remains is a weight
+        # DequantizeLinear in front of a float Conv, which ORT cannot fuse into an integer kernel.
+        producers = {out: node for node in proto.graph.node for out in node.output}
+        layer = next(n for n in proto.graph.node if n.name == first.name)
+        dequantize = producers[layer.input[0]]
+        assert dequantize.op_type == "DequantizeLinear"
+        layer.input[0] = producers[dequantize.input[0]].input[0]
+        onnx.save(proto, str(candidate.path))
+        candidate.path.with_name("optimized.onnx").unlink(missing_ok=True)
+        backend.runner(candidate, 1)
+        executed = backend.executed(candidate)
+        assert executed[first.name] == "fp32"
+        assert all(executed[n] == "int8" for n in model.layer_names[1:])

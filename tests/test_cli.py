@@ -1,0 +1,57 @@
+"""Bad input exits non-zero with one line saying what is wrong, never a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+
+def _autoq(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "autoq", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, digits_npz):
+    folder = tmp_path_factory.mktemp("bad")
+    (folder / "corrupt.onnx").write_bytes(b"\x00garbage" * 10)
+    (folder / "space.yaml").write_text("default: [fp32, int8\nrules: [\n")
+    (folder / "typo.yaml").write_text("defualt: [fp32]\n")
+    images = np.load(digits_npz)["image"]
+    np.savez(folder / "wrong_name.npz", pixels=images)
+    np.savez(folder / "wrong_dtype.npz", image=images.astype(np.float64))
+    nan = images.copy()
+    nan[3, 0, 2, 2] = np.nan
+    np.savez(folder / "nan.npz", image=nan)
+    np.savez(folder / "empty.npz", image=images[:0])
+    return folder
+
+
+CASES = {
+    "missing model": (["{f}/nope.onnx", "--data", "{npz}"], "model file not found"),
+    "corrupt model": (["{f}/corrupt.onnx", "--data", "{npz}"], "not a readable ONNX model"),
+    "no data": (["{cnn}"], "no data"),
+    "bad yaml": (["{cnn}", "--data", "{npz}", "--space", "{f}/space.yaml"], "invalid YAML at line"),
+    "unknown key": (["{cnn}", "--data", "{npz}", "--space", "{f}/typo.yaml"], "key 'defualt': unknown key"),
+    "input names": (["{cnn}", "--data", "{f}/wrong_name.npz"], "do not match the model inputs"),
+    "dtype": (["{cnn}", "--data", "{f}/wrong_dtype.npz"], "float64 but the model expects float32"),
+    "nan": (["{cnn}", "--data", "{f}/nan.npz"], "NaN"),
+    "empty": (["{cnn}", "--data", "{f}/empty.npz"], "empty"),
+    "metric": (["{cnn}", "--data", "{npz}", "--metric", "f1"], "unknown metric 'f1'"),
+    "backend": (["{cnn}", "--data", "{npz}", "--backend", "tensorrt"], "unknown backend 'tensorrt'"),
+    "labels": (["{cnn}", "--data", "{npz}", "--labels", "nolabels"], "labels 'nolabels'"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_line_and_non_zero(case, inputs, digits_cnn, digits_npz, tmp_path):
+    args, expected = CASES[case]
+    args = [a.format(f=inputs, npz=digits_npz, cnn=digits_cnn) for a in args]
+    result = _autoq("search", *args, "--out", str(tmp_path / "run"), "--quiet")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("autoq: error:"), result.stderr
+    assert expected in lines[0]
+    assert "Traceback" not in result.stderr + result.stdout

@@ -1,0 +1,130 @@
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import numpy as np
+import onnxruntime as ort
+import optuna
+import pandas as pd
+import pytest
+
+import autoq
+from autoq.errors import AutoqError
+from autoq.pareto import pareto_mask
+from autoq.precision import Assignment
+
+
+@pytest.fixture(scope="module")
+def run(digits_cnn, digits_npz, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "cnn"
+    return autoq.search(digits_cnn, digits_npz, labels="label", trials=10, out=out, progress=False), out
+
+
+def test_uniform_baselines_come_first(run):
+    trials = run[0].trials
+    assert list(trials["baseline"][:2]) == ["uniform-fp32", "uniform-int8"]
+    assert list(trials["summary"][:2]) == ["fp32 x4", "int8 x4"]
+
+
+def test_front_is_non_dominated_and_holds_or_beats_the_baselines(run):
+    result = run[0]
+    done = result.trials[result.trials["state"] == "COMPLETE"]
+    objectives = ["quality", "latency_ms", "size_bytes"]
+    values = np.vstack([result.front[objectives].to_numpy(), done[objectives].to_numpy()])
+    assert pareto_mask(values, [True, False, False])[: len(result.front)].all()
+    front = result.front[objectives].to_numpy()
+    for _, baseline in done[done["baseline"] != ""].iterrows():
+        b = baseline[objectives].to_numpy(dtype=float)
+        held_or_beaten = ((front[:, 0] >= b[0]) & (front[:, 1] <= b[1]) & (front[:, 2] <= b[2])).any()
+        assert held_or_beaten, baseline["baseline"]
+
+
+def test_duplicates_are_never_measured_twice(run):
+    done = run[0].trials[run[0].trials["state"] == "COMPLETE"]
+    measured = done[~done["duplicate"]]
+    assert measured["key"].is_unique
+    assert set(done["key"]) == set(measured["key"])
+
+
+def test_run_directory_holds_tables_report_and_runnable_front_points(run, digits_npz):
+    result, out = run
+    for name in ("trials.csv", "pareto.csv", "report.html", "study.db", "machine.json"):
+        assert (out / name).is_file(), name
+    pareto = pd.read_csv(out / "pareto.csv")
+    assert len(pareto) == len(result.front) and {"val_quality", "val_latency_ms", "model"} <= set(pareto.columns)
+    assert pareto["val_executed_ok"].all()
+    images = np.load(digits_npz)["image"][:32]
+    for _, point in pareto.iterrows():
+        assignment = Assignment.load(out / "front" / f"point-{point['point']}" / "assignment.yaml")
+        assert assignment.summary() == point["summary"]
+        session = ort.InferenceSession(str(out / point["model"]), providers=["CPUExecutionProvider"])
+        assert session.run(None, {"image": images})[0].shape == (32, 10)
+    html = (out / "report.html").read_text()
+    assert "Pareto front" in html and "plotly" in html and len(html) > 1_000_000  # plotly.js inlined: offline
+
+
+def test_the_same_call_resumes_instead_of_starting_over(run, digits_cnn, digits_npz):
+    result, out = run
+    again = autoq.search(digits_cnn, digits_npz, labels="label", trials=10, out=out, progress=False)
+    assert len(again.trials) == len(result.trials)
+    more = autoq.search(digits_cnn, digits_npz, labels="label", trials=12, out=out, progress=False)
+    assert len(more.trials) == len(result.trials) + 2
+    pd.testing.assert_frame_equal(more.trials[["key", "quality", "latency_ms"]].iloc[: len(result.trials)],
+                                  result.trials[["key", "quality", "latency_ms"]])
+
+
+def test_a_run_directory_refuses_other_data_or_another_machine(run, digits_cnn, digits_npz, tmp_path):
+    out = run[1]
+    other = tmp_path / "other.npz"
+    images = np.load(digits_npz)["image"]
+    np.savez(other, image=images[::-1].copy(), label=np.load(digits_npz)["label"][::-1].copy())
+    with pytest.raises(AutoqError, match="different data"):
+        autoq.search(digits_cnn, other, labels="label", trials=10, out=out, progress=False)
+    study = optuna.load_study(study_name="autoq", storage=f"sqlite:///{out / 'study.db'}")
+    real = study.user_attrs["hardware"]
+    study.set_user_attr("hardware", "another CPU|64|2|")
+    try:
+        with pytest.raises(AutoqError, match="another machine"):
+            autoq.search(digits_cnn, digits_npz, labels="label", trials=10, out=out, progress=False)
+    finally:
+        study.set_user_attr("hardware", real)
+
+
+def _states(db) -> list[str]:
+    with sqlite3.connect(db) as con:
+        return [s for (s,) in con.execute("select state from trials order by number")]
+
+
+def test_kill_9_mid_run_then_resume_loses_nothing(digits_cnn, digits_npz, tmp_path):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "autoq", "search", str(digits_cnn), "--data", str(digits_npz), "--labels",
+           "label", "--trials", "12", "--out", str(out), "--quiet"]
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    db = out / "study.db"
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill while a trial is running, after a few have finished
+        states = _states(db) if db.is_file() else []
+        if states.count("COMPLETE") >= 3 and states[-1] == "RUNNING":
+            break
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    before = _states(db)
+    assert before.count("COMPLETE") >= 3
+    study = optuna.load_study(study_name="autoq", storage=f"sqlite:///{db}")
+    finished = {t.number: t.values for t in study.trials if t.state.name == "COMPLETE"}
+
+    resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    study = optuna.load_study(study_name="autoq", storage=f"sqlite:///{db}")
+    after = {t.number: t for t in study.trials}
+    assert all(after[n].values == v for n, v in finished.items())  # nothing lost or re-run
+    assert not [t for t in study.trials if t.state.name == "RUNNING"]
+    assert sum(t.state.name == "COMPLETE" for t in study.trials) == 12
+    interrupted = [t for t in study.trials if t.user_attrs.get("interrupted")]
+    assert len(interrupted) == before.count("RUNNING")

@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import pytest
+
+from autoq.errors import AutoqError
+from autoq.graph import Layer
+from autoq.space import load_space, parse_space
+
+LAYERS = [Layer("/conv1/Conv", "Conv", "w1", (8, 1, 3, 3), 80, 100), Layer("/fc/Gemm", "Gemm", "w2", (10, 8), 90, 80),
+          Layer("/head/MatMul", "MatMul", "w3", (8, 2), 16, 16)]
+
+
+def test_bundled_default_space_offers_fp32_and_int8_everywhere():
+    space = load_space(None)
+    assert space.choices(LAYERS, {"fp32", "int8"}) == {layer.name: ["fp32", "int8"] for layer in LAYERS}
+
+
+def test_first_matching_rule_wins():
+    space = parse_space({"default": ["fp32", "int8"], "rules": [
+        {"match": "re:/head/.*", "precisions": ["fp32"]},
+        {"op_type": ["Conv", "MatMul"], "precisions": ["int8"]}]})
+    assert space.choices(LAYERS, {"fp32", "int8"}) == {
+        "/conv1/Conv": ["int8"], "/fc/Gemm": ["fp32", "int8"], "/head/MatMul": ["fp32"]}
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("defaults: [fp32]\n", "key 'defaults': unknown key \\(allowed: .*default"),
+    ("default: [fp32, int3]\n", "key 'default': unknown precision 'int3' \\(allowed: fp32"),
+    ("rules:\n  - match: x\n    precision: [fp32]\n", "key 'rules\\[0\\].precision': unknown key"),
+    ("rules:\n  - match: 're:('\n    precisions: [fp32]\n", "rules\\[0\\].match': bad regular expression"),
+    ("sampler: grid\n", "key 'sampler': unknown sampler 'grid' \\(allowed: nsga2, tpe, random\\)"),
+    ("default: [fp32\nrules: 3\n", "invalid YAML at line"),
+    ("- just\n- a list\n", "must be a YAML mapping"),
+])
+def test_bad_spaces_name_the_file_and_the_key(tmp_path, text, message):
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    with pytest.raises(AutoqError, match=message) as error:
+        load_space(path)
+    assert str(path) in str(error.value)
+
+
+def test_a_precision_the_backend_cannot_build_is_refused():
+    space = parse_space({"default": ["fp32", "w4g128"]})
+    with pytest.raises(AutoqError, match="w4g128 .* not available on this backend"):
+        space.choices(LAYERS, {"fp32", "int8"})
+
+
+def test_unknown_bundled_space_lists_the_bundled_ones():
+    with pytest.raises(AutoqError, match="cpu-int8"):
+        load_space("no-such-space")
