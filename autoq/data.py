@@ -78,7 +78,8 @@ def validate(dataset: Dataset, specs: list[InputSpec]) -> None:
     extra = [n for n in dataset.arrays if n not in names]
     if missing or extra:
         msg = (f"data arrays {sorted(dataset.arrays)} do not match the model inputs {sorted(names)}"
-               f" (missing: {missing or 'none'}, unexpected: {extra or 'none'}); name arrays as the inputs")
+               f" (missing: {missing or 'none'}, unexpected: {extra or 'none'}); name arrays as the inputs"
+               + (f", or pass --labels {extra[0]} if it holds labels" if len(extra) == 1 and not missing else ""))
         raise AutoqError(msg)
     sizes = {len(a) if a.ndim else 0 for a in dataset.arrays.values()}
     if sizes == {0}:

