@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -21,7 +22,8 @@ def test_demo_sentences_are_real_deterministic_english():
 def test_demo_search_finds_mixed_points_that_beat_uniform_int8(tmp_path):
     out = tmp_path / "demo"
     result = subprocess.run([sys.executable, "-m", "autoq", "search", "--trials", "8", "--out", str(out), "--quiet"],
-                            capture_output=True, text=True, timeout=1200)
+                            capture_output=True, text=True, timeout=1200,
+                            env={**os.environ, "AUTOQ_CACHE": str(tmp_path / "cache")})  # exports afresh
     assert result.returncode == 0, result.stderr[-2000:]
     trials = pd.read_csv(out / "trials.csv")
     pareto = pd.read_csv(out / "pareto.csv")
@@ -33,3 +35,4 @@ def test_demo_search_finds_mixed_points_that_beat_uniform_int8(tmp_path):
     assert int8["size_bytes"] < 0.7 * fp32["size_bytes"]
     assert (pareto["val_executed_ok"]).all() and len(pareto) >= 2
     assert "report:" in result.stdout
+    assert (tmp_path / "cache" / "demo" / "all-MiniLM-L6-v2.onnx").is_file()
