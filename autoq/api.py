@@ -1,4 +1,4 @@
-"""The one orchestrator: search() from a model, data, metric and space to a run directory with a report."""
+"""The one orchestrator: search() and sensitivity() from a model, data, metric and space to a run directory."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import hashlib
 import json
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from autoq import data as data_mod
+from autoq import sensitivity as sensitivity_mod
 from autoq.backends import get_backend
 from autoq.calibrate import calibrate
 from autoq.errors import AutoqError
@@ -23,11 +25,12 @@ from autoq.measure import fingerprint, hardware_key
 from autoq.metrics import Metric, get_metric
 from autoq.pareto import front as pareto_front
 from autoq.precision import Assignment
-from autoq.report import trials_frame, write_html
+from autoq.report import trials_frame, write_html, write_sensitivity_html
 from autoq.search import open_study, run_lock, run_search
 from autoq.space import SearchSpace, load_space
 
 REPORTS = Path("reports")
+DataArg = str | Path | Mapping[str, np.ndarray] | None
 
 
 @dataclass
@@ -36,6 +39,58 @@ class SearchResult:
     trials: pd.DataFrame
     front: pd.DataFrame
     report: Path
+    sensitivity: pd.DataFrame | None = None
+
+
+@dataclass
+class _Problem:
+    """Everything a run needs, validated: the model, data splits, metric, space and per-layer choices."""
+
+    run_dir: Path
+    model_name: str
+    evaluator: Evaluator
+    space: SearchSpace
+    choices: dict[str, list[str]]
+    metric: str
+    machine: dict
+    seed: int
+
+
+@contextmanager
+def _problem(model: str | Path | None, data: DataArg, labels, metric, space, backend: str, threads: int,
+             out: str | Path | None, seed: int | None, kind: str) -> Iterator[_Problem]:
+    if model is None:
+        from autoq.demo import demo_files
+
+        model, data = demo_files()
+        metric = metric or "cosine"
+    if data is None:
+        raise AutoqError("no data: pass --data DATA.npz with arrays named as the model inputs")
+    if threads < 1:
+        raise AutoqError("--threads must be at least 1")
+    chosen_backend = get_backend(backend)
+    search_space = load_space(space)
+    seed = search_space.seed if seed is None else seed
+    run_dir = Path(out) if out else REPORTS / f"{Path(model).stem}-{backend}"
+    onnx_model = prepare(model, run_dir)
+    dataset = data_mod.load(data, labels)
+    data_mod.validate(dataset, onnx_model.inputs)
+    splits = data_mod.split(dataset, seed=0)
+    metric_name, metric_fn = get_metric(metric, dataset.labels is not None)
+    choices = search_space.choices(onnx_model.layers, chosen_backend.precisions())
+    if kind == "search":
+        _check_run(run_dir, {"model": hashlib.sha1(onnx_model.path.read_bytes()).hexdigest(),
+                             "data": data_mod.fingerprint(dataset), "backend": backend, "metric": metric_name,
+                             "choices": choices, "options": search_space.options, "seed": seed,
+                             "sensitivity": search_space.sensitivity, "max_layer_drop": search_space.max_layer_drop})
+    with run_lock(run_dir):
+        calibration = calibrate(onnx_model, splits.calibration, run_dir / "cache")
+        evaluator = Evaluator(chosen_backend, onnx_model, calibration, splits, metric_fn, threads)
+        try:
+            yield _Problem(run_dir, str(model), evaluator, search_space, choices, metric_name,
+                           fingerprint(threads), seed)
+        finally:
+            evaluator.close()
 
 
 def _check_run(run_dir: Path, config: dict) -> None:
@@ -52,57 +107,49 @@ def _check_run(run_dir: Path, config: dict) -> None:
         path.write_text(json.dumps(config, indent=2))
 
 
-def search(model: str | Path | None = None, data: str | Path | Mapping[str, np.ndarray] | None = None, *,
-           labels: str | Path | np.ndarray | None = None, metric: str | Metric | None = None,
-           space: str | Path | dict | SearchSpace | None = None, backend: str = "onnxruntime", trials: int = 30,
-           timeout: float | None = None, threads: int = 2, out: str | Path | None = None, seed: int | None = None,
-           progress: bool = True) -> SearchResult:
+def search(model: str | Path | None = None, data: DataArg = None, *, labels: str | Path | np.ndarray | None = None,
+           metric: str | Metric | None = None, space: str | Path | dict | SearchSpace | None = None,
+           backend: str = "onnxruntime", trials: int = 30, timeout: float | None = None, threads: int = 2,
+           out: str | Path | None = None, seed: int | None = None, progress: bool = True) -> SearchResult:
     """Search per-layer precisions of `model` and write the run (trials, front, models, report) to `out`.
 
     With no model, searches the embedded demo (all-MiniLM-L6-v2 on English sentences, cosine to FP32).
     Running the same call again resumes the run: finished trials are kept.
     """
     started = time.perf_counter()
-    if model is None:
-        from autoq.demo import demo_files
-
-        model, data = demo_files()
-        metric = metric or "cosine"
-    if data is None:
-        raise AutoqError("no data: pass --data DATA.npz with arrays named as the model inputs")
-    if trials < 1 or threads < 1:
-        raise AutoqError("--trials and --threads must be at least 1")
-    chosen_backend = get_backend(backend)
-    search_space = load_space(space)
-    seed = search_space.seed if seed is None else seed
-    run_dir = Path(out) if out else REPORTS / f"{Path(model).stem}-{backend}"
-    onnx_model = prepare(model, run_dir)
-    dataset = data_mod.load(data, labels)
-    data_mod.validate(dataset, onnx_model.inputs)
-    splits = data_mod.split(dataset, seed=0)
-    metric_name, metric_fn = get_metric(metric, dataset.labels is not None)
-    choices = search_space.choices(onnx_model.layers, chosen_backend.precisions())
-    _check_run(run_dir, {"model": hashlib.sha1(onnx_model.path.read_bytes()).hexdigest(),
-                         "data": data_mod.fingerprint(dataset), "backend": backend, "metric": metric_name,
-                         "choices": choices, "options": search_space.options, "seed": seed})
-    machine = fingerprint(threads)
-    with run_lock(run_dir):
-        calibration = calibrate(onnx_model, splits.calibration, run_dir / "cache")
-        evaluator = Evaluator(chosen_backend, onnx_model, calibration, splits, metric_fn, threads)
-        try:
-            study = open_study(run_dir, search_space, seed, hardware_key(machine))
-            run_search(study, evaluator, choices, search_space, trials, timeout, progress)
-            table = trials_frame(study)
-            front = finalize_front(evaluator, pareto_front(table), run_dir)
-        finally:
-            evaluator.close()
+    if trials < 1:
+        raise AutoqError("--trials must be at least 1")
+    with _problem(model, data, labels, metric, space, backend, threads, out, seed, "search") as problem:
+        run_dir, evaluator, choices = problem.run_dir, problem.evaluator, problem.choices
+        scores, seeds = None, []
+        if problem.space.sensitivity != "none":
+            scores = sensitivity_mod.analyse(evaluator, choices, problem.space.sensitivity, run_dir / "cache")
+            choices = sensitivity_mod.prune(choices, scores, problem.space.max_layer_drop)
+            seeds = sensitivity_mod.greedy_seeds(scores, choices)
+            scores.to_csv(run_dir / "sensitivity.csv", index=False)
+        study = open_study(run_dir, problem.space, problem.seed, hardware_key(problem.machine))
+        run_search(study, evaluator, choices, problem.space, trials, timeout, progress, seeds)
+        table = trials_frame(study)
+        front = finalize_front(evaluator, pareto_front(table), run_dir)
     table.to_csv(run_dir / "trials.csv", index=False)
     front.to_csv(run_dir / "pareto.csv", index=False)
-    meta = {"model": str(model), "backend": backend, "metric": metric_name, "machine": machine,
+    meta = {"model": problem.model_name, "backend": backend, "metric": problem.metric, "machine": problem.machine,
             "wall_s": time.perf_counter() - started}
-    (run_dir / "machine.json").write_text(json.dumps(machine, indent=2))
-    report = write_html(run_dir / "report.html", table, front, meta)
-    return SearchResult(run_dir, table, front, report)
+    (run_dir / "machine.json").write_text(json.dumps(problem.machine, indent=2))
+    report = write_html(run_dir / "report.html", table, front, meta, scores)
+    return SearchResult(run_dir, table, front, report, scores)
+
+
+def analyse_sensitivity(model: str | Path | None = None, data: DataArg = None, *,
+                labels: str | Path | np.ndarray | None = None, metric: str | Metric | None = None,
+                space: str | Path | dict | SearchSpace | None = None, backend: str = "onnxruntime",
+                method: str = "measured", threads: int = 2, out: str | Path | None = None) -> pd.DataFrame:
+    """Score every layer at every precision of the space; writes sensitivity.csv and sensitivity.html."""
+    with _problem(model, data, labels, metric, space, backend, threads, out, None, "sensitivity") as problem:
+        table = sensitivity_mod.analyse(problem.evaluator, problem.choices, method, problem.run_dir / "cache")
+    table.to_csv(problem.run_dir / "sensitivity.csv", index=False)
+    write_sensitivity_html(problem.run_dir / "sensitivity.html", table, problem.model_name, method)
+    return table
 
 
 def finalize_front(evaluator: Evaluator, front: pd.DataFrame, run_dir: Path) -> pd.DataFrame:
@@ -128,4 +175,3 @@ def finalize_front(evaluator: Evaluator, front: pd.DataFrame, run_dir: Path) -> 
             shutil.rmtree(point_dir / "build", ignore_errors=True)
         rows.append({**row.to_dict(), **extra})
     return pd.DataFrame(rows)
-

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 
 from autoq.backends.base import Backend, Candidate
-from autoq.data import Dataset, Splits, batch_size
+from autoq.data import Dataset, Splits, batch_size, fingerprint
 from autoq.graph import OnnxModel
 from autoq.measure import time_runner
 from autoq.metrics import Metric
@@ -52,6 +56,24 @@ class Evaluator:
             self._reference[split] = self._outputs(self._ref_run, getattr(self.splits, split))
         return self._reference[split]
 
+    def fingerprint(self) -> dict:
+        """What cached analyses depend on: model, calibration, data and metric."""
+        return {"model": hashlib.sha1(self.model.path.read_bytes()).hexdigest(), "calibration": self.calibration.name,
+                "data": fingerprint(self.splits.search.subset(np.arange(len(self.splits.search)))),
+                "metric": getattr(self.metric, "__name__", "custom")}
+
+    def intermediates(self, tensors: list[str], split: str, max_samples: int = 16) -> dict[str, np.ndarray]:
+        """FP32 values of internal tensors on the first `max_samples` samples of `split`."""
+        proto = onnx.ModelProto()
+        proto.CopyFrom(self.model.proto)
+        known = {o.name for o in proto.graph.output}
+        proto.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in tensors if t not in known)
+        session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        dataset = getattr(self.splits, split)
+        dataset = dataset.subset(np.arange(min(max_samples, len(dataset))))
+        parts = [session.run(tensors, feeds) for feeds in dataset.batches(batch_size(self.model.inputs))]
+        return {t: np.concatenate([p[i] for p in parts]) for i, t in enumerate(tensors)}
+
     def build(self, assignment: Assignment, workdir: Path | None = None) -> Candidate:
         workdir = workdir or Path(tempfile.mkdtemp(dir=self._tmp))
         try:
@@ -60,24 +82,28 @@ class Evaluator:
             msg = f"build failed: {type(exc).__name__}: {exc}"
             raise CandidateError(msg) from exc
 
+    def score(self, candidate: Candidate, split: str = "search") -> tuple[float, list[np.ndarray], Callable]:
+        """Quality of a built candidate on `split`, its outputs, and its runner."""
+        try:
+            run = self.backend.runner(candidate, self.threads)
+            outputs = self._outputs(run, getattr(self.splits, split))
+        except Exception as exc:
+            msg = f"run failed: {type(exc).__name__}: {exc}"
+            raise CandidateError(msg) from exc
+        if not all(np.isfinite(o).all() for o in outputs if o.dtype.kind == "f"):
+            raise CandidateError("outputs contain NaN or infinite values")
+        quality = float(self.metric(self.reference(split), outputs, getattr(self.splits, split).labels))
+        if not np.isfinite(quality):
+            raise CandidateError(f"the metric returned {quality}")
+        return quality, outputs, run
+
     def evaluate(self, assignment: Assignment, split: str = "search", candidate: Candidate | None = None,
                  **timing: int) -> dict:
         """quality (on `split`), latency (median, spread, load, ratio to FP32), size and executed check."""
         own = candidate is None
         candidate = candidate or self.build(assignment)
         try:
-            try:
-                run = self.backend.runner(candidate, self.threads)
-                outputs = self._outputs(run, getattr(self.splits, split))
-            except Exception as exc:
-                msg = f"run failed: {type(exc).__name__}: {exc}"
-                raise CandidateError(msg) from exc
-            if not all(np.isfinite(o).all() for o in outputs if o.dtype.kind == "f"):
-                raise CandidateError("outputs contain NaN or infinite values")
-            dataset = getattr(self.splits, split)
-            quality = float(self.metric(self.reference(split), outputs, dataset.labels))
-            if not np.isfinite(quality):
-                raise CandidateError(f"the metric returned {quality}")
+            quality, _, run = self.score(candidate, split)
             executed = self.backend.executed(candidate)
             feeds = self.latency_feeds
             measured = time_runner(lambda: run(feeds), lambda: self._ref_run(feeds), **timing)

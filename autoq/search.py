@@ -90,10 +90,15 @@ def suggest(trial: optuna.Trial, choices: dict[str, list[str]], options: dict[st
 
 
 def run_search(study: optuna.Study, evaluator: Evaluator, choices: dict[str, list[str]], space: SearchSpace,
-               trials: int, timeout: float | None = None, progress: bool = True) -> optuna.Study:
-    """Run until `trials` trials have finished in the study (counting earlier runs), or `timeout` seconds."""
+               trials: int, timeout: float | None = None, progress: bool = True,
+               seeds: list[Assignment] = ()) -> optuna.Study:
+    """Run until `trials` trials have finished in the study (counting earlier runs), or `timeout` seconds.
+    A new study starts with the uniform baselines, then `seeds` (e.g. sensitivity-guided assignments)."""
     if not study.trials:
         _enqueue_baselines(study, choices, space.options)
+        for seed in seeds:
+            params = {n: p for n, p in seed.layers.items() if len(choices[n]) > 1}
+            study.enqueue_trial(params, user_attrs={"seeded": True})
     _recover_interrupted(study)
     measured = {t.user_attrs["key"]: (tuple(t.values), t.user_attrs)
                 for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if "key" in t.user_attrs}

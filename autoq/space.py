@@ -12,6 +12,8 @@ options: {reduce_range: [false]}   # model-wide choices
 sampler: nsga2                  # nsga2 | tpe | random
 population: 16
 seed: 0
+sensitivity: sqnr               # how search seeds itself: sqnr (seconds) | measured (minutes) | none
+max_layer_drop: 0.05            # with measured: a precision costing more alone is not offered to the layer
 ```
 """
 
@@ -28,7 +30,9 @@ from autoq.errors import AutoqError
 from autoq.graph import Layer
 from autoq.precision import KNOWN
 
-TOP_KEYS = {"name", "description", "default", "rules", "options", "sampler", "population", "seed"}
+TOP_KEYS = {"name", "description", "default", "rules", "options", "sampler", "population", "seed", "sensitivity",
+            "max_layer_drop"}
+SENSITIVITY = ("sqnr", "measured", "none")
 RULE_KEYS = {"match", "op_type", "precisions"}
 SAMPLERS = ("nsga2", "tpe", "random")
 DEFAULT_SPACE = "cpu-int8"
@@ -59,6 +63,8 @@ class SearchSpace:
     sampler: str = "nsga2"
     population: int = 16
     seed: int = 0
+    sensitivity: str = "sqnr"
+    max_layer_drop: float | None = None
     source: str = "<dict>"
 
     def choices(self, layers: list[Layer], supported: set[str]) -> dict[str, list[str]]:
@@ -126,9 +132,17 @@ def parse_space(data: object, source: str = "<dict>") -> SearchSpace:
     population = data.get("population", 16)
     if not isinstance(population, int) or population < 2:
         raise _fail(source, "population", "expected an integer >= 2")
+    sensitivity = data.get("sensitivity", "sqnr")
+    if sensitivity not in SENSITIVITY:
+        raise _fail(source, "sensitivity", f"unknown method '{sensitivity}' (allowed: {', '.join(SENSITIVITY)})")
+    max_drop = data.get("max_layer_drop")
+    if max_drop is not None and (not isinstance(max_drop, int | float) or max_drop <= 0):
+        raise _fail(source, "max_layer_drop", "expected a positive number (a quality drop, in metric units)")
+    if max_drop is not None and sensitivity != "measured":
+        raise _fail(source, "max_layer_drop", "needs 'sensitivity: measured' (it bounds measured quality drops)")
     return SearchSpace(str(data.get("name", Path(source).stem)),
                        _precisions(data.get("default", ["fp32", "int8"]), source, "default"), rules,
-                       dict(options), sampler, population, int(data.get("seed", 0)), source)
+                       dict(options), sampler, population, int(data.get("seed", 0)), sensitivity, max_drop, source)
 
 
 def load_space(space: str | Path | dict | SearchSpace | None) -> SearchSpace:

@@ -56,6 +56,12 @@ class Backend(ABC):
     def executed(self, candidate: Candidate) -> dict[str, str]:
         """Layer -> precision its kernel really ran in, read from the runtime's own graph."""
 
+    def layer_latency(self, candidate: Candidate, feeds: Feeds, threads: int,
+                      runs: int = 20) -> dict[str, float] | None:
+        """Mean ms each layer's kernels (with their own quantize/dequantize nodes) took, from the runtime's
+        profiler; None where the backend has no per-node profile."""
+        return None
+
     @abstractmethod
     def export(self, candidate: Candidate, path: Path) -> Path:
         """Write the candidate as a model file a user can deploy; return its path."""

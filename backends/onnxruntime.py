@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
@@ -56,16 +58,21 @@ class OnnxRuntimeBackend(Backend):
         return Candidate(assignment, out, out.stat().st_size, {"layers": {layer.name: layer.weight
                                                                             for layer in model.layers}})
 
-    def _session(self, candidate: Candidate, threads: int) -> ort.InferenceSession:
+    @staticmethod
+    def _options(threads: int) -> ort.SessionOptions:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.optimized_model_filepath = str(candidate.path.with_name(OPTIMIZED))
         options.log_severity_level = 3
         # Measured here: with spinning, a session's idle threads spin on after its run and slow the next
         # session by up to 2x for 2-3 runs, so alternating timing rounds lie; without, medians match.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return options
+
+    def _session(self, candidate: Candidate, threads: int) -> ort.InferenceSession:
+        options = self._options(threads)
+        options.optimized_model_filepath = str(candidate.path.with_name(OPTIMIZED))
         return ort.InferenceSession(str(candidate.path), options, providers=["CPUExecutionProvider"])
 
     def runner(self, candidate: Candidate, threads: int) -> Callable[[Feeds], Outputs]:
@@ -90,7 +97,48 @@ class OnnxRuntimeBackend(Backend):
             result[layer] = "int8" if ops & INTEGER_OPS else "fp32"
         return result
 
+    def layer_latency(self, candidate: Candidate, feeds: Feeds, threads: int, runs: int = 20) -> dict[str, float]:
+        options = self._options(threads)
+        options.enable_profiling = True
+        options.profile_file_prefix = str(candidate.path.with_name("profile"))
+        session = ort.InferenceSession(str(candidate.path), options, providers=["CPUExecutionProvider"])
+        warmup = 5
+        for _ in range(warmup + runs):
+            session.run(None, feeds)
+        durations: dict[str, list[tuple[int, int]]] = {}
+        for event in json.loads(Path(session.end_profiling()).read_text()):
+            name = event.get("name", "")
+            if event.get("cat") == "Node" and name.endswith("_kernel_time"):
+                durations.setdefault(name[: -len("_kernel_time")], []).append((event["ts"], event["dur"]))
+        per_node = {n: float(np.mean([d for _, d in sorted(v)[warmup:]])) / 1e3 for n, v in durations.items()}
+        return _attribute(onnx.load(str(candidate.path), load_external_data=False).graph, per_node,
+                          list(candidate.extra["layers"]))
+
     def export(self, candidate: Candidate, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(candidate.path, path)
         return path
+
+
+def _attribute(graph: onnx.GraphProto, per_node: dict[str, float], layers: list[str]) -> dict[str, float]:
+    """Per-layer ms from per-node ms: the layer's node (as ORT renamed it), the quantize/dequantize of its
+    output, and an equal share of the quantize of its input (shared by layers reading the same tensor)."""
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    nodes = {node.name: node for node in graph.node}
+    result = {}
+    for layer in layers:
+        node = nodes[layer]
+        own = [layer, f"fused {layer}", f"{node.output[0]}_QuantizeLinear", f"{node.output[0]}_DequantizeLinear"]
+        total = sum(per_node.get(n, 0.0) for n in own)
+        total += sum(v for n, v in per_node.items() if n.startswith(f"{layer}_token_"))
+        dequantize = producer.get(node.input[0])
+        if dequantize is not None and dequantize.op_type == "DequantizeLinear":
+            quantize = producer.get(dequantize.input[0])
+            if quantize is not None and quantize.op_type == "QuantizeLinear":
+                total += per_node.get(quantize.name, 0.0) / max(1, consumers.get(quantize.output[0], 1))
+        result[layer] = total
+    return result

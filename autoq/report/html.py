@@ -60,14 +60,45 @@ def _precision_map(front: pd.DataFrame) -> go.Figure:
     return fig
 
 
+def _sensitivity_figure(scores: pd.DataFrame, layer_order: list[str] | None = None) -> go.Figure:
+    """Bars per layer, one group per precision: the measured quality drop, or the SQNR (lower = worse).
+    With `layer_order` (model order) the x axis lines up with the precision map; else most sensitive first."""
+    measured = scores["quality_drop"].notna().any()
+    column, title = ("quality_drop", "quality drop, this layer alone") if measured else (
+        "sqnr_db", "SQNR of this layer alone, dB (lower = more sensitive)")
+    order = layer_order or list(scores.groupby("layer")["score"].max().sort_values(ascending=False).index)
+    fig = go.Figure()
+    for precision, rows in scores.groupby("precision"):
+        rows = rows.set_index("layer").reindex(order)
+        fig.add_bar(x=order, y=rows[column], name=precision, marker_color=PRECISION_COLOURS.get(precision),
+                    error_y={"array": rows["drop_spread"]} if measured else None,
+                    customdata=rows[["latency_saving_ms"]].to_numpy(),
+                    hovertemplate="%{x}<br>" + column + " %{y:.4g}<br>saves %{customdata[0]:.3f} ms<extra></extra>")
+    fig.update_layout(title=f"Per-layer sensitivity ({'measured' if measured else 'sqnr'})", yaxis_title=title,
+                      barmode="group", height=380, template="plotly_white",
+                      xaxis={"showticklabels": layer_order is None, "tickangle": 45})
+    return fig
+
+
+def write_sensitivity_html(path: Path, scores: pd.DataFrame, model: str, method: str) -> Path:
+    plot = _sensitivity_figure(scores).to_html(full_html=False, include_plotlyjs=True)
+    path.write_text(f"""<!doctype html><html><head><meta charset="utf-8"><title>autoq sensitivity</title></head>
+<body style="font-family:sans-serif;margin:2em"><h1>Sensitivity of {html.escape(model)} ({html.escape(method)})</h1>
+{plot}{_table(scores.sort_values("score", ascending=False))}</body></html>""")
+    return path
+
+
 def _table(frame: pd.DataFrame) -> str:
     return frame.to_html(index=False, border=0, classes="table", float_format=lambda v: f"{v:.4g}")
 
 
-def write_html(path: Path, trials: pd.DataFrame, front: pd.DataFrame, meta: dict) -> Path:
+def write_html(path: Path, trials: pd.DataFrame, front: pd.DataFrame, meta: dict,
+               scores: pd.DataFrame | None = None) -> Path:
     figures = [_front_figure(trials, front, meta.get("metric", "quality"))]
     if not front.empty:
         figures.append(_precision_map(front))
+        if scores is not None and not scores.empty:
+            figures.append(_sensitivity_figure(scores, list(json.loads(front["assignment"].iloc[0])["layers"])))
     plots = [fig.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, fig in enumerate(figures)]
     columns = [c for c in ("point", "trial", "summary", "quality", "val_quality", "latency_ms", "val_latency_ms",
                            "val_latency_spread_ms", "speedup", "size_bytes", "val_executed_ok", "model")
@@ -88,7 +119,7 @@ th,td{{padding:3px 10px;text-align:left;border-bottom:1px solid #ddd;font-size:1
 <table>{rows}</table>
 <h2>Pareto front</h2>{plots[0]}
 <h2>Front points (quality and latency re-measured on the validation split)</h2>{_table(front[columns])}
-{plots[1] if len(plots) > 1 else "<p>No completed trial.</p>"}
+{"".join(plots[1:]) if len(plots) > 1 else "<p>No completed trial.</p>"}
 </body></html>"""
     path.write_text(body)
     return path

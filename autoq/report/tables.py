@@ -8,7 +8,7 @@ import optuna
 import pandas as pd
 
 # Documented in the README; trials.csv has these columns, pareto.csv these plus the val_* ones.
-TRIAL_COLUMNS = ["trial", "state", "baseline", "duplicate", "quality", "latency_ms", "latency_spread_ms",
+TRIAL_COLUMNS = ["trial", "state", "baseline", "seeded", "duplicate", "quality", "latency_ms", "latency_spread_ms",
                  "latency_runs", "load", "fp32_latency_ms", "speedup", "size_bytes", "executed_ok",
                  "mismatched_layers", "summary", "error", "key", "assignment"]
 
@@ -21,6 +21,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
         counts = pd.Series(list(assignment["layers"].values()), dtype=object).value_counts()
         rows.append({
             "trial": trial.number, "state": trial.state.name, "baseline": attrs.get("baseline", ""),
+            "seeded": bool(attrs.get("seeded", False)),
             "duplicate": bool(attrs.get("duplicate", False)),
             **{c: attrs.get(c) for c in ("quality", "latency_ms", "latency_spread_ms", "latency_runs", "load",
                                          "fp32_latency_ms", "speedup", "size_bytes", "executed_ok")},

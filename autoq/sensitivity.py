@@ -1,0 +1,196 @@
+"""Per-layer sensitivity: what each layer alone costs in quality, and saves in latency and size, at each
+candidate precision. Methods behind one interface (`analyse`):
+
+- `measured`: quantize only that layer, everything else fp32; quality drop on the search split, with a
+  bootstrap spread over samples.
+- `sqnr`: one pass, no candidate builds: the signal-to-quantization-noise ratio of each layer's int8
+  arithmetic (its input activation, per-channel weight and output, quantized with the calibration ranges;
+  noise powers added, averaged over channels), in dB; a lower SQNR means a more sensitive layer.
+- `hessian`: needs a torch model (HAWQ-V2 Hutchinson trace); not available for ONNX input.
+
+Latency savings come from the backend's per-node profiler (fp32 vs uniform low precision), size savings
+from the built files. Results are cached in the run directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from autoq.errors import AutoqError
+from autoq.evaluate import CandidateError, Evaluator
+from autoq.graph import Layer, weight_array
+from autoq.precision import Assignment
+
+METHODS = ("measured", "sqnr", "hessian")
+COLUMNS = ["layer", "op_type", "params", "macs", "precision", "quality_drop", "drop_spread", "sqnr_db",
+           "latency_saving_ms", "size_saving_bytes", "score"]
+BOOTSTRAP = 30
+
+
+def analyse(evaluator: Evaluator, choices: dict[str, list[str]], method: str = "measured",
+            cache_dir: Path | None = None) -> pd.DataFrame:
+    """One row per (layer, non-fp32 precision); `score` is the method's sensitivity (higher = more fragile)."""
+    if method not in METHODS:
+        msg = f"unknown sensitivity method '{method}' (choose from {', '.join(METHODS)})"
+        raise AutoqError(msg)
+    if method == "hessian":
+        msg = "--method hessian needs a torch model (HAWQ-V2 Hutchinson trace); use measured or sqnr for ONNX"
+        raise AutoqError(msg)
+    path = None
+    if cache_dir is not None:
+        key = hashlib.sha1(json.dumps([evaluator.fingerprint(), method, choices], sort_keys=True).encode())
+        path = cache_dir / f"sensitivity-{method}-{key.hexdigest()[:16]}.csv"
+        if path.is_file():
+            return pd.read_csv(path)
+    pairs = [(layer, p) for layer in evaluator.model.layers for p in choices[layer.name] if p != "fp32"]
+    savings = _savings(evaluator, sorted({p for _, p in pairs}))
+    rows = _measured(evaluator, pairs) if method == "measured" else _sqnr(evaluator, pairs)
+    table = pd.DataFrame([{**row, **savings.get((row["layer"], row["precision"]), {})} for row in rows],
+                         columns=COLUMNS)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(path, index=False)
+    return table
+
+
+def _base(layer: Layer, precision: str) -> dict:
+    return {"layer": layer.name, "op_type": layer.op_type, "params": layer.params, "macs": layer.macs,
+            "precision": precision}
+
+
+def _savings(evaluator: Evaluator, precisions: list[str]) -> dict[tuple[str, str], dict]:
+    """(layer, precision) -> latency saving (profiled) and size saving (built files) of that layer alone."""
+    model, backend = evaluator.model, evaluator.backend
+    result: dict[tuple[str, str], dict] = {}
+    with tempfile.TemporaryDirectory(prefix="autoq-sens-") as tmp:
+        fp32 = evaluator.build(Assignment.uniform(model.layer_names, "fp32"), Path(tmp) / "fp32")
+        base = backend.layer_latency(fp32, evaluator.latency_feeds, evaluator.threads)
+        for precision in precisions:
+            low = evaluator.build(Assignment.uniform(model.layer_names, precision), Path(tmp) / precision)
+            times = backend.layer_latency(low, evaluator.latency_feeds, evaluator.threads)
+            bytes_per_param = (fp32.size_bytes - low.size_bytes) / max(1, sum(la.params for la in model.layers))
+            for layer in model.layers:
+                saving = None if base is None or times is None else base[layer.name] - times[layer.name]
+                result[layer.name, precision] = {"latency_saving_ms": saving,
+                                                 "size_saving_bytes": round(bytes_per_param * layer.params)}
+    return result
+
+
+def _measured(evaluator: Evaluator, pairs: list[tuple[Layer, str]]) -> list[dict]:
+    reference = evaluator.reference("search")
+    labels = evaluator.splits.search.labels
+    baseline = evaluator.metric(reference, reference, labels)
+    rng = np.random.default_rng(0)
+    draws = [rng.integers(0, len(reference[0]), len(reference[0])) for _ in range(BOOTSTRAP)]
+    names = evaluator.model.layer_names
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="autoq-sens-") as tmp:
+        for index, (layer, precision) in enumerate(pairs):
+            assignment = Assignment({n: precision if n == layer.name else "fp32" for n in names})
+            try:
+                candidate = evaluator.build(assignment, Path(tmp) / str(index))
+                quality, outputs, _ = evaluator.score(candidate)
+            except CandidateError:
+                rows.append({**_base(layer, precision), "quality_drop": np.inf, "score": np.inf})
+                continue
+            boot = [baseline - evaluator.metric([r[i] for r in reference], [o[i] for o in outputs],
+                                                None if labels is None else labels[i]) for i in draws]
+            drop = baseline - quality
+            rows.append({**_base(layer, precision), "quality_drop": drop, "drop_spread": float(np.std(boot)),
+                         "score": drop})
+    return rows
+
+
+def _quantize(x: np.ndarray, low: float, high: float) -> np.ndarray:
+    """uint8 asymmetric fake-quantization with the calibrated range (zero exactly representable)."""
+    low, high = min(low, 0.0), max(high, 0.0)
+    scale = max(high - low, 1e-12) / 255
+    zero = np.round(-low / scale)
+    return (np.clip(np.round(x / scale) + zero, 0, 255) - zero) * scale
+
+
+def _quantize_weight(w: np.ndarray, axis: int) -> np.ndarray:
+    """int8 symmetric per-channel fake-quantization along `axis`."""
+    reduce = tuple(i for i in range(w.ndim) if i != axis)
+    scale = np.maximum(np.abs(w).max(axis=reduce, keepdims=True), 1e-12) / 127
+    return np.clip(np.round(w / scale), -127, 127) * scale
+
+
+def _noise_ratio(signal: np.ndarray, noisy: np.ndarray, axis: int) -> float:
+    """Noise-to-signal power, averaged over channels along `axis`: every channel matters to the next layer,
+    so one outlier channel must not hide the others being rounded away."""
+    reduce = tuple(i for i in range(signal.ndim) if i != axis % signal.ndim)
+    power = np.sum(signal.astype(np.float64) ** 2, axis=reduce)
+    noise = np.sum((signal.astype(np.float64) - noisy) ** 2, axis=reduce)
+    live = power > 0
+    return float(np.mean(noise[live] / power[live])) if live.any() else 0.0
+
+
+def _sqnr(evaluator: Evaluator, pairs: list[tuple[Layer, str]]) -> list[dict]:
+    """Noise powers of the input, weight and output quantization add; SQNR of the sum, in dB."""
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    ranges = load_tensors_data(evaluator.calibration).data
+    proto = evaluator.model.proto
+    nodes = {n.name: n for n in proto.graph.node}
+    tensors = sorted({t for layer, _ in pairs for t in (nodes[layer.name].input[0], nodes[layer.name].output[0])})
+    values = evaluator.intermediates(tensors, "calibration")
+    rows = []
+    for layer, precision in pairs:
+        node = nodes[layer.name]
+        w = weight_array(proto, layer.weight)
+        if layer.op_type in ("Conv", "ConvTranspose"):
+            axis = 0 if layer.op_type == "Conv" else 1
+        elif layer.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute):
+            axis = 0
+        else:
+            axis = w.ndim - 1
+        noise = _noise_ratio(w, _quantize_weight(w, axis), axis)
+        for tensor in (node.input[0], node.output[0]):
+            if tensor in ranges:
+                low, high = (float(np.asarray(v).ravel()[0]) for v in ranges[tensor].range_value)
+                x = values[tensor]
+                noise += _noise_ratio(x, _quantize(x, low, high), 1 if x.ndim == 4 else -1)
+        sqnr = -10 * np.log10(max(noise, 1e-20))
+        rows.append({**_base(layer, precision), "sqnr_db": sqnr, "score": -sqnr})
+    return rows
+
+
+def rank_correlation(a: pd.DataFrame, b: pd.DataFrame) -> float:
+    """Spearman rank correlation of two methods' scores over the same (layer, precision) rows."""
+    merged = a.merge(b, on=["layer", "precision"])
+    return float(merged["score_x"].rank().corr(merged["score_y"].rank()))
+
+
+def prune(choices: dict[str, list[str]], table: pd.DataFrame, max_drop: float | None) -> dict[str, list[str]]:
+    """Drop precisions whose single-layer quality drop exceeds `max_drop` (fp32 always stays)."""
+    if max_drop is None or table["quality_drop"].isna().all():
+        return choices
+    too_costly = {(r.layer, r.precision) for r in table.itertuples() if r.quality_drop > max_drop}
+    return {name: [p for p in allowed if (name, p) not in too_costly] or ["fp32"]
+            for name, allowed in choices.items()}
+
+
+def greedy_seeds(table: pd.DataFrame, choices: dict[str, list[str]],
+                 fractions: tuple[float, ...] = (0.25, 0.5, 0.67, 0.8, 0.9, 0.95)) -> list[Assignment]:
+    """Assignments that lower the precision of layers in order of least quality cost per ms saved (the
+    AIMET/NNCF greedy idea), cut at several budgets, so the first trials already trace a front."""
+    rows = table[[p in choices.get(name, []) for name, p in zip(table["layer"], table["precision"], strict=True)]]
+    if rows.empty:
+        return []
+    gain = rows["latency_saving_ms"].fillna(0).clip(lower=0) + 1e-9 * rows["macs"]
+    cost = rows["score"] - rows["score"].min()
+    best = rows.assign(ratio=cost / gain).sort_values("ratio").drop_duplicates("layer")
+    order = list(zip(best["layer"], best["precision"], strict=True))
+    seeds = []
+    for fraction in fractions:
+        chosen = dict(order[: max(1, round(fraction * len(order)))])
+        seeds.append(Assignment({name: chosen.get(name, "fp32" if "fp32" in c else c[0])
+                                 for name, c in choices.items()}))
+    return seeds

@@ -1,0 +1,172 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pandas as pd
+import pytest
+from onnx import numpy_helper
+
+import autoq
+from autoq import data, graph
+from autoq import sensitivity as sens
+from autoq.backends import get_backend
+from autoq.calibrate import calibrate
+from autoq.errors import AutoqError
+from autoq.evaluate import Evaluator
+from autoq.metrics import accuracy
+
+
+@pytest.fixture(scope="module")
+def fragile_cnn(digits_cnn, digits_npz, tmp_path_factory) -> Path:
+    """The digits CNN with fc1 made fragile: its most active output channel scaled x1000 and fc2 scaled back,
+    so FP32 computes the same function (ReLU commutes with positive scaling) but int8 activations around fc1
+    lose every other channel."""
+    model = onnx.load(str(digits_cnn))
+    weights = {t.name: t for t in model.graph.initializer}
+    gemms = [n for n in model.graph.node if n.op_type == "Gemm"]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(gemms[0].output[0]))
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    fc1_out = session.run([gemms[0].output[0]], {"image": np.load(digits_npz)["image"]})[0]
+    k = int(np.maximum(fc1_out, 0).mean(axis=0).argmax())
+    fc1_w, fc1_b, fc2_w = gemms[0].input[1], gemms[0].input[2], gemms[1].input[1]
+    for name, index, factor in ((fc1_w, np.s_[k, :], 1000.0), (fc1_b, np.s_[k], 1000.0),
+                                (fc2_w, np.s_[:, k], 1e-3)):
+        array = numpy_helper.to_array(weights[name]).copy()
+        array[index] *= factor
+        weights[name].CopyFrom(numpy_helper.from_array(array, name))
+    path = tmp_path_factory.mktemp("fragile") / "fragile.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def _evaluator(model_path: Path, npz: Path, workdir: Path) -> Evaluator:
+    model = graph.prepare(model_path, workdir)
+    splits = data.split(data.load(npz, "label"))
+    calibration = calibrate(model, splits.calibration, workdir / "cache")
+    return Evaluator(get_backend("onnxruntime"), model, calibration, splits, accuracy, 1)
+
+
+@pytest.fixture(scope="module")
+def scores(fragile_cnn, digits_cnn, digits_npz, tmp_path_factory):
+    result = {}
+    for name, path in (("fragile", fragile_cnn), ("plain", digits_cnn)):
+        evaluator = _evaluator(path, digits_npz, tmp_path_factory.mktemp(name))
+        choices = {n: ["fp32", "int8"] for n in evaluator.model.layer_names}
+        result[name] = {m: sens.analyse(evaluator, choices, m) for m in ("measured", "sqnr")}
+        result[name]["layers"] = evaluator.model.layer_names
+        evaluator.close()
+    return result
+
+
+def test_fragile_model_is_the_same_function_in_fp32(fragile_cnn, digits_cnn, digits_npz):
+    images = np.load(digits_npz)["image"]
+    outputs = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"image": images})[0]
+               for p in (digits_cnn, fragile_cnn)]
+    np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("method", ["measured", "sqnr"])
+def test_the_fragile_layer_ranks_most_sensitive(scores, method):
+    table = scores["fragile"][method]
+    fc1 = scores["fragile"]["layers"][2]
+    ranking = list(table.sort_values("score", ascending=False)["layer"])
+    assert ranking[0] == fc1
+
+
+def test_measured_drop_is_large_only_where_the_model_was_made_fragile(scores):
+    fragile = scores["fragile"]["measured"].set_index("layer")["quality_drop"]
+    plain = scores["plain"]["measured"].set_index("layer")["quality_drop"]
+    fc1 = scores["fragile"]["layers"][2]
+    assert fragile[fc1] > 0.2 and fragile[fc1] > plain[fc1] + 0.2
+    conv1 = scores["fragile"]["layers"][0]
+    assert abs(fragile[conv1] - plain[conv1]) < 0.05
+    assert (scores["fragile"]["measured"]["drop_spread"] >= 0).all()
+
+
+def test_savings_and_table_columns(scores):
+    table = scores["plain"]["measured"]
+    assert list(table.columns) == sens.COLUMNS
+    assert (table["size_saving_bytes"] > 0).all()
+    assert table["latency_saving_ms"].notna().all()
+
+
+def test_cache_is_reused_when_inputs_match_and_refreshed_when_they_change(digits_cnn, digits_npz, tmp_path,
+                                                                          monkeypatch):
+    evaluator = _evaluator(digits_cnn, digits_npz, tmp_path / "a")
+    choices = {n: ["fp32", "int8"] for n in evaluator.model.layer_names}
+    first = sens.analyse(evaluator, choices, "sqnr", tmp_path / "cache")
+    evaluator.close()
+
+    def fail(*args, **kwargs):
+        raise AssertionError("recomputed although nothing changed")
+
+    monkeypatch.setattr(sens, "_sqnr", fail)
+    evaluator = _evaluator(digits_cnn, digits_npz, tmp_path / "b")
+    pd.testing.assert_frame_equal(sens.analyse(evaluator, choices, "sqnr", tmp_path / "cache"), first)
+    monkeypatch.undo()
+    fewer = {n: (["fp32"] if i == 0 else c) for i, (n, c) in enumerate(choices.items())}  # the space changed
+    sens.analyse(evaluator, fewer, "sqnr", tmp_path / "cache")
+    other = tmp_path / "other.npz"
+    with np.load(digits_npz) as npz:
+        np.savez(other, image=npz["image"][:120], label=npz["label"][:120])
+    changed = _evaluator(digits_cnn, other, tmp_path / "c")  # the data changed
+    sens.analyse(changed, choices, "sqnr", tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("sensitivity-sqnr-*.csv"))) == 3
+    evaluator.close()
+    changed.close()
+
+
+def test_greedy_seeds_quantize_least_costly_layers_first(scores):
+    table = scores["fragile"]["measured"]
+    layers = scores["fragile"]["layers"]
+    choices = {n: ["fp32", "int8"] for n in layers}
+    seeds = sens.greedy_seeds(table, choices, fractions=(0.25, 0.5, 1.0))
+    counts = [s.counts().get("int8", 0) for s in seeds]
+    assert counts == [1, 2, 4]
+    fc1, fc2 = layers[2:]
+    assert seeds[1].layers[fc1] == "fp32" and seeds[1].layers[fc2] == "fp32"  # the fragile pair stays fp32
+
+
+def test_prune_removes_precisions_too_costly_alone(scores):
+    table = scores["fragile"]["measured"]
+    layers = scores["fragile"]["layers"]
+    pruned = sens.prune({n: ["fp32", "int8"] for n in layers}, table, max_drop=0.1)
+    assert pruned[layers[2]] == ["fp32"] and pruned[layers[0]] == ["fp32", "int8"]
+
+
+def test_search_is_seeded_and_pruned_by_measured_sensitivity(fragile_cnn, digits_npz, tmp_path):
+    space = {"default": ["fp32", "int8"], "sensitivity": "measured", "max_layer_drop": 0.1, "population": 4}
+    result = autoq.search(fragile_cnn, digits_npz, labels="label", space=space, trials=8, out=tmp_path / "run",
+                          progress=False)
+    trials = result.trials
+    assert list(trials["baseline"][:2]) == ["uniform-fp32", "uniform-int8"]
+    assert trials["seeded"][2:4].all()
+    fc1 = graph.find_layers(onnx.load(str(fragile_cnn)))[2].name
+    # after the baselines, pruning means fc1 is never int8 again
+    assert all('"' + fc1 + '": "fp32"' in a for a in trials["assignment"][1:].loc[lambda s: s.index > 1])
+    assert (tmp_path / "run" / "sensitivity.csv").is_file()
+    assert "Per-layer sensitivity" in (tmp_path / "run" / "report.html").read_text()
+
+
+def test_sensitivity_command_and_hessian_error(digits_cnn, digits_npz, tmp_path):
+    out = tmp_path / "sens"
+    run = subprocess.run([sys.executable, "-m", "autoq", "sensitivity", str(digits_cnn), "--data", str(digits_npz),
+                          "--labels", "label", "--method", "sqnr", "--out", str(out)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    table = pd.read_csv(out / "sensitivity.csv")
+    assert len(table) == 4 and table["sqnr_db"].notna().all()
+    assert (out / "sensitivity.html").is_file()
+    hessian = subprocess.run([sys.executable, "-m", "autoq", "sensitivity", str(digits_cnn), "--data",
+                              str(digits_npz), "--labels", "label", "--method", "hessian", "--out", str(out)],
+                             capture_output=True, text=True)
+    assert hessian.returncode == 2 and "needs a torch model" in hessian.stderr
+    assert len(hessian.stderr.strip().splitlines()) == 1
+    with pytest.raises(AutoqError, match="unknown sensitivity method"):
+        sens.analyse(None, {}, "magic")
