@@ -128,6 +128,9 @@ def search(model: str | Path | None = None, data: DataArg = None, *, labels: str
             seeds = sensitivity_mod.greedy_seeds(scores, choices)
             scores.to_csv(run_dir / "sensitivity.csv", index=False)
         study = open_study(run_dir, problem.space, problem.seed, hardware_key(problem.machine))
+        if "fp32_latency_ms" not in study.user_attrs:
+            study.set_user_attr("fp32_latency_ms", evaluator.time_reference())
+        evaluator.fp32_latency_ms = study.user_attrs["fp32_latency_ms"]
         run_search(study, evaluator, choices, problem.space, trials, timeout, progress, seeds)
         table = trials_frame(study)
         front = finalize_front(evaluator, pareto_front(table), run_dir)
@@ -166,6 +169,7 @@ def finalize_front(evaluator: Evaluator, front: pd.DataFrame, run_dir: Path) -> 
             measured = evaluator.evaluate(assignment, "validation", candidate, min_runs=20, max_runs=80)
             model_path = evaluator.backend.export(candidate, point_dir / "model.onnx")
             extra |= {"val_quality": measured["quality"], "val_latency_ms": measured["latency_ms"],
+                      "val_measured_latency_ms": measured["measured_latency_ms"],
                       "val_latency_spread_ms": measured["latency_spread_ms"], "val_load": measured["load"],
                       "val_fp32_latency_ms": measured["fp32_latency_ms"], "val_executed_ok": measured["executed_ok"],
                       "model": str(model_path.relative_to(run_dir))}

@@ -26,3 +26,33 @@ def front(trials: pd.DataFrame, objectives: dict[str, bool] = OBJECTIVES) -> pd.
         return done
     mask = pareto_mask(done[list(objectives)].to_numpy(), list(objectives.values()))
     return done[mask].sort_values("latency_ms").reset_index(drop=True)
+
+
+def hypervolume(points: np.ndarray, ref: np.ndarray) -> float:
+    """Exact volume dominated by minimisation `points` up to `ref` (slicing; fine for fronts of ~100)."""
+    points = np.asarray(points, dtype=float)
+    points = points[(points < ref).all(axis=1)]
+    if len(points) == 0:
+        return 0.0
+    if points.shape[1] == 1:
+        return float(ref[0] - points[:, 0].min())
+    points = points[np.argsort(points[:, 0])]
+    total = 0.0
+    for i in range(len(points)):
+        upper = points[i + 1, 0] if i + 1 < len(points) else ref[0]
+        if upper > points[i, 0]:
+            total += (upper - points[i, 0]) * hypervolume(points[: i + 1, 1:], ref[1:])
+    return total
+
+
+def normalised_hypervolume(frames: dict[str, pd.DataFrame], objectives: dict[str, bool] = OBJECTIVES,
+                           margin: float = 0.1) -> dict[str, float]:
+    """Hypervolume of each frame's completed trials, in one objective space scaled to [0, 1] by the best and
+    worst values over all frames (reference point 1 + margin), so the numbers compare across runs."""
+    done = {k: f[f["state"] == "COMPLETE"][list(objectives)].to_numpy(dtype=float) for k, f in frames.items()}
+    signs = np.where(list(objectives.values()), -1.0, 1.0)
+    union = np.vstack(list(done.values())) * signs
+    low, high = union.min(axis=0), union.max(axis=0)
+    scale = np.where(high > low, high - low, 1.0)
+    ref = np.full(len(objectives), 1.0 + margin)
+    return {k: hypervolume((v * signs - low) / scale, ref) for k, v in done.items()}

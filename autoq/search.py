@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import fcntl
 import json
+import signal
+import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,6 +48,27 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         yield
 
 
+@contextmanager
+def stop_on_ctrl_c() -> Iterator[list[bool]]:
+    """First Ctrl-C: finish the running trial, then stop (nothing is lost); a second one stops at once."""
+    stopped = [False]
+    if threading.current_thread() is not threading.main_thread():
+        yield stopped
+        return
+
+    def handler(signum, frame) -> None:
+        if stopped[0]:
+            raise KeyboardInterrupt
+        stopped[0] = True
+        print("autoq: stopping after the running trial (Ctrl-C again to stop now)", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield stopped
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def open_study(run_dir: Path, space: SearchSpace, seed: int, hardware: str) -> optuna.Study:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = f"sqlite:///{run_dir / 'study.db'}"
@@ -60,13 +84,22 @@ def open_study(run_dir: Path, space: SearchSpace, seed: int, hardware: str) -> o
     return study
 
 
+def _interrupted(trial: optuna.trial.FrozenTrial) -> bool:
+    """Failed without a candidate error: cut short by Ctrl-C or a killed process, not by the candidate."""
+    return trial.state == TrialState.FAIL and "error" not in trial.user_attrs
+
+
 def _recover_interrupted(study: optuna.Study) -> None:
-    """Trials left RUNNING by a killed process (we hold the run lock): fail them, retry their params."""
+    """Retry, once each, trials cut short by a second Ctrl-C or by a killed process (left RUNNING; we hold the
+    run lock, so nobody else is running them)."""
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study._storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
         study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-        study.enqueue_trial(trial.params, user_attrs={k: v for k, v in trial.user_attrs.items()
-                                                      if k == "baseline"})
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get("retry_of") for t in trials}
+    for trial in trials:
+        if _interrupted(trial) and trial.number not in retried:
+            keep = {k: v for k, v in trial.user_attrs.items() if k in ("baseline", "seeded")}
+            study.enqueue_trial(trial.params, user_attrs={**keep, "retry_of": trial.number})
 
 
 def _enqueue_baselines(study: optuna.Study, choices: dict[str, list[str]], options: dict[str, list]) -> None:
@@ -128,6 +161,9 @@ def run_search(study: optuna.Study, evaluator: Evaluator, choices: dict[str, lis
 
     remaining = trials - budget_used(study)
     if remaining > 0:
-        study.optimize(objective, n_trials=remaining, timeout=timeout, catch=(CandidateError,),
-                       show_progress_bar=progress)
+        with stop_on_ctrl_c() as stopped:
+            study.optimize(objective, n_trials=remaining, timeout=timeout, catch=(CandidateError,),
+                           show_progress_bar=progress, callbacks=[lambda s, t: stopped[0] and s.stop()])
+        if stopped[0]:
+            raise KeyboardInterrupt
     return study

@@ -109,7 +109,7 @@ def test_kill_9_mid_run_then_resume_loses_nothing(digits_cnn, digits_npz, tmp_pa
     deadline = time.time() + 120
     while time.time() < deadline:  # kill while a trial is running, after a few have finished
         states = _states(db) if db.is_file() else []
-        if states.count("COMPLETE") >= 3 and states[-1] == "RUNNING":
+        if states.count("COMPLETE") >= 3 and "RUNNING" in states:
             break
         time.sleep(0.05)
     os.kill(process.pid, signal.SIGKILL)
@@ -126,5 +126,30 @@ def test_kill_9_mid_run_then_resume_loses_nothing(digits_cnn, digits_npz, tmp_pa
     assert all(after[n].values == v for n, v in finished.items())  # nothing lost or re-run
     assert not [t for t in study.trials if t.state.name == "RUNNING"]
     assert sum(t.state.name == "COMPLETE" for t in study.trials) == 12
-    interrupted = [t for t in study.trials if t.user_attrs.get("interrupted")]
-    assert len(interrupted) == before.count("RUNNING")
+    interrupted = [t for t in study.trials if t.state.name == "FAIL" and "error" not in t.user_attrs]
+    assert len(interrupted) == before.count("RUNNING") == 1
+    assert all(any(r.user_attrs.get("retry_of") == t.number for r in study.trials) for t in interrupted)
+
+
+def test_ctrl_c_finishes_the_running_trial_then_stops_and_resumes(digits_cnn, digits_npz, tmp_path):
+    out = tmp_path / "interrupted"
+    cmd = [sys.executable, "-m", "autoq", "search", str(digits_cnn), "--data", str(digits_npz), "--labels",
+           "label", "--trials", "8", "--out", str(out), "--quiet"]
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    db = out / "study.db"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        states = _states(db) if db.is_file() else []
+        if states.count("COMPLETE") >= 2 and "RUNNING" in states:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert stderr.strip().splitlines() == ["autoq: stopping after the running trial (Ctrl-C again to stop now)",
+                                           "autoq: interrupted; run the same command again to resume"]
+    stopped_at = _states(db)
+    assert "RUNNING" not in stopped_at and "FAIL" not in stopped_at  # the running trial was finished
+    assert 3 <= stopped_at.count("COMPLETE") < 8
+    assert subprocess.run(cmd, capture_output=True, timeout=300).returncode == 0
+    assert _states(db) == ["COMPLETE"] * 8

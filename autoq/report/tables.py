@@ -9,8 +9,8 @@ import pandas as pd
 
 # Documented in the README; trials.csv has these columns, pareto.csv these plus the val_* ones.
 TRIAL_COLUMNS = ["trial", "state", "baseline", "seeded", "duplicate", "quality", "latency_ms", "latency_spread_ms",
-                 "latency_runs", "load", "fp32_latency_ms", "speedup", "size_bytes", "executed_ok",
-                 "mismatched_layers", "summary", "error", "key", "assignment"]
+                 "measured_latency_ms", "latency_runs", "load", "fp32_latency_ms", "speedup", "size_bytes",
+                 "executed_ok", "mismatched_layers", "summary", "error", "key", "assignment"]
 
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
@@ -23,10 +23,12 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             "trial": trial.number, "state": trial.state.name, "baseline": attrs.get("baseline", ""),
             "seeded": bool(attrs.get("seeded", False)),
             "duplicate": bool(attrs.get("duplicate", False)),
-            **{c: attrs.get(c) for c in ("quality", "latency_ms", "latency_spread_ms", "latency_runs", "load",
+            **{c: attrs.get(c) for c in ("quality", "latency_ms", "latency_spread_ms", "measured_latency_ms",
+                                         "latency_runs", "load",
                                          "fp32_latency_ms", "speedup", "size_bytes", "executed_ok")},
             "mismatched_layers": ";".join(attrs.get("mismatched_layers", [])),
             "summary": ", ".join(f"{p} x{n}" for p, n in sorted(counts.items())),
-            "error": attrs.get("error", ""), "key": attrs.get("key", ""), "assignment": attrs.get("assignment", ""),
+            "error": attrs.get("error", "interrupted" if trial.state.name == "FAIL" else ""),
+            "key": attrs.get("key", ""), "assignment": attrs.get("assignment", ""),
         })
     return pd.DataFrame(rows, columns=TRIAL_COLUMNS)
