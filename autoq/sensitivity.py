@@ -188,9 +188,9 @@ def greedy_seeds(table: pd.DataFrame, choices: dict[str, list[str]],
     cost = rows["score"] - rows["score"].min()
     best = rows.assign(ratio=cost / gain).sort_values("ratio").drop_duplicates("layer")
     order = list(zip(best["layer"], best["precision"], strict=True))
-    seeds = []
+    seeds: dict[str, Assignment] = {}
     for fraction in fractions:
         chosen = dict(order[: max(1, round(fraction * len(order)))])
-        seeds.append(Assignment({name: chosen.get(name, "fp32" if "fp32" in c else c[0])
-                                 for name, c in choices.items()}))
-    return seeds
+        seed = Assignment({name: chosen.get(name, "fp32" if "fp32" in c else c[0]) for name, c in choices.items()})
+        seeds.setdefault(seed.key(), seed)
+    return list(seeds.values())
