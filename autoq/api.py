@@ -25,7 +25,8 @@ from autoq.measure import fingerprint, hardware_key
 from autoq.metrics import Metric, get_metric
 from autoq.pareto import front as pareto_front
 from autoq.precision import Assignment
-from autoq.report import trials_frame, write_html, write_sensitivity_html
+from autoq.report import run as run_report
+from autoq.report import trials_frame
 from autoq.search import open_study, run_lock, run_search
 from autoq.space import SearchSpace, load_space
 
@@ -138,9 +139,23 @@ def search(model: str | Path | None = None, data: DataArg = None, *, labels: str
     front.to_csv(run_dir / "pareto.csv", index=False)
     meta = {"model": problem.model_name, "backend": backend, "metric": problem.metric, "machine": problem.machine,
             "wall_s": time.perf_counter() - started}
-    (run_dir / "machine.json").write_text(json.dumps(problem.machine, indent=2))
-    report = write_html(run_dir / "report.html", table, front, meta, scores)
-    return SearchResult(run_dir, table, front, report, scores)
+    (run_dir / run_report.META).write_text(json.dumps(meta, indent=2))
+    return SearchResult(run_dir, table, front, run_report.regenerate(run_dir), scores)
+
+
+def report(run_dir: str | Path) -> Path:
+    """Regenerate report.html of a run (also of one still in progress)."""
+    return run_report.regenerate(Path(run_dir))
+
+
+def export(run_dir: str | Path, point: int, to: str | Path) -> list[Path]:
+    """Copy front point `point` (its model file and assignment.yaml) of a run into the folder `to`."""
+    return run_report.export_point(Path(run_dir), point, Path(to))
+
+
+def compare(run_dirs: list[str | Path], out: str | Path = "compare.html") -> Path:
+    """Overlay the fronts of several runs (e.g. ONNX Runtime vs OpenVINO on one model) in one page."""
+    return run_report.compare([Path(r) for r in run_dirs], Path(out))
 
 
 def analyse_sensitivity(model: str | Path | None = None, data: DataArg = None, *,
@@ -151,7 +166,7 @@ def analyse_sensitivity(model: str | Path | None = None, data: DataArg = None, *
     with _problem(model, data, labels, metric, space, backend, threads, out, None, "sensitivity") as problem:
         table = sensitivity_mod.analyse(problem.evaluator, problem.choices, method, problem.run_dir / "cache")
     table.to_csv(problem.run_dir / "sensitivity.csv", index=False)
-    write_sensitivity_html(problem.run_dir / "sensitivity.html", table, problem.model_name, method)
+    run_report.write_sensitivity_html(problem.run_dir / "sensitivity.html", table, problem.model_name, method)
     return table
 
 

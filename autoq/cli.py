@@ -33,19 +33,34 @@ def _parser() -> argparse.ArgumentParser:
     sensitivity = commands.add_parser("sensitivity", help="score every layer at every precision alone")
     _problem_args(sensitivity)
     sensitivity.add_argument("--method", default="measured", help="measured (default) | sqnr | hessian")
+    report = commands.add_parser("report", help="regenerate report.html of a run (also while it runs)")
+    report.add_argument("run_dir")
+    export = commands.add_parser("export", help="copy a front point's model and assignment")
+    export.add_argument("run_dir")
+    export.add_argument("--point", type=int, required=True, help="front point number (pareto.csv 'point')")
+    export.add_argument("--to", required=True, help="destination folder")
+    compare = commands.add_parser("compare", help="overlay the fronts of several runs in one page")
+    compare.add_argument("run_dirs", nargs="+")
+    compare.add_argument("--out", default="compare.html", help="page to write (compare.html)")
     return parser
 
 
-def _summary(result) -> str:
-    front = result.front
-    lines = [f"{len(result.trials)} trials, {len(front)} front points:"]
-    for _, row in front.iterrows():
-        quality = row.get("val_quality", row["quality"])
-        latency = row.get("val_latency_ms", row["latency_ms"])
-        lines.append(f"  point {row['point']}: quality {quality:.4f}  {latency:7.2f} ms  "
-                     f"{row['size_bytes'] / 1e6:7.2f} MB  {row['summary']}")
-    lines.append(f"report: {result.report}")
-    return "\n".join(lines)
+def _summary(result) -> None:
+    """The front as a table in the terminal, then where the report is."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{len(result.trials)} trials, {len(result.front)} front points (validation split)")
+    for column in ("point", "quality", "latency ms", "size MB", "executed", "precisions"):
+        table.add_column(column, justify="left" if column == "precisions" else "right")
+    for _, row in result.front.iterrows():
+        latency = f"{row.get('val_latency_ms', row['latency_ms']):.2f} ± {row.get('val_latency_spread_ms', 0) / 2:.2f}"
+        table.add_row(str(row["point"]), f"{row.get('val_quality', row['quality']):.4f}", latency,
+                      f"{row['size_bytes'] / 1e6:.2f}", "yes" if row.get("val_executed_ok", True) else "NO",
+                      row["summary"])
+    console = Console()
+    console.print(table)
+    console.print(f"report: {result.report}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,6 +75,16 @@ def main(argv: list[str] | None = None) -> int:
             top = table.sort_values("score", ascending=False).head(10)
             print(top[["layer", "precision", "quality_drop", "sqnr_db", "latency_saving_ms"]].to_string(index=False))
             return 0
+        if args.command == "report":
+            print(f"report: {api.report(args.run_dir)}")
+            return 0
+        if args.command == "export":
+            for path in api.export(args.run_dir, args.point, args.to):
+                print(path)
+            return 0
+        if args.command == "compare":
+            print(f"compare: {api.compare(args.run_dirs, args.out)}")
+            return 0
         result = api.search(args.model, args.data, labels=args.labels, metric=args.metric, space=args.space,
                             backend=args.backend, trials=args.trials, timeout=args.timeout, threads=args.threads,
                             out=args.out, seed=args.seed, progress=not args.quiet)
@@ -69,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("autoq: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
-    print(_summary(result))
+    _summary(result)
     return 0
 
 

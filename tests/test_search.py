@@ -53,7 +53,7 @@ def test_duplicates_are_never_measured_twice(run):
 
 def test_run_directory_holds_tables_report_and_runnable_front_points(run, digits_npz):
     result, out = run
-    for name in ("trials.csv", "pareto.csv", "report.html", "study.db", "machine.json"):
+    for name in ("trials.csv", "pareto.csv", "report.html", "study.db", "meta.json", "sensitivity.csv"):
         assert (out / name).is_file(), name
     pareto = pd.read_csv(out / "pareto.csv")
     assert len(pareto) == len(result.front) and {"val_quality", "val_latency_ms", "model"} <= set(pareto.columns)

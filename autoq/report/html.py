@@ -6,6 +6,7 @@ import html
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
@@ -88,17 +89,40 @@ def write_sensitivity_html(path: Path, scores: pd.DataFrame, model: str, method:
     return path
 
 
+def _weight_figure(layer: str, weight: np.ndarray, axis: int) -> go.Figure:
+    """The coarsest channel of the most sensitive layer: FP32 values vs the int8 grid they round to."""
+    moved = np.moveaxis(weight, axis, 0).reshape(weight.shape[axis], -1)
+    channel = int(np.abs(moved).max(axis=1).argmax())
+    values = moved[channel]
+    scale = max(float(np.abs(values).max()), 1e-12) / 127
+    rounded = np.clip(np.round(values / scale), -127, 127) * scale
+    grid = np.arange(np.floor(values.min() / scale), np.ceil(values.max() / scale) + 1) * scale
+    fig = go.Figure()
+    fig.add_histogram(x=values, nbinsx=120, name="FP32 weights", marker_color="#4c72b0", opacity=0.6)
+    fig.add_histogram(x=rounded, xbins={"size": scale / 4}, name="after int8 rounding", marker_color="#dd8452",
+                      opacity=0.8)
+    fig.add_scatter(x=grid, y=np.zeros_like(grid), mode="markers", name=f"int8 grid (step {scale:.3g})",
+                    marker={"symbol": "line-ns-open", "size": 10, "color": "black"})
+    error = float(np.sqrt(np.mean((values - rounded) ** 2)))
+    fig.update_layout(title=f"Most sensitive layer {layer}: channel {channel} before and after int8 rounding "
+                            f"(RMS error {error:.3g}, {len(values)} weights)", barmode="overlay", height=380,
+                      template="plotly_white", xaxis_title="weight value", yaxis_title="count")
+    return fig
+
+
 def _table(frame: pd.DataFrame) -> str:
     return frame.to_html(index=False, border=0, classes="table", float_format=lambda v: f"{v:.4g}")
 
 
 def write_html(path: Path, trials: pd.DataFrame, front: pd.DataFrame, meta: dict,
-               scores: pd.DataFrame | None = None) -> Path:
+               scores: pd.DataFrame | None = None, weight: tuple[str, np.ndarray, int] | None = None) -> Path:
     figures = [_front_figure(trials, front, meta.get("metric", "quality"))]
     if not front.empty:
         figures.append(_precision_map(front))
         if scores is not None and not scores.empty:
             figures.append(_sensitivity_figure(scores, list(json.loads(front["assignment"].iloc[0])["layers"])))
+        if weight is not None:
+            figures.append(_weight_figure(*weight))
     plots = [fig.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, fig in enumerate(figures)]
     columns = [c for c in ("point", "trial", "summary", "quality", "val_quality", "latency_ms", "val_latency_ms",
                            "val_latency_spread_ms", "speedup", "size_bytes", "val_executed_ok", "model")
@@ -122,4 +146,26 @@ th,td{{padding:3px 10px;text-align:left;border-bottom:1px solid #ddd;font-size:1
 {"".join(plots[1:]) if len(plots) > 1 else "<p>No completed trial.</p>"}
 </body></html>"""
     path.write_text(body)
+    return path
+
+
+def write_compare_html(path: Path, runs: dict[str, tuple[pd.DataFrame, pd.DataFrame, dict]]) -> Path:
+    """Overlay the fronts of several runs (e.g. two backends on one model): label -> (trials, front, meta)."""
+    fig = go.Figure()
+    rows = []
+    for label, (trials, front, meta) in runs.items():
+        done = trials[trials["state"] == "COMPLETE"]
+        fig.add_scatter(x=done["latency_ms"], y=done["quality"], mode="markers", name=f"{label}: all trials",
+                        marker={"size": 6, "opacity": 0.25}, text=done["summary"])
+        fig.add_scatter(x=front["latency_ms"], y=front["quality"], mode="markers+lines", name=f"{label}: front",
+                        line={"shape": "hv"}, marker={"size": 11}, text=front["summary"])
+        machine = meta.get("machine", {})
+        rows.append({"run": label, "model": meta.get("model"), "backend": meta.get("backend"),
+                     "metric": meta.get("metric"), "cpu": machine.get("cpu"), "threads": machine.get("threads"),
+                     "trials": len(trials), "front points": len(front)})
+    fig.update_layout(title="Fronts compared", xaxis_title="latency (ms)", yaxis_title="quality", height=560,
+                      template="plotly_white")
+    path.write_text(f"""<!doctype html><html><head><meta charset="utf-8"><title>autoq compare</title></head>
+<body style="font-family:sans-serif;margin:2em"><h1>autoq: fronts compared</h1>{_table(pd.DataFrame(rows))}
+{fig.to_html(full_html=False, include_plotlyjs=True)}</body></html>""")
     return path
