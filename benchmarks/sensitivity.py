@@ -50,7 +50,7 @@ def main() -> None:
 
     rng = np.random.default_rng(0)
     rows = []
-    for index in range(args.assignments):
+    for _ in range(args.assignments):
         fraction = rng.uniform(0.1, 1.0)
         assignment = Assignment({n: "int8" if rng.random() < fraction else "fp32" for n in model.layer_names})
         row = evaluator.evaluate(assignment, min_runs=30, max_runs=90)  # raw medians, same rounds
