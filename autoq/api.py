@@ -18,6 +18,7 @@ from autoq import data as data_mod
 from autoq import sensitivity as sensitivity_mod
 from autoq.backends import get_backend
 from autoq.calibrate import calibrate
+from autoq.constraints import Constraints
 from autoq.errors import AutoqError
 from autoq.evaluate import CandidateError, Evaluator
 from autoq.graph import prepare
@@ -59,7 +60,8 @@ class _Problem:
 
 @contextmanager
 def _problem(model: str | Path | None, data: DataArg, labels, metric, space, backend: str, threads: int,
-             out: str | Path | None, seed: int | None, kind: str) -> Iterator[_Problem]:
+             out: str | Path | None, seed: int | None, constraints: Constraints | None) -> Iterator[_Problem]:
+    """Load and validate everything; `constraints` is given for a search (its run directory is then checked)."""
     if model is None:
         from autoq.demo import demo_files
 
@@ -79,11 +81,12 @@ def _problem(model: str | Path | None, data: DataArg, labels, metric, space, bac
     splits = data_mod.split(dataset, seed=0)
     metric_name, metric_fn = get_metric(metric, dataset.labels is not None)
     choices = search_space.choices(onnx_model.layers, chosen_backend.precisions())
-    if kind == "search":
+    if constraints is not None:
         _check_run(run_dir, {"model": hashlib.sha1(onnx_model.path.read_bytes()).hexdigest(),
                              "data": data_mod.fingerprint(dataset), "backend": backend, "metric": metric_name,
                              "choices": choices, "options": search_space.options, "seed": seed,
-                             "sensitivity": search_space.sensitivity, "max_layer_drop": search_space.max_layer_drop})
+                             "sensitivity": search_space.sensitivity, "max_layer_drop": search_space.max_layer_drop,
+                             "constraints": constraints.as_dict()})
     with run_lock(run_dir):
         calibration = calibrate(onnx_model, splits.calibration, run_dir / "cache")
         evaluator = Evaluator(chosen_backend, onnx_model, calibration, splits, metric_fn, threads)
@@ -111,8 +114,13 @@ def _check_run(run_dir: Path, config: dict) -> None:
 def search(model: str | Path | None = None, data: DataArg = None, *, labels: str | Path | np.ndarray | None = None,
            metric: str | Metric | None = None, space: str | Path | dict | SearchSpace | None = None,
            backend: str = "onnxruntime", trials: int = 30, timeout: float | None = None, threads: int = 2,
-           out: str | Path | None = None, seed: int | None = None, progress: bool = True) -> SearchResult:
+           out: str | Path | None = None, seed: int | None = None, progress: bool = True,
+           max_drop: str | float | None = None, latency_budget: str | float | None = None,
+           size_budget: str | float | None = None) -> SearchResult:
     """Search per-layer precisions of `model` and write the run (trials, front, models, report) to `out`.
+
+    Constraints: `max_drop` ("0.5%" of the FP32 quality, or 0.01 absolute), `latency_budget` ("5ms"),
+    `size_budget` ("20MB"); the front is the feasible one, the rest of the trials is kept and greyed.
 
     With no model, searches the embedded demo (all-MiniLM-L6-v2 on English sentences, cosine to FP32).
     Running the same call again resumes the run: finished trials are kept.
@@ -120,7 +128,8 @@ def search(model: str | Path | None = None, data: DataArg = None, *, labels: str
     started = time.perf_counter()
     if trials < 1:
         raise AutoqError("--trials must be at least 1")
-    with _problem(model, data, labels, metric, space, backend, threads, out, seed, "search") as problem:
+    constraints = Constraints.parse(max_drop, latency_budget, size_budget)
+    with _problem(model, data, labels, metric, space, backend, threads, out, seed, constraints) as problem:
         run_dir, evaluator, choices = problem.run_dir, problem.evaluator, problem.choices
         scores, seeds = None, []
         if problem.space.sensitivity != "none":
@@ -132,7 +141,7 @@ def search(model: str | Path | None = None, data: DataArg = None, *, labels: str
         if "fp32_latency_ms" not in study.user_attrs:
             study.set_user_attr("fp32_latency_ms", evaluator.time_reference())
         evaluator.fp32_latency_ms = study.user_attrs["fp32_latency_ms"]
-        run_search(study, evaluator, choices, problem.space, trials, timeout, progress, seeds)
+        run_search(study, evaluator, choices, problem.space, trials, timeout, progress, seeds, constraints)
         table = trials_frame(study)
         front = finalize_front(evaluator, pareto_front(table), run_dir)
     table.to_csv(run_dir / "trials.csv", index=False)
@@ -163,7 +172,7 @@ def analyse_sensitivity(model: str | Path | None = None, data: DataArg = None, *
                 space: str | Path | dict | SearchSpace | None = None, backend: str = "onnxruntime",
                 method: str = "measured", threads: int = 2, out: str | Path | None = None) -> pd.DataFrame:
     """Score every layer at every precision of the space; writes sensitivity.csv and sensitivity.html."""
-    with _problem(model, data, labels, metric, space, backend, threads, out, None, "sensitivity") as problem:
+    with _problem(model, data, labels, metric, space, backend, threads, out, None, None) as problem:
         table = sensitivity_mod.analyse(problem.evaluator, problem.choices, method, problem.run_dir / "cache")
     table.to_csv(problem.run_dir / "sensitivity.csv", index=False)
     run_report.write_sensitivity_html(problem.run_dir / "sensitivity.html", table, problem.model_name, method)

@@ -29,6 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("--trials", type=int, default=30, help="trials in the study, earlier runs included (30)")
     search.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
     search.add_argument("--seed", type=int, help="sampler seed (default: the space's)")
+    search.add_argument("--max-drop", help="quality floor below FP32: 0.5%% (relative) or 0.01 (absolute)")
+    search.add_argument("--latency-budget", help="latency budget, e.g. 5ms")
+    search.add_argument("--size-budget", help="model size budget, e.g. 20MB")
     search.add_argument("--quiet", action="store_true", help="no progress bar")
     sensitivity = commands.add_parser("sensitivity", help="score every layer at every precision alone")
     _problem_args(sensitivity)
@@ -87,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         result = api.search(args.model, args.data, labels=args.labels, metric=args.metric, space=args.space,
                             backend=args.backend, trials=args.trials, timeout=args.timeout, threads=args.threads,
-                            out=args.out, seed=args.seed, progress=not args.quiet)
+                            out=args.out, seed=args.seed, progress=not args.quiet,
+                            max_drop=args.max_drop, latency_budget=args.latency_budget, size_budget=args.size_budget)
     except AutoqError as exc:
         print(f"autoq: error: {exc}", file=sys.stderr)
         return 2

@@ -57,6 +57,11 @@ class Evaluator:
             self._reference[split] = self._outputs(self._ref_run, getattr(self.splits, split))
         return self._reference[split]
 
+    def fp32_quality(self, split: str = "search") -> float:
+        """The metric of the FP32 model itself (1.0 for agreement metrics; the accuracy with labels)."""
+        reference = self.reference(split)
+        return float(self.metric(reference, reference, getattr(self.splits, split).labels))
+
     def time_reference(self) -> float:
         """A careful median of the FP32 model alone: the scale of every latency in the study."""
         return time_runner(lambda: self._ref_run(self.latency_feeds), min_runs=30, max_runs=120).median_ms

@@ -20,8 +20,11 @@ def pareto_mask(values: np.ndarray, maximize: list[bool]) -> np.ndarray:
 
 
 def front(trials: pd.DataFrame, objectives: dict[str, bool] = OBJECTIVES) -> pd.DataFrame:
-    """Non-dominated completed trials, one per assignment, sorted by latency."""
+    """Non-dominated completed trials, one per assignment, sorted by latency; among the feasible ones (within
+    the user's constraints) when there are any."""
     done = trials[trials["state"] == "COMPLETE"].drop_duplicates("key")
+    if "feasible" in done.columns and done["feasible"].any():
+        done = done[done["feasible"]]
     if done.empty:
         return done
     mask = pareto_mask(done[list(objectives)].to_numpy(), list(objectives.values()))

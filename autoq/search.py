@@ -19,6 +19,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
+from autoq.constraints import Constraints
 from autoq.errors import AutoqError
 from autoq.evaluate import CandidateError, Evaluator
 from autoq.precision import Assignment
@@ -28,12 +29,18 @@ DIRECTIONS = ["maximize", "minimize", "minimize"]  # quality, latency_ms, size_b
 OPTION_PREFIX = "option:"
 
 
+def _constraint_values(trial: optuna.trial.FrozenTrial) -> list[float]:
+    return trial.user_attrs.get("constraints", [0.0, 0.0, 0.0])
+
+
 def make_sampler(space: SearchSpace, seed: int) -> optuna.samplers.BaseSampler:
+    """The space's sampler; NSGA-II and TPE also steer away from trials that break the user's constraints."""
     if space.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constraints_func=_constraint_values)
     if space.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.NSGAIISampler(seed=seed, population_size=space.population)
+    return optuna.samplers.NSGAIISampler(seed=seed, population_size=space.population,
+                                         constraints_func=_constraint_values)
 
 
 @contextmanager
@@ -124,7 +131,7 @@ def suggest(trial: optuna.Trial, choices: dict[str, list[str]], options: dict[st
 
 def run_search(study: optuna.Study, evaluator: Evaluator, choices: dict[str, list[str]], space: SearchSpace,
                trials: int, timeout: float | None = None, progress: bool = True,
-               seeds: list[Assignment] = ()) -> optuna.Study:
+               seeds: list[Assignment] = (), constraints: Constraints | None = None) -> optuna.Study:
     """Run until `trials` trials have finished in the study (counting earlier runs), or `timeout` seconds.
     A new study starts with the uniform baselines, then `seeds` (e.g. sensitivity-guided assignments)."""
     if not study.trials:
@@ -156,9 +163,13 @@ def run_search(study: optuna.Study, evaluator: Evaluator, choices: dict[str, lis
         for name, value in row.items():
             trial.set_user_attr(name, value)
         values = (row["quality"], row["latency_ms"], row["size_bytes"])
+        row["constraints"] = constraints.violations(*values, fp32_quality)
+        trial.set_user_attr("constraints", row["constraints"])
         measured[key] = (values, row)
         return values
 
+    constraints = constraints or Constraints()
+    fp32_quality = evaluator.fp32_quality()
     remaining = trials - budget_used(study)
     if remaining > 0:
         with stop_on_ctrl_c() as stopped:

@@ -43,6 +43,7 @@ CASES = {
     "metric": (["{cnn}", "--data", "{npz}", "--labels", "label", "--metric", "f1"], "unknown metric 'f1'"),
     "backend": (["{cnn}", "--data", "{npz}", "--backend", "tensorrt"], "unknown backend 'tensorrt'"),
     "labels": (["{cnn}", "--data", "{npz}", "--labels", "nolabels"], "labels 'nolabels'"),
+    "budget": (["{cnn}", "--data", "{npz}", "--labels", "label", "--latency-budget", "fast"], "--latency-budget"),
 }
 
 

@@ -17,10 +17,13 @@ PRECISION_COLOURS = {"fp32": "#4c72b0", "bf16": "#8172b3", "fp16": "#64b5cd", "i
 def _front_figure(trials: pd.DataFrame, front: pd.DataFrame, metric: str) -> go.Figure:
     done = trials[trials["state"] == "COMPLETE"]
     fig = go.Figure()
-    fig.add_scatter(x=done["latency_ms"], y=done["quality"], mode="markers", name="all trials",
-                    marker={"color": "rgba(120,120,120,0.35)", "size": 7}, text=done["summary"],
-                    hovertemplate="trial %{customdata}<br>%{text}<br>%{x:.2f} ms, quality %{y:.4f}<extra></extra>",
-                    customdata=done["trial"])
+    hover = "trial %{customdata}<br>%{text}<br>%{x:.2f} ms, quality %{y:.4f}<extra></extra>"
+    feasible = done["feasible"].astype(bool)
+    for rows, name, colour in ((done[feasible], "trials", "rgba(221,132,82,0.35)"),
+                               (done[~feasible], "outside constraints", "rgba(150,150,150,0.3)")):
+        if not rows.empty:
+            fig.add_scatter(x=rows["latency_ms"], y=rows["quality"], mode="markers", name=name, text=rows["summary"],
+                            marker={"color": colour, "size": 7}, hovertemplate=hover, customdata=rows["trial"])
     fig.add_scatter(x=front["latency_ms"], y=front["quality"], mode="markers+lines", name="Pareto front",
                     line={"shape": "hv", "color": "#dd8452"},
                     marker={"size": 12, "color": front["size_bytes"] / 1e6, "colorscale": "Viridis",

@@ -10,7 +10,7 @@ import pandas as pd
 # Documented in the README; trials.csv has these columns, pareto.csv these plus the val_* ones.
 TRIAL_COLUMNS = ["trial", "state", "baseline", "seeded", "duplicate", "quality", "latency_ms", "latency_spread_ms",
                  "measured_latency_ms", "latency_runs", "load", "fp32_latency_ms", "speedup", "size_bytes",
-                 "executed_ok", "mismatched_layers", "summary", "error", "key", "assignment"]
+                 "feasible", "executed_ok", "mismatched_layers", "summary", "error", "key", "assignment"]
 
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
@@ -26,6 +26,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             **{c: attrs.get(c) for c in ("quality", "latency_ms", "latency_spread_ms", "measured_latency_ms",
                                          "latency_runs", "load",
                                          "fp32_latency_ms", "speedup", "size_bytes", "executed_ok")},
+            "feasible": trial.state.name == "COMPLETE" and all(v <= 0 for v in attrs.get("constraints", [])),
             "mismatched_layers": ";".join(attrs.get("mismatched_layers", [])),
             "summary": ", ".join(f"{p} x{n}" for p, n in sorted(counts.items())),
             "error": attrs.get("error", "interrupted" if trial.state.name == "FAIL" else ""),
