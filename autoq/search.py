@@ -29,18 +29,21 @@ DIRECTIONS = ["maximize", "minimize", "minimize"]  # quality, latency_ms, size_b
 OPTION_PREFIX = "option:"
 
 
-def _constraint_values(trial: optuna.trial.FrozenTrial) -> list[float]:
-    return trial.user_attrs.get("constraints", [0.0, 0.0, 0.0])
-
-
 def make_sampler(space: SearchSpace, seed: int) -> optuna.samplers.BaseSampler:
-    """The space's sampler; NSGA-II and TPE also steer away from trials that break the user's constraints."""
+    """The space's sampler; NSGA-II and TPE also steer away from trials that break the user's constraints
+    (set on each trial with `Trial.set_constraint`)."""
     if space.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constraints_func=_constraint_values)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True)
     if space.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.NSGAIISampler(seed=seed, population_size=space.population,
-                                         constraints_func=_constraint_values)
+    return optuna.samplers.NSGAIISampler(seed=seed, population_size=space.population)
+
+
+def _constrain(trial: optuna.Trial, violations: list[float]) -> None:
+    """Record the constraint values (<= 0 when met) for the samplers and for the trials table."""
+    trial.set_user_attr("constraints", violations)
+    for name, value in zip(("quality", "latency", "size"), violations, strict=True):
+        trial.set_constraint(name, value)
 
 
 @contextmanager
@@ -152,8 +155,9 @@ def run_search(study: optuna.Study, evaluator: Evaluator, choices: dict[str, lis
             values, attrs = measured[key]
             trial.set_user_attr("duplicate", True)
             for name, value in attrs.items():
-                if name not in ("key", "assignment", "baseline", "duplicate"):
+                if name not in ("key", "assignment", "baseline", "duplicate", "constraints"):
                     trial.set_user_attr(name, value)
+            _constrain(trial, constraints.violations(*values, fp32_quality))
             return values
         try:
             row = evaluator.evaluate(assignment)
@@ -163,8 +167,7 @@ def run_search(study: optuna.Study, evaluator: Evaluator, choices: dict[str, lis
         for name, value in row.items():
             trial.set_user_attr(name, value)
         values = (row["quality"], row["latency_ms"], row["size_bytes"])
-        row["constraints"] = constraints.violations(*values, fp32_quality)
-        trial.set_user_attr("constraints", row["constraints"])
+        _constrain(trial, constraints.violations(*values, fp32_quality))
         measured[key] = (values, row)
         return values
 

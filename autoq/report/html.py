@@ -36,7 +36,8 @@ def _front_figure(trials: pd.DataFrame, front: pd.DataFrame, metric: str) -> go.
                     text=baselines["baseline"], textposition="top center",
                     marker={"symbol": "x", "size": 14, "color": "black"})
     fig.update_layout(title="Quality vs measured latency", xaxis_title="latency (ms, median)",
-                      yaxis_title=f"quality ({metric})", height=520, template="plotly_white")
+                      yaxis_title=f"quality ({metric})", height=560, template="plotly_white",
+                      legend={"orientation": "h", "y": -0.18})
     return fig
 
 
