@@ -192,7 +192,8 @@ def finalize_front(evaluator: Evaluator, front: pd.DataFrame, run_dir: Path) -> 
             candidate = evaluator.build(assignment, point_dir / "build")
             measured = evaluator.evaluate(assignment, "validation", candidate, min_runs=20, max_runs=80)
             model_path = evaluator.backend.export(candidate, point_dir / "model.onnx")
-            extra |= {"val_quality": measured["quality"], "val_latency_ms": measured["latency_ms"],
+            extra |= {"val_quality": measured["quality"], "val_quality_spread": measured["quality_spread"],
+                      "val_latency_ms": measured["latency_ms"],
                       "val_measured_latency_ms": measured["measured_latency_ms"],
                       "val_latency_spread_ms": measured["latency_spread_ms"], "val_load": measured["load"],
                       "val_fp32_latency_ms": measured["fp32_latency_ms"], "val_executed_ok": measured["executed_ok"],

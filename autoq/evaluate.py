@@ -20,6 +20,8 @@ from autoq.measure import time_runner
 from autoq.metrics import Metric
 from autoq.precision import Assignment
 
+BOOTSTRAP = 30
+
 
 class CandidateError(RuntimeError):
     """A candidate that cannot be built, run or scored: its trial fails, the search goes on."""
@@ -61,6 +63,14 @@ class Evaluator:
         """The metric of the FP32 model itself (1.0 for agreement metrics; the accuracy with labels)."""
         reference = self.reference(split)
         return float(self.metric(reference, reference, getattr(self.splits, split).labels))
+
+    def quality_spread(self, outputs: list[np.ndarray], split: str = "search") -> float:
+        """Standard deviation of the metric over bootstrap resamples of the samples (fixed draws)."""
+        reference, labels = self.reference(split), getattr(self.splits, split).labels
+        rng = np.random.default_rng(0)
+        draws = [rng.integers(0, len(reference[0]), len(reference[0])) for _ in range(BOOTSTRAP)]
+        return float(np.std([self.metric([r[i] for r in reference], [o[i] for o in outputs],
+                                          None if labels is None else labels[i]) for i in draws]))
 
     def time_reference(self) -> float:
         """A careful median of the FP32 model alone: the scale of every latency in the study."""
@@ -113,7 +123,7 @@ class Evaluator:
         own = candidate is None
         candidate = candidate or self.build(assignment)
         try:
-            quality, _, run = self.score(candidate, split)
+            quality, outputs, run = self.score(candidate, split)
             executed = self.backend.executed(candidate)
             feeds = self.latency_feeds
             measured = time_runner(lambda: run(feeds), lambda: self._ref_run(feeds), **timing)
@@ -123,7 +133,8 @@ class Evaluator:
         mismatched = sorted(n for n, p in assignment.layers.items() if executed.get(n) != p)
         # The whole machine drifts (shared VM): the candidate/FP32 ratio from the same rounds is what is stable.
         scale = self.fp32_latency_ms / measured.ref_median_ms if self.fp32_latency_ms else 1.0
-        return {"quality": quality, "latency_ms": measured.median_ms * scale,
+        return {"quality": quality, "quality_spread": self.quality_spread(outputs, split),
+                "latency_ms": measured.median_ms * scale,
                 "latency_spread_ms": measured.spread_ms * scale, "measured_latency_ms": measured.median_ms,
                 "latency_runs": measured.runs, "load": measured.load, "fp32_latency_ms": measured.ref_median_ms,
                 "speedup": measured.speedup, "size_bytes": candidate.size_bytes,

@@ -30,7 +30,6 @@ from autoq.precision import Assignment
 METHODS = ("measured", "sqnr", "hessian")
 COLUMNS = ["layer", "op_type", "params", "macs", "precision", "quality_drop", "drop_spread", "sqnr_db",
            "latency_saving_ms", "size_saving_bytes", "score"]
-BOOTSTRAP = 30
 
 
 def analyse(evaluator: Evaluator, choices: dict[str, list[str]], method: str = "measured",
@@ -83,11 +82,7 @@ def _savings(evaluator: Evaluator, precisions: list[str]) -> dict[tuple[str, str
 
 
 def _measured(evaluator: Evaluator, pairs: list[tuple[Layer, str]]) -> list[dict]:
-    reference = evaluator.reference("search")
-    labels = evaluator.splits.search.labels
-    baseline = evaluator.metric(reference, reference, labels)
-    rng = np.random.default_rng(0)
-    draws = [rng.integers(0, len(reference[0]), len(reference[0])) for _ in range(BOOTSTRAP)]
+    baseline = evaluator.fp32_quality()
     names = evaluator.model.layer_names
     rows = []
     with tempfile.TemporaryDirectory(prefix="autoq-sens-") as tmp:
@@ -99,10 +94,9 @@ def _measured(evaluator: Evaluator, pairs: list[tuple[Layer, str]]) -> list[dict
             except CandidateError:
                 rows.append({**_base(layer, precision), "quality_drop": np.inf, "score": np.inf})
                 continue
-            boot = [baseline - evaluator.metric([r[i] for r in reference], [o[i] for o in outputs],
-                                                None if labels is None else labels[i]) for i in draws]
-            drop = baseline - quality
-            rows.append({**_base(layer, precision), "quality_drop": drop, "drop_spread": float(np.std(boot)),
+            drop = baseline - quality  # the FP32 side of the drop has no spread: it is the reference itself
+            rows.append({**_base(layer, precision), "quality_drop": drop,
+                         "drop_spread": evaluator.quality_spread(outputs),
                          "score": drop})
     return rows
 

@@ -128,7 +128,8 @@ def write_html(path: Path, trials: pd.DataFrame, front: pd.DataFrame, meta: dict
         if weight is not None:
             figures.append(_weight_figure(*weight))
     plots = [fig.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, fig in enumerate(figures)]
-    columns = [c for c in ("point", "trial", "summary", "quality", "val_quality", "latency_ms", "val_latency_ms",
+    columns = [c for c in ("point", "trial", "summary", "quality", "val_quality", "val_quality_spread", "latency_ms",
+                           "val_latency_ms",
                            "val_latency_spread_ms", "speedup", "size_bytes", "val_executed_ok", "model")
                if c in front.columns]
     machine = meta.get("machine", {})

@@ -7,10 +7,12 @@ import json
 import optuna
 import pandas as pd
 
-# Documented in the README; trials.csv has these columns, pareto.csv these plus the val_* ones.
-TRIAL_COLUMNS = ["trial", "state", "baseline", "seeded", "duplicate", "quality", "latency_ms", "latency_spread_ms",
-                 "measured_latency_ms", "latency_runs", "load", "fp32_latency_ms", "speedup", "size_bytes",
-                 "feasible", "executed_ok", "mismatched_layers", "summary", "error", "key", "assignment"]
+# Measurements stored on each trial as they are; with the others below, documented in the README.
+MEASURED = ["quality", "quality_spread", "latency_ms", "latency_spread_ms", "measured_latency_ms", "latency_runs",
+            "load", "fp32_latency_ms", "speedup", "size_bytes"]
+# trials.csv has these columns, pareto.csv these plus the val_* ones.
+TRIAL_COLUMNS = ["trial", "state", "baseline", "seeded", "duplicate", *MEASURED, "feasible", "executed_ok",
+                 "mismatched_layers", "summary", "error", "key", "assignment"]
 
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
@@ -23,9 +25,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             "trial": trial.number, "state": trial.state.name, "baseline": attrs.get("baseline", ""),
             "seeded": bool(attrs.get("seeded", False)),
             "duplicate": bool(attrs.get("duplicate", False)),
-            **{c: attrs.get(c) for c in ("quality", "latency_ms", "latency_spread_ms", "measured_latency_ms",
-                                         "latency_runs", "load",
-                                         "fp32_latency_ms", "speedup", "size_bytes", "executed_ok")},
+            **{c: attrs.get(c) for c in MEASURED}, "executed_ok": attrs.get("executed_ok"),
             "feasible": trial.state.name == "COMPLETE" and all(v <= 0 for v in attrs.get("constraints", [])),
             "mismatched_layers": ";".join(attrs.get("mismatched_layers", [])),
             "summary": ", ".join(f"{p} x{n}" for p, n in sorted(counts.items())),
