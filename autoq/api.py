@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import shutil
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -19,6 +21,7 @@ from autoq import sensitivity as sensitivity_mod
 from autoq.backends import get_backend
 from autoq.calibrate import calibrate
 from autoq.constraints import Constraints
+from autoq.costmodel import Screen
 from autoq.errors import AutoqError
 from autoq.evaluate import CandidateError, Evaluator
 from autoq.graph import prepare
@@ -30,6 +33,7 @@ from autoq.report import run as run_report
 from autoq.report import trials_frame
 from autoq.search import open_study, run_lock, run_search
 from autoq.space import SearchSpace, load_space
+from autoq.worker import Worker, WorkerSpec
 
 REPORTS = Path("reports")
 DataArg = str | Path | Mapping[str, np.ndarray] | None
@@ -56,11 +60,13 @@ class _Problem:
     metric: str
     machine: dict
     seed: int
+    config: str  # hash of what the run is about: workers sharing a study must agree on it
 
 
 @contextmanager
 def _problem(model: str | Path | None, data: DataArg, labels, metric, space, backend: str, threads: int,
-             out: str | Path | None, seed: int | None, constraints: Constraints | None) -> Iterator[_Problem]:
+             out: str | Path | None, seed: int | None, constraints: Constraints | None,
+             sampler: str | None = None) -> Iterator[_Problem]:
     """Load and validate everything; `constraints` is given for a search (its run directory is then checked)."""
     if model is None:
         from autoq.demo import demo_files
@@ -73,6 +79,9 @@ def _problem(model: str | Path | None, data: DataArg, labels, metric, space, bac
         raise AutoqError("--threads must be at least 1")
     chosen_backend = get_backend(backend)
     search_space = load_space(space)
+    if sampler is not None:
+        search_space = search_space.with_sampler(sampler)
+    search_space.options = chosen_backend.options(search_space.options)
     seed = search_space.seed if seed is None else seed
     run_dir = Path(out) if out else REPORTS / f"{Path(model).stem}-{backend}"
     onnx_model = prepare(model, run_dir)
@@ -81,18 +90,20 @@ def _problem(model: str | Path | None, data: DataArg, labels, metric, space, bac
     splits = data_mod.split(dataset, seed=0)
     metric_name, metric_fn = get_metric(metric, dataset.labels is not None)
     choices = search_space.choices(onnx_model.layers, chosen_backend.precisions())
+    config = {"model": hashlib.sha1(onnx_model.path.read_bytes()).hexdigest(),
+              "data": data_mod.fingerprint(dataset), "backend": backend, "metric": metric_name,
+              "choices": choices, "options": search_space.options, "seed": seed,
+              "sensitivity": search_space.sensitivity, "max_layer_drop": search_space.max_layer_drop,
+              "constraints": (constraints or Constraints()).as_dict()}
     if constraints is not None:
-        _check_run(run_dir, {"model": hashlib.sha1(onnx_model.path.read_bytes()).hexdigest(),
-                             "data": data_mod.fingerprint(dataset), "backend": backend, "metric": metric_name,
-                             "choices": choices, "options": search_space.options, "seed": seed,
-                             "sensitivity": search_space.sensitivity, "max_layer_drop": search_space.max_layer_drop,
-                             "constraints": constraints.as_dict()})
+        _check_run(run_dir, config)
     with run_lock(run_dir):
         calibration = calibrate(onnx_model, splits.calibration, run_dir / "cache")
         evaluator = Evaluator(chosen_backend, onnx_model, calibration, splits, metric_fn, threads)
         try:
             yield _Problem(run_dir, str(model), evaluator, search_space, choices, metric_name,
-                           fingerprint(threads), seed)
+                           fingerprint(threads), seed,
+                           hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16])
         finally:
             evaluator.close()
 
@@ -116,11 +127,15 @@ def search(model: str | Path | None = None, data: DataArg = None, *, labels: str
            backend: str = "onnxruntime", trials: int = 30, timeout: float | None = None, threads: int = 2,
            out: str | Path | None = None, seed: int | None = None, progress: bool = True,
            max_drop: str | float | None = None, latency_budget: str | float | None = None,
-           size_budget: str | float | None = None) -> SearchResult:
+           size_budget: str | float | None = None, trial_timeout: float = 600, sampler: str | None = None,
+           storage: str | None = None, study: str = "autoq") -> SearchResult:
     """Search per-layer precisions of `model` and write the run (trials, front, models, report) to `out`.
 
     Constraints: `max_drop` ("0.5%" of the FP32 quality, or 0.01 absolute), `latency_budget` ("5ms"),
     `size_budget` ("20MB"); the front is the feasible one, the rest of the trials is kept and greyed.
+    Each trial runs in a worker process: one that crashes or takes over `trial_timeout` s fails alone.
+    `sampler` overrides the space's (nsga2, tpe, gp, random). `storage` (an SQLAlchemy URL, e.g.
+    postgresql://user:pw@host/db) and `study` let several machines work on one study; each keeps its own `out`.
 
     With no model, searches the embedded demo (all-MiniLM-L6-v2 on English sentences, cosine to FP32).
     Running the same call again resumes the run: finished trials are kept.
@@ -129,7 +144,7 @@ def search(model: str | Path | None = None, data: DataArg = None, *, labels: str
     if trials < 1:
         raise AutoqError("--trials must be at least 1")
     constraints = Constraints.parse(max_drop, latency_budget, size_budget)
-    with _problem(model, data, labels, metric, space, backend, threads, out, seed, constraints) as problem:
+    with _problem(model, data, labels, metric, space, backend, threads, out, seed, constraints, sampler) as problem:
         run_dir, evaluator, choices = problem.run_dir, problem.evaluator, problem.choices
         scores, seeds = None, []
         if problem.space.sensitivity != "none":
@@ -137,12 +152,23 @@ def search(model: str | Path | None = None, data: DataArg = None, *, labels: str
             choices = sensitivity_mod.prune(choices, scores, problem.space.max_layer_drop)
             seeds = sensitivity_mod.greedy_seeds(scores, choices)
             scores.to_csv(run_dir / "sensitivity.csv", index=False)
-        study = open_study(run_dir, problem.space, problem.seed, hardware_key(problem.machine))
-        if "fp32_latency_ms" not in study.user_attrs:
-            study.set_user_attr("fp32_latency_ms", evaluator.time_reference())
-        evaluator.fp32_latency_ms = study.user_attrs["fp32_latency_ms"]
-        run_search(study, evaluator, choices, problem.space, trials, timeout, progress, seeds, constraints)
-        table = trials_frame(study)
+        optuna_study, created = open_study(run_dir, problem.space, problem.seed, hardware_key(problem.machine),
+                                           problem.config, storage, study)
+        if "fp32_latency_ms" not in optuna_study.user_attrs:
+            optuna_study.set_user_attr("fp32_latency_ms", evaluator.time_reference())
+        evaluator.fp32_latency_ms = optuna_study.user_attrs["fp32_latency_ms"]
+        screen = None
+        if scores is not None and problem.space.screen:
+            screen = Screen(scores, choices, screened=int(trials_frame(optuna_study)["screened"].ne("").sum()))
+        worker = _worker(evaluator, trial_timeout)
+        try:
+            run_search(optuna_study, worker.evaluate if worker else evaluator.evaluate, evaluator.fp32_quality(),
+                       choices, problem.space, trials, timeout, progress, seeds, constraints, screen, created,
+                       local=storage is None, trial_timeout=trial_timeout)
+        finally:
+            if worker:
+                worker.close()
+        table = trials_frame(optuna_study)
         front = finalize_front(evaluator, pareto_front(table), run_dir)
     table.to_csv(run_dir / "trials.csv", index=False)
     front.to_csv(run_dir / "pareto.csv", index=False)
@@ -150,6 +176,18 @@ def search(model: str | Path | None = None, data: DataArg = None, *, labels: str
             "wall_s": time.perf_counter() - started}
     (run_dir / run_report.META).write_text(json.dumps(meta, indent=2))
     return SearchResult(run_dir, table, front, run_report.regenerate(run_dir), scores)
+
+
+def _worker(evaluator: Evaluator, timeout: float) -> Worker | None:
+    """A worker process for the trials, or None when the metric cannot be sent to one (a lambda)."""
+    spec = WorkerSpec.of(evaluator)
+    try:
+        pickle.dumps(spec.metric)
+    except (pickle.PicklingError, AttributeError, TypeError):
+        print("autoq: the metric cannot be sent to a worker process (define it at module level to get one); "
+              "trials run in this process, without a timeout", file=sys.stderr)
+        return None
+    return Worker(spec, timeout)
 
 
 def report(run_dir: str | Path) -> Path:

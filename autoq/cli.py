@@ -32,6 +32,11 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("--max-drop", help="quality floor below FP32: 0.5%% (relative) or 0.01 (absolute)")
     search.add_argument("--latency-budget", help="latency budget, e.g. 5ms")
     search.add_argument("--size-budget", help="model size budget, e.g. 20MB")
+    search.add_argument("--trial-timeout", type=float, default=600,
+                        help="seconds one trial may take before it fails and the search goes on (600)")
+    search.add_argument("--sampler", help="nsga2 | tpe | gp | random (default: the space's)")
+    search.add_argument("--storage", help="a shared study database for several workers, e.g. postgresql://u:pw@host/db")
+    search.add_argument("--study", default="autoq", help="study name in --storage (autoq)")
     search.add_argument("--quiet", action="store_true", help="no progress bar")
     sensitivity = commands.add_parser("sensitivity", help="score every layer at every precision alone")
     _problem_args(sensitivity)
@@ -91,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         result = api.search(args.model, args.data, labels=args.labels, metric=args.metric, space=args.space,
                             backend=args.backend, trials=args.trials, timeout=args.timeout, threads=args.threads,
                             out=args.out, seed=args.seed, progress=not args.quiet,
-                            max_drop=args.max_drop, latency_budget=args.latency_budget, size_budget=args.size_budget)
+                            max_drop=args.max_drop, latency_budget=args.latency_budget, size_budget=args.size_budget,
+                            trial_timeout=args.trial_timeout, sampler=args.sampler, storage=args.storage,
+                            study=args.study)
     except AutoqError as exc:
         print(f"autoq: error: {exc}", file=sys.stderr)
         return 2

@@ -56,5 +56,8 @@ class Constraints:
                 0.0 if self.latency_budget_ms is None else latency_ms - self.latency_budget_ms,
                 0.0 if self.size_budget_bytes is None else size_bytes - self.size_budget_bytes]
 
+    def feasible(self, quality: float, latency_ms: float, size_bytes: float, fp32_quality: float) -> bool:
+        return all(v <= 0 for v in self.violations(quality, latency_ms, size_bytes, fp32_quality))
+
     def as_dict(self) -> dict:
         return asdict(self)

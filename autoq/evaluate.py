@@ -130,7 +130,7 @@ class Evaluator:
         finally:
             if own:
                 shutil.rmtree(candidate.path.parent, ignore_errors=True)
-        mismatched = sorted(n for n, p in assignment.layers.items() if executed.get(n) != p)
+        mismatched = sorted(n for n, p in self.backend.expected(assignment).items() if executed.get(n) != p)
         # The whole machine drifts (shared VM): the candidate/FP32 ratio from the same rounds is what is stable.
         scale = self.fp32_latency_ms / measured.ref_median_ms if self.fp32_latency_ms else 1.0
         return {"quality": quality, "quality_spread": self.quality_spread(outputs, split),

@@ -171,9 +171,14 @@ def prepare(source: str | Path, workdir: Path) -> OnnxModel:
                "weight): nothing to search")
         raise AutoqError(msg)
     workdir.mkdir(parents=True, exist_ok=True)
-    path = save_onnx(model, workdir / "model.onnx")
+    return opened(save_onnx(model, workdir / "model.onnx"), model, layers)
+
+
+def opened(path: Path, model: onnx.ModelProto | None = None, layers: list[Layer] | None = None) -> OnnxModel:
+    """An OnnxModel for a file `prepare` already wrote (no checks or normalisation again)."""
+    model = model or onnx.load(str(path))
     outputs = [o.name for o in model.graph.output]
-    return OnnxModel(path, model, layers, input_specs(model), outputs)
+    return OnnxModel(path, model, layers or find_layers(model), input_specs(model), outputs)
 
 
 def weight_array(model: onnx.ModelProto, name: str) -> np.ndarray:

@@ -1,18 +1,23 @@
 """The Optuna study: per-layer precisions as parameters, (quality, latency, size) as objectives.
 
-The uniform assignments are enqueued first; the study lives in SQLite in the run directory, so the
-same command resumes it: finished trials are kept, an interrupted one is retried, an assignment already
-measured is never measured again.
+The uniform assignments are enqueued first; the study lives in SQLite in the run directory (or in a shared
+database, for several workers), so the same command resumes it: finished trials are kept, an interrupted one
+is retried, an assignment already measured is never measured again, and a hopeless one is screened by the
+cost model instead of measured.
 """
 
 from __future__ import annotations
 
 import fcntl
 import json
+import os
 import signal
+import socket
 import sys
 import threading
-from collections.abc import Iterator
+import time
+import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,13 +25,17 @@ import optuna
 from optuna.trial import TrialState
 
 from autoq.constraints import Constraints
+from autoq.costmodel import Screen, screen_was_wrong
 from autoq.errors import AutoqError
-from autoq.evaluate import CandidateError, Evaluator
+from autoq.evaluate import CandidateError
 from autoq.precision import Assignment
+from autoq.progress import SearchProgress
 from autoq.space import SearchSpace
 
 DIRECTIONS = ["maximize", "minimize", "minimize"]  # quality, latency_ms, size_bytes
+WORKER = f"{socket.gethostname()}:{os.getpid()}"  # who ran a trial, when several workers share a study
 OPTION_PREFIX = "option:"
+LOCATION = "study.json"  # in a run directory whose study lives in a shared database: where it is
 
 
 def make_sampler(space: SearchSpace, seed: int) -> optuna.samplers.BaseSampler:
@@ -36,6 +45,8 @@ def make_sampler(space: SearchSpace, seed: int) -> optuna.samplers.BaseSampler:
         return optuna.samplers.TPESampler(seed=seed, multivariate=True)
     if space.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
+    if space.sampler == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
     return optuna.samplers.NSGAIISampler(seed=seed, population_size=space.population)
 
 
@@ -79,19 +90,63 @@ def stop_on_ctrl_c() -> Iterator[list[bool]]:
         signal.signal(signal.SIGINT, previous)
 
 
-def open_study(run_dir: Path, space: SearchSpace, seed: int, hardware: str) -> optuna.Study:
+def _storage(run_dir: Path, url: str | None) -> str | optuna.storages.RDBStorage:
+    """SQLite in the run directory, or a shared database whose workers keep a heartbeat: a worker that dies
+    leaves its trial RUNNING only until the others notice (grace period), then it is retried."""
+    if url is None:
+        return f"sqlite:///{run_dir / 'study.db'}"
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url[len("postgresql://"):]  # psycopg 3, the maintained driver
+    for attempt in range(3):  # workers starting together race to create Optuna's tables: the loser retries
+        try:
+            with warnings.catch_warnings():  # the heartbeat is marked experimental; stable since Optuna 2.6
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, heartbeat_interval=20, grace_period=60,
+                                                  heartbeat_stale_trial_callback=_retry)
+        except ModuleNotFoundError as exc:
+            msg = f"--storage {url.split(':', 1)[0]} needs the driver '{exc.name}': pip install 'autoq[postgres]'"
+            raise AutoqError(msg) from exc
+        except Exception as exc:  # SQLAlchemy reports a bad URL or an unreachable server in many classes
+            if attempt == 2 or "duplicate key" not in str(exc):
+                msg = f"cannot open the study storage {url!r}: {str(exc).splitlines()[0]}"
+                raise AutoqError(msg) from exc
+            time.sleep(1 + attempt)
+    raise AssertionError("unreachable")
+
+
+def load_run_study(run_dir: Path) -> optuna.Study:
+    """The study of a run directory: its study.db, or the shared database its study.json names."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = f"sqlite:///{run_dir / 'study.db'}"
-    study = optuna.create_study(storage=storage, study_name="autoq", directions=DIRECTIONS,
-                                sampler=make_sampler(space, seed), load_if_exists=True)
-    known = study.user_attrs.get("hardware")
-    if known is None:
+    where = json.loads((run_dir / LOCATION).read_text()) if (run_dir / LOCATION).is_file() else {}
+    return optuna.load_study(study_name=where.get("study", "autoq"),
+                             storage=_storage(run_dir, where.get("storage")))
+
+
+def open_study(run_dir: Path, space: SearchSpace, seed: int, hardware: str, problem: str,
+               storage: str | None = None, name: str = "autoq") -> tuple[optuna.Study, bool]:
+    """Open (or create: then the second value is True) the study; refuse one measured on another machine or
+    thread count, or one about another problem (model, data, space, constraints)."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    backend = _storage(run_dir, storage)
+    if storage is not None:
+        (run_dir / LOCATION).write_text(json.dumps({"storage": storage, "study": name}))
+    kwargs = {"storage": backend, "study_name": name, "sampler": make_sampler(space, seed)}
+    try:
+        study, created = optuna.create_study(directions=DIRECTIONS, **kwargs), True
         study.set_user_attr("hardware", hardware)
-    elif known != hardware:
-        msg = (f"the study in {run_dir} was measured on another machine or thread count ({known}); "
-               "latencies must not mix: use a new --out")
+        study.set_user_attr("problem", problem)
+    except optuna.exceptions.DuplicatedStudyError:
+        study, created = optuna.load_study(**kwargs), False
+    where = f"the study '{name}'" + (f" in {run_dir}" if storage is None else "")
+    known = study.user_attrs.get("hardware", hardware)
+    if known != hardware:
+        msg = (f"{where} was measured on another machine or thread count ({known}; this one is {hardware}): "
+               "latencies must not mix: use a new --out or --study")
         raise AutoqError(msg)
-    return study
+    if study.user_attrs.get("problem", problem) != problem:
+        msg = f"{where} searches another model, data, space or constraints: use a new --study (or --out)"
+        raise AutoqError(msg)
+    return study, created
 
 
 def _interrupted(trial: optuna.trial.FrozenTrial) -> bool:
@@ -99,31 +154,65 @@ def _interrupted(trial: optuna.trial.FrozenTrial) -> bool:
     return trial.state == TrialState.FAIL and "error" not in trial.user_attrs
 
 
-def _recover_interrupted(study: optuna.Study) -> None:
-    """Retry, once each, trials cut short by a second Ctrl-C or by a killed process (left RUNNING; we hold the
-    run lock, so nobody else is running them)."""
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+def _retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    keep = {k: v for k, v in trial.user_attrs.items() if k in ("baseline", "seeded")}
+    study.enqueue_trial(trial.params, user_attrs={**keep, "retry_of": trial.number})
+
+
+def _recover_interrupted(study: optuna.Study, local: bool) -> None:
+    """Retry, once each, trials cut short by a second Ctrl-C or by a killed process. Locally they are left
+    RUNNING (we hold the run lock, so nobody else runs them); in a shared study the heartbeat fails them."""
+    if local:
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
     trials = study.get_trials(deepcopy=False)
     retried = {t.user_attrs.get("retry_of") for t in trials}
     for trial in trials:
         if _interrupted(trial) and trial.number not in retried:
-            keep = {k: v for k, v in trial.user_attrs.items() if k in ("baseline", "seeded")}
-            study.enqueue_trial(trial.params, user_attrs={**keep, "retry_of": trial.number})
+            _retry(study, trial)
 
 
 def _enqueue_baselines(study: optuna.Study, choices: dict[str, list[str]], options: dict[str, list]) -> None:
+    """Every layer at each precision (with the first value of each option), then all-fp32 with each other option
+    value (e.g. OpenVINO's model-wide bf16)."""
     precisions = sorted({p for c in choices.values() for p in c}, key=lambda p: p != "fp32")
+    first = {OPTION_PREFIX + k: v[0] for k, v in options.items() if len(v) > 1}
     for precision in precisions:
         params = {name: precision if precision in c else c[0] for name, c in choices.items() if len(c) > 1}
-        params |= {OPTION_PREFIX + k: v[0] for k, v in options.items() if len(v) > 1}
-        study.enqueue_trial(params, user_attrs={"baseline": f"uniform-{precision}"})
+        study.enqueue_trial(params | first, user_attrs={"baseline": f"uniform-{precision}"})
+    fp32 = {name: "fp32" if "fp32" in c else c[0] for name, c in choices.items() if len(c) > 1}
+    for key, values in options.items():
+        for value in values[1:]:
+            study.enqueue_trial(fp32 | first | {OPTION_PREFIX + key: value},
+                                user_attrs={"baseline": f"uniform-fp32 {key}={value}"})
 
 
 def budget_used(study: optuna.Study) -> int:
-    """Finished trials that count toward --trials (interrupted ones are retried, not counted)."""
+    """Measured trials that count toward --trials (interrupted ones are retried, screened ones cost nothing)."""
     return sum(1 for t in study.get_trials(deepcopy=False)
                if t.state == TrialState.COMPLETE or (t.state == TrialState.FAIL and "error" in t.user_attrs))
+
+
+def _over_budget(study: optuna.Study, trial: optuna.Trial, trials: int) -> bool:
+    """With several workers, a trial started when the others' running ones already fill the budget."""
+    running = sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                  if t.number < trial.number and "screened" not in t.user_attrs)
+    return budget_used(study) + running >= trials
+
+
+def _measurements(study: optuna.Study) -> dict[str, tuple[tuple, dict]]:
+    """Every measured assignment in the study (all workers'): key -> (objective values, attributes)."""
+    return {t.user_attrs["key"]: (tuple(t.values), t.user_attrs)
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if "key" in t.user_attrs}
+
+
+def _wait_for_twin(study: optuna.Study, trial: optuna.Trial, key: str, timeout: float) -> None:
+    """Another worker measuring the same assignment (an earlier trial): wait for it instead of timing it twice."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(
+            t.number < trial.number and t.user_attrs.get("key") == key and "screened" not in t.user_attrs
+            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))):
+        time.sleep(0.5)
 
 
 def suggest(trial: optuna.Trial, choices: dict[str, list[str]], options: dict[str, list]) -> Assignment:
@@ -132,52 +221,79 @@ def suggest(trial: optuna.Trial, choices: dict[str, list[str]], options: dict[st
     return Assignment(layers, chosen)
 
 
-def run_search(study: optuna.Study, evaluator: Evaluator, choices: dict[str, list[str]], space: SearchSpace,
-               trials: int, timeout: float | None = None, progress: bool = True,
-               seeds: list[Assignment] = (), constraints: Constraints | None = None) -> optuna.Study:
-    """Run until `trials` trials have finished in the study (counting earlier runs), or `timeout` seconds.
-    A new study starts with the uniform baselines, then `seeds` (e.g. sensitivity-guided assignments)."""
-    if not study.trials:
+def run_search(study: optuna.Study, evaluate: Callable[[Assignment], dict], fp32_quality: float,
+               choices: dict[str, list[str]], space: SearchSpace, trials: int, timeout: float | None = None,
+               progress: bool = True, seeds: list[Assignment] = (), constraints: Constraints | None = None,
+               screen: Screen | None = None, created: bool = True, local: bool = True,
+               trial_timeout: float = 600) -> optuna.Study:
+    """Run until `trials` trials have been measured in the study (counting earlier runs and other workers), or
+    `timeout` seconds. `evaluate` measures one assignment (a Worker's, or an Evaluator's); `fp32_quality`
+    anchors --max-drop. A study this call `created` starts with the uniform baselines, then `seeds`
+    (sensitivity-guided assignments). `screen` skips sampled candidates the cost model finds hopeless."""
+    constraints = constraints or Constraints()
+    if created:
         _enqueue_baselines(study, choices, space.options)
         for seed in seeds:
             params = {n: p for n, p in seed.layers.items() if len(choices[n]) > 1}
             study.enqueue_trial(params, user_attrs={"seeded": True})
-    _recover_interrupted(study)
-    measured = {t.user_attrs["key"]: (tuple(t.values), t.user_attrs)
-                for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if "key" in t.user_attrs}
+    _recover_interrupted(study, local)
+
+    def measured_pairs(known: dict) -> list[tuple[Assignment, tuple]]:
+        return [(Assignment.from_dict(json.loads(attrs["assignment"])), values) for values, attrs in known.values()]
 
     def objective(trial: optuna.Trial) -> tuple[float, float, float]:
+        if _over_budget(study, trial, trials):
+            trial.set_user_attr("over_budget", True)
+            study.stop()
+            raise optuna.TrialPruned("the budget is filled by other workers")
         assignment = suggest(trial, choices, space.options)
         key = assignment.key()
+        trial.set_user_attr("worker", WORKER)
         trial.set_user_attr("key", key)
         trial.set_user_attr("assignment", json.dumps(assignment.to_dict()))
-        if key in measured:  # same assignment: reuse the measurement, never time it twice
-            values, attrs = measured[key]
+        if not local:
+            _wait_for_twin(study, trial, key, trial_timeout)
+        known = _measurements(study)
+        if key in known:  # same assignment: reuse the measurement, never time it twice
+            values, attrs = known[key]
             trial.set_user_attr("duplicate", True)
             for name, value in attrs.items():
-                if name not in ("key", "assignment", "baseline", "duplicate", "constraints"):
+                if name not in ("key", "assignment", "baseline", "duplicate", "constraints", "seeded", "retry_of"):
                     trial.set_user_attr(name, value)
             _constrain(trial, constraints.violations(*values, fp32_quality))
             return values
+        enqueued = any(k in trial.user_attrs for k in ("baseline", "seeded", "retry_of"))
+        verdict, prediction = ("measure", None) if screen is None or enqueued else screen.verdict(
+            assignment, measured_pairs(known))
+        if prediction is not None and verdict != "measure":
+            trial.set_user_attr("predicted", [float(v) for v in prediction.values])
+            trial.set_user_attr("screened", verdict)
+            if verdict == "screen":
+                raise optuna.TrialPruned("screened: the cost model finds it dominated by the front")
         try:
-            row = evaluator.evaluate(assignment)
+            row = evaluate(assignment)
         except CandidateError as exc:
             trial.set_user_attr("error", str(exc))
             raise
         for name, value in row.items():
             trial.set_user_attr(name, value)
         values = (row["quality"], row["latency_ms"], row["size_bytes"])
+        if verdict == "audit":
+            trial.set_user_attr("screen_wrong", screen_was_wrong(values, measured_pairs(known)))
         _constrain(trial, constraints.violations(*values, fp32_quality))
-        measured[key] = (values, row)
         return values
 
-    constraints = constraints or Constraints()
-    fp32_quality = evaluator.fp32_quality()
-    remaining = trials - budget_used(study)
-    if remaining > 0:
-        with stop_on_ctrl_c() as stopped:
-            study.optimize(objective, n_trials=remaining, timeout=timeout, catch=(CandidateError,),
-                           show_progress_bar=progress, callbacks=[lambda s, t: stopped[0] and s.stop()])
-        if stopped[0]:
-            raise KeyboardInterrupt
+    if budget_used(study) >= trials:
+        return study
+    bar = SearchProgress(study, trials, constraints, fp32_quality, enabled=progress)
+
+    def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        bar.update()
+        if stopped[0] or budget_used(study) >= trials:
+            study.stop()
+
+    with stop_on_ctrl_c() as stopped, bar:
+        study.optimize(objective, timeout=timeout, catch=(CandidateError,), callbacks=[after_trial])
+    if stopped[0]:
+        raise KeyboardInterrupt
     return study

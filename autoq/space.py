@@ -9,18 +9,19 @@ rules:                          # first match wins
   - op_type: [Conv]             # op types
     precisions: [fp32, int8]
 options: {reduce_range: [false]}   # model-wide choices
-sampler: nsga2                  # nsga2 | tpe | random
+sampler: nsga2                  # nsga2 | tpe | gp | random
 population: 16
 seed: 0
 sensitivity: sqnr               # how search seeds itself: sqnr (seconds) | measured (minutes) | none
 max_layer_drop: 0.05            # with measured: a precision costing more alone is not offered to the layer
+screen: true                    # skip candidates the cost model predicts the front dominates by a clear margin
 ```
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -31,10 +32,10 @@ from autoq.graph import Layer
 from autoq.precision import KNOWN
 
 TOP_KEYS = {"name", "description", "default", "rules", "options", "sampler", "population", "seed", "sensitivity",
-            "max_layer_drop"}
+            "max_layer_drop", "screen"}
 SENSITIVITY = ("sqnr", "measured", "none")
 RULE_KEYS = {"match", "op_type", "precisions"}
-SAMPLERS = ("nsga2", "tpe", "random")
+SAMPLERS = ("nsga2", "tpe", "gp", "random")
 DEFAULT_SPACE = "cpu-int8"
 
 
@@ -66,6 +67,12 @@ class SearchSpace:
     sensitivity: str = "sqnr"
     max_layer_drop: float | None = None
     source: str = "<dict>"
+    screen: bool = True
+
+    def with_sampler(self, sampler: str) -> SearchSpace:
+        if sampler not in SAMPLERS:
+            raise AutoqError(f"--sampler: unknown sampler '{sampler}' (allowed: {', '.join(SAMPLERS)})")
+        return replace(self, sampler=sampler)
 
     def choices(self, layers: list[Layer], supported: set[str]) -> dict[str, list[str]]:
         """Layer -> allowed precisions (first matching rule, else `default`), checked against the backend."""
@@ -140,9 +147,13 @@ def parse_space(data: object, source: str = "<dict>") -> SearchSpace:
         raise _fail(source, "max_layer_drop", "expected a positive number (a quality drop, in metric units)")
     if max_drop is not None and sensitivity != "measured":
         raise _fail(source, "max_layer_drop", "needs 'sensitivity: measured' (it bounds measured quality drops)")
+    screen = data.get("screen", True)
+    if not isinstance(screen, bool):
+        raise _fail(source, "screen", "expected true or false")
     return SearchSpace(str(data.get("name", Path(source).stem)),
                        _precisions(data.get("default", ["fp32", "int8"]), source, "default"), rules,
-                       dict(options), sampler, population, int(data.get("seed", 0)), sensitivity, max_drop, source)
+                       dict(options), sampler, population, int(data.get("seed", 0)), sensitivity, max_drop, source,
+                       screen)
 
 
 def load_space(space: str | Path | dict | SearchSpace | None) -> SearchSpace:

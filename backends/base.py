@@ -19,6 +19,7 @@ Outputs = list[np.ndarray]
 
 BACKENDS = {
     "onnxruntime": "autoq.backends.onnxruntime:OnnxRuntimeBackend",
+    "openvino": "autoq.backends.openvino:OpenVinoBackend",
 }
 
 
@@ -43,6 +44,14 @@ class Backend(ABC):
     @abstractmethod
     def precisions(self) -> set[str]:
         """Per-layer precisions this backend can build."""
+
+    def options(self, requested: dict[str, list]) -> dict[str, list]:
+        """The space's model-wide options this machine can really run (a backend drops what it can't)."""
+        return requested
+
+    def expected(self, assignment: Assignment) -> dict[str, str]:
+        """Layer -> the precision its kernel should run in (model-wide options may decide it)."""
+        return dict(assignment.layers)
 
     @abstractmethod
     def build(self, model: OnnxModel, assignment: Assignment, calibration: Path, workdir: Path) -> Candidate:

@@ -27,6 +27,12 @@ class BackendContract:
         calibration = calibrate(model, splits.calibration, workdir / "cache")
         return get_backend(self.backend_name), model, splits, calibration, workdir
 
+    @staticmethod
+    def run_exported(path: Path, feeds: dict) -> np.ndarray:
+        """Run an exported model file with its own runtime, as a user would."""
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return session.run(None, feeds)[0]
+
     def _build(self, setup, layers: dict[str, str], name: str):
         backend, model, _, calibration, workdir = setup
         return backend.build(model, Assignment(layers), calibration, workdir / name)
@@ -73,8 +79,7 @@ class BackendContract:
         candidate = self._build(setup, {n: self.low_precision for n in model.layer_names}, "export")
         path = backend.export(candidate, tmp_path / "exported" / "model.onnx")
         feeds = {"image": splits.search.arrays["image"][:4]}
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        np.testing.assert_allclose(session.run(None, feeds)[0], backend.runner(candidate, 1)(feeds)[0], atol=1e-5)
+        np.testing.assert_allclose(self.run_exported(path, feeds), backend.runner(candidate, 1)(feeds)[0], atol=1e-5)
 
     def test_build_is_fast_and_reuses_calibration(self, setup):
         """Building must not re-calibrate: the cache file is the only source of ranges."""

@@ -39,3 +39,22 @@ def train_digits_cnn(out: Path, epochs: int = 12, seed: int = 0, opset: int = 17
     torch.onnx.export(model, (x[:1],), str(out), dynamo=False, input_names=["image"], output_names=["logits"],
                       dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset)
     return out
+
+
+def crash_unless_fp32(ref: list[np.ndarray], out: list[np.ndarray], labels: np.ndarray | None = None) -> float:
+    """A metric that crashes its process (SIGSEGV) on any candidate that is not the FP32 model."""
+    import os
+    import signal
+
+    if not np.allclose(ref[0], out[0], atol=1e-6):
+        os.kill(os.getpid(), signal.SIGSEGV)
+    return 1.0
+
+
+def hang_unless_fp32(ref: list[np.ndarray], out: list[np.ndarray], labels: np.ndarray | None = None) -> float:
+    """A metric that never returns on any candidate that is not the FP32 model."""
+    import time
+
+    while not np.allclose(ref[0], out[0], atol=1e-6):
+        time.sleep(1)
+    return 1.0

@@ -114,6 +114,18 @@ def _weight_figure(layer: str, weight: np.ndarray, axis: int) -> go.Figure:
     return fig
 
 
+def _trial_counts(trials: pd.DataFrame) -> str:
+    """Trials by outcome, with how often the cost model's screen proved wrong when checked."""
+    text = f"{len(trials)}: {int((trials['state'] == 'COMPLETE').sum())} measured"
+    screened = trials[trials["screened"].fillna("").astype(str) != ""] if "screened" in trials else trials[:0]
+    if len(screened):
+        audited = screened[screened["screened"] == "audit"]
+        wrong = int(audited["screen_wrong"].fillna(False).astype(bool).sum())
+        text += (f", {len(screened) - len(audited)} screened by the cost model (not measured); {len(audited)} more "
+                 f"screened but measured to check: the screen was wrong for {wrong}")
+    return text
+
+
 def _table(frame: pd.DataFrame) -> str:
     return frame.to_html(index=False, border=0, classes="table", float_format=lambda v: f"{v:.4g}")
 
@@ -137,7 +149,7 @@ def write_html(path: Path, trials: pd.DataFrame, front: pd.DataFrame, meta: dict
              "CPU": machine.get("cpu"), "CPU flags": " ".join(machine.get("cpu_flags", [])),
              "cores / threads": f"{machine.get('cores')} / {machine.get('threads')}",
              "libraries": ", ".join(f"{k} {v}" for k, v in machine.get("libraries", {}).items()),
-             "trials": f"{len(trials)} ({int((trials['state'] == 'COMPLETE').sum())} complete)",
+             "trials": _trial_counts(trials),
              "median load of other processes (cores)": f"{trials['load'].median():.2f}" if len(trials) else "",
              "wall time of this run": f"{meta.get('wall_s', 0):.0f} s"}
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts.items())

@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import onnx
-import optuna
 import pandas as pd
 
 from autoq.errors import AutoqError
@@ -15,6 +14,7 @@ from autoq.graph import weight_array
 from autoq.pareto import front as pareto_front
 from autoq.report.html import write_compare_html, write_html, write_sensitivity_html
 from autoq.report.tables import trials_frame
+from autoq.search import LOCATION, load_run_study
 
 META = "meta.json"
 __all__ = ["compare", "export_point", "load", "regenerate", "write_sensitivity_html"]
@@ -22,8 +22,8 @@ __all__ = ["compare", "export_point", "load", "regenerate", "write_sensitivity_h
 
 def _check(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
-    if not (run_dir / "study.db").is_file():
-        msg = f"{run_dir} is not an autoq run directory (no study.db): give the --out of a search"
+    if not (run_dir / "study.db").is_file() and not (run_dir / LOCATION).is_file():
+        msg = f"{run_dir} is not an autoq run directory (no study.db or study.json): give the --out of a search"
         raise AutoqError(msg)
     return run_dir
 
@@ -32,7 +32,7 @@ def load(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """(trials, front, meta) as they are now; also for a run still in progress (the front is then the
     search-split front, with the validation columns of points already re-measured)."""
     run_dir = _check(run_dir)
-    study = optuna.load_study(study_name="autoq", storage=f"sqlite:///{run_dir / 'study.db'}")
+    study = load_run_study(run_dir)
     trials = trials_frame(study)
     front = pareto_front(trials)
     saved = run_dir / "pareto.csv"

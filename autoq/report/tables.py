@@ -12,13 +12,17 @@ MEASURED = ["quality", "quality_spread", "latency_ms", "latency_spread_ms", "mea
             "load", "fp32_latency_ms", "speedup", "size_bytes"]
 # trials.csv has these columns, pareto.csv these plus the val_* ones.
 TRIAL_COLUMNS = ["trial", "state", "baseline", "seeded", "duplicate", *MEASURED, "feasible", "executed_ok",
-                 "mismatched_layers", "summary", "error", "key", "assignment"]
+                 "mismatched_layers", "screened", "predicted_quality", "predicted_latency_ms", "predicted_size_bytes",
+                 "screen_wrong", "summary", "error", "key", "assignment"]
 
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
     rows = []
     for trial in study.get_trials(deepcopy=False):
         attrs = trial.user_attrs
+        if attrs.get("over_budget"):  # started by one worker after others had filled the budget: never ran
+            continue
+        predicted = attrs.get("predicted", [None] * 3)
         assignment = json.loads(attrs["assignment"]) if "assignment" in attrs else {"layers": {}}
         counts = pd.Series(list(assignment["layers"].values()), dtype=object).value_counts()
         rows.append({
@@ -28,6 +32,9 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             **{c: attrs.get(c) for c in MEASURED}, "executed_ok": attrs.get("executed_ok"),
             "feasible": trial.state.name == "COMPLETE" and all(v <= 0 for v in attrs.get("constraints", [])),
             "mismatched_layers": ";".join(attrs.get("mismatched_layers", [])),
+            "screened": attrs.get("screened", ""), "predicted_quality": predicted[0],
+            "predicted_latency_ms": predicted[1], "predicted_size_bytes": predicted[2],
+            "screen_wrong": attrs.get("screen_wrong"),
             "summary": ", ".join(f"{p} x{n}" for p, n in sorted(counts.items())),
             "error": attrs.get("error", "interrupted" if trial.state.name == "FAIL" else ""),
             "key": attrs.get("key", ""), "assignment": attrs.get("assignment", ""),

@@ -1,0 +1,130 @@
+"""Trials run in a worker process with a timeout: a candidate that crashes the runtime (a segfault in a
+kernel), hangs, or runs out of memory fails its trial; the search restarts the worker and goes on.
+
+The worker builds its own Evaluator from files and arrays (spawned, not forked: ONNX Runtime's thread pools
+do not survive a fork) and ignores Ctrl-C, so the parent's graceful stop lets the running trial finish.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import signal
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+from autoq.data import Splits
+from autoq.errors import AutoqError
+from autoq.evaluate import CandidateError, Evaluator
+from autoq.metrics import Metric
+from autoq.precision import Assignment
+
+
+@dataclass
+class WorkerSpec:
+    """Everything a worker needs to rebuild the parent's Evaluator: picklable."""
+
+    backend: str
+    model_path: Path
+    calibration: Path
+    splits: Splits
+    metric: Metric
+    threads: int
+    fp32_latency_ms: float | None
+
+    @classmethod
+    def of(cls, evaluator: Evaluator) -> WorkerSpec:
+        return cls(evaluator.backend.name, evaluator.model.path, evaluator.calibration, evaluator.splits,
+                   evaluator.metric, evaluator.threads, evaluator.fp32_latency_ms)
+
+
+def _serve(conn: Connection, spec: WorkerSpec) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from autoq.backends import get_backend
+    from autoq.graph import opened
+
+    evaluator = Evaluator(get_backend(spec.backend), opened(spec.model_path), spec.calibration, spec.splits,
+                          spec.metric, spec.threads, fp32_latency_ms=spec.fp32_latency_ms)
+    conn.send(("ready", None))
+    try:
+        while (request := conn.recv()) is not None:
+            try:
+                conn.send(("ok", evaluator.evaluate(Assignment.from_dict(request))))
+            except CandidateError as exc:
+                conn.send(("error", str(exc)))
+    finally:
+        evaluator.close()
+
+
+class Worker:
+    """`evaluate(assignment)` like an Evaluator's, in a separate process, within `timeout` seconds."""
+
+    def __init__(self, spec: WorkerSpec, timeout: float) -> None:
+        self.spec, self.timeout = spec, timeout
+        self._process: multiprocessing.Process | None = None
+        self._conn: Connection | None = None
+
+    def _start(self) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._conn, child = context.Pipe()
+        self._process = context.Process(target=_serve, args=(child, self.spec), daemon=True)
+        self._process.start()
+        child.close()
+        try:  # a worker that cannot even start is the setup's problem, not a candidate's
+            if not self._conn.poll(self.timeout):
+                raise EOFError
+            self._conn.recv()
+        except (EOFError, ConnectionError) as exc:
+            self._process.join(timeout=30)
+            exitcode = self._process.exitcode
+            self._stop()
+            msg = (f"the trial worker process could not start ({_describe(exitcode)}; its error is above): "
+                   "run autoq from a script file or the CLI, not from standard input")
+            raise AutoqError(msg) from exc
+
+    def _stop(self) -> None:
+        if self._process is not None and self._process.is_alive():
+            self._process.kill()
+        if self._process is not None:
+            self._process.join()
+        self._process = self._conn = None
+
+    def evaluate(self, assignment: Assignment) -> dict:
+        if self._process is None:
+            self._start()
+        self._conn.send(assignment.to_dict())
+        answered = self._conn.poll(self.timeout)  # True on a reply, and on EOF when the worker died
+        try:
+            status, payload = self._conn.recv() if answered else (None, None)
+        except (EOFError, ConnectionError):
+            status, payload = None, None
+        if status is None:
+            if answered:
+                self._process.join(timeout=30)  # it died: wait for its exit code
+            exitcode = self._process.exitcode
+            self._stop()
+            if not answered:
+                msg = f"timed out after {self.timeout:g} s (the worker was stopped)"
+            else:
+                msg = f"the worker crashed ({_describe(exitcode)}): this candidate breaks the runtime"
+            raise CandidateError(msg)
+        if status == "error":
+            raise CandidateError(payload)
+        return payload
+
+    def close(self) -> None:
+        if self._process is not None and self._process.is_alive():
+            try:
+                self._conn.send(None)
+                self._process.join(timeout=10)
+            except (BrokenPipeError, OSError):
+                pass
+        self._stop()
+
+
+def _describe(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "it closed its pipe"
+    if exitcode < 0:
+        return f"killed by {signal.Signals(-exitcode).name}"
+    return f"exit code {exitcode}"

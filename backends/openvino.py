@@ -1,0 +1,144 @@
+"""OpenVINO on the CPU: per-layer static int8 (OpenVINO compiles the same U8S8 QDQ graph the ONNX Runtime
+backend builds into int8 kernels), the other layers in the model-wide float precision.
+
+OpenVINO honours no per-node float precision: the `inference_precision` option (`f32` or `bf16`) applies to
+every float layer. bf16 is offered only where the CPU has native bf16 (OPTIMIZATION_CAPABILITIES lists BF16);
+elsewhere the plugin would silently run f32. What each layer really ran in is read from the compiled model's
+runtime graph (`runtimePrecision` of the kernels that carry the layer's name).
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import openvino as ov
+
+from autoq.backends.base import Backend, Candidate, Feeds, Outputs
+from autoq.backends.onnxruntime import OnnxRuntimeBackend
+from autoq.graph import OnnxModel
+from autoq.precision import Assignment
+
+FLOAT_OPTION = "inference_precision"
+KERNELS = {"FullyConnected", "MatMul", "Convolution", "GroupConvolution", "Deconvolution", "Gemm"}
+RUNTIME_PRECISION = {"u8": "int8", "i8": "int8", "f32": "fp32", "bf16": "bf16", "f16": "fp16"}
+
+
+class OpenVinoBackend(Backend):
+    name = "openvino"
+
+    def __init__(self) -> None:
+        self.core = ov.Core()
+        self.native_bf16 = "BF16" in self.core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+    def precisions(self) -> set[str]:
+        return {"fp32", "int8"}
+
+    def options(self, requested: dict[str, list]) -> dict[str, list]:
+        floats = requested.get(FLOAT_OPTION)
+        if not floats or "bf16" not in floats or self.native_bf16:
+            return requested
+        kept = [f for f in floats if f != "bf16"] or ["f32"]
+        print("autoq: this CPU has no native bf16 (OpenVINO would run it as f32): the float precision is f32",
+              file=sys.stderr)
+        return {**requested, FLOAT_OPTION: kept}
+
+    def expected(self, assignment: Assignment) -> dict[str, str]:
+        floating = "bf16" if assignment.options.get(FLOAT_OPTION) == "bf16" else "fp32"
+        return {n: floating if p == "fp32" else p for n, p in assignment.layers.items()}
+
+    def build(self, model: OnnxModel, assignment: Assignment, calibration: Path, workdir: Path) -> Candidate:
+        qdq = OnnxRuntimeBackend().build(model, assignment, calibration, workdir / "qdq")
+        xml = workdir / "model.xml"
+        ov.save_model(ov.convert_model(str(qdq.path)), str(xml), compress_to_fp16=False)
+        shutil.rmtree(workdir / "qdq", ignore_errors=True)
+        size = xml.stat().st_size + xml.with_suffix(".bin").stat().st_size
+        return Candidate(assignment, xml, size, {"names": _layer_names(model)})
+
+    def _compile(self, candidate: Candidate, threads: int, profile: bool = False) -> ov.CompiledModel:
+        key = ("compiled", threads, profile)
+        if key not in candidate.extra:
+            config = {"INFERENCE_PRECISION_HINT": str(candidate.assignment.options.get(FLOAT_OPTION, "f32")),
+                      "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
+                      "PERF_COUNT": profile}
+            candidate.extra[key] = self.core.compile_model(str(candidate.path), "CPU", config)
+        return candidate.extra[key]
+
+    def runner(self, candidate: Candidate, threads: int) -> Callable[[Feeds], Outputs]:
+        request = self._compile(candidate, threads).create_infer_request()
+        outputs = len(request.model_outputs)
+
+        def run(feeds: Feeds) -> Outputs:
+            request.infer(feeds)
+            return [request.get_output_tensor(i).data.copy() for i in range(outputs)]
+
+        return run
+
+    def _kernels(self, compiled: ov.CompiledModel) -> list[tuple[str, str, set[str]]]:
+        """(runtime op name, executed precision, original ONNX node names) of every layer kernel."""
+        kernels = []
+        for op in compiled.get_runtime_model().get_ordered_ops():
+            info = op.get_rt_info()
+            if str(info["layerType"].astype(str)) in KERNELS:
+                original = set(info["originalLayersNames"].astype(str).split(","))
+                precision = info["runtimePrecision"].astype(str)
+                kernels.append((op.get_friendly_name(), RUNTIME_PRECISION.get(precision, precision), original))
+        return kernels
+
+    def executed(self, candidate: Candidate) -> dict[str, str]:
+        compiled = next((v for k, v in candidate.extra.items() if isinstance(k, tuple)), None)
+        kernels = self._kernels(compiled or self._compile(candidate, 1))
+        result = {}
+        for layer, names in candidate.extra["names"].items():
+            ran = {precision for _, precision, original in kernels if _owns(layer, names, original)}
+            result[layer] = ran.pop() if len(ran) == 1 else ("/".join(sorted(ran)) or "not found")
+        return result
+
+    def layer_latency(self, candidate: Candidate, feeds: Feeds, threads: int, runs: int = 20) -> dict[str, float]:
+        compiled = self._compile(candidate, threads, profile=True)
+        request = compiled.create_infer_request()
+        for _ in range(5):
+            request.infer(feeds)
+        totals: dict[str, float] = {}
+        for _ in range(runs):
+            request.infer(feeds)
+            for info in request.profiling_info:
+                totals[info.node_name] = totals.get(info.node_name, 0.0) + info.real_time.total_seconds() * 1e3 / runs
+        kernels = self._kernels(compiled)
+        return {layer: float(np.sum([totals.get(op, 0.0) for op, _, original in kernels
+                                     if _owns(layer, names, original)]))
+                for layer, names in candidate.extra["names"].items()}
+
+    def export(self, candidate: Candidate, path: Path) -> Path:
+        """OpenVINO IR (.xml + .bin) beside `path`, ready for `ov.Core().compile_model`."""
+        xml = path.with_suffix(".xml")
+        xml.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(candidate.path, xml)
+        shutil.copyfile(candidate.path.with_suffix(".bin"), xml.with_suffix(".bin"))
+        return xml
+
+
+def _layer_names(model: OnnxModel) -> dict[str, set[str]]:
+    """Layer -> the names OpenVINO may give its kernel: the ONNX node's, its output tensor's (a graph output
+    keeps the tensor's name), and those of the bias Add it fuses in float (the fused FullyConnected then keeps
+    only the Add's name)."""
+    consumers: dict[str, list] = {}
+    for node in model.proto.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    nodes = {node.name: node for node in model.proto.graph.node}
+    names = {}
+    for layer in model.layers:
+        output = nodes[layer.name].output[0]
+        adds = [c for c in consumers.get(output, []) if c.op_type == "Add"]
+        names[layer.name] = {layer.name, output} | {a.name for a in adds} | {a.output[0] for a in adds}
+    return names
+
+
+def _owns(layer: str, names: set[str], original: set[str]) -> bool:
+    """Whether a kernel whose original ONNX names are `original` computes `layer` (OpenVINO also derives names
+    such as '<layer>/WithoutBiases/DequantizationMultiply')."""
+    return bool(original & names) or any(o.startswith(layer + "/") for o in original)

@@ -1,0 +1,89 @@
+"""How many measured trials does a good front take? Hypervolume after n measured trials for random sampling,
+unseeded NSGA-II and autoq's default (sensitivity-seeded NSGA-II with the cost-model screen), as a fraction
+of the hypervolume of a long reference run, on the demo model (all-MiniLM-L6-v2, ONNX Runtime).
+
+    python benchmarks/search_efficiency.py --trials 100 --reference 200 --out reports/benchmarks/search_efficiency.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import pandas as pd
+
+import autoq
+from autoq.measure import fingerprint
+from autoq.pareto import normalised_hypervolume
+from autoq.space import load_space
+
+VARIANTS = {  # label -> space overrides
+    "random": {"sampler": "random", "sensitivity": "none", "screen": False},
+    "NSGA-II unseeded": {"sampler": "nsga2", "sensitivity": "none", "screen": False},
+    "autoq default (seeded + screened)": {},
+}
+
+
+def _space(seed: int, **overrides) -> dict:
+    base = load_space("cpu-int8")
+    return {"default": list(base.default), "options": base.options, "population": base.population, "seed": seed,
+            "sampler": base.sampler, "sensitivity": base.sensitivity, "screen": base.screen, **overrides}
+
+
+def measured(trials: pd.DataFrame) -> pd.DataFrame:
+    """Trials that cost a real measurement, in the order they ran (duplicates and screened ones are free)."""
+    done = trials[(trials["state"] == "COMPLETE") & ~trials["duplicate"].astype(bool)]
+    return done.sort_values("trial")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=100)
+    parser.add_argument("--reference", type=int, default=200, help="measured trials of the reference run")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--work", default="reports/bench-efficiency", help="run directories (not committed)")
+    parser.add_argument("--out", default="reports/benchmarks/search_efficiency.md")
+    args = parser.parse_args()
+    runs, rows = {}, []
+    plan = [("reference (autoq default, long)", {}, args.reference, args.seed + 100)]
+    plan += [(label, overrides, args.trials, args.seed) for label, overrides in VARIANTS.items()]
+    for label, overrides, trials, seed in plan:
+        started = time.perf_counter()
+        result = autoq.search(space=_space(seed, **overrides), trials=trials, threads=args.threads,
+                              out=Path(args.work) / label.split(" (")[0].replace(" ", "-"), progress=False)
+        table = result.trials
+        screened = table[table["screened"].fillna("").astype(str) != ""]
+        audited = screened[screened["screened"] == "audit"]
+        runs[label] = measured(table)
+        rows.append({"run": label, "trials budget": trials, "measured": len(runs[label]),
+                     "screened (not measured)": len(screened) - len(audited), "audited": len(audited),
+                     "screen wrong": int(audited["screen_wrong"].fillna(False).astype(bool).sum()),
+                     "front points": len(result.front), "wall_s": time.perf_counter() - started})
+    steps = [n for n in (10, 20, 30, 40, 50, 60, 80, 100, 150, 200) if n <= args.trials]
+    frames = {f"{label}|{n}": frame.head(n) for label, frame in runs.items() for n in steps}
+    reference = next(iter(runs))
+    frames[f"{reference}|all"] = runs[reference]
+    volumes = normalised_hypervolume(frames)
+    full = volumes[f"{reference}|all"]
+    curve = pd.DataFrame({label: [volumes[f"{label}|{n}"] / full for n in steps] for label in runs},
+                         index=pd.Index(steps, name="measured trials"))
+    first95 = {label: next((n for n in steps if curve.loc[n, label] >= 0.95), None) for label in runs}
+    Path(args.out).write_text(
+        "# Hypervolume vs measured trials on all-MiniLM-L6-v2 (ONNX Runtime)\n\n"
+        f"Budget {args.trials} measured trials per variant (sampler seed {args.seed}); the reference is autoq's "
+        f"default with {args.reference} measured trials (seed {args.seed + 100}). {args.threads} threads, batch 1, "
+        "seq 128. Hypervolume of the measured trials in (quality max, latency min, size min), each objective "
+        "scaled to [0, 1] by the best and worst values over every run here (reference point 1.1), divided by "
+        "the whole reference run's. Duplicates and screened candidates cost no measurement and are not counted.\n\n"
+        f"## Fraction of the reference hypervolume\n\n{curve.to_markdown(floatfmt='.3f')}\n\n"
+        f"First step at >= 95% of the reference: {first95}\n\n"
+        f"## Runs\n\n{pd.DataFrame(rows).to_markdown(index=False, floatfmt='.1f')}\n\n"
+        f"## Machine\n\n```\n{json.dumps(fingerprint(args.threads), indent=2)}\n```\n")
+    print(Path(args.out).read_text())
+
+
+if __name__ == "__main__":
+    main()

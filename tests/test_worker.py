@@ -1,0 +1,35 @@
+"""A crash or hang inside one candidate fails that trial only; the search goes on."""
+
+from __future__ import annotations
+
+import numpy as np
+
+import autoq
+from tests.models import crash_unless_fp32, hang_unless_fp32
+
+SPACE = {"default": ["fp32", "int8"], "sensitivity": "none", "population": 2}
+
+
+def _run(model, npz, out, metric, trials, timeout):
+    return autoq.search(model, npz, labels="label", metric=metric, space=SPACE, trials=trials, out=out,
+                        progress=False, trial_timeout=timeout).trials
+
+
+def test_a_crashing_candidate_fails_its_trial_and_the_search_goes_on(digits_cnn, digits_npz, tmp_path):
+    trials = _run(digits_cnn, digits_npz, tmp_path / "crash", crash_unless_fp32, trials=3, timeout=120)
+    assert list(trials["state"][:2]) == ["COMPLETE", "FAIL"]  # uniform fp32, then uniform int8
+    assert "worker crashed (killed by SIGSEGV)" in trials["error"][1]
+    assert len(trials) == 3
+
+
+def test_a_hanging_candidate_times_out(digits_cnn, digits_npz, tmp_path):
+    trials = _run(digits_cnn, digits_npz, tmp_path / "hang", hang_unless_fp32, trials=2, timeout=8)
+    assert list(trials["state"]) == ["COMPLETE", "FAIL"]
+    assert "timed out after 8 s" in trials["error"][1]
+
+
+def test_a_metric_that_cannot_go_to_a_worker_runs_in_process(digits_cnn, digits_npz, tmp_path, capfd):
+    trials = _run(digits_cnn, digits_npz, tmp_path / "lambda",
+                  lambda ref, out, labels: float(np.mean(ref[0].argmax(1) == out[0].argmax(1))), trials=2, timeout=60)
+    assert (trials["state"] == "COMPLETE").all()
+    assert "cannot be sent to a worker process" in capfd.readouterr().err
