@@ -90,6 +90,7 @@ def _problem(model: str | Path | None, data: DataArg, labels, metric, space, bac
     splits = data_mod.split(dataset, seed=0)
     metric_name, metric_fn = get_metric(metric, dataset.labels is not None)
     choices = search_space.choices(onnx_model.layers, chosen_backend.precisions())
+    choices = {la.name: chosen_backend.layer_precisions(la, choices[la.name]) for la in onnx_model.layers}
     config = {"model": hashlib.sha1(onnx_model.path.read_bytes()).hexdigest(),
               "data": data_mod.fingerprint(dataset), "backend": backend, "metric": metric_name,
               "choices": choices, "options": search_space.options, "seed": seed,

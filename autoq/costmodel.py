@@ -4,7 +4,8 @@ Each objective is predicted as the FP32 value minus a sum of per-(layer, precisi
 from the sensitivity table (quality drop, or the SQNR noise power; profiled latency saving; size saving), are
 scaled to the study's measurements, then fitted to the measured trials (non-negative least squares, pulled
 toward the sensitivity prior). A candidate whose prediction the measured front dominates by more than twice
-the model's cross-validated error in every objective is screened: recorded with its prediction, not measured.
+the model's cross-validated error (1.4826 x the median absolute error, robust to timing spikes) in every
+objective is screened: recorded with its prediction, not measured.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ Measured = list[tuple[Assignment, tuple]]  # (assignment, (quality, latency_ms, 
 @dataclass
 class Prediction:
     values: np.ndarray  # quality, latency_ms, size_bytes
-    margins: np.ndarray  # twice the cross-validated error of each objective
+    margins: np.ndarray  # twice the cross-validated error (a robust standard deviation) of each objective
 
 
 def _fit(features: np.ndarray, target: np.ndarray, prior: np.ndarray) -> np.ndarray:
@@ -87,7 +88,8 @@ class CostModel:
             test, train = folds == fold, folds != fold
             for k in range(3):
                 errors[test, k] = losses[test, k] - x[test] @ _fit(x[train], losses[train, k], self.priors[k])
-        self.margins = 2 * np.sqrt((errors**2).mean(axis=0))
+        # robust: a shared machine's timing spikes would otherwise inflate the latency margin several-fold
+        self.margins = 2 * 1.4826 * np.median(np.abs(errors), axis=0)
         return True
 
     def predict(self, assignment: Assignment) -> Prediction:

@@ -3,9 +3,10 @@ candidate precision. Methods behind one interface (`analyse`):
 
 - `measured`: quantize only that layer, everything else fp32; quality drop on the search split, with a
   bootstrap spread over samples.
-- `sqnr`: one pass, no candidate builds: the signal-to-quantization-noise ratio of each layer's int8
-  arithmetic (its input activation, per-channel weight and output, quantized with the calibration ranges;
-  noise powers added, averaged over channels), in dB; a lower SQNR means a more sensitive layer.
+- `sqnr`: one pass, no candidate builds: the signal-to-quantization-noise ratio of each layer's
+  low-precision arithmetic (static int8: its input activation, per-channel weight and output, quantized with
+  the calibration ranges; weight-only: its weight alone, at its bits and group size; noise powers added,
+  averaged over channels), in dB; a lower SQNR means a more sensitive layer.
 - `hessian`: needs a torch model (HAWQ-V2 Hutchinson trace); not available for ONNX input.
 
 Latency savings come from the backend's per-node profiler (fp32 vs uniform low precision), size savings
@@ -25,7 +26,7 @@ import pandas as pd
 from autoq.errors import AutoqError
 from autoq.evaluate import CandidateError, Evaluator
 from autoq.graph import Layer, weight_array
-from autoq.precision import Assignment
+from autoq.precision import Assignment, Precision
 
 METHODS = ("measured", "sqnr", "hessian")
 COLUMNS = ["layer", "op_type", "params", "macs", "precision", "quality_drop", "drop_spread", "sqnr_db",
@@ -48,7 +49,7 @@ def analyse(evaluator: Evaluator, choices: dict[str, list[str]], method: str = "
         if path.is_file():
             return pd.read_csv(path)
     pairs = [(layer, p) for layer in evaluator.model.layers for p in choices[layer.name] if p != "fp32"]
-    savings = _savings(evaluator, sorted({p for _, p in pairs}))
+    savings = _savings(evaluator, sorted({p for _, p in pairs}), choices)
     rows = _measured(evaluator, pairs) if method == "measured" else _sqnr(evaluator, pairs)
     table = pd.DataFrame([{**row, **savings.get((row["layer"], row["precision"]), {})} for row in rows],
                          columns=COLUMNS)
@@ -63,18 +64,26 @@ def _base(layer: Layer, precision: str) -> dict:
             "precision": precision}
 
 
-def _savings(evaluator: Evaluator, precisions: list[str]) -> dict[tuple[str, str], dict]:
-    """(layer, precision) -> latency saving (profiled) and size saving (built files) of that layer alone."""
+def _savings(evaluator: Evaluator, precisions: list[str],
+             choices: dict[str, list[str]]) -> dict[tuple[str, str], dict]:
+    """(layer, precision) -> latency saving (profiled) and size saving (built files) of that layer alone, from
+    one build per precision (every layer that allows it at that precision)."""
     model, backend = evaluator.model, evaluator.backend
     result: dict[tuple[str, str], dict] = {}
     with tempfile.TemporaryDirectory(prefix="autoq-sens-") as tmp:
         fp32 = evaluator.build(Assignment.uniform(model.layer_names, "fp32"), Path(tmp) / "fp32")
         base = backend.layer_latency(fp32, evaluator.latency_feeds, evaluator.threads)
         for precision in precisions:
-            low = evaluator.build(Assignment.uniform(model.layer_names, precision), Path(tmp) / precision)
+            chosen = [la for la in model.layers if precision in choices[la.name]]
+            names = {la.name for la in chosen}
+            try:
+                low = evaluator.build(Assignment({n: precision if n in names else "fp32" for n in model.layer_names}),
+                                      Path(tmp) / precision)
+            except CandidateError:  # e.g. int4 groups that do not divide a layer: no savings known, none assumed
+                continue
             times = backend.layer_latency(low, evaluator.latency_feeds, evaluator.threads)
-            bytes_per_param = (fp32.size_bytes - low.size_bytes) / max(1, sum(la.params for la in model.layers))
-            for layer in model.layers:
+            bytes_per_param = (fp32.size_bytes - low.size_bytes) / max(1, sum(la.params for la in chosen))
+            for layer in chosen:
                 saving = None if base is None or times is None else base[layer.name] - times[layer.name]
                 result[layer.name, precision] = {"latency_saving_ms": saving,
                                                  "size_saving_bytes": round(bytes_per_param * layer.params)}
@@ -109,11 +118,19 @@ def _quantize(x: np.ndarray, low: float, high: float) -> np.ndarray:
     return (np.clip(np.round(x / scale) + zero, 0, 255) - zero) * scale
 
 
-def _quantize_weight(w: np.ndarray, axis: int) -> np.ndarray:
-    """int8 symmetric per-channel fake-quantization along `axis`."""
+def _quantize_weight(w: np.ndarray, axis: int, bits: int = 8, group: int | None = None) -> np.ndarray:
+    """Symmetric per-channel fake-quantization along `axis` (output channels); with `group`, one scale per
+    `group` consecutive input weights of each channel (2-D weights, as NNCF's int4 groups)."""
+    levels = 2 ** (bits - 1) - 1
+    if group is not None and w.ndim == 2 and w.shape[1 - axis] % group == 0:
+        channels = np.moveaxis(w, axis, 0)  # [out, in]
+        blocks = channels.reshape(channels.shape[0], -1, group)
+        scale = np.maximum(np.abs(blocks).max(axis=2, keepdims=True), 1e-12) / levels
+        rounded = (np.clip(np.round(blocks / scale), -levels, levels) * scale).reshape(channels.shape)
+        return np.moveaxis(rounded, 0, axis)
     reduce = tuple(i for i in range(w.ndim) if i != axis)
-    scale = np.maximum(np.abs(w).max(axis=reduce, keepdims=True), 1e-12) / 127
-    return np.clip(np.round(w / scale), -127, 127) * scale
+    scale = np.maximum(np.abs(w).max(axis=reduce, keepdims=True), 1e-12) / levels
+    return np.clip(np.round(w / scale), -levels, levels) * scale
 
 
 def _noise_ratio(signal: np.ndarray, noisy: np.ndarray, axis: int) -> float:
@@ -145,8 +162,10 @@ def _sqnr(evaluator: Evaluator, pairs: list[tuple[Layer, str]]) -> list[dict]:
             axis = 0
         else:
             axis = w.ndim - 1
-        noise = _noise_ratio(w, _quantize_weight(w, axis), axis)
-        for tensor in (node.input[0], node.output[0]):
+        kind = Precision(precision)
+        group = int(precision.split("g")[1]) if kind.kind == "weight-only" and "g" in precision else None
+        noise = _noise_ratio(w, _quantize_weight(w, axis, kind.bits, group), axis)
+        for tensor in (node.input[0], node.output[0]) if kind.kind == "static" else ():  # weight-only: no activations
             if tensor in ranges:
                 low, high = (float(np.asarray(v).ravel()[0]) for v in ranges[tensor].range_value)
                 x = values[tensor]

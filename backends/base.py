@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from autoq.errors import AutoqError
-from autoq.graph import OnnxModel
+from autoq.graph import Layer, OnnxModel
 from autoq.precision import Assignment
 
 Feeds = dict[str, np.ndarray]
@@ -48,6 +48,10 @@ class Backend(ABC):
     def options(self, requested: dict[str, list]) -> dict[str, list]:
         """The space's model-wide options this machine can really run (a backend drops what it can't)."""
         return requested
+
+    def layer_precisions(self, layer: Layer, allowed: list[str]) -> list[str]:
+        """The space's precisions for `layer` that this backend can build for that layer (shape limits)."""
+        return allowed
 
     def expected(self, assignment: Assignment) -> dict[str, str]:
         """Layer -> the precision its kernel should run in (model-wide options may decide it)."""

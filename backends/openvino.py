@@ -9,22 +9,31 @@ runtime graph (`runtimePrecision` of the kernels that carry the layer's name).
 
 from __future__ import annotations
 
+import logging
 import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import nncf
 import numpy as np
 import openvino as ov
 
 from autoq.backends.base import Backend, Candidate, Feeds, Outputs
 from autoq.backends.onnxruntime import OnnxRuntimeBackend
-from autoq.graph import OnnxModel
+from autoq.graph import Layer, OnnxModel
 from autoq.precision import Assignment
 
 FLOAT_OPTION = "inference_precision"
 KERNELS = {"FullyConnected", "MatMul", "Convolution", "GroupConvolution", "Deconvolution", "Gemm"}
-RUNTIME_PRECISION = {"u8": "int8", "i8": "int8", "f32": "fp32", "bf16": "bf16", "f16": "fp16"}
+RUNTIME_PRECISION = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
+INTEGER = {"u8", "i8"}
+FOUR_BIT = {"u4", "i4", "nf4"}
+WEIGHT_ONLY = {  # precision -> NNCF compress_weights arguments (only the layers assigned it are compressed)
+    "w8": {"mode": nncf.CompressWeightsMode.INT8_ASYM},
+    "w4g128": {"mode": nncf.CompressWeightsMode.INT4_SYM, "group_size": 128, "ratio": 1.0, "all_layers": True,
+               "backup_mode": nncf.BackupMode.NONE},
+}
 
 
 class OpenVinoBackend(Backend):
@@ -35,7 +44,7 @@ class OpenVinoBackend(Backend):
         self.native_bf16 = "BF16" in self.core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
     def precisions(self) -> set[str]:
-        return {"fp32", "int8"}
+        return {"fp32", "int8", *WEIGHT_ONLY}
 
     def options(self, requested: dict[str, list]) -> dict[str, list]:
         floats = requested.get(FLOAT_OPTION)
@@ -46,14 +55,28 @@ class OpenVinoBackend(Backend):
               file=sys.stderr)
         return {**requested, FLOAT_OPTION: kept}
 
+    def layer_precisions(self, layer: Layer, allowed: list[str]) -> list[str]:
+        """int4 groups of 128 must divide the weight's input channels (a Gemm's may be either dimension)."""
+        inputs = layer.weight_shape[:1] if layer.op_type == "MatMul" else layer.weight_shape
+        fits = layer.op_type in ("MatMul", "Gemm") and len(layer.weight_shape) == 2 and all(
+            d % WEIGHT_ONLY["w4g128"]["group_size"] == 0 for d in inputs)
+        return [p for p in allowed if p != "w4g128" or fits]
+
     def expected(self, assignment: Assignment) -> dict[str, str]:
         floating = "bf16" if assignment.options.get(FLOAT_OPTION) == "bf16" else "fp32"
         return {n: floating if p == "fp32" else p for n, p in assignment.layers.items()}
 
     def build(self, model: OnnxModel, assignment: Assignment, calibration: Path, workdir: Path) -> Candidate:
-        qdq = OnnxRuntimeBackend().build(model, assignment, calibration, workdir / "qdq")
+        static = Assignment({n: p if p == "int8" else "fp32" for n, p in assignment.layers.items()})
+        qdq = OnnxRuntimeBackend().build(model, static, calibration, workdir / "qdq")
+        ov_model = ov.convert_model(str(qdq.path))
+        names = _layer_names(model)
+        for precision, arguments in WEIGHT_ONLY.items():
+            chosen = [n for n, p in assignment.layers.items() if p == precision]
+            if chosen:
+                ov_model = _compress(ov_model, {n: names[n] for n in chosen}, arguments)
         xml = workdir / "model.xml"
-        ov.save_model(ov.convert_model(str(qdq.path)), str(xml), compress_to_fp16=False)
+        ov.save_model(ov_model, str(xml), compress_to_fp16=False)
         shutil.rmtree(workdir / "qdq", ignore_errors=True)
         size = xml.stat().st_size + xml.with_suffix(".bin").stat().st_size
         return Candidate(assignment, xml, size, {"names": _layer_names(model)})
@@ -78,14 +101,25 @@ class OpenVinoBackend(Backend):
         return run
 
     def _kernels(self, compiled: ov.CompiledModel) -> list[tuple[str, str, set[str]]]:
-        """(runtime op name, executed precision, original ONNX node names) of every layer kernel."""
+        """(runtime op name, executed precision, original ONNX node names) of every layer kernel: int8 when
+        its activations arrive as integers, w8 / w4 when only its weights are integer, else its float type."""
         kernels = []
         for op in compiled.get_runtime_model().get_ordered_ops():
             info = op.get_rt_info()
             if str(info["layerType"].astype(str)) in KERNELS:
                 original = set(info["originalLayersNames"].astype(str).split(","))
-                precision = info["runtimePrecision"].astype(str)
-                kernels.append((op.get_friendly_name(), RUNTIME_PRECISION.get(precision, precision), original))
+                types = [i.get_source_output().get_element_type().get_type_name() for i in op.inputs()]
+                weights = set(types[1:])
+                if types[0] in INTEGER:
+                    precision = "int8"
+                elif weights & FOUR_BIT:
+                    precision = "w4g128"  # the only 4-bit weight-only precision this backend builds
+                elif weights & INTEGER:
+                    precision = "w8"
+                else:
+                    runtime = info["runtimePrecision"].astype(str)
+                    precision = RUNTIME_PRECISION.get(runtime, runtime)
+                kernels.append((op.get_friendly_name(), precision, original))
         return kernels
 
     def executed(self, candidate: Candidate) -> dict[str, str]:
@@ -136,6 +170,19 @@ def _layer_names(model: OnnxModel) -> dict[str, set[str]]:
         adds = [c for c in consumers.get(output, []) if c.op_type == "Add"]
         names[layer.name] = {layer.name, output} | {a.name for a in adds} | {a.output[0] for a in adds}
     return names
+
+
+def _compress(ov_model: ov.Model, chosen: dict[str, set[str]], arguments: dict) -> ov.Model:
+    """NNCF weight-only compression of the `chosen` layers' weights alone (every other weighted op ignored)."""
+    weighted = [op.get_friendly_name() for op in ov_model.get_ordered_ops() if op.get_type_name() in KERNELS]
+    targets = {name for name in weighted for layer, names in chosen.items() if _owns(layer, names, {name})}
+    missing = [layer for layer, names in chosen.items() if not any(_owns(layer, names, {t}) for t in targets)]
+    if missing:
+        msg = f"OpenVINO has no weighted op for layer {missing[0]} to compress"
+        raise ValueError(msg)
+    logging.getLogger("nncf").setLevel(logging.ERROR)  # NNCF prints a statistics table per call
+    ignored = nncf.IgnoredScope(names=[n for n in weighted if n not in targets])
+    return nncf.compress_weights(ov_model, ignored_scope=ignored, **arguments)
 
 
 def _owns(layer: str, names: set[str], original: set[str]) -> bool:

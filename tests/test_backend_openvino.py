@@ -55,3 +55,57 @@ class TestOpenVino(BackendContract):
 
 def test_the_registry_knows_openvino():
     assert get_backend("openvino").name == "openvino"
+
+
+@pytest.fixture(scope="module")
+def mlp(tmp_path_factory):
+    """A two-layer MLP whose input widths divide into NNCF's int4 groups of 128, with random data."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from autoq import data, graph
+    from autoq.calibrate import calibrate
+
+    rng = np.random.default_rng(0)
+    w1, w2 = rng.normal(0, 0.05, (256, 256)).astype(np.float32), rng.normal(0, 0.05, (256, 16)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")]
+    proto = helper.make_model(helper.make_graph(
+        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 256])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 16])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    workdir = tmp_path_factory.mktemp("mlp")
+    onnx.save(proto, workdir / "mlp.onnx")
+    np.savez(workdir / "x.npz", x=rng.normal(0, 1, (64, 256)).astype(np.float32))
+    model = graph.prepare(workdir / "mlp.onnx", workdir / "run")
+    splits = data.split(data.load(workdir / "x.npz", None))
+    return model, calibrate(model, splits.calibration, workdir / "cache"), workdir
+
+
+@pytest.mark.parametrize("layers", [{"fc1": "w8", "fc2": "w4g128"}, {"fc1": "w4g128", "fc2": "int8"},
+                                    {"fc1": "int8", "fc2": "w8"}])
+def test_weight_only_layers_run_compressed_weights(mlp, layers):
+    """Read from the runtime model: w8 / w4 weights feed a float kernel, static int8 gets integer activations."""
+    model, calibration, workdir = mlp
+    backend = get_backend("openvino")
+    fp32 = backend.build(model, Assignment({"fc1": "fp32", "fc2": "fp32"}), calibration, workdir / "fp32")
+    candidate = backend.build(model, Assignment(layers), calibration, workdir / "-".join(layers.values()))
+    x = {"x": np.random.default_rng(1).normal(0, 1, (8, 256)).astype(np.float32)}
+    got, want = backend.runner(candidate, 1)(x)[0], backend.runner(fp32, 1)(x)[0]
+    assert backend.executed(candidate) == layers
+    assert not np.array_equal(got, want) and np.abs(got - want).max() < 0.2 * np.abs(want).max()
+    assert candidate.size_bytes < 0.5 * fp32.size_bytes
+
+
+def test_int4_groups_are_offered_only_where_they_divide_the_inputs(mlp, digits_cnn, tmp_path):
+    from autoq import graph
+
+    backend = get_backend("openvino")
+    allowed = ["fp32", "int8", "w8", "w4g128"]
+    mlp_layers = {la.name: backend.layer_precisions(la, allowed) for la in mlp[0].layers}
+    assert mlp_layers == {"fc1": allowed, "fc2": allowed}  # 256 inputs each: groups of 128 fit
+    cnn = graph.prepare(digits_cnn, tmp_path)
+    offered = {la.op_type: backend.layer_precisions(la, allowed) for la in cnn.layers}
+    assert "w4g128" not in offered["Conv"] and "w4g128" not in offered["Gemm"]  # 64-wide inputs
+    assert "w8" in offered["Gemm"]

@@ -15,6 +15,7 @@ import pytest
 
 import autoq
 from autoq.errors import AutoqError
+from autoq.pareto import front as pareto_front
 from autoq.pareto import pareto_mask
 from autoq.precision import Assignment
 
@@ -133,6 +134,10 @@ def test_kill_9_mid_run_then_resume_loses_nothing(digits_cnn, digits_npz, tmp_pa
     interrupted = [t for t in study.trials if t.state.name == "FAIL" and "error" not in t.user_attrs]
     assert len(interrupted) == before.count("RUNNING") == 1
     assert all(any(r.user_attrs.get("retry_of") == t.number for r in study.trials) for t in interrupted)
+    # the front of the resumed run is the front of all its trials, before and after the kill
+    trials, front = pd.read_csv(out / "trials.csv"), pd.read_csv(out / "pareto.csv")
+    assert set(front["key"]) == set(pareto_front(trials)["key"]) and len(front) >= 1
+    assert set(finished) <= set(trials["trial"])
 
 
 def test_ctrl_c_finishes_the_running_trial_then_stops_and_resumes(digits_cnn, digits_npz, tmp_path):

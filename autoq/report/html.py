@@ -44,22 +44,30 @@ def _front_figure(trials: pd.DataFrame, front: pd.DataFrame, metric: str) -> go.
 def _precision_map(front: pd.DataFrame) -> go.Figure:
     layers = list(json.loads(front["assignment"].iloc[0])["layers"])
     names = list(PRECISION_COLOURS)
-    z, text = [], []
-    for assignment in front["assignment"]:
+    z, text, ran = [], [], []
+    executed = front["executed"] if "executed" in front else [""] * len(front)
+    for assignment, what_ran in zip(front["assignment"], executed, strict=True):
         chosen = json.loads(assignment)["layers"]
         z.append([names.index(chosen[layer]) for layer in layers])
         text.append([chosen[layer] for layer in layers])
+        what_ran = json.loads(what_ran) if isinstance(what_ran, str) and what_ran else {}
+        ran.append([what_ran.get(layer, "?") for layer in layers])
     used = sorted({v for row in z for v in row})
     scale = []
     for i, value in enumerate(used):  # a discrete colour per precision present
         lo, hi = i / len(used), (i + 1) / len(used)
         scale += [[lo, PRECISION_COLOURS[names[value]]], [hi, PRECISION_COLOURS[names[value]]]]
     position = {v: i for i, v in enumerate(used)}
-    fig = go.Figure(go.Heatmap(z=[[position[v] for v in row] for row in z], x=layers, text=text,
-                               y=[f"point {i} (trial {t})" for i, t in enumerate(front["trial"])],
-                               colorscale=scale, zmin=-0.5, zmax=len(used) - 0.5, xgap=1, ygap=2,
-                               hovertemplate="%{y}<br>%{x}: %{text}<extra></extra>",
+    rows = [f"point {i} (trial {t})" for i, t in enumerate(front["trial"])]
+    fig = go.Figure(go.Heatmap(z=[[position[v] for v in row] for row in z], x=layers, text=text, customdata=ran,
+                               y=rows, colorscale=scale, zmin=-0.5, zmax=len(used) - 0.5, xgap=1, ygap=2,
+                               hovertemplate="%{y}<br>%{x}: asked %{text}, executed %{customdata}<extra></extra>",
                                colorbar={"tickvals": list(range(len(used))), "ticktext": [names[v] for v in used]}))
+    wrong = [(layer, row) for row, asked, got in zip(rows, text, ran, strict=True)
+             for layer, a, g in zip(layers, asked, got, strict=True) if g not in (a, "?")]
+    if wrong:  # a layer that did not run in the precision it asked for (e.g. a QDQ pair the runtime left unfused)
+        fig.add_scatter(x=[w[0] for w in wrong], y=[w[1] for w in wrong], mode="markers", name="executed otherwise",
+                        marker={"symbol": "x", "size": 9, "color": "red"})
     fig.update_layout(title="Per-layer precision of each front point (layers in model order)",
                       height=180 + 40 * len(front), template="plotly_white", xaxis={"showticklabels": False})
     return fig

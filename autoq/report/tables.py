@@ -13,7 +13,7 @@ MEASURED = ["quality", "quality_spread", "latency_ms", "latency_spread_ms", "mea
 # trials.csv has these columns, pareto.csv these plus the val_* ones.
 TRIAL_COLUMNS = ["trial", "state", "baseline", "seeded", "duplicate", *MEASURED, "feasible", "executed_ok",
                  "mismatched_layers", "screened", "predicted_quality", "predicted_latency_ms", "predicted_size_bytes",
-                 "screen_wrong", "summary", "error", "key", "assignment"]
+                 "screen_wrong", "summary", "error", "key", "assignment", "executed"]
 
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
@@ -38,5 +38,6 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             "summary": ", ".join(f"{p} x{n}" for p, n in sorted(counts.items())),
             "error": attrs.get("error", "interrupted" if trial.state.name == "FAIL" else ""),
             "key": attrs.get("key", ""), "assignment": attrs.get("assignment", ""),
+            "executed": json.dumps(attrs["executed"]) if "executed" in attrs else "",
         })
     return pd.DataFrame(rows, columns=TRIAL_COLUMNS)
