@@ -33,6 +33,7 @@ from autoq.report import run as run_report
 from autoq.report import trials_frame
 from autoq.search import open_study, run_lock, run_search
 from autoq.space import SearchSpace, load_space
+from autoq.torch_input import is_torch_model, to_onnx
 from autoq.worker import Worker, WorkerSpec
 
 REPORTS = Path("reports")
@@ -66,7 +67,7 @@ class _Problem:
 @contextmanager
 def _problem(model: str | Path | None, data: DataArg, labels, metric, space, backend: str, threads: int,
              out: str | Path | None, seed: int | None, constraints: Constraints | None,
-             sampler: str | None = None) -> Iterator[_Problem]:
+             sampler: str | None = None, example_inputs=None) -> Iterator[_Problem]:
     """Load and validate everything; `constraints` is given for a search (its run directory is then checked)."""
     if model is None:
         from autoq.demo import demo_files
@@ -83,7 +84,11 @@ def _problem(model: str | Path | None, data: DataArg, labels, metric, space, bac
         search_space = search_space.with_sampler(sampler)
     search_space.options = chosen_backend.options(search_space.options)
     seed = search_space.seed if seed is None else seed
-    run_dir = Path(out) if out else REPORTS / f"{Path(model).stem}-{backend}"
+    is_file = isinstance(model, str | Path)
+    label = str(model) if is_file else f"{type(model).__name__} (torch module)"
+    run_dir = Path(out) if out else REPORTS / f"{Path(model).stem if is_file else type(model).__name__}-{backend}"
+    if is_torch_model(model):  # exported once; layers named by module FQN
+        model = to_onnx(model, example_inputs, run_dir / "cache")
     onnx_model = prepare(model, run_dir)
     dataset = data_mod.load(data, labels)
     data_mod.validate(dataset, onnx_model.inputs)
@@ -102,7 +107,7 @@ def _problem(model: str | Path | None, data: DataArg, labels, metric, space, bac
         calibration = calibrate(onnx_model, splits.calibration, run_dir / "cache")
         evaluator = Evaluator(chosen_backend, onnx_model, calibration, splits, metric_fn, threads)
         try:
-            yield _Problem(run_dir, str(model), evaluator, search_space, choices, metric_name,
+            yield _Problem(run_dir, label, evaluator, search_space, choices, metric_name,
                            fingerprint(threads), seed,
                            hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16])
         finally:
@@ -123,7 +128,8 @@ def _check_run(run_dir: Path, config: dict) -> None:
         path.write_text(json.dumps(config, indent=2))
 
 
-def search(model: str | Path | None = None, data: DataArg = None, *, labels: str | Path | np.ndarray | None = None,
+def search(model: str | Path | object | None = None, data: DataArg = None, *more: DataArg,
+           example_inputs=None, labels: str | Path | np.ndarray | None = None,
            metric: str | Metric | None = None, space: str | Path | dict | SearchSpace | None = None,
            backend: str = "onnxruntime", trials: int = 30, timeout: float | None = None, threads: int = 2,
            out: str | Path | None = None, seed: int | None = None, progress: bool = True,
@@ -138,14 +144,19 @@ def search(model: str | Path | None = None, data: DataArg = None, *, labels: str
     `sampler` overrides the space's (nsga2, tpe, gp, random). `storage` (an SQLAlchemy URL, e.g.
     postgresql://user:pw@host/db) and `study` let several machines work on one study; each keeps its own `out`.
 
+    `model` is an ONNX file, a `torch.export.save` file (.pt2), or an nn.Module: then call it as
+    `search(module, example_inputs, data, ...)`; layers are named by module FQN either way.
     With no model, searches the embedded demo (all-MiniLM-L6-v2 on English sentences, cosine to FP32).
     Running the same call again resumes the run: finished trials are kept.
     """
     started = time.perf_counter()
+    if more:  # search(module, example_inputs, data)
+        example_inputs, data = data, more[0]
     if trials < 1:
         raise AutoqError("--trials must be at least 1")
     constraints = Constraints.parse(max_drop, latency_budget, size_budget)
-    with _problem(model, data, labels, metric, space, backend, threads, out, seed, constraints, sampler) as problem:
+    with _problem(model, data, labels, metric, space, backend, threads, out, seed, constraints, sampler,
+                  example_inputs) as problem:
         run_dir, evaluator, choices = problem.run_dir, problem.evaluator, problem.choices
         scores, seeds = None, []
         if problem.space.sensitivity != "none":
@@ -206,12 +217,17 @@ def compare(run_dirs: list[str | Path], out: str | Path = "compare.html") -> Pat
     return run_report.compare([Path(r) for r in run_dirs], Path(out))
 
 
-def analyse_sensitivity(model: str | Path | None = None, data: DataArg = None, *,
-                labels: str | Path | np.ndarray | None = None, metric: str | Metric | None = None,
+def analyse_sensitivity(model: str | Path | object | None = None, data: DataArg = None, *more: DataArg,
+                        example_inputs=None, labels: str | Path | np.ndarray | None = None,
+                        metric: str | Metric | None = None,
                 space: str | Path | dict | SearchSpace | None = None, backend: str = "onnxruntime",
                 method: str = "measured", threads: int = 2, out: str | Path | None = None) -> pd.DataFrame:
-    """Score every layer at every precision of the space; writes sensitivity.csv and sensitivity.html."""
-    with _problem(model, data, labels, metric, space, backend, threads, out, None, None) as problem:
+    """Score every layer at every precision of the space; writes sensitivity.csv and sensitivity.html.
+    Takes the same models as `search` (an nn.Module as `analyse_sensitivity(module, example_inputs, data)`)."""
+    if more:
+        example_inputs, data = data, more[0]
+    with _problem(model, data, labels, metric, space, backend, threads, out, None, None, None,
+                  example_inputs) as problem:
         table = sensitivity_mod.analyse(problem.evaluator, problem.choices, method, problem.run_dir / "cache")
     table.to_csv(problem.run_dir / "sensitivity.csv", index=False)
     run_report.write_sensitivity_html(problem.run_dir / "sensitivity.html", table, problem.model_name, method)

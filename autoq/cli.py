@@ -10,7 +10,7 @@ from autoq.errors import AutoqError
 
 def _problem_args(parser: argparse.ArgumentParser) -> None:
     """The flags that say what problem to work on, shared by every command."""
-    parser.add_argument("model", nargs="?", help="ONNX model file (default: the embedded all-MiniLM-L6-v2 demo)")
+    parser.add_argument("model", nargs="?", help="ONNX or torch.export (.pt2) file (default: the MiniLM demo)")
     parser.add_argument("--data", help=".npz with one array per model input (first axis = samples)")
     parser.add_argument("--labels", help="labels: an array name in the data file, or a .npy file")
     parser.add_argument("--metric", help="cosine | top1 | top5 | sqnr | accuracy (default: accuracy with labels, "
