@@ -79,7 +79,7 @@ def _problem(model: str | Path | None, data: DataArg, labels, metric, space, bac
     if threads < 1:
         raise AutoqError("--threads must be at least 1")
     chosen_backend = get_backend(backend)
-    search_space = load_space(space)
+    search_space = load_space(space if space is not None else chosen_backend.default_space)
     if sampler is not None:
         search_space = search_space.with_sampler(sampler)
     search_space.options = chosen_backend.options(search_space.options)
@@ -87,9 +87,11 @@ def _problem(model: str | Path | None, data: DataArg, labels, metric, space, bac
     is_file = isinstance(model, str | Path)
     label = str(model) if is_file else f"{type(model).__name__} (torch module)"
     run_dir = Path(out) if out else REPORTS / f"{Path(model).stem if is_file else type(model).__name__}-{backend}"
+    module = model if is_torch_model(model) and not is_file else None
     if is_torch_model(model):  # exported once; layers named by module FQN
         model = to_onnx(model, example_inputs, run_dir / "cache")
     onnx_model = prepare(model, run_dir)
+    onnx_model.module = module
     dataset = data_mod.load(data, labels)
     data_mod.validate(dataset, onnx_model.inputs)
     splits = data_mod.split(dataset, seed=0)
@@ -195,11 +197,22 @@ def _worker(evaluator: Evaluator, timeout: float) -> Worker | None:
     spec = WorkerSpec.of(evaluator)
     try:
         pickle.dumps(spec.metric)
+        pickle.dumps(spec.module)
     except (pickle.PicklingError, AttributeError, TypeError):
-        print("autoq: the metric cannot be sent to a worker process (define it at module level to get one); "
-              "trials run in this process, without a timeout", file=sys.stderr)
+        print("autoq: the metric or the torch module cannot be sent to a worker process (define them at module "
+              "level to get one); trials run in this process, without a timeout", file=sys.stderr)
         return None
     return Worker(spec, timeout)
+
+
+def apply(module, assignment: Assignment | str | Path):
+    """A copy of the torch `module` with each module in its assigned precision (an Assignment, or a front
+    point's assignment.yaml); load the point's exported model.pt state dict into it to get the deployed model."""
+    from autoq.backends.torch import apply as apply_to_module
+
+    if not isinstance(assignment, Assignment):
+        assignment = Assignment.load(Path(assignment))
+    return apply_to_module(module, assignment)
 
 
 def report(run_dir: str | Path) -> Path:

@@ -15,8 +15,8 @@ def _problem_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--labels", help="labels: an array name in the data file, or a .npy file")
     parser.add_argument("--metric", help="cosine | top1 | top5 | sqnr | accuracy (default: accuracy with labels, "
                                          "else cosine)")
-    parser.add_argument("--space", help="search space: a YAML file or a bundled name (default: cpu-int8)")
-    parser.add_argument("--backend", default="onnxruntime", help="backend (default: onnxruntime)")
+    parser.add_argument("--space", help="search space: a YAML file or a bundled name (default: the backend's)")
+    parser.add_argument("--backend", default="onnxruntime", help="onnxruntime (default) | openvino | torch")
     parser.add_argument("--threads", type=int, default=2, help="inference threads for every measurement (2)")
     parser.add_argument("--out", help="run directory (default: reports/<model>-<backend>); rerun to resume")
 

@@ -44,6 +44,7 @@ class OnnxModel:
     layers: list[Layer]
     inputs: list[InputSpec]
     outputs: list[str]
+    module: object | None = None  # the torch nn.Module it was exported from, for the torch backend
 
     @property
     def layer_names(self) -> list[str]:

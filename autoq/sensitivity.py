@@ -162,17 +162,39 @@ def _sqnr(evaluator: Evaluator, pairs: list[tuple[Layer, str]]) -> list[dict]:
             axis = 0
         else:
             axis = w.ndim - 1
-        kind = Precision(precision)
-        group = int(precision.split("g")[1]) if kind.kind == "weight-only" and "g" in precision else None
-        noise = _noise_ratio(w, _quantize_weight(w, axis, kind.bits, group), axis)
-        for tensor in (node.input[0], node.output[0]) if kind.kind == "static" else ():  # weight-only: no activations
-            if tensor in ranges:
-                low, high = (float(np.asarray(v).ravel()[0]) for v in ranges[tensor].range_value)
-                x = values[tensor]
-                noise += _noise_ratio(x, _quantize(x, low, high), 1 if x.ndim == 4 else -1)
+        rows_axis = 1 if values[node.input[0]].ndim == 4 else -1
+        noise = _layer_noise(Precision(precision), w, axis, values[node.input[0]], rows_axis, values[node.output[0]],
+                             [ranges.get(t) for t in (node.input[0], node.output[0])])
         sqnr = -10 * np.log10(max(noise, 1e-20))
         rows.append({**_base(layer, precision), "sqnr_db": sqnr, "score": -sqnr})
     return rows
+
+
+def _to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 rounded to bfloat16 (nearest even), back in float32."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return rounded.astype(np.uint32).view(np.float32)
+
+
+def _layer_noise(precision: Precision, w: np.ndarray, axis: int, x: np.ndarray, x_axis: int, y: np.ndarray,
+                 ranges: list) -> float:
+    """Noise-to-signal power of one layer at `precision`: weight rounding, plus the activations it quantizes
+    (static: input and output with the calibrated ranges; dynamic: the input with its own range; float:
+    weight and input rounded to the float format)."""
+    if precision.kind == "float":
+        return _noise_ratio(w, _to_bf16(w), axis) + _noise_ratio(x, _to_bf16(x), x_axis)
+    if precision.kind == "dynamic":  # torch's per-tensor int8 weights, the input's own per-tensor range
+        return (_noise_ratio(w, _quantize_weight(w.reshape(1, -1), 0).reshape(w.shape), axis)
+                + _noise_ratio(x, _quantize(x, float(x.min()), float(x.max())), x_axis))
+    group = int(precision.name.split("g")[1]) if precision.kind == "weight-only" and "g" in precision.name else None
+    noise = _noise_ratio(w, _quantize_weight(w, axis, precision.bits, group), axis)
+    if precision.kind == "static":
+        for tensor, rng in zip((x, y), ranges, strict=True):
+            if rng is not None:
+                low, high = (float(np.asarray(v).ravel()[0]) for v in rng.range_value)
+                noise += _noise_ratio(tensor, _quantize(tensor, low, high), 1 if tensor.ndim == 4 else -1)
+    return noise
 
 
 def rank_correlation(a: pd.DataFrame, b: pd.DataFrame) -> float:

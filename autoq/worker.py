@@ -31,11 +31,12 @@ class WorkerSpec:
     metric: Metric
     threads: int
     fp32_latency_ms: float | None
+    module: object | None = None  # a torch model for the torch backend
 
     @classmethod
     def of(cls, evaluator: Evaluator) -> WorkerSpec:
         return cls(evaluator.backend.name, evaluator.model.path, evaluator.calibration, evaluator.splits,
-                   evaluator.metric, evaluator.threads, evaluator.fp32_latency_ms)
+                   evaluator.metric, evaluator.threads, evaluator.fp32_latency_ms, evaluator.model.module)
 
 
 def _serve(conn: Connection, spec: WorkerSpec) -> None:
@@ -43,8 +44,10 @@ def _serve(conn: Connection, spec: WorkerSpec) -> None:
     from autoq.backends import get_backend
     from autoq.graph import opened
 
-    evaluator = Evaluator(get_backend(spec.backend), opened(spec.model_path), spec.calibration, spec.splits,
-                          spec.metric, spec.threads, fp32_latency_ms=spec.fp32_latency_ms)
+    model = opened(spec.model_path)
+    model.module = spec.module
+    evaluator = Evaluator(get_backend(spec.backend), model, spec.calibration, spec.splits, spec.metric,
+                          spec.threads, fp32_latency_ms=spec.fp32_latency_ms)
     conn.send(("ready", None))
     try:
         while (request := conn.recv()) is not None:

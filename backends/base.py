@@ -20,6 +20,7 @@ Outputs = list[np.ndarray]
 BACKENDS = {
     "onnxruntime": "autoq.backends.onnxruntime:OnnxRuntimeBackend",
     "openvino": "autoq.backends.openvino:OpenVinoBackend",
+    "torch": "autoq.backends.torch:TorchBackend",
 }
 
 
@@ -40,6 +41,7 @@ class Backend(ABC):
     """
 
     name: str
+    default_space: str  # the bundled search space used when none is given
 
     @abstractmethod
     def precisions(self) -> set[str]:

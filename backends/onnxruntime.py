@@ -38,6 +38,7 @@ def _quiet_root_logger():
 
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
+    default_space = "cpu-int8"
 
     def precisions(self) -> set[str]:
         return {"fp32", "int8"}

@@ -38,6 +38,7 @@ WEIGHT_ONLY = {  # precision -> NNCF compress_weights arguments (only the layers
 
 class OpenVinoBackend(Backend):
     name = "openvino"
+    default_space = "openvino-cpu"
 
     def __init__(self) -> None:
         self.core = ov.Core()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
 
 def digits_data() -> tuple[np.ndarray, np.ndarray]:
@@ -24,6 +25,18 @@ def train_digits_cnn(out: Path, epochs: int = 12, seed: int = 0, opset: int = 17
     torch.onnx.export(model, (x,), str(out), dynamo=False, input_names=["image"], output_names=["logits"],
                       dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset)
     return out
+
+
+class DigitsClassifier(torch.nn.Module):
+    """The trained digits CNN split into named parts, as user code would be: its layers' FQNs are
+    features.0, features.3 (Conv) and head.6, head.8 (Linear; Sequential slices keep their indices)."""
+
+    def __init__(self, sequential: torch.nn.Sequential) -> None:
+        super().__init__()
+        self.features, self.head = sequential[:6], sequential[6:]
+
+    def forward(self, image):
+        return self.head(self.features(image))
 
 
 def train_digits_module(epochs: int = 12, seed: int = 0):

@@ -17,8 +17,7 @@ class TestOpenVino(BackendContract):
     backend_name = "openvino"
     low_precision = "int8"
 
-    @staticmethod
-    def run_exported(path: Path, feeds: dict) -> np.ndarray:
+    def run_exported(self, setup, candidate, path: Path, feeds: dict) -> np.ndarray:
         assert path.suffix == ".xml" and path.with_suffix(".bin").is_file()
         compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
         return compiled(feeds)[0]

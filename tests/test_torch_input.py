@@ -13,26 +13,15 @@ import pytest
 
 import autoq
 from autoq.errors import AutoqError
-from tests.models import digits_data, train_digits_module
+from tests.models import DigitsClassifier, digits_data, train_digits_module
 
 torch = pytest.importorskip("torch")
-FQNS = {"features.0", "features.3", "head.6", "head.8"}  # Sequential slices keep their indices
-
-
-class Classifier(torch.nn.Module):
-    """The trained digits CNN, split into named parts as user code would be."""
-
-    def __init__(self, sequential: torch.nn.Sequential) -> None:
-        super().__init__()
-        self.features, self.head = sequential[:6], sequential[6:]
-
-    def forward(self, image):
-        return self.head(self.features(image))
+FQNS = {"features.0", "features.3", "head.6", "head.8"}
 
 
 @pytest.fixture(scope="module")
 def classifier():
-    return Classifier(train_digits_module())
+    return DigitsClassifier(train_digits_module())
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +30,7 @@ def digits():
     return {"image": images[1400:1640]}, labels[1400:1640]
 
 
-@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino", "torch"])
 def test_a_module_is_searched_with_its_module_names(classifier, digits, backend, tmp_path):
     data, labels = digits
     example = (torch.from_numpy(data["image"][:1]),)

@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from autoq import data, graph
+from autoq.backends import get_backend
+from autoq.calibrate import calibrate
+from autoq.evaluate import CandidateError, Evaluator
+from autoq.metrics import accuracy
+from autoq.precision import Assignment
+from autoq.torch_input import to_onnx
+from tests.backend_contract import BackendContract
+from tests.models import DigitsClassifier, train_digits_module
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def digits_module():
+    return DigitsClassifier(train_digits_module())
+
+
+class TestTorch(BackendContract):
+    backend_name = "torch"
+    low_precision = "bf16"  # the one low precision every module (Conv and Linear) can take
+    shrink = 0.6  # bf16 halves the weights; the state dict has some overhead
+
+    @pytest.fixture(scope="class")
+    def setup(self, digits_module, digits_npz, tmp_path_factory):
+        workdir = tmp_path_factory.mktemp("torch")
+        example = (torch.zeros(1, 1, 8, 8),)
+        model = graph.prepare(to_onnx(digits_module, example, workdir / "export"), workdir)
+        model.module = digits_module
+        splits = data.split(data.load(digits_npz, "label"))
+        calibration = calibrate(model, splits.calibration, workdir / "cache")
+        return get_backend("torch"), model, splits, calibration, workdir
+
+    def run_exported(self, setup, candidate, path: Path, feeds: dict) -> np.ndarray:
+        from autoq import apply
+
+        module = apply(setup[1].module, candidate.assignment)
+        module.load_state_dict(torch.load(path, weights_only=False))  # packed int8 params are not plain tensors
+        with torch.inference_mode():
+            return module(torch.from_numpy(feeds["image"])).float().numpy()
+
+    def test_int8_dyn_linear_layers_run_the_quantized_kernel(self, setup):
+        backend, model, splits = setup[0], setup[1], setup[2]
+        linear = [la.name for la in model.layers if la.op_type in ("Gemm", "MatMul")]
+        layers = {n: "int8-dyn" if n in linear else "fp32" for n in model.layer_names}
+        candidate = self._build(setup, layers, "dynamic")
+        run = backend.runner(candidate, 1)
+        with torch.profiler.profile() as profile:
+            outputs = run({"image": splits.search.arrays["image"]})
+        calls = sum(e.count for e in profile.key_averages() if e.key == "quantized::linear_dynamic")
+        assert calls == len(linear) == 2  # one quantized kernel call per int8-dyn module, and no other
+        assert backend.executed(candidate) == layers
+        assert (outputs[0].argmax(1) == splits.search.labels).mean() > 0.9
+
+    def test_int8_dyn_on_a_conv_is_refused_and_not_offered(self, setup):
+        from autoq.space import load_space
+
+        backend, model, splits, calibration, workdir = setup
+        conv = next(la.name for la in model.layers if la.op_type == "Conv")
+        evaluator = Evaluator(backend, model, calibration, splits, accuracy, 1)
+        try:
+            with pytest.raises(CandidateError, match="int8-dyn needs an nn.Linear"):
+                evaluator.build(Assignment({n: "int8-dyn" if n == conv else "fp32" for n in model.layer_names}))
+        finally:
+            evaluator.close()
+        choices = load_space("torch-cpu").choices(model.layers, backend.precisions())
+        assert "int8-dyn" not in choices[conv] and all("int8-dyn" in choices[n] for n in ("head.6", "head.8"))
+
+    def test_a_pt2_program_is_refused_by_the_torch_backend(self, setup):
+        backend, model, _, calibration, workdir = setup
+        bare = graph.opened(model.path)
+        with pytest.raises(Exception, match="needs an nn.Module"):
+            backend.build(bare, Assignment.uniform(bare.layer_names, "fp32"), calibration, workdir / "bare")
