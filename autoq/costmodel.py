@@ -51,8 +51,10 @@ class CostModel:
         self.pairs = list(zip(rows["layer"], rows["precision"], strict=True))
         self.index = {pair: i for i, pair in enumerate(self.pairs)}
         drop = rows["quality_drop"].to_numpy(dtype=float)
-        if np.isnan(drop).any():  # sqnr: the noise-to-signal power is the shape of the quality loss
+        if np.isnan(drop).any() and rows["sqnr_db"].notna().all():  # the noise power shapes the quality loss
             drop = 10 ** (-rows["sqnr_db"].to_numpy(dtype=float) / 10)
+        elif np.isnan(drop).any():  # hessian: the score is the expected loss increase
+            drop = rows["score"].to_numpy(dtype=float)
         self.priors = [np.nan_to_num(drop).clip(min=0),
                        rows["latency_saving_ms"].fillna(0).to_numpy(dtype=float).clip(min=0),
                        rows["size_saving_bytes"].fillna(0).to_numpy(dtype=float).clip(min=0)]

@@ -7,7 +7,8 @@ candidate precision. Methods behind one interface (`analyse`):
   low-precision arithmetic (static int8: its input activation, per-channel weight and output, quantized with
   the calibration ranges; weight-only: its weight alone, at its bits and group size; noise powers added,
   averaged over channels), in dB; a lower SQNR means a more sensitive layer.
-- `hessian`: needs a torch model (HAWQ-V2 Hutchinson trace); not available for ONNX input.
+- `hessian`: torch models only (HAWQ-V2): the Hutchinson Hessian trace per parameter times the squared weight
+  perturbation of the precision (autoq/hessian.py).
 
 Latency savings come from the backend's per-node profiler (fp32 vs uniform low precision), size savings
 from the built files. Results are cached in the run directory.
@@ -26,10 +27,11 @@ import pandas as pd
 from autoq.errors import AutoqError
 from autoq.evaluate import CandidateError, Evaluator
 from autoq.graph import Layer, weight_array
+from autoq.hessian import hessian_rows
 from autoq.precision import Assignment, Precision
 
 METHODS = ("measured", "sqnr", "hessian")
-COLUMNS = ["layer", "op_type", "params", "macs", "precision", "quality_drop", "drop_spread", "sqnr_db",
+COLUMNS = ["layer", "op_type", "params", "macs", "precision", "quality_drop", "drop_spread", "sqnr_db", "hessian_trace",
            "latency_saving_ms", "size_saving_bytes", "score"]
 
 
@@ -39,9 +41,6 @@ def analyse(evaluator: Evaluator, choices: dict[str, list[str]], method: str = "
     if method not in METHODS:
         msg = f"unknown sensitivity method '{method}' (choose from {', '.join(METHODS)})"
         raise AutoqError(msg)
-    if method == "hessian":
-        msg = "--method hessian needs a torch model (HAWQ-V2 Hutchinson trace); use measured or sqnr for ONNX"
-        raise AutoqError(msg)
     path = None
     if cache_dir is not None:
         key = hashlib.sha1(json.dumps([evaluator.fingerprint(), method, choices], sort_keys=True).encode())
@@ -49,8 +48,11 @@ def analyse(evaluator: Evaluator, choices: dict[str, list[str]], method: str = "
         if path.is_file():
             return pd.read_csv(path)
     pairs = [(layer, p) for layer in evaluator.model.layers for p in choices[layer.name] if p != "fp32"]
+    if method == "hessian":
+        rows = hessian_rows(evaluator, pairs)  # first: a clear error before any build when there is no module
     savings = _savings(evaluator, sorted({p for _, p in pairs}), choices)
-    rows = _measured(evaluator, pairs) if method == "measured" else _sqnr(evaluator, pairs)
+    if method != "hessian":
+        rows = _measured(evaluator, pairs) if method == "measured" else _sqnr(evaluator, pairs)
     table = pd.DataFrame([{**row, **savings.get((row["layer"], row["precision"]), {})} for row in rows],
                          columns=COLUMNS)
     if path is not None:

@@ -33,7 +33,7 @@ from autoq.precision import KNOWN
 
 TOP_KEYS = {"name", "description", "default", "rules", "options", "sampler", "population", "seed", "sensitivity",
             "max_layer_drop", "screen"}
-SENSITIVITY = ("sqnr", "measured", "none")
+SENSITIVITY = ("sqnr", "measured", "hessian", "none")
 RULE_KEYS = {"match", "op_type", "precisions"}
 SAMPLERS = ("nsga2", "tpe", "gp", "random")
 DEFAULT_SPACE = "cpu-int8"

@@ -78,3 +78,36 @@ class TestTorch(BackendContract):
         bare = graph.opened(model.path)
         with pytest.raises(Exception, match="needs an nn.Module"):
             backend.build(bare, Assignment.uniform(bare.layer_names, "fp32"), calibration, workdir / "bare")
+
+
+def test_hessian_sensitivity_ranks_a_fragile_module_first(digits_module, digits_npz, tmp_path):
+    """HAWQ-V2 on the torch module: scale one output channel of head.6 by 1000 (and its input to head.8 by
+    1/1000: the network computes the same function). Per-tensor int8 weights then round away head.6's other
+    channels and head.8's scaled column: both break, and the Hessian score must rank exactly those two first,
+    as the measured drops do."""
+    import copy
+
+    import autoq
+
+    fragile = copy.deepcopy(digits_module)
+    with torch.no_grad():
+        fragile.head[0].weight[3] *= 1000
+        fragile.head[0].bias[3] *= 1000
+        fragile.head[2].weight[:, 3] /= 1000
+    images = np.load(digits_npz)
+    data = {"image": images["image"]}
+    for module in (digits_module, fragile):
+        with torch.inference_mode():  # same function
+            np.testing.assert_allclose(module(torch.from_numpy(data["image"][:8])).numpy(),
+                                       digits_module(torch.from_numpy(data["image"][:8])).numpy(), atol=1e-3)
+    table = autoq.analyse_sensitivity(fragile, (torch.zeros(1, 1, 8, 8),), data, labels=images["label"],
+                                      backend="torch", method="hessian", out=tmp_path / "run")
+    assert set(table["precision"]) == {"bf16", "int8-dyn"} and (table["hessian_trace"] > 0).all()
+    measured = autoq.analyse_sensitivity(fragile, (torch.zeros(1, 1, 8, 8),), data, labels=images["label"],
+                                         backend="torch", method="measured", out=tmp_path / "run")
+
+    def top2(frame):
+        return set(frame.sort_values("score", ascending=False).head(2)[["layer", "precision"]].itertuples(index=False))
+
+    assert top2(table) == top2(measured) == {("head.6", "int8-dyn"), ("head.8", "int8-dyn")}
+    assert measured.set_index(["layer", "precision"]).loc[("head.6", "int8-dyn"), "quality_drop"] > 0.3

@@ -166,7 +166,7 @@ def test_sensitivity_command_and_hessian_error(digits_cnn, digits_npz, tmp_path)
     hessian = subprocess.run([sys.executable, "-m", "autoq", "sensitivity", str(digits_cnn), "--data",
                               str(digits_npz), "--labels", "label", "--method", "hessian", "--out", str(out)],
                              capture_output=True, text=True)
-    assert hessian.returncode == 2 and "needs a torch model" in hessian.stderr
+    assert hessian.returncode == 2 and "needs a torch nn.Module" in hessian.stderr
     assert len(hessian.stderr.strip().splitlines()) == 1
     with pytest.raises(AutoqError, match="unknown sensitivity method"):
         sens.analyse(None, {}, "magic")
