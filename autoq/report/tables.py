@@ -20,8 +20,8 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     rows = []
     for trial in study.get_trials(deepcopy=False):
         attrs = trial.user_attrs
-        if attrs.get("over_budget"):  # started by one worker after others had filled the budget: never ran
-            continue
+        if attrs.get("over_budget") or trial.state.name == "WAITING":  # never ran: over budget, or a seed
+            continue  # enqueued but left for a longer run
         predicted = attrs.get("predicted", [None] * 3)
         assignment = json.loads(attrs["assignment"]) if "assignment" in attrs else {"layers": {}}
         counts = pd.Series(list(assignment["layers"].values()), dtype=object).value_counts()
