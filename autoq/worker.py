@@ -8,6 +8,7 @@ do not survive a fork) and ignores Ctrl-C, so the parent's graceful stop lets th
 from __future__ import annotations
 
 import multiprocessing
+import pickle
 import signal
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -39,8 +40,9 @@ class WorkerSpec:
                    evaluator.metric, evaluator.threads, evaluator.fp32_latency_ms, evaluator.model.module)
 
 
-def _serve(conn: Connection, spec: WorkerSpec) -> None:
+def _serve(conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    spec = pickle.loads(conn.recv_bytes())
     from autoq.backends import get_backend
     from autoq.graph import opened
 
@@ -64,25 +66,29 @@ class Worker:
 
     def __init__(self, spec: WorkerSpec, timeout: float) -> None:
         self.spec, self.timeout = spec, timeout
+        self._payload = pickle.dumps(spec)  # sent over our pipe, not as Process args: a child that dies while
+        # starting (a script without a __main__ guard) leaves spawn's own pipe full and the parent blocked
         self._process: multiprocessing.Process | None = None
         self._conn: Connection | None = None
 
     def _start(self) -> None:
         context = multiprocessing.get_context("spawn")
         self._conn, child = context.Pipe()
-        self._process = context.Process(target=_serve, args=(child, self.spec), daemon=True)
+        self._process = context.Process(target=_serve, args=(child,), daemon=True)
         self._process.start()
         child.close()
         try:  # a worker that cannot even start is the setup's problem, not a candidate's
+            self._conn.send_bytes(self._payload)
             if not self._conn.poll(self.timeout):
                 raise EOFError
             self._conn.recv()
-        except (EOFError, ConnectionError) as exc:
+        except (EOFError, OSError) as exc:
             self._process.join(timeout=30)
             exitcode = self._process.exitcode
             self._stop()
             msg = (f"the trial worker process could not start ({_describe(exitcode)}; its error is above): "
-                   "run autoq from a script file or the CLI, not from standard input")
+                   "call autoq.search under `if __name__ == '__main__':` in a script file (not standard input), "
+                   "or use the CLI")
             raise AutoqError(msg) from exc
 
     def _stop(self) -> None:

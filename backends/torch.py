@@ -1,9 +1,17 @@
-"""PyTorch eager on the CPU, per module: `fp32`, `bf16` (the module's weights and arithmetic in bfloat16, cast
-at its boundary) and `int8-dyn` (torch.ao `quantize_dynamic` on that nn.Linear alone: int8 weights,
-activations quantized at run time by the `quantized::linear_dynamic` kernel).
+"""PyTorch on the CPU, per module: `fp32`, `bf16` (the module's weights and arithmetic in bfloat16, cast at its
+boundary), `int8-dyn` (torch.ao `quantize_dynamic` on that nn.Linear alone: int8 weights, activations quantized
+at run time by the `quantized::linear_dynamic` kernel) and `int8` (static: torchao PT2E with
+`X86InductorQuantizer.set_module_name_qconfig`, calibrated on the cached calibration samples).
 
-Layers are the module FQNs of the user's code (the ONNX export names them so). What ran is recorded by
-forward hooks on one real inference: the module class that executed and the dtype of its weight and input.
+The model-wide option `compile` decides how the model runs: eagerly, or exported and compiled by inductor
+(freezing on, one compile per input shape, inductor's FX graph cache reused across candidates). Static `int8`
+runs integer kernels only compiled (eagerly its quantize/dequantize pairs would run in fp32), and `int8-dyn`
+only eagerly (its packed weights do not export), so each is refused in the other mode.
+
+Layers are the module FQNs of the user's code (the ONNX export names them so). What ran: eagerly, forward hooks
+on one real inference record the module class that executed and the dtypes of its weight and input; compiled,
+the converted graph says which layers carry int8 weights and the profiler must count as many oneDNN int8 kernel
+calls (`onednn::qlinear_pointwise` / `qconv_pointwise`), or those layers are reported as fp32.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import numpy as np
 import torch
 
 from autoq.backends.base import Backend, Candidate, Feeds, Outputs
+from autoq.calibrate import samples_path
 from autoq.errors import AutoqError
 from autoq.graph import OnnxModel
 from autoq.precision import Assignment
@@ -60,6 +69,9 @@ def apply(module: torch.nn.Module, assignment: Assignment) -> torch.nn.Module:
             if not isinstance(target, torch.nn.Linear):
                 raise AutoqError(f"int8-dyn needs an nn.Linear; {fqn} is a {type(target).__name__}")
             dynamic[fqn] = torch.ao.quantization.default_dynamic_qconfig
+        elif precision == "int8":
+            raise AutoqError(f"{layer} is static int8, which needs calibration and compilation: build it with "
+                             "autoq.backends.torch.compile_assignment(module, assignment, samples)")
         elif precision != "fp32":
             raise AutoqError(f"the torch backend cannot build {precision} (for {layer})")
     if dynamic:
@@ -67,6 +79,65 @@ def apply(module: torch.nn.Module, assignment: Assignment) -> torch.nn.Module:
             warnings.simplefilter("ignore")
             result = torch.ao.quantization.quantize_dynamic(result, qconfig_spec=dynamic, dtype=torch.qint8)
     return result
+
+
+COMPILE_OPTION = "compile"
+MODE_ONLY = {"int8": True, "int8-dyn": False}  # precision -> the only `compile` mode it has a real kernel in
+
+
+def compile_assignment(module: torch.nn.Module, assignment: Assignment, samples: dict[str, np.ndarray],
+                       names: list[str] | None = None) -> tuple[Callable, dict[str, str]]:
+    """Export, quantize the `int8` layers with PT2E (calibrated on `samples`, arrays named as the forward's
+    arguments, in `names` order) and compile with inductor. Returns the compiled callable (call it under
+    torch.no_grad) and layer -> the precision the converted graph gives it."""
+    names = names or list(samples)
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+    floating = apply(module, Assignment({n: "bf16" if p == "bf16" else "fp32" for n, p in assignment.layers.items()}))
+    example = tuple(torch.from_numpy(samples[n][:2]) for n in names)
+    dynamic = tuple({0: torch.export.Dim.AUTO} for _ in names)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = torch.export.export(floating, example, dynamic_shapes=dynamic).module()
+        static = sorted({layer.split("#")[0] for layer, p in assignment.layers.items() if p == "int8"})
+        if static:
+            quantizer = xiq.X86InductorQuantizer()
+            for fqn in static:
+                quantizer.set_module_name_qconfig(fqn, xiq.get_default_x86_inductor_quantization_config())
+            graph = prepare_pt2e(graph, quantizer)
+            with torch.no_grad():
+                graph(*(torch.from_numpy(samples[n]) for n in names))
+            graph = convert_pt2e(graph)
+    compiled = torch.compile(graph, dynamic=False)
+
+    def run(*args):  # inductor compiles at a new shape's first call; freezing must be on then (the options=
+        with torch._inductor.config.patch(freezing=True):  # argument of torch.compile does not reach it)
+            return compiled(*args)
+
+    return run, _graph_precisions(graph, assignment)
+
+
+def _graph_precisions(graph: torch.fx.GraphModule, assignment: Assignment) -> dict[str, str]:
+    """Layer -> `int8` where its linear/conv node takes a dequantized int8 weight, else the node's dtype."""
+    found: dict[str, str] = {}
+    for node in graph.graph.nodes:
+        if node.target not in (torch.ops.aten.linear.default, torch.ops.aten.conv2d.default):
+            continue
+        fqn = list(node.meta.get("nn_module_stack", {}).values())[-1][0].removesuffix(".inner")
+        layer = fqn if fqn not in found else next(f"{fqn}#{k}" for k in range(2, 99) if f"{fqn}#{k}" not in found)
+        weight = node.args[1]
+        quantized = getattr(weight, "target", None) == torch.ops.quantized_decomposed.dequantize_per_channel.default
+        dtype = node.meta["val"].dtype
+        found[layer] = "int8" if quantized else "bf16" if dtype == torch.bfloat16 else "fp32"
+    return {layer: found.get(layer, "not run") for layer in assignment.layers}
+
+
+def _int8_kernel_calls(run: Callable[[], object]) -> int:
+    """oneDNN int8 linear/conv kernel calls during one inference, from the torch profiler."""
+    with torch.profiler.profile() as prof:
+        run()
+    return sum(e.count for e in prof.key_averages() if e.key.startswith(("onednn::qlinear", "onednn::qconv")))
 
 
 def _executed_as(module: torch.nn.Module, inputs: tuple) -> str:
@@ -83,27 +154,40 @@ class TorchBackend(Backend):
     default_space = "torch-cpu"
 
     def precisions(self) -> set[str]:
-        return {"fp32", "bf16", "int8-dyn"}
+        return {"fp32", "bf16", "int8-dyn", "int8"}
 
     def build(self, model: OnnxModel, assignment: Assignment, calibration: Path, workdir: Path) -> Candidate:
         if model.module is None or not isinstance(model.module, torch.nn.Module):
             raise AutoqError("the torch backend needs an nn.Module: pass it to autoq.search(module, example_inputs,"
                              " data) (a .pt2 program has no modules to quantize)")
-        built = apply(model.module, assignment)
+        compiled = bool(assignment.options.get(COMPILE_OPTION, False))
+        for layer, precision in assignment.layers.items():
+            if MODE_ONLY.get(precision, compiled) != compiled:
+                mode = "compiled (`compile: [true]`)" if MODE_ONLY[precision] else "eager (`compile: [false]`)"
+                raise AutoqError(f"{precision} (layer {layer}) has a real kernel only {mode} in the torch backend")
+        extra: dict = {"specs": model.inputs}
+        if compiled:
+            names = [spec.name for spec in model.inputs]
+            samples = dict(np.load(samples_path(calibration)))
+            extra["compiled"], extra["graph_precisions"] = compile_assignment(model.module, assignment, samples,
+                                                                              names)
+        built = apply(model.module, Assignment({n: p for n, p in assignment.layers.items() if p != "int8"}))
+        extra["module"] = built
         workdir.mkdir(parents=True, exist_ok=True)
-        path = workdir / "model.pt"
+        path = workdir / "model.pt"  # static int8 is re-created by autoq.apply + PT2E, not stored quantized
         buffer = io.BytesIO()
         torch.save(built.state_dict(), buffer)
         path.write_bytes(buffer.getvalue())
-        return Candidate(assignment, path, path.stat().st_size, {"module": built, "specs": model.inputs})
+        return Candidate(assignment, path, path.stat().st_size, extra)
 
     def runner(self, candidate: Candidate, threads: int) -> Callable[[Feeds], Outputs]:
-        module, names = candidate.extra["module"], [spec.name for spec in candidate.extra["specs"]]
+        module = candidate.extra.get("compiled", candidate.extra["module"])
+        names = [spec.name for spec in candidate.extra["specs"]]
 
         def run(feeds: Feeds) -> Outputs:
             candidate.extra["feeds"] = feeds  # what executed() re-runs to see which kernels ran
             torch.set_num_threads(threads)
-            with torch.inference_mode():
+            with torch.no_grad():  # not inference_mode: compiled graphs with frozen weights reject it
                 out = module(*(torch.from_numpy(feeds[n]) for n in names))
             outs = out if isinstance(out, tuple | list) else (out,)
             return [o.float().numpy() for o in outs]
@@ -137,10 +221,21 @@ class TorchBackend(Backend):
     def executed(self, candidate: Candidate) -> dict[str, str]:
         feeds = candidate.extra.get("feeds") or {  # not run yet: one sample of zeros shows the kernels as well
             spec.name: np.zeros([d or 1 for d in spec.shape], dtype=spec.dtype) for spec in candidate.extra["specs"]}
-        ran = self._hooked(candidate, {k: v[:1] for k, v in feeds.items()}, 1, 1)
+        feeds = {k: v[:1] for k, v in feeds.items()}
+        if "compiled" in candidate.extra:
+            graph = candidate.extra["graph_precisions"]
+            run = self.runner(candidate, 1)
+            run(feeds)  # compiled for this shape before the profiled call
+            quantized = sum(p == "int8" for p in graph.values())
+            fused = _int8_kernel_calls(lambda: run(feeds)) == quantized
+            return {layer: "fp32" if p == "int8" and not fused else p for layer, p in graph.items()}
+        ran = self._hooked(candidate, feeds, 1, 1)
         return {layer: ran.get(layer, ("not run", 0.0))[0] for layer in candidate.assignment.layers}
 
-    def layer_latency(self, candidate: Candidate, feeds: Feeds, threads: int, runs: int = 20) -> dict[str, float]:
+    def layer_latency(self, candidate: Candidate, feeds: Feeds, threads: int,
+                      runs: int = 20) -> dict[str, float] | None:
+        if "compiled" in candidate.extra:  # inductor fuses across modules: no per-module time to read
+            return None
         self.runner(candidate, threads)(feeds)  # warm-up
         return {layer: ms for layer, (_, ms) in self._hooked(candidate, feeds, threads, runs).items()}
 

@@ -111,3 +111,43 @@ def test_hessian_sensitivity_ranks_a_fragile_module_first(digits_module, digits_
 
     assert top2(table) == top2(measured) == {("head.6", "int8-dyn"), ("head.8", "int8-dyn")}
     assert measured.set_index(["layer", "precision"]).loc[("head.6", "int8-dyn"), "quality_drop"] > 0.3
+
+
+class TestTorchCompiled:
+    """Static int8 per module through PT2E, compiled by inductor (the space torch-cpu-compiled)."""
+
+    @pytest.fixture(scope="class")
+    def compiled(self, digits_module, digits_npz, tmp_path_factory):
+        pytest.importorskip("torchao")
+        workdir = tmp_path_factory.mktemp("torch-compiled")
+        model = graph.prepare(to_onnx(digits_module, (torch.zeros(1, 1, 8, 8),), workdir / "export"), workdir)
+        model.module = digits_module
+        splits = data.split(data.load(digits_npz, "label"))
+        calibration = calibrate(model, splits.calibration, workdir / "cache")
+        layers = {"features.0": "int8", "features.3": "fp32", "head.6": "int8", "head.8": "bf16"}
+        backend = get_backend("torch")
+        candidate = backend.build(model, Assignment(layers, {"compile": True}), calibration, workdir / "mixed")
+        return backend, model, splits, calibration, workdir, candidate
+
+    def test_int8_modules_run_onednn_int8_kernels_and_the_rest_do_not(self, compiled):
+        backend, _, splits, _, _, candidate = compiled
+        run = backend.runner(candidate, 1)
+        outputs = run({"image": splits.search.arrays["image"]})[0]
+        feeds = {"image": splits.search.arrays["image"][:1]}
+        run(feeds)
+        with torch.profiler.profile() as profile:
+            run(feeds)
+        counts = {e.key: e.count for e in profile.key_averages()}
+        assert counts.get("onednn::qconv_pointwise") == 1 and counts.get("onednn::qlinear_pointwise") == 1
+        assert backend.executed(candidate) == candidate.assignment.layers
+        assert (outputs.argmax(1) == splits.search.labels).mean() > 0.9
+
+    def test_each_int8_kind_is_refused_in_the_mode_without_its_kernel(self, compiled):
+        backend, model, _, calibration, workdir, _ = compiled
+        eager_static = Assignment({n: "int8" if n == "head.6" else "fp32" for n in model.layer_names})
+        with pytest.raises(Exception, match="int8 .*only compiled"):
+            backend.build(model, eager_static, calibration, workdir / "eager-int8")
+        compiled_dynamic = Assignment({n: "int8-dyn" if n == "head.6" else "fp32" for n in model.layer_names},
+                                      {"compile": True})
+        with pytest.raises(Exception, match="int8-dyn .*only eager"):
+            backend.build(model, compiled_dynamic, calibration, workdir / "compiled-dyn")

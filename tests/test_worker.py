@@ -33,3 +33,17 @@ def test_a_metric_that_cannot_go_to_a_worker_runs_in_process(digits_cnn, digits_
                   lambda ref, out, labels: float(np.mean(ref[0].argmax(1) == out[0].argmax(1))), trials=2, timeout=60)
     assert (trials["state"] == "COMPLETE").all()
     assert "cannot be sent to a worker process" in capfd.readouterr().err
+
+
+def test_a_script_without_a_main_guard_gets_a_clear_error_not_a_hang(digits_cnn, digits_npz, tmp_path):
+    """The spawned worker re-runs an unguarded script and dies while starting: the search must say so."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "unguarded.py"
+    script.write_text("import autoq\n"
+                      f"autoq.search({str(digits_cnn)!r}, {str(digits_npz)!r}, labels='label', trials=2,\n"
+                      f"             space={SPACE!r}, out={str(tmp_path / 'run')!r}, progress=False)\n")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    assert "the trial worker process could not start" in run.stderr
