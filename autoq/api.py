@@ -69,7 +69,12 @@ def _problem(model: str | Path | None, data: DataArg, labels, metric, space, bac
              out: str | Path | None, seed: int | None, constraints: Constraints | None,
              sampler: str | None = None, example_inputs=None) -> Iterator[_Problem]:
     """Load and validate everything; `constraints` is given for a search (its run directory is then checked)."""
-    if model is None:
+    if model is None and backend == "torch":  # the torch backend needs the module itself
+        from autoq.demo import demo_module
+
+        model, example_inputs, data = demo_module()
+        metric = metric or "cosine"
+    elif model is None:
         from autoq.demo import demo_files
 
         model, data = demo_files()
