@@ -16,6 +16,7 @@ calls (`onednn::qlinear_pointwise` / `qconv_pointwise`), or those layers are rep
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import time
@@ -102,7 +103,7 @@ def compile_assignment(module: torch.nn.Module, assignment: Assignment, samples:
         graph = torch.export.export(floating, example, dynamic_shapes=dynamic).module()
         static = sorted({layer.split("#")[0] for layer, p in assignment.layers.items() if p == "int8"})
         if static:
-            quantizer = xiq.X86InductorQuantizer()
+            quantizer = _quantizer(xiq)
             for fqn in static:
                 quantizer.set_module_name_qconfig(fqn, xiq.get_default_x86_inductor_quantization_config())
             graph = prepare_pt2e(graph, quantizer)
@@ -118,13 +119,28 @@ def compile_assignment(module: torch.nn.Module, assignment: Assignment, samples:
     return run, _graph_precisions(graph, assignment)
 
 
+def _quantizer(xiq):
+    """X86InductorQuantizer whose linear+activation fusion annotation is skipped where torchao 0.18 fails on
+    it (an IndexError on MiniLM's Linear+GELU partitions): those linears are then annotated alone."""
+
+    class Quantizer(xiq.X86InductorQuantizer):
+        def _annotate_linear_unary(self, model, config, filter_fn=None) -> None:
+            with contextlib.suppress(IndexError):
+                super()._annotate_linear_unary(model, config, filter_fn)
+
+    return Quantizer()
+
+
 def _graph_precisions(graph: torch.fx.GraphModule, assignment: Assignment) -> dict[str, str]:
     """Layer -> `int8` where its linear/conv node takes a dequantized int8 weight, else the node's dtype."""
     found: dict[str, str] = {}
     for node in graph.graph.nodes:
         if node.target not in (torch.ops.aten.linear.default, torch.ops.aten.conv2d.default):
             continue
-        fqn = list(node.meta.get("nn_module_stack", {}).values())[-1][0].removesuffix(".inner")
+        stack = list(node.meta.get("nn_module_stack", {}).values())
+        if not stack:
+            continue
+        fqn = stack[-1][0].removesuffix(".inner")
         layer = fqn if fqn not in found else next(f"{fqn}#{k}" for k in range(2, 99) if f"{fqn}#{k}" not in found)
         weight = node.args[1]
         quantized = getattr(weight, "target", None) == torch.ops.quantized_decomposed.dequantize_per_channel.default
