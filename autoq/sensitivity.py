@@ -217,8 +217,11 @@ def prune(choices: dict[str, list[str]], table: pd.DataFrame, max_drop: float | 
 def greedy_seeds(table: pd.DataFrame, choices: dict[str, list[str]],
                  fractions: tuple[float, ...] = (0.25, 0.5, 0.67, 0.8, 0.9, 0.95)) -> list[Assignment]:
     """Assignments that lower the precision of layers in order of least quality cost per ms saved (the
-    AIMET/NNCF greedy idea), cut at several budgets, so the first trials already trace a front."""
+    AIMET/NNCF greedy idea), cut at several budgets, so the first trials already trace a front. Where a layer
+    has a precision that saves latency, its precisions that don't are left out of the order."""
     rows = table[[p in choices.get(name, []) for name, p in zip(table["layer"], table["precision"], strict=True)]]
+    faster = rows["latency_saving_ms"].fillna(0) > 0  # where a layer has a faster option, slower ones (e.g. bf16
+    rows = rows[faster | ~faster.groupby(rows["layer"]).transform("any")]  # with no native bf16) take no step
     if rows.empty:
         return []
     gain = rows["latency_saving_ms"].fillna(0).clip(lower=0) + 1e-9 * rows["macs"]

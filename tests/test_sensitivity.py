@@ -171,3 +171,13 @@ def test_sensitivity_command_and_hessian_error(digits_cnn, digits_npz, tmp_path)
     assert len(hessian.stderr.strip().splitlines()) == 1
     with pytest.raises(AutoqError, match="unknown sensitivity method"):
         sens.analyse(None, {}, "magic")
+
+
+def test_greedy_seeds_skip_a_precision_that_makes_the_model_slower(scores):
+    """bf16 without native bf16 costs almost no quality but slows every layer: it must not lead the order."""
+    table = scores["fragile"]["measured"].assign(latency_saving_ms=0.5)
+    layers = scores["fragile"]["layers"]
+    slow = table[table["precision"] == "int8"].assign(precision="bf16", score=0.0,
+                                                      latency_saving_ms=-1.0)
+    seeds = sens.greedy_seeds(pd.concat([table, slow]), {n: ["fp32", "bf16", "int8"] for n in layers})
+    assert seeds and all("bf16" not in s.layers.values() for s in seeds)
