@@ -3,7 +3,7 @@ the FP32 model, NNCF's `quantize` (uniform int8, calibrated on the same samples)
 has it. Everything is re-timed here, in one process, each against the FP32 model in alternating rounds;
 quality is the cosine to the FP32 embeddings on the validation split.
 
-    python benchmarks/openvino.py --trials 40 --out reports/benchmarks/openvino.md
+    python benchmarks/openvino_backend.py --trials 40 --out reports/benchmarks/openvino.md
 """
 
 from __future__ import annotations
