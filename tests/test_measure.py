@@ -20,6 +20,9 @@ def _spin(seconds: float) -> None:
 def test_load_meter_sees_other_processes_not_our_own():
     meter = LoadMeter()
     meter.start()
+    time.sleep(0.6)
+    background = meter.stop()  # what the shared machine already runs
+    meter.start()
     _spin(0.6)  # our own work is not load
     own = meter.stop()
     other = subprocess.Popen([sys.executable, "-c", BUSY.format(s=3)])
@@ -30,8 +33,8 @@ def test_load_meter_sees_other_processes_not_our_own():
         busy = meter.stop()
     finally:
         other.wait()
-    assert own < 0.5
-    assert busy > 0.7  # one core spun by another process
+    assert own < background + 0.5
+    assert busy > min(background, 1.0) + 0.7  # one more core spun by another process
 
 
 def test_busy_machine_is_re_timed_and_recorded():
