@@ -91,11 +91,18 @@ def compile_assignment(module: torch.nn.Module, assignment: Assignment, samples:
     """Export, quantize the `int8` layers with PT2E (calibrated on `samples`, arrays named as the forward's
     arguments, in `names` order) and compile with inductor. Returns the compiled callable (call it under
     torch.no_grad) and layer -> the precision the converted graph gives it."""
-    names = names or list(samples)
+    floating = apply(module, Assignment({n: "bf16" if p == "bf16" else "fp32" for n, p in assignment.layers.items()}))
+    run, precisions, _ = _compile(floating, assignment, samples, names or list(samples))
+    return run, precisions
+
+
+def _compile(floating: torch.nn.Module, assignment: Assignment, samples: dict[str, np.ndarray],
+             names: list[str]) -> tuple[Callable, dict[str, str], int]:
+    """compile_assignment on a module already in its float precisions; also returns the bytes of the tensors
+    the converted graph holds (int8 weights where quantized: the deployed size)."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
 
-    floating = apply(module, Assignment({n: "bf16" if p == "bf16" else "fp32" for n, p in assignment.layers.items()}))
     example = tuple(torch.from_numpy(samples[n][:2]) for n in names)
     dynamic = tuple({0: torch.export.Dim.AUTO} for _ in names)
     with warnings.catch_warnings():
@@ -116,7 +123,9 @@ def compile_assignment(module: torch.nn.Module, assignment: Assignment, samples:
         with torch._inductor.config.patch(freezing=True):  # argument of torch.compile does not reach it)
             return compiled(*args)
 
-    return run, _graph_precisions(graph, assignment)
+    used = {node.target for node in graph.graph.nodes if node.op == "get_attr"}  # not the float weights left
+    size = sum(t.nbytes for name, t in graph.state_dict().items() if name in used)  # behind by convert_pt2e
+    return run, _graph_precisions(graph, assignment), size
 
 
 def _quantizer(xiq):
@@ -181,20 +190,19 @@ class TorchBackend(Backend):
             if MODE_ONLY.get(precision, compiled) != compiled:
                 mode = "compiled (`compile: [true]`)" if MODE_ONLY[precision] else "eager (`compile: [false]`)"
                 raise AutoqError(f"{precision} (layer {layer}) has a real kernel only {mode} in the torch backend")
-        extra: dict = {"specs": model.inputs}
-        if compiled:
-            names = [spec.name for spec in model.inputs]
-            samples = dict(np.load(samples_path(calibration)))
-            extra["compiled"], extra["graph_precisions"] = compile_assignment(model.module, assignment, samples,
-                                                                              names)
         built = apply(model.module, Assignment({n: p for n, p in assignment.layers.items() if p != "int8"}))
-        extra["module"] = built
+        extra: dict = {"specs": model.inputs, "module": built}
         workdir.mkdir(parents=True, exist_ok=True)
-        path = workdir / "model.pt"  # static int8 is re-created by autoq.apply + PT2E, not stored quantized
+        path = workdir / "model.pt"  # static int8 is re-created by compile_assignment, not stored quantized
         buffer = io.BytesIO()
         torch.save(built.state_dict(), buffer)
         path.write_bytes(buffer.getvalue())
-        return Candidate(assignment, path, path.stat().st_size, extra)
+        size = path.stat().st_size
+        if compiled:
+            samples = dict(np.load(samples_path(calibration)))
+            extra["compiled"], extra["graph_precisions"], size = _compile(
+                built, assignment, samples, [spec.name for spec in model.inputs])
+        return Candidate(assignment, path, size, extra)
 
     def runner(self, candidate: Candidate, threads: int) -> Callable[[Feeds], Outputs]:
         module = candidate.extra.get("compiled", candidate.extra["module"])

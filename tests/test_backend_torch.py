@@ -142,6 +142,12 @@ class TestTorchCompiled:
         assert backend.executed(candidate) == candidate.assignment.layers
         assert (outputs.argmax(1) == splits.search.labels).mean() > 0.9
 
+    def test_size_counts_the_int8_weights_the_compiled_graph_holds(self, compiled):
+        backend, model, _, calibration, workdir, candidate = compiled
+        fp32 = backend.build(model, Assignment.uniform(model.layer_names, "fp32", {"compile": True}), calibration,
+                             workdir / "fp32")
+        assert candidate.size_bytes < 0.6 * fp32.size_bytes  # int8 and bf16 weights, fp32 biases and scales
+
     def test_each_int8_kind_is_refused_in_the_mode_without_its_kernel(self, compiled):
         backend, model, _, calibration, workdir, _ = compiled
         eager_static = Assignment({n: "int8" if n == "head.6" else "fp32" for n in model.layer_names})
