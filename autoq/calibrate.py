@@ -1,32 +1,48 @@
 """One pass over the calibration data -> activation ranges of every tensor a layer could quantize.
 
-The ranges are written in ONNX Runtime's calibration-cache format and cached in the run directory, so
-building a candidate never re-runs calibration. The calibration samples are kept beside them
-(`samples_path`) for backends whose quantizer observes activations itself (PT2E).
+The ranges cover every float tensor (layers and the glue between them) and are written in ONNX Runtime's
+calibration-cache format, cached in the run directory, so building a candidate never re-runs calibration.
+Beside them: the calibration samples (`samples_path`) for backends whose quantizer observes activations itself
+(PT2E), and each tensor's resolution under its uint8 range (`resolution_path`): the SQNR of quantizing the values
+between the range's ends. A tensor whose range a sentinel dominates (an attention mask's float-min) has its
+real values rounded away (about 0 dB): `autoq.regions` keeps such glue float.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from autoq.data import Dataset, batch_size, fingerprint
-from autoq.graph import LAYER_OPS, OnnxModel
+from autoq.graph import OnnxModel
 
 METHODS = ("minmax", "entropy", "percentile")
+VERSION = 2  # v2: every float tensor, not only the layers' inputs and outputs
+RESOLUTION_SAMPLES = 16
+LEVELS = 255  # uint8 activations
 
 
 def cache_path(model: OnnxModel, data: Dataset, cache_dir: Path, method: str) -> Path:
     digest = hashlib.sha1(model.path.read_bytes()).hexdigest()[:12]
-    return cache_dir / f"calibration-{method}-{digest}-{fingerprint(data)}.json"
+    return cache_dir / f"calibration-v{VERSION}-{method}-{digest}-{fingerprint(data)}.json"
 
 
 def samples_path(ranges: Path) -> Path:
     """The calibration samples (model inputs by name) kept beside the ranges computed from them."""
     return ranges.with_suffix(".npz")
+
+
+def resolution_path(ranges: Path) -> Path:
+    """Tensor -> SQNR (dB) of its uint8 quantization under its calibrated range."""
+    return ranges.with_name(ranges.stem + "-resolution.json")
+
+
+def resolution(ranges: Path) -> dict[str, float]:
+    return json.loads(resolution_path(ranges).read_text())
 
 
 def calibrate(model: OnnxModel, data: Dataset, cache_dir: Path, method: str = "minmax") -> Path:
@@ -37,18 +53,49 @@ def calibrate(model: OnnxModel, data: Dataset, cache_dir: Path, method: str = "m
     path.parent.mkdir(parents=True, exist_ok=True)
     if not samples_path(path).is_file():
         np.savez(samples_path(path), **data.arrays)
-    if path.is_file():
+    if path.is_file() and resolution_path(path).is_file():
         return path
     ort_method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                   "percentile": CalibrationMethod.Percentile}[method]
     batches = list(data.batches(batch_size(model.inputs)))
     with tempfile.TemporaryDirectory(prefix="autoq-calib-") as tmp:
-        calibrator = create_calibrator(model.path, list(LAYER_OPS), augmented_model_path=f"{tmp}/augmented.onnx",
+        calibrator = create_calibrator(model.path, [], augmented_model_path=f"{tmp}/augmented.onnx",
                                        calibrate_method=ort_method)
         calibrator.collect_data(_Reader(batches))
         ranges = calibrator.compute_data()
+    bounds = {name: (float(np.min(r.range_value[0])), float(np.max(r.range_value[1])))
+              for name, r in ranges.data.items()}
+    resolution_path(path).write_text(json.dumps(_resolution(model, bounds, batches[:RESOLUTION_SAMPLES])))
     save_tensors_data(ranges, path)
     return path
+
+
+def _resolution(model: OnnxModel, bounds: dict[str, tuple[float, float]], batches: list[dict]) -> dict[str, float]:
+    """Per tensor: SQNR (dB) of its uint8 quantization under its calibrated range (widened to hold 0, as the
+    quantizer does), over the values strictly between the range's ends (values at an end, a sentinel or a clip
+    bound, are exact); inf where no value lies between."""
+    import onnx
+    import onnxruntime as ort
+
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model.proto)
+    known = {o.name for o in proto.graph.output}
+    proto.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in bounds if t not in known)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = list(bounds)
+    power = {name: np.zeros(2) for name in names}  # signal, noise
+    for feeds in batches:
+        for name, value in zip(names, session.run(names, feeds), strict=True):
+            low, high = min(bounds[name][0], 0.0), max(bounds[name][1], 0.0)
+            if high <= low:
+                continue
+            inside = value[(value > low) & (value < high)].astype(np.float64)
+            scale = (high - low) / LEVELS
+            zero = np.round(-low / scale)
+            error = (np.clip(np.round(inside / scale) + zero, 0, LEVELS) - zero) * scale - inside
+            power[name] += (np.square(inside).sum(), np.square(error).sum())
+    return {name: float(10 * np.log10(signal / noise)) if noise > 0 else float("inf")
+            for name, (signal, noise) in power.items()}
 
 
 class _Reader:

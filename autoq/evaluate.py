@@ -125,6 +125,7 @@ class Evaluator:
         try:
             quality, outputs, run = self.score(candidate, split)
             executed = self.backend.executed(candidate)
+            glue = self.backend.glue_check(candidate)
             feeds = self.latency_feeds
             measured = time_runner(lambda: run(feeds), lambda: self._ref_run(feeds), **timing)
         finally:
@@ -138,4 +139,6 @@ class Evaluator:
                 "latency_spread_ms": measured.spread_ms * scale, "measured_latency_ms": measured.median_ms,
                 "latency_runs": measured.runs, "load": measured.load, "fp32_latency_ms": measured.ref_median_ms,
                 "speedup": measured.speedup, "size_bytes": candidate.size_bytes,
-                "executed_ok": not mismatched, "mismatched_layers": mismatched, "executed": executed}
+                "executed_ok": not mismatched, "mismatched_layers": mismatched, "executed": executed,
+                **({} if glue is None else {"conversions": len(glue.conversions), "int8_chains": len(glue.chains),
+                                            "glue": {"conversions": glue.conversions, "chains": glue.chains}})}

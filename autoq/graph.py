@@ -10,6 +10,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from autoq.errors import AutoqError
+from autoq.fold import simplify
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 MIN_OPSET = 13  # per-channel QDQ needs opset >= 13
@@ -75,7 +76,8 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
 
 
 def normalise(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Make a model quantizer-ready: opset >= 13, weights as initializers, unique node names, shapes."""
+    """Make a model quantizer-ready: opset >= 13, weights as initializers, BatchNorm folded (`autoq.fold`),
+    unique node names, shapes."""
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < MIN_OPSET:
         try:
@@ -100,6 +102,8 @@ def normalise(model: onnx.ModelProto) -> onnx.ModelProto:
     inputs = [i for i in graph.input if i.name not in initializers]
     del graph.input[:]
     graph.input.extend(inputs)
+    model = simplify(model)
+    graph = model.graph
     seen: set[str] = set()
     for index, node in enumerate(graph.node):
         name = node.name or f"{node.op_type}_{index}"

@@ -34,6 +34,14 @@ class Candidate:
     extra: dict = field(default_factory=dict)
 
 
+@dataclass
+class GlueCheck:
+    """What the runtime really made of the glue between layers."""
+
+    conversions: list[str]  # float<->int8 conversions left inside the graph (tensor -> int8 | float)
+    chains: list[list[str]]  # int8 layers grouped by the integer chain they run in
+
+
 class Backend(ABC):
     """Builds assignments for real, runs them, and says which precision each layer really executed in.
 
@@ -75,6 +83,10 @@ class Backend(ABC):
                       runs: int = 20) -> dict[str, float] | None:
         """Mean ms each layer's kernels (with their own quantize/dequantize nodes) took, from the runtime's
         profiler; None where the backend has no per-node profile."""
+        return None
+
+    def glue_check(self, candidate: Candidate) -> GlueCheck | None:
+        """The float<->int8 conversions and int8 chains in the runtime's graph; None where not inspectable."""
         return None
 
     @abstractmethod

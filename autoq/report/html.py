@@ -134,6 +134,25 @@ def _trial_counts(trials: pd.DataFrame) -> str:
     return text
 
 
+def _region_map(front: pd.DataFrame) -> str:
+    """Per front point: the int8 chains (layers running as one integer chain) and where float<->int8
+    conversions remain in the runtime's graph (beside the executed check)."""
+    if "glue" not in front or not front["glue"].fillna("").astype(str).str.len().any():
+        return ""
+    rows = []
+    for point, glue in zip(front.get("point", front.index), front["glue"].fillna(""), strict=True):
+        if not glue:
+            continue
+        found = json.loads(glue)
+        chains = sorted(found["chains"], key=len, reverse=True)
+        listed = "; ".join(f"[{len(c)}] {c[0]} .. {c[-1]}" for c in chains[:6]) + (" ..." if len(chains) > 6 else "")
+        where = ", ".join(found["conversions"][:6]) + (" ..." if len(found["conversions"]) > 6 else "")
+        rows.append({"point": point, "int8 chains": len(chains), "chains (layers, first .. last)": listed,
+                     "conversions": len(found["conversions"]), "where": where})
+    return ("<h2>Region map: int8 chains and the float&lt;-&gt;int8 conversions left in the runtime's graph</h2>"
+            + _table(pd.DataFrame(rows)))
+
+
 def _table(frame: pd.DataFrame) -> str:
     return frame.to_html(index=False, border=0, classes="table", float_format=lambda v: f"{v:.4g}")
 
@@ -150,7 +169,8 @@ def write_html(path: Path, trials: pd.DataFrame, front: pd.DataFrame, meta: dict
     plots = [fig.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, fig in enumerate(figures)]
     columns = [c for c in ("point", "trial", "summary", "quality", "val_quality", "val_quality_spread", "latency_ms",
                            "val_latency_ms",
-                           "val_latency_spread_ms", "speedup", "size_bytes", "val_executed_ok", "model")
+                           "val_latency_spread_ms", "speedup", "size_bytes", "val_executed_ok", "conversions",
+                           "int8_chains", "model")
                if c in front.columns]
     machine = meta.get("machine", {})
     facts = {"model": meta.get("model"), "backend": meta.get("backend"), "metric": meta.get("metric"),
@@ -168,6 +188,7 @@ th,td{{padding:3px 10px;text-align:left;border-bottom:1px solid #ddd;font-size:1
 <table>{rows}</table>
 <h2>Pareto front</h2>{plots[0]}
 <h2>Front points (quality and latency re-measured on the validation split)</h2>{_table(front[columns])}
+{_region_map(front)}
 {"".join(plots[1:]) if len(plots) > 1 else "<p>No completed trial.</p>"}
 </body></html>"""
     path.write_text(body)

@@ -9,11 +9,11 @@ import pandas as pd
 
 # Measurements stored on each trial as they are; with the others below, documented in the README.
 MEASURED = ["quality", "quality_spread", "latency_ms", "latency_spread_ms", "measured_latency_ms", "latency_runs",
-            "load", "fp32_latency_ms", "speedup", "size_bytes"]
+            "load", "fp32_latency_ms", "speedup", "size_bytes", "conversions", "int8_chains"]
 # trials.csv has these columns, pareto.csv these plus the val_* ones.
 TRIAL_COLUMNS = ["trial", "state", "baseline", "seeded", "duplicate", *MEASURED, "feasible", "executed_ok",
                  "mismatched_layers", "screened", "predicted_quality", "predicted_latency_ms", "predicted_size_bytes",
-                 "screen_wrong", "summary", "error", "key", "assignment", "executed"]
+                 "screen_wrong", "summary", "error", "key", "assignment", "executed", "glue"]
 
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
@@ -39,5 +39,6 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             "error": attrs.get("error", "interrupted" if trial.state.name == "FAIL" else ""),
             "key": attrs.get("key", ""), "assignment": attrs.get("assignment", ""),
             "executed": json.dumps(attrs["executed"]) if "executed" in attrs else "",
+            "glue": json.dumps(attrs["glue"]) if "glue" in attrs else "",
         })
     return pd.DataFrame(rows, columns=TRIAL_COLUMNS)

@@ -1,0 +1,137 @@
+"""Regions on the real ONNX Runtime: int8 layers chain through their glue; sentinel glue stays float."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from autoq import graph
+from autoq.backends import get_backend
+from autoq.calibrate import calibrate, resolution
+from autoq.data import Dataset
+from autoq.precision import Assignment
+from autoq.regions import MIN_SQNR_DB
+
+RNG = np.random.default_rng(0)
+
+
+def _const(name: str, value: np.ndarray) -> onnx.TensorProto:
+    return numpy_helper.from_array(value.astype(np.float32), name)
+
+
+def _save(nodes, inputs, initializers, path, rank: int = 4):
+    output = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", *([None] * (rank - 1))])
+    model = helper.make_model(helper.make_graph(nodes, "g", inputs, [output], initializers),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(path))
+    return path
+
+
+def _chain_model(path):
+    """x -> conv1 -> Clip(0, 6) -> conv2 -> Clip -> conv3 -> Add(conv3, clip1): a ReLU6 block with a residual."""
+    conv = [_const(f"w{i}", RNG.normal(0, 0.3, (8, 8 if i else 3, 3, 3))) for i in range(3)]
+    bias = [_const(f"b{i}", RNG.normal(0, 0.1, 8)) for i in range(3)]
+    bounds = [_const("lo", np.array(0.0)), _const("hi", np.array(6.0))]
+    nodes = [helper.make_node("Conv", ["x", "w0", "b0"], ["c1"], "conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Clip", ["c1", "lo", "hi"], ["r1"], "clip1"),
+             helper.make_node("Conv", ["r1", "w1", "b1"], ["c2"], "conv2", pads=[1, 1, 1, 1]),
+             helper.make_node("Clip", ["c2", "lo", "hi"], ["r2"], "clip2"),
+             helper.make_node("Conv", ["r2", "w2", "b2"], ["c3"], "conv3", pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["c3", "r1"], ["y"], "residual")]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 16, 16])
+    return _save(nodes, [x], [*conv, *bias, *bounds], path)
+
+
+def _mask_model(path):
+    """x -> MatMul -> Add(mask) -> Softmax -> MatMul: the mask holds 0 or float-min, as a transformer's does."""
+    weights = [_const("wq", RNG.normal(0, 0.3, (16, 16))), _const("wo", RNG.normal(0, 0.3, (16, 16)))]
+    nodes = [helper.make_node("MatMul", ["x", "wq"], ["scores"], "query"),
+             helper.make_node("Add", ["scores", "mask"], ["masked"], "mask_add"),
+             helper.make_node("Softmax", ["masked"], ["probs"], "softmax", axis=-1),
+             helper.make_node("MatMul", ["probs", "wo"], ["y"], "out")]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16]),
+              helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["batch", 16])]
+    return _save(nodes, inputs, weights, path, rank=2)
+
+
+def _built(tmp_path, model_path, arrays, layers: dict[str, str]):
+    model = graph.prepare(model_path, tmp_path / "run")
+    calibration = calibrate(model, Dataset(arrays), tmp_path / "cache")
+    backend = get_backend("onnxruntime")
+    candidate = backend.build(model, Assignment(layers), calibration, tmp_path / "build")
+    backend.runner(candidate, 1)
+    return backend, model, calibration, candidate
+
+
+def test_int8_chain_leaves_no_float_round_trip(tmp_path):
+    arrays = {"x": RNG.normal(0, 1, (16, 3, 16, 16)).astype(np.float32)}
+    backend, model, calibration, candidate = _built(tmp_path, _chain_model(tmp_path / "chain.onnx"), arrays,
+                                                    {"conv1": "int8", "conv2": "int8", "conv3": "int8"})
+    check = backend.glue_check(candidate)
+    assert check.conversions == []
+    assert [sorted(chain) for chain in check.chains] == [["conv1", "conv2", "conv3"]]
+    assert set(backend.executed(candidate).values()) == {"int8"}
+    ops = {node.op_type for node in onnx.load(str(candidate.path.with_name("optimized.onnx"))).graph.node}
+    assert "QLinearAdd" in ops and "Clip" not in ops  # the residual runs int8, the ReLU6 is absorbed
+    reference = backend.runner(backend.build(model, Assignment.uniform(model.layer_names, "fp32"), calibration,
+                                             tmp_path / "fp32"), 1)
+    feeds = {"x": arrays["x"][:4]}
+    got, want = backend.runner(candidate, 1)(feeds)[0], reference(feeds)[0]
+    assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.99
+
+
+def test_float_layer_in_the_middle_costs_exactly_its_two_conversions(tmp_path):
+    arrays = {"x": RNG.normal(0, 1, (16, 3, 16, 16)).astype(np.float32)}
+    backend, _, _, candidate = _built(tmp_path, _chain_model(tmp_path / "chain.onnx"), arrays,
+                                      {"conv1": "int8", "conv2": "fp32", "conv3": "int8"})
+    check = backend.glue_check(candidate)
+    assert sorted(check.conversions) == ["c2 -> int8", "r1 -> float"]  # into conv2, out of its ReLU6
+    assert backend.executed(candidate) == {"conv1": "int8", "conv2": "fp32", "conv3": "int8"}
+    assert sorted(sorted(chain) for chain in check.chains) == [["conv1", "conv3"]]  # joined by the int8 Add
+
+
+def test_mask_add_with_a_sentinel_range_stays_float(tmp_path):
+    mask = np.where(RNG.random((32, 16)) < 0.6, np.finfo(np.float32).min, 0.0).astype(np.float32)
+    arrays = {"x": RNG.normal(0, 1, (32, 16)).astype(np.float32), "mask": mask}
+    backend, model, calibration, candidate = _built(tmp_path, _mask_model(tmp_path / "mask.onnx"), arrays,
+                                                    {"query": "int8", "out": "int8"})
+    regions = backend.regions(model, calibration)
+    assert "mask_add" in regions.kept_float and "dB SQNR" in regions.kept_float["mask_add"]
+    assert "mask_add" not in regions.int8_nodes(Assignment({"query": "int8", "out": "int8"}))
+    ops = [node.op_type for node in onnx.load(str(candidate.path.with_name("optimized.onnx"))).graph.node]
+    assert "Add" in ops and "QLinearAdd" not in ops
+    assert backend.executed(candidate) == {"query": "int8", "out": "int8"}
+    out = backend.runner(candidate, 1)({"x": arrays["x"][:4], "mask": mask[:4]})[0]
+    assert np.isfinite(out).all()
+
+
+@pytest.mark.slow
+def test_minilm_all_int8_keeps_the_mask_path_float_and_its_quality(tmp_path):
+    """all-MiniLM-L6-v2: every attention-mask Add stays float, and all-int8 keeps cosine >= 0.936."""
+    from autoq.data import split
+    from autoq.demo import demo_files
+    from autoq.metrics import get_metric
+
+    model_path, data_path = demo_files()
+    model = graph.prepare(model_path, tmp_path / "run")
+    splits = split(Dataset(dict(np.load(data_path))), seed=0)
+    calibration = calibrate(model, splits.calibration, tmp_path / "cache")
+    backend = get_backend("onnxruntime")
+    regions = backend.regions(model, calibration)
+    mask_adds = [n for n in model.proto.graph.node if n.name.endswith("attention/self/Add")]
+    assert len(mask_adds) == 6
+    # The statistics alone flag every masked score tensor (float-min sentinel), whatever else keeps it float.
+    assert all(resolution(calibration)[n.output[0]] < MIN_SQNR_DB for n in mask_adds)
+    int8 = regions.int8_nodes(Assignment.uniform(model.layer_names, "int8"))
+    assert not int8 & {n.name for n in mask_adds} and any(n.endswith("attention/self/MatMul_1") for n in int8)
+    candidate = backend.build(model, Assignment.uniform(model.layer_names, "int8"), calibration, tmp_path / "int8")
+    reference = backend.build(model, Assignment.uniform(model.layer_names, "fp32"), calibration, tmp_path / "fp32")
+    assert set(backend.executed(candidate).values()) == {"int8"}
+    feeds = [splits.search.subset(np.arange(i, min(i + 16, len(splits.search)))).arrays
+             for i in range(0, len(splits.search), 16)]
+    run, ref = backend.runner(candidate, 2), backend.runner(reference, 2)
+    got = [np.concatenate([run(f)[0] for f in feeds])]
+    want = [np.concatenate([ref(f)[0] for f in feeds])]
+    assert get_metric("cosine", False)[1](want, got, None) >= 0.936
