@@ -1,4 +1,6 @@
-"""ONNX Runtime: per-layer static int8 as U8S8 QDQ (the integer kernels this CPU runs), fp32 otherwise.
+"""ONNX Runtime: per-layer static int8 as U8S8 QDQ (the integer kernels this CPU runs), dynamic int8 on
+MatMul (`int8-dyn`: ORT's `quantize_dynamic` on those nodes alone: int8 weights, activations quantized at
+run time by DynamicQuantizeMatMul), fp32 otherwise.
 
 An int8 layer takes its region with it (`autoq.regions`): the glue after it runs in ORT's integer kernels
 (QLinearAdd/Mul/Concat/Sigmoid/Softmax/GlobalAveragePool/MatMul...) or passes int8 through (MaxPool, Resize,
@@ -19,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
 from autoq.backends.base import Backend, Candidate, Feeds, GlueCheck, Outputs
 from autoq.calibrate import resolution
@@ -37,6 +39,8 @@ INTEGER_GLUE = {"Add", "Mul", "Concat", "Sigmoid", "LeakyRelu", "Softmax", "Aver
 PASS_THROUGH = {"MaxPool", "Resize", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Slice",
                 "Expand", "Tile", "Gather", "GatherElements", "Split"}
 QUANTIZE = {"QuantizeLinear", "DynamicQuantizeLinear"}
+DYNAMIC_OPS = {"DynamicQuantizeMatMul", "MatMulInteger", "MatMulIntegerToFloat"}  # int8-dyn when fed at run time
+DYNAMIC_LAYERS = ("MatMul",)  # ORT's dynamic quantizer has no Gemm
 OPTIMIZED = "optimized.onnx"
 
 
@@ -57,11 +61,12 @@ class OnnxRuntimeBackend(Backend):
     default_space = "cpu-int8"
 
     def precisions(self) -> set[str]:
-        return {"fp32", "int8"}
+        return {"fp32", "int8", "int8-dyn"}
 
     def layer_precisions(self, layer: Layer, allowed: list[str]) -> list[str]:
-        """ORT's CPU provider has no integer ConvTranspose: its QDQ would run as float."""
-        return [p for p in allowed if p != "int8" or layer.op_type != "ConvTranspose"]
+        """ORT's CPU provider has no integer ConvTranspose (its QDQ would run as float); int8-dyn is MatMul only."""
+        return [p for p in allowed if not (p == "int8" and layer.op_type == "ConvTranspose")
+                and not (p == "int8-dyn" and layer.op_type not in DYNAMIC_LAYERS)]
 
     def regions(self, model: OnnxModel, calibration: Path) -> Regions:
         """The model's regions on ORT (computed once per model and calibration, cached beside the ranges)."""
@@ -96,8 +101,8 @@ class OnnxRuntimeBackend(Backend):
     def build(self, model: OnnxModel, assignment: Assignment, calibration: Path, workdir: Path) -> Candidate:
         workdir.mkdir(parents=True, exist_ok=True)
         out = workdir / "model.onnx"
-        int8 = "int8" in assignment.layers.values()
-        nodes = self.regions(model, calibration).int8_nodes(assignment) if int8 else set()
+        regions = self.regions(model, calibration)
+        nodes = regions.int8_nodes(assignment)
         if not nodes:  # quantize_static treats an empty node list as "all nodes"
             shutil.copyfile(model.path, out)
         else:
@@ -113,8 +118,14 @@ class OnnxRuntimeBackend(Backend):
                     calibration_cache_path=calibration)
             source.unlink()
             _keep_float(out, [name for name, p in assignment.layers.items() if p != "int8"])
-        return Candidate(assignment, out, out.stat().st_size, {"layers": {layer.name: layer.weight
-                                                                            for layer in model.layers}})
+        dynamic = sorted(name for name, precision in assignment.layers.items() if precision == "int8-dyn")
+        if dynamic:
+            with _quiet_root_logger():
+                quantize_dynamic(out, out, op_types_to_quantize=list(DYNAMIC_LAYERS), nodes_to_quantize=dynamic,
+                                 weight_type=QuantType.QInt8)
+        return Candidate(assignment, out, out.stat().st_size, {
+            "layers": {layer.name: layer.weight for layer in model.layers}, "regions": regions,
+            "graph": model.proto.graph})
 
     @staticmethod
     def _options(threads: int) -> ort.SessionOptions:
@@ -160,9 +171,18 @@ class OnnxRuntimeBackend(Backend):
     def executed(self, candidate: Candidate) -> dict[str, str]:
         # A layer ran int8 only if an integer kernel consumes its (quantized) weight or carries its name;
         # a DequantizeLinear left in front of a float op means the int8 was simulated: fp32.
-        kernels = self._kernels(self._optimized(candidate), candidate)
-        return {layer: "int8" if node is not None and node.op_type in INTEGER_OPS else "fp32"
-                for layer, node in kernels.items()}
+        graph = self._optimized(candidate)
+        producer = {out: node for node in graph.node for out in node.output}
+        result = {}
+        for layer, node in self._kernels(graph, candidate).items():
+            if node is None or node.op_type not in INTEGER_OPS:
+                result[layer] = "fp32"
+                continue
+            source = producer.get(node.input[0])
+            at_run_time = node.op_type == "DynamicQuantizeMatMul" or (
+                node.op_type in DYNAMIC_OPS and source is not None and source.op_type == "DynamicQuantizeLinear")
+            result[layer] = "int8-dyn" if at_run_time else "int8"
+        return result
 
     def glue_check(self, candidate: Candidate) -> GlueCheck:
         """The float<->int8 conversions left inside ORT's optimised graph, and the int8 chains of layers."""
@@ -190,7 +210,7 @@ class OnnxRuntimeBackend(Backend):
             if event.get("cat") == "Node" and name.endswith("_kernel_time"):
                 durations.setdefault(name[: -len("_kernel_time")], []).append((event["ts"], event["dur"]))
         per_node = {n: float(np.mean([d for _, d in sorted(v)[warmup:]])) / 1e3 for n, v in durations.items()}
-        return _attribute(onnx.load(str(candidate.path), load_external_data=False).graph, per_node,
+        return _attribute(candidate.extra["graph"], candidate.extra["regions"], per_node,
                           list(candidate.extra["layers"]))
 
     def export(self, candidate: Candidate, path: Path) -> Path:
@@ -263,25 +283,35 @@ def _chains(graph: onnx.GraphProto, kernels: dict[str, onnx.NodeProto | None]) -
     return list(groups.values())
 
 
-def _attribute(graph: onnx.GraphProto, per_node: dict[str, float], layers: list[str]) -> dict[str, float]:
-    """Per-layer ms from per-node ms: the layer's node (as ORT renamed it), the quantize/dequantize of its
-    output, and an equal share of the quantize of its input (shared by layers reading the same tensor)."""
-    producer = {out: node for node in graph.node for out in node.output}
-    consumers: dict[str, int] = {}
-    for node in graph.node:
+def _attribute(model: onnx.GraphProto, regions: Regions, per_node: dict[str, float],
+               layers: list[str]) -> dict[str, float]:
+    """Per-layer ms from ORT's per-node profile: each event is traced back to a node of the model (ORT names
+    fused kernels `<node>_token_<n>`, `fused <node>`, `<node>_quant`, NCHWc kernels `<output tensor>_nchwc`,
+    quantize/dequantize nodes `<tensor>_QuantizeLinear`) and its time goes to the layers whose region holds that
+    node, in equal shares; a quantize/dequantize goes with the tensor's producer (or its consumers' layers)."""
+    producer = {out: node.name for node in model.node for out in node.output}
+    consumers: dict[str, list[str]] = {}
+    for node in model.node:
         for name in node.input:
-            consumers[name] = consumers.get(name, 0) + 1
-    nodes = {node.name: node for node in graph.node}
-    result = {}
-    for layer in layers:
-        node = nodes[layer]
-        own = [layer, f"fused {layer}", f"{node.output[0]}_QuantizeLinear", f"{node.output[0]}_DequantizeLinear"]
-        total = sum(per_node.get(n, 0.0) for n in own)
-        total += sum(v for n, v in per_node.items() if n.startswith(f"{layer}_token_"))
-        dequantize = producer.get(node.input[0])
-        if dequantize is not None and dequantize.op_type == "DequantizeLinear":
-            quantize = producer.get(dequantize.input[0])
-            if quantize is not None and quantize.op_type == "QuantizeLinear":
-                total += per_node.get(quantize.name, 0.0) / max(1, consumers.get(quantize.output[0], 1))
-        result[layer] = total
+            consumers.setdefault(name, []).append(node.name)
+    owners: dict[str, set[str]] = {layer: {layer} for layer in layers}
+    for node, holders in regions.owners.items():
+        owners[node] = set(holders)
+
+    def holders(event: str) -> set[str]:
+        name = event.removeprefix("fused ").split("_token_")[0].removesuffix("_quant")
+        if name in owners:
+            return owners[name]
+        for suffix in ("_nchwc", "_QuantizeLinear", "_DequantizeLinear"):
+            if name.endswith(suffix):
+                tensor = name.removesuffix(suffix)
+                found = owners.get(producer.get(tensor, ""), set())
+                return found or set().union(*(owners.get(c, set()) for c in consumers.get(tensor, [])))
+        return set()
+
+    result = dict.fromkeys(layers, 0.0)
+    for event, ms in per_node.items():
+        shared = holders(event)
+        for layer in shared:
+            result[layer] += ms / len(shared)
     return result

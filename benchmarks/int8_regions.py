@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import logging
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,13 +26,9 @@ import pandas as pd
 
 import autoq
 from autoq import data as data_mod
-from autoq.backends import get_backend
-from autoq.calibrate import calibrate
 from autoq.demo import demo_files, sentences
-from autoq.graph import prepare
 from autoq.measure import fingerprint, time_runner
 from autoq.metrics import get_metric
-from autoq.precision import Assignment
 
 
 def _ocr_models() -> Path:
@@ -106,8 +102,10 @@ def _recipes(source: Path, calibration: dict[str, np.ndarray], out: Path) -> dic
     return built
 
 
-def _openvino(source: Path, prepared, calibration_path: Path, calibration: dict[str, np.ndarray], threads: int):
-    """OpenVINO f32 (the reference), bf16 where native, nncf.quantize, and autoq's all-int8 regions graph."""
+def _openvino(source: Path, calibration: dict[str, np.ndarray], threads: int, front: pd.DataFrame, run: Path,
+              transformer: bool):
+    """OpenVINO f32 (the reference), bf16 where native, nncf.quantize (its transformer preset where autoq uses it
+    too), and the points of autoq's OpenVINO front."""
     import nncf
     import openvino as ov
 
@@ -117,7 +115,7 @@ def _openvino(source: Path, prepared, calibration_path: Path, calibration: dict[
         request = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": precision, "NUM_STREAMS": 1,
                                                     "INFERENCE_NUM_THREADS": threads,
                                                     "PERFORMANCE_HINT": "LATENCY"}).create_infer_request()
-        return lambda feeds: [t.data.copy() for t in request.infer(feeds).values()][:1]
+        return lambda feeds: [np.array(request.infer(feeds)[0])]
 
     model = ov.convert_model(str(source))
     runs = {"OpenVINO f32": compiled(model)}
@@ -125,26 +123,29 @@ def _openvino(source: Path, prepared, calibration_path: Path, calibration: dict[
         runs["OpenVINO bf16 (native)"] = compiled(model, "bf16")
     samples = [{k: v[i:i + 1] for k, v in calibration.items()} for i in range(len(next(iter(calibration.values()))))]
     logging.getLogger("nncf").setLevel(logging.ERROR)
-    quantized = nncf.quantize(model, nncf.Dataset(samples), subset_size=len(samples))
-    runs["nncf.quantize (OpenVINO int8)"] = compiled(quantized)
-    backend = get_backend("openvino")
-    with tempfile.TemporaryDirectory() as tmp:
-        candidate = backend.build(prepared, Assignment.uniform(prepared.layer_names, "int8"), calibration_path,
-                                  Path(tmp) / "ov")
-        runs["autoq OpenVINO all-int8 (regions)"] = backend.runner(candidate, threads)
+    runs["nncf.quantize (OpenVINO int8)"] = compiled(nncf.quantize(model, nncf.Dataset(samples),
+                                                                   subset_size=len(samples)))
+    if transformer:
+        runs["nncf.quantize, transformer preset"] = compiled(nncf.quantize(
+            model, nncf.Dataset(samples), subset_size=len(samples), model_type=nncf.ModelType.TRANSFORMER))
+    for _, row in front.iterrows():
+        precision = json.loads(row["assignment"])["options"].get("inference_precision", "f32")
+        runs[f"autoq OpenVINO point {int(row['point'])}: {row['summary']} ({precision})"] = compiled(
+            str(run / row["model"]), precision)
     return runs
 
 
 def bench(name: str, source: Path, data: dict[str, np.ndarray], metric: str, trials: int, threads: int,
-          work: Path) -> pd.DataFrame:
+          work: Path, transformer: bool = False) -> pd.DataFrame:
     dataset = data_mod.load(data)
     splits = data_mod.split(dataset, seed=0)
     started = time.perf_counter()
     result = autoq.search(source, data, metric=metric, trials=trials, threads=threads, out=work / name,
                           progress=False)
     wall = time.perf_counter() - started
-    prepared = prepare(source, work / f"{name}-prepared")
-    calibration_path = calibrate(prepared, splits.calibration, work / f"{name}-prepared" / "cache")
+    ov_result = autoq.search(source, data, metric=metric, trials=trials, threads=threads, backend="openvino",
+                             out=work / f"{name}-openvino", progress=False)
+    ov_wall = time.perf_counter() - started - wall
     ort_runs = {"ORT FP32": _session(source, threads)}
     ort_runs |= {label: _session(path, threads) for label, path in
                  _recipes(source, splits.calibration.arrays, work / name).items()}
@@ -152,7 +153,9 @@ def bench(name: str, source: Path, data: dict[str, np.ndarray], metric: str, tri
     for _, row in front.iterrows():
         ort_runs[f"autoq ORT point {int(row['point'])}: {row['summary']}"] = _session(work / name / row["model"],
                                                                                       threads)
-    ov_runs = _openvino(source, prepared, calibration_path, splits.calibration.arrays, threads)
+    ov_front = ov_result.front.dropna(subset=["model"]).reset_index(drop=True)
+    ov_runs = _openvino(source, splits.calibration.arrays, threads, ov_front, work / f"{name}-openvino",
+                        transformer)
     score = get_metric(metric, False)[1]
     validation, feeds = splits.validation, {k: v[:1] for k, v in splits.validation.arrays.items()}
     rows = []
@@ -165,9 +168,9 @@ def bench(name: str, source: Path, data: dict[str, np.ndarray], metric: str, tri
                                                                                None)),
                          "ms": timing.median_ms, f"speedup vs {reference.split()[0]} FP32": timing.speedup,
                          "load": timing.load})
-    print(f"{name}: search {wall:.0f} s, {len(front)} front points")
+    print(f"{name}: ORT search {wall:.0f} s, {len(front)} front points; OpenVINO {ov_wall:.0f} s, {len(ov_front)}")
     frame = pd.DataFrame(rows)
-    frame.attrs["wall"] = wall
+    frame.attrs["wall"] = f"{frame['model'].iloc[0]} ORT {wall:.0f} s, OpenVINO {ov_wall:.0f} s"
     return frame
 
 
@@ -176,22 +179,22 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--models", default="cls,det,minilm")
-    parser.add_argument("--work", type=Path, default=Path("reports/benchmarks/runs-int8-regions"))
+    parser.add_argument("--work", type=Path, default=Path("reports/int8-regions-runs"))
     parser.add_argument("--out", type=Path, default=Path("reports/benchmarks/int8_regions.md"))
     args = parser.parse_args()
     models = {"cls": lambda: (_ocr_models() / "ch_ppocr_mobile_v2.0_cls_infer.onnx", text_lines(), "top1"),
               "det": lambda: (_ocr_models() / "ch_PP-OCRv4_det_infer.onnx", text_pages(), "cosine"),
-              "minilm": lambda: (demo_files()[0], dict(np.load(demo_files()[1])), "cosine")}
+              "minilm": lambda: (demo_files()[0], dict(np.load(demo_files()[1])), "cosine", True)}
     frames = []
     for name in args.models.split(","):
-        source, data, metric = models[name]()
-        frames.append(bench(name, source, data, metric, args.trials, args.threads, args.work))
+        source, data, metric, *transformer = models[name]()
+        frames.append(bench(name, source, data, metric, args.trials, args.threads, args.work, *transformer))
     machine = fingerprint(args.threads)
     lines = ["# int8 regions: autoq vs the runtimes' one-line recipes", "",
              f"CPU: {machine['cpu']}; flags: {' '.join(machine['cpu_flags'])}; {machine['threads']} threads, batch 1.",
              "Libraries: " + ", ".join(f"{k} {v}" for k, v in machine["libraries"].items()) + ".",
-             f"Search: {args.trials} trials per model on ONNX Runtime; walls: "
-             + ", ".join(f"{f['model'].iloc[0]} {f.attrs['wall']:.0f} s" for f in frames) + ".", "",
+             f"Search: {args.trials} trials per model and backend; walls: "
+             + ", ".join(f.attrs["wall"] for f in frames) + ".", "",
              "Each row is timed against its runtime's FP32 model in alternating rounds (speedup = FP32 / it);",
              "quality on the validation split (top-1 agreement with FP32 for cls, cosine to FP32 otherwise).", ""]
     for frame in frames:

@@ -29,3 +29,8 @@ class TestOnnxRuntime(BackendContract):
         executed = backend.executed(candidate)
         assert executed[first.name] == "fp32"
         assert all(executed[n] == "int8" for n in model.layer_names[1:])
+
+    def test_dynamic_int8_is_offered_on_matmul_only(self, setup):
+        backend, model = setup[0], setup[1]
+        for layer in model.layers:  # the digits CNN: Conv and Gemm (ORT's dynamic quantizer has no Gemm)
+            assert backend.layer_precisions(layer, ["fp32", "int8", "int8-dyn"]) == ["fp32", "int8"]

@@ -105,6 +105,9 @@ def test_mask_add_with_a_sentinel_range_stays_float(tmp_path):
     assert backend.executed(candidate) == {"query": "int8", "out": "int8"}
     out = backend.runner(candidate, 1)({"x": arrays["x"][:4], "mask": mask[:4]})[0]
     assert np.isfinite(out).all()
+    mixed = backend.build(model, Assignment({"query": "int8-dyn", "out": "int8"}), calibration, tmp_path / "dyn")
+    backend.runner(mixed, 1)
+    assert backend.executed(mixed) == {"query": "int8-dyn", "out": "int8"}  # dynamic and static in one graph
 
 
 @pytest.mark.slow
@@ -135,3 +138,32 @@ def test_minilm_all_int8_keeps_the_mask_path_float_and_its_quality(tmp_path):
     got = [np.concatenate([run(f)[0] for f in feeds])]
     want = [np.concatenate([ref(f)[0] for f in feeds])]
     assert get_metric("cosine", False)[1](want, got, None) >= 0.936
+
+
+def test_openvino_keeps_a_float_layer_float_and_chains_the_rest(tmp_path):
+    """OpenVINO (NNCF with the float layers ignored): the fp32 layer splits the int8 chain in two."""
+    pytest.importorskip("openvino")
+    arrays = {"x": RNG.normal(0, 1, (16, 3, 16, 16)).astype(np.float32)}
+    model = graph.prepare(_chain_model(tmp_path / "chain.onnx"), tmp_path / "run")
+    calibration = calibrate(model, Dataset(arrays), tmp_path / "cache")
+    backend = get_backend("openvino")
+    chained = backend.build(model, Assignment.uniform(model.layer_names, "int8"), calibration, tmp_path / "int8")
+    assert [sorted(c) for c in backend.glue_check(chained).chains] == [["conv1", "conv2", "conv3"]]
+    layers = {"conv1": "int8", "conv2": "fp32", "conv3": "int8"}
+    split = backend.build(model, Assignment(layers), calibration, tmp_path / "mixed")
+    assert backend.executed(split) == layers
+    assert sorted(sorted(c) for c in backend.glue_check(split).chains) == [["conv1"], ["conv3"]]
+
+
+def test_profiled_latency_reaches_every_layer_and_its_glue(tmp_path):
+    """ORT renames kernels (NCHWc convs after their output tensor, fused QLinear nodes): every layer's time is
+    still found, in the FP32 profile and in the int8 one, and the int8 residual Add is charged to its layers."""
+    arrays = {"x": RNG.normal(0, 1, (16, 3, 16, 16)).astype(np.float32)}
+    backend, model, calibration, candidate = _built(tmp_path, _chain_model(tmp_path / "chain.onnx"), arrays,
+                                                    {"conv1": "int8", "conv2": "int8", "conv3": "int8"})
+    fp32 = backend.build(model, Assignment.uniform(model.layer_names, "fp32"), calibration, tmp_path / "fp32")
+    feeds = {"x": arrays["x"][:1]}
+    for built in (fp32, candidate):
+        times = backend.layer_latency(built, feeds, 1, runs=5)
+        assert set(times) == {"conv1", "conv2", "conv3"} and all(t > 0 for t in times.values())
+    assert set(backend.regions(model, calibration).owners["residual"]) == {"conv1", "conv3"}
