@@ -69,7 +69,7 @@ class OnnxRuntimeBackend(Backend):
                 and not (p == "int8-dyn" and layer.op_type not in DYNAMIC_LAYERS)]
 
     def regions(self, model: OnnxModel, calibration: Path) -> Regions:
-        """The model's regions on ORT (computed once per model and calibration, cached beside the ranges)."""
+        """The model's regions on ORT (computed once per model and calibration in each process)."""
         key = (str(model.path), str(calibration))
         if key not in _REGIONS:
             constants = {t.name: t for t in model.proto.graph.initializer}

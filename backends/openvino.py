@@ -34,6 +34,7 @@ from autoq.precision import Assignment
 
 FLOAT_OPTION = "inference_precision"
 KERNELS = {"FullyConnected", "MatMul", "Convolution", "GroupConvolution", "Deconvolution", "Gemm"}
+FOLDED = ("Mul", "Add", "BatchNormalization")  # per-channel ops with constants OpenVINO folds into a kernel
 MODEL_KERNELS = KERNELS | {"ConvolutionBackpropData", "GroupConvolutionBackpropData"}  # their ov.Model types
 RUNTIME_PRECISION = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
 INTEGER = {"u8", "i8"}
@@ -211,18 +212,27 @@ class OpenVinoBackend(Backend):
 
 def _layer_names(model: OnnxModel) -> dict[str, set[str]]:
     """Layer -> the names OpenVINO may give its kernel: the ONNX node's, its output tensor's (a graph output
-    keeps the tensor's name), and those of the bias Add it fuses in float (the fused FullyConnected then keeps
-    only the Add's name)."""
+    keeps the tensor's name), and those of the bias Add and of the per-channel Mul/Add/BatchNormalization with
+    constants it folds into the kernel (a Paddle-exported BatchNorm: the fused kernel then keeps only their names)."""
     consumers: dict[str, list] = {}
     for node in model.proto.graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
     nodes = {node.name: node for node in model.proto.graph.node}
+    constants = {t.name for t in model.proto.graph.initializer}
     names = {}
     for layer in model.layers:
         output = nodes[layer.name].output[0]
-        adds = [c for c in consumers.get(output, []) if c.op_type == "Add"]
-        names[layer.name] = {layer.name, output} | {a.name for a in adds} | {a.output[0] for a in adds}
+        found = {layer.name, output}
+        found |= {a.name for a in consumers.get(output, []) if a.op_type == "Add"}
+        for _ in range(3):  # e.g. bias, scale, shift
+            folded = [c for c in consumers.get(output, []) if c.op_type in FOLDED
+                      and sum(i not in constants for i in c.input) == 1]
+            if len(folded) != 1:
+                break
+            output = folded[0].output[0]
+            found |= {folded[0].name, output}
+        names[layer.name] = found
     return names
 
 

@@ -167,3 +167,29 @@ def test_profiled_latency_reaches_every_layer_and_its_glue(tmp_path):
         times = backend.layer_latency(built, feeds, 1, runs=5)
         assert set(times) == {"conv1", "conv2", "conv3"} and all(t > 0 for t in times.values())
     assert set(backend.regions(model, calibration).owners["residual"]) == {"conv1", "conv3"}
+
+
+def test_openvino_finds_layers_whose_batchnorm_it_folds(tmp_path):
+    """A Paddle-style BatchNorm (Mul by a constant scale first, then Add a shift) after a Conv: OpenVINO folds
+    it into the kernel, which then carries only the Mul/Add names; the executed check still finds the layer."""
+    pytest.importorskip("openvino")
+    weight = _const("w", RNG.normal(0, 0.3, (8, 3, 3, 3)))
+    scale = _const("scale", RNG.uniform(0.5, 1.5, (1, 8, 1, 1)))
+    shift = _const("shift", RNG.normal(0, 0.1, (1, 8, 1, 1)))
+    head = _const("w2", RNG.normal(0, 0.3, (8, 8, 1, 1)))
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], "conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Mul", ["scale", "c"], ["s"], "bn_scale"),
+             helper.make_node("Add", ["s", "shift"], ["b"], "bn_shift"),
+             helper.make_node("Relu", ["b"], ["r"], "relu"),
+             helper.make_node("Conv", ["r", "w2"], ["y"], "head")]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 16, 16])
+    path = _save(nodes, [x], [weight, scale, shift, head], tmp_path / "bn.onnx")
+    model = graph.prepare(path, tmp_path / "run")
+    assert {"bn_scale", "bn_shift"} <= {n.name for n in model.proto.graph.node}  # ORT's fusions leave them
+    calibration = calibrate(model, Dataset({"x": RNG.normal(0, 1, (8, 3, 16, 16)).astype(np.float32)}),
+                            tmp_path / "cache")
+    backend = get_backend("openvino")
+    for precision in ("fp32", "int8"):
+        uniform = Assignment.uniform(model.layer_names, precision)
+        built = backend.build(model, uniform, calibration, tmp_path / precision)
+        assert backend.executed(built) == {"conv": precision, "head": precision}
