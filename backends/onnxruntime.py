@@ -92,10 +92,25 @@ class OnnxRuntimeBackend(Backend):
             ort.InferenceSession(str(model.path), options, providers=["CPUExecutionProvider"],
                                  disabled_optimizers=KEEP_LAYER_NAMES)  # layers stay layers: not glue fusions
             optimized = onnx.load(options.optimized_model_filepath, load_external_data=False).graph
+        original = {node.name for node in model.proto.graph.node}
         kept = {node.name for node in optimized.node}
-        added = sorted({node.op_type for node in optimized.node} - {node.op_type for node in model.proto.graph.node})
-        label = "/".join(added) or "fused"
-        return {node.name: label for node in model.proto.graph.node
+        made = {out: node.op_type for node in optimized.node if node.name not in original for out in node.output}
+        consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in model.proto.graph.node:
+            for name in node.input:
+                consumers.setdefault(name, []).append(node)
+
+        def kernel(node: onnx.NodeProto) -> str:  # the fused kernel that now produces what the node fed
+            tensors, seen = list(node.output), set()
+            while tensors:
+                tensor = tensors.pop(0)
+                if tensor in made:
+                    return made[tensor]
+                seen.add(tensor)
+                tensors += [o for c in consumers.get(tensor, []) for o in c.output if o not in seen]
+            return "fused"
+
+        return {node.name: kernel(node) for node in model.proto.graph.node
                 if node.name not in kept and node.op_type not in REMOVABLE}
 
     def build(self, model: OnnxModel, assignment: Assignment, calibration: Path, workdir: Path) -> Candidate:

@@ -169,9 +169,39 @@ def bench(name: str, source: Path, data: dict[str, np.ndarray], metric: str, tri
                          "ms": timing.median_ms, f"speedup vs {reference.split()[0]} FP32": timing.speedup,
                          "load": timing.load})
     print(f"{name}: ORT search {wall:.0f} s, {len(front)} front points; OpenVINO {ov_wall:.0f} s, {len(ov_front)}")
-    frame = pd.DataFrame(rows)
+    frame = _verdicts(pd.DataFrame(rows))
+    frame.attrs["glue"] = _kept_float(work / name)
     frame.attrs["wall"] = f"{frame['model'].iloc[0]} ORT {wall:.0f} s, OpenVINO {ov_wall:.0f} s"
     return frame
+
+
+def _verdicts(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per recipe: the fastest autoq point of the same runtime with at least its quality, and how much faster."""
+    verdicts = []
+    for _, row in frame.iterrows():
+        speed = next(c for c in frame.columns if c.startswith("speedup") and pd.notna(row[c]))
+        ours = frame[frame["what"].str.startswith("autoq") & frame[speed].notna()
+                     & (frame["quality"] >= row["quality"] - 1e-4)]
+        if row["what"].startswith("autoq") or ours.empty:
+            verdicts.append("" if row["what"].startswith("autoq") else "not dominated")
+            continue
+        best = ours.loc[ours[speed].idxmax()]
+        verdicts.append(f"{best['what'].split(':')[0].removeprefix('autoq ')}: {best[speed] / row[speed]:.2f}x")
+    return frame.assign(**{"fastest autoq point at >= its quality": verdicts})
+
+
+def _kept_float(run: Path) -> str:
+    """Which glue next to an int8 region ONNX Runtime keeps float in this run, by reason."""
+    from collections import Counter
+
+    from autoq.backends import get_backend
+    from autoq.graph import opened
+
+    calibration = next(p for p in sorted((run / "cache").glob("calibration-v2-*.json")) if "resolution" not in p.name)
+    regions = get_backend("onnxruntime").regions(opened(run / "model.onnx"), calibration)
+    reasons = Counter(reason.split(" (")[0].split(" would")[0] + (" (sentinel or outliers: SQNR)" if "SQNR" in reason
+                                                                  else "") for reason in regions.kept_float.values())
+    return "; ".join(f"{n} x {reason}" for reason, n in reasons.most_common())
 
 
 def main() -> None:
@@ -198,8 +228,9 @@ def main() -> None:
              "Each row is timed against its runtime's FP32 model in alternating rounds (speedup = FP32 / it);",
              "quality on the validation split (top-1 agreement with FP32 for cls, cosine to FP32 otherwise).", ""]
     for frame in frames:
-        lines += [f"## {frame['model'].iloc[0]}", "", frame.drop(columns="model").to_markdown(index=False,
-                                                                                              floatfmt=".4g"), ""]
+        lines += [f"## {frame['model'].iloc[0]}", "", f"Glue ONNX Runtime keeps float next to int8 regions: "
+                  f"{frame.attrs['glue'] or 'none'}.", "",
+                  frame.drop(columns="model").to_markdown(index=False, floatfmt=".4g"), ""]
     args.out.write_text("\n".join(lines) + "\n")
     print(args.out.read_text())
 

@@ -10,9 +10,11 @@ LAYERS = [Layer("/conv1/Conv", "Conv", "w1", (8, 1, 3, 3), 80, 100), Layer("/fc/
           Layer("/head/MatMul", "MatMul", "w3", (8, 2), 16, 16)]
 
 
-def test_bundled_default_space_offers_fp32_and_int8_everywhere():
+def test_bundled_default_space_offers_fp32_and_int8_everywhere_and_int8_dyn_on_matmul():
     space = load_space(None)
-    assert space.choices(LAYERS, {"fp32", "int8"}) == {layer.name: ["fp32", "int8"] for layer in LAYERS}
+    choices = space.choices(LAYERS, {"fp32", "int8", "int8-dyn"})
+    assert choices == {"/conv1/Conv": ["fp32", "int8"], "/fc/Gemm": ["fp32", "int8"],
+                       "/head/MatMul": ["fp32", "int8", "int8-dyn"]}
 
 
 def test_first_matching_rule_wins():
