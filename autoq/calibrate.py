@@ -1,4 +1,4 @@
-"""One pass over the calibration data -> activation ranges of every tensor a layer could quantize.
+"""One pass over the calibration data -> the range of every float tensor, and its uint8 resolution.
 
 The ranges cover every float tensor (layers and the glue between them) and are written in ONNX Runtime's
 calibration-cache format, cached in the run directory, so building a candidate never re-runs calibration.

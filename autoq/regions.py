@@ -33,9 +33,6 @@ class Regions:
     owners: Mapping[str, frozenset[str]]  # glue node -> the layers whose region holds it
     kept_float: Mapping[str, str]  # glue node at a region's edge that stays float -> the reason
 
-    def glue(self, layer: str) -> list[str]:
-        return sorted(node for node, layers in self.owners.items() if layer in layers)
-
     def int8_nodes(self, assignment: Assignment) -> set[str]:
         """The int8 layers and the glue of their regions: the nodes to quantize."""
         int8 = {name for name, precision in assignment.layers.items() if precision == "int8"}
