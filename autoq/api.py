@@ -189,10 +189,12 @@ def search(model: str | Path | object | None = None, data: DataArg = None, *more
                 worker.close()
         table = trials_frame(optuna_study)
         front = finalize_front(evaluator, pareto_front(table), run_dir)
+        regions = evaluator.backend.regions(evaluator.model, evaluator.calibration)
     table.to_csv(run_dir / "trials.csv", index=False)
     front.to_csv(run_dir / "pareto.csv", index=False)
     meta = {"model": problem.model_name, "backend": backend, "metric": problem.metric, "machine": problem.machine,
-            "wall_s": time.perf_counter() - started}
+            "wall_s": time.perf_counter() - started,
+            "glue_kept_float": dict(regions.kept_float) if regions is not None else None}
     (run_dir / run_report.META).write_text(json.dumps(meta, indent=2))
     return SearchResult(run_dir, table, front, run_report.regenerate(run_dir), scores)
 

@@ -13,6 +13,7 @@ import numpy as np
 from autoq.errors import AutoqError
 from autoq.graph import Layer, OnnxModel
 from autoq.precision import Assignment
+from autoq.regions import Regions
 
 Feeds = dict[str, np.ndarray]
 Outputs = list[np.ndarray]
@@ -83,6 +84,11 @@ class Backend(ABC):
                       runs: int = 20) -> dict[str, float] | None:
         """Mean ms each layer's kernels (with their own quantize/dequantize nodes) took, from the runtime's
         profiler; None where the backend has no per-node profile."""
+        return None
+
+    def regions(self, model: OnnxModel, calibration: Path) -> Regions | None:
+        """The glue each layer takes along when int8 (`autoq.regions`); None where the backend's own quantizer
+        places quantizers (NNCF, PT2E)."""
         return None
 
     def glue_check(self, candidate: Candidate) -> GlueCheck | None:

@@ -209,7 +209,9 @@ class OnnxRuntimeBackend(Backend):
         conversions += [f"{n.name.removesuffix('_DequantizeLinear')} -> float" for n in graph.node
                         if n.op_type == "DequantizeLinear" and n.input[0] not in constants
                         and n.output[0] not in outputs]
-        return GlueCheck(conversions, _chains(graph, self._kernels(graph, candidate)))
+        static = {layer for layer, ran in self.executed(candidate).items() if ran == "int8"}
+        kernels = {layer: node for layer, node in self._kernels(graph, candidate).items() if layer in static}
+        return GlueCheck(conversions, _chains(graph, kernels))
 
     def layer_latency(self, candidate: Candidate, feeds: Feeds, threads: int, runs: int = 20) -> dict[str, float]:
         options = self._options(threads)

@@ -134,6 +134,15 @@ def _trial_counts(trials: pd.DataFrame) -> str:
     return text
 
 
+def _kept_float(kept: dict[str, str] | None) -> str:
+    """The run's glue that stays float beside int8 layers, counted by reason."""
+    if kept is None:
+        return "placed by the backend's own quantizer"
+    reasons = pd.Series(list(kept.values()), dtype=object).str.replace(
+        r" \S+ would quantize at [\d.-]+ dB SQNR", " its uint8 SQNR is too low", regex=True).value_counts()
+    return "; ".join(f"{n} x {reason}" for reason, n in reasons.items()) or "none"
+
+
 def _region_map(front: pd.DataFrame) -> str:
     """Per front point: the int8 chains (layers running as one integer chain) and where float<->int8
     conversions remain in the runtime's graph (beside the executed check)."""
@@ -178,6 +187,7 @@ def write_html(path: Path, trials: pd.DataFrame, front: pd.DataFrame, meta: dict
              "cores / threads": f"{machine.get('cores')} / {machine.get('threads')}",
              "libraries": ", ".join(f"{k} {v}" for k, v in machine.get("libraries", {}).items()),
              "trials": _trial_counts(trials),
+             "glue kept float next to int8 regions": _kept_float(meta.get("glue_kept_float")),
              "median load of other processes (cores)": f"{trials['load'].median():.2f}" if len(trials) else "",
              "wall time of this run": f"{meta.get('wall_s', 0):.0f} s"}
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts.items())
