@@ -7,7 +7,7 @@ and all-MiniLM-L6-v2 (the demo). Batch 1, 2 threads. Every model is timed agains
 alternating rounds by autoq's one harness (`autoq.measure.time_runner`); quality is measured on the validation
 split (top-1 agreement with FP32 for the classifier, cosine to FP32 for the others).
 
-    pip install pillow && pip install --no-deps rapidocr-onnxruntime==1.4.4   # only its .onnx files are used
+    pip install -c constraints.txt -e ".[bench]" && pip install --no-deps rapidocr-onnxruntime==1.4.4  # its .onnx files
     python benchmarks/int8_regions.py --trials 16 --out reports/benchmarks/int8_regions.md
 """
 
