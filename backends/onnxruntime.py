@@ -184,9 +184,11 @@ class OnnxRuntimeBackend(Backend):
         return result
 
     def executed(self, candidate: Candidate) -> dict[str, str]:
+        return self._executed(self._optimized(candidate), candidate)
+
+    def _executed(self, graph: onnx.GraphProto, candidate: Candidate) -> dict[str, str]:
         # A layer ran int8 only if an integer kernel consumes its (quantized) weight or carries its name;
         # a DequantizeLinear left in front of a float op means the int8 was simulated: fp32.
-        graph = self._optimized(candidate)
         producer = {out: node for node in graph.node for out in node.output}
         result = {}
         for layer, node in self._kernels(graph, candidate).items():
@@ -209,7 +211,7 @@ class OnnxRuntimeBackend(Backend):
         conversions += [f"{n.name.removesuffix('_DequantizeLinear')} -> float" for n in graph.node
                         if n.op_type == "DequantizeLinear" and n.input[0] not in constants
                         and n.output[0] not in outputs]
-        static = {layer for layer, ran in self.executed(candidate).items() if ran == "int8"}
+        static = {layer for layer, ran in self._executed(graph, candidate).items() if ran == "int8"}
         kernels = {layer: node for layer, node in self._kernels(graph, candidate).items() if layer in static}
         return GlueCheck(conversions, _chains(graph, kernels))
 
@@ -249,12 +251,12 @@ def _keep_float(path: Path, float_layers: list[str]) -> None:
     graph = proto.graph
     producer = {out: node for node in graph.node for out in node.output}
     wanted = set(float_layers)
-    guarded = []
+    guarded = set()
     for node in graph.node:
         source = producer.get(node.input[0]) if node.input else None
         if node.name in wanted and node.op_type in WEIGHT_BIAS_QUANTIZED and source is not None \
                 and source.op_type == "DequantizeLinear":
-            guarded.append(node)
+            guarded.add(node.name)
     if not guarded:
         return
     lowest = onnx.numpy_helper.from_array(np.array(np.finfo(np.float32).min, np.float32), "autoq_float_lowest")
@@ -262,7 +264,7 @@ def _keep_float(path: Path, float_layers: list[str]) -> None:
     nodes = []
     for node in graph.node:
         nodes.append(node)
-        if node in guarded:
+        if node.name in guarded:
             output, kept = node.output[0], f"{node.output[0]}_autoq_float"
             node.output[0] = kept
             nodes.append(onnx.helper.make_node("Max", [kept, lowest.name], [output], f"{node.name}_keep_float"))
