@@ -180,9 +180,9 @@ class OpenVinoBackend(Backend):
                 if integer_out(source):
                     parent[root(name)] = root(source)
         groups: dict[str, list[str]] = {}
+        int8_kernels = [(op, original) for op, precision, original in self._kernels(compiled) if precision == "int8"]
         for layer, names in candidate.extra["names"].items():
-            kernels = [op for op, precision, original in self._kernels(compiled)
-                       if precision == "int8" and _owns(layer, names, original)]
+            kernels = [op for op, original in int8_kernels if _owns(layer, names, original)]
             if kernels:
                 groups.setdefault(root(kernels[0]), []).append(layer)
         return GlueCheck(conversions, list(groups.values()))
