@@ -28,7 +28,7 @@ from autoq.graph import prepare
 from autoq.measure import fingerprint, hardware_key
 from autoq.metrics import Metric, get_metric
 from autoq.pareto import front as pareto_front
-from autoq.precision import Assignment
+from autoq.precision import Assignment, calibrations
 from autoq.report import run as run_report
 from autoq.report import trials_frame
 from autoq.search import open_study, run_lock, run_search
@@ -101,7 +101,7 @@ def _problem(model: str | Path | None, data: DataArg, labels, metric, space, bac
     data_mod.validate(dataset, onnx_model.inputs)
     splits = data_mod.split(dataset, seed=0)
     metric_name, metric_fn = get_metric(metric, dataset.labels is not None)
-    choices = search_space.choices(onnx_model.layers, chosen_backend.precisions())
+    choices = search_space.choices(onnx_model.layers, chosen_backend.unbuildable)
     choices = {la.name: chosen_backend.layer_precisions(la, choices[la.name]) for la in onnx_model.layers}
     config = {"model": hashlib.sha1(onnx_model.path.read_bytes()).hexdigest(),
               "data": data_mod.fingerprint(dataset), "backend": backend, "metric": metric_name,
@@ -111,7 +111,7 @@ def _problem(model: str | Path | None, data: DataArg, labels, metric, space, bac
     if constraints is not None:
         _check_run(run_dir, config)
     with run_lock(run_dir):
-        calibration = calibrate(onnx_model, splits.calibration, run_dir / "cache")
+        calibration = calibrate(onnx_model, splits.calibration, run_dir / "cache", calibrations(choices))
         evaluator = Evaluator(chosen_backend, onnx_model, calibration, splits, metric_fn, threads)
         try:
             yield _Problem(run_dir, label, evaluator, search_space, choices, metric_name,

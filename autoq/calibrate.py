@@ -11,8 +11,10 @@ real values rounded away (about 0 dB): `autoq.regions` keeps such glue float.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import tempfile
+from contextlib import redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,6 @@ import numpy as np
 from autoq.data import Dataset, batch_size, fingerprint
 from autoq.graph import OnnxModel
 
-METHODS = ("minmax", "entropy", "percentile")
 VERSION = 2  # v2: every float tensor, not only the layers' inputs and outputs
 RESOLUTION_SAMPLES = 16
 LEVELS = 255  # uint8 activations
@@ -29,6 +30,12 @@ LEVELS = 255  # uint8 activations
 def cache_path(model: OnnxModel, data: Dataset, cache_dir: Path, method: str) -> Path:
     digest = hashlib.sha1(model.path.read_bytes()).hexdigest()[:12]
     return cache_dir / f"calibration-v{VERSION}-{method}-{digest}-{fingerprint(data)}.json"
+
+
+def method_path(ranges: Path, key: str) -> Path:
+    """The ranges of the same model and data under another calibration (`entropy`, `pct99.99`, ...)."""
+    parts = ranges.name.split("-")
+    return ranges.with_name("-".join([*parts[:2], key, *parts[3:]]))
 
 
 def samples_path(ranges: Path) -> Path:
@@ -45,24 +52,23 @@ def resolution(ranges: Path) -> dict[str, float]:
     return json.loads(resolution_path(ranges).read_text())
 
 
-def calibrate(model: OnnxModel, data: Dataset, cache_dir: Path, method: str = "minmax") -> Path:
-    """Return the path of the ranges for `model` on `data`, computing them only if not cached."""
-    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator, save_tensors_data
+def calibrate(model: OnnxModel, data: Dataset, cache_dir: Path, others: tuple[str, ...] = ()) -> Path:
+    """Return the path of the min-max ranges of every float tensor of `model` on `data` (computed only if not
+    cached); the `others` calibrations (`entropy`, `mse`, `pct99.99`: see `Precision.calibration_key`) are
+    cached beside them (`method_path`) for the layers' inputs and outputs."""
+    from onnxruntime.quantization.calibrate import save_tensors_data
 
-    path = cache_path(model, data, cache_dir, method)
+    path = cache_path(model, data, cache_dir, "minmax")
     path.parent.mkdir(parents=True, exist_ok=True)
     if not samples_path(path).is_file():
         np.savez(samples_path(path), **data.arrays)
+    batches = list(data.batches(batch_size(model.inputs)))
+    for key in others:
+        if not method_path(path, key).is_file():
+            save_tensors_data(_ranges(model, batches, key), method_path(path, key))
     if path.is_file() and resolution_path(path).is_file():
         return path
-    ort_method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                  "percentile": CalibrationMethod.Percentile}[method]
-    batches = list(data.batches(batch_size(model.inputs)))
-    with tempfile.TemporaryDirectory(prefix="autoq-calib-") as tmp:
-        calibrator = create_calibrator(model.path, [], augmented_model_path=f"{tmp}/augmented.onnx",
-                                       calibrate_method=ort_method)
-        calibrator.collect_data(_Reader(batches))
-        ranges = calibrator.compute_data()
+    ranges = _ranges(model, batches, "minmax")
     bounds = {name: (float(np.min(r.range_value[0])), float(np.max(r.range_value[1])))
               for name, r in ranges.data.items()}
     resolution_path(path).write_text(json.dumps(_resolution(model, bounds, batches[:RESOLUTION_SAMPLES])))
@@ -96,6 +102,45 @@ def _resolution(model: OnnxModel, bounds: dict[str, tuple[float, float]], batche
             power[name] += (np.square(inside).sum(), np.square(error).sum())
     return {name: float(10 * np.log10(signal / noise)) if noise > 0 else float("inf")
             for name, (signal, noise) in power.items()}
+
+
+def _ranges(model: OnnxModel, batches: list[dict], key: str) -> object:
+    """ONNX Runtime's calibrator run for one method: min-max over every float tensor; the histogram methods
+    over the layers' inputs and outputs (`mse`: the range minimising uint8 rounding plus clipping error)."""
+    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData, create_calibrator
+
+    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+              "mse": CalibrationMethod.Entropy}.get(key, CalibrationMethod.Percentile)
+    extra = {"percentile": float(key.removeprefix("pct")), "symmetric": False} if key.startswith("pct") else {}
+    op_types = [] if key == "minmax" else sorted({layer.op_type for layer in model.layers})
+    with tempfile.TemporaryDirectory(prefix="autoq-calib-") as tmp, redirect_stdout(io.StringIO()):  # its prints
+        calibrator = create_calibrator(model.path, op_types, augmented_model_path=f"{tmp}/augmented.onnx",
+                                       calibrate_method=method, extra_options=extra)
+        calibrator.collect_data(_Reader(batches))
+        if key != "mse":
+            return calibrator.compute_data()
+        histograms = calibrator.collector.histogram_dict
+    return TensorsData(CalibrationMethod.Entropy, {
+        name: TensorData(lowest=np.float32(low), highest=np.float32(high))
+        for name, (low, high) in ((n, _mse_range(*h[:4])) for n, h in histograms.items())})
+
+
+def _mse_range(counts: np.ndarray, edges: np.ndarray, lowest: float, highest: float) -> tuple[float, float]:
+    """The uint8 range, shrunk from the observed ends in 2% steps at either end, with the least expected
+    squared error (rounding inside the range, clipping outside)."""
+    centres = (edges[:-1] + edges[1:]) / 2
+    weights = counts / max(counts.sum(), 1)
+    low_end, high_end = min(float(lowest), 0.0), max(float(highest), 0.0)
+    best, found = np.inf, (low_end, high_end)
+    for shrink_low in np.linspace(1.0, 0.3, 36):
+        for shrink_high in np.linspace(1.0, 0.3, 36):
+            low, high = low_end * shrink_low, high_end * shrink_high
+            step = max(high - low, 1e-12) / LEVELS
+            clipped = np.clip(centres, low, high)
+            error = float(weights @ ((centres - clipped) ** 2)) + step ** 2 / 12
+            if error < best:
+                best, found = error, (low, high)
+    return found
 
 
 class _Reader:

@@ -13,13 +13,14 @@ from autoq.errors import AutoqError
 from autoq.fold import simplify
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+TABLE_OPS = ("Gather",)  # embedding tables: a constant 2-D table (input 0) indexed by the activation
 MIN_OPSET = 13  # per-channel QDQ needs opset >= 13
 MAX_PROTO_BYTES = 1_800_000_000  # above this, save weights as external data
 
 
 @dataclass(frozen=True)
 class Layer:
-    """A quantizable op with a constant weight, named by its ONNX node name."""
+    """A quantizable op with a constant weight (an embedding table for a Gather), named by its ONNX node name."""
 
     name: str
     op_type: str
@@ -27,6 +28,7 @@ class Layer:
     weight_shape: tuple[int, ...]
     params: int
     macs: int
+    channel_axis: int = 0  # the weight's output-channel axis (a table's rows), what per-channel scales follow
 
 
 @dataclass(frozen=True)
@@ -127,28 +129,33 @@ def _elements(shape: tuple[int | None, ...] | None) -> int:
 
 
 def find_layers(model: onnx.ModelProto) -> list[Layer]:
-    """Every Conv/ConvTranspose/Gemm/MatMul whose weight (input 1) is a constant, in graph order."""
+    """Every Conv/ConvTranspose/Gemm/MatMul whose weight (input 1) is a constant, and every Gather from a constant
+    2-D table (an embedding), in graph order."""
     graph = model.graph
     weights = {t.name: tuple(t.dims) for t in graph.initializer}
     shapes = {v.name: _dims(v) for v in [*graph.value_info, *graph.input, *graph.output]}
     layers = []
     for node in graph.node:
+        if node.op_type in TABLE_OPS and node.input[0] in weights and len(weights[node.input[0]]) == 2:
+            table = weights[node.input[0]]
+            layers.append(Layer(node.name, node.op_type, node.input[0], table, int(np.prod(table)), 0, 0))
+            continue
         if node.op_type not in LAYER_OPS or len(node.input) < 2 or node.input[1] not in weights:
             continue
         w = weights[node.input[1]]
         params = int(np.prod(w)) + (int(np.prod(weights[node.input[2]])) if len(node.input) > 2 and
                                     node.input[2] in weights else 0)
         out = _elements(shapes.get(node.output[0]))
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
         if node.op_type == "Conv":
-            macs = out * int(np.prod(w[1:]))
+            macs, axis = out * int(np.prod(w[1:])), 0
         elif node.op_type == "ConvTranspose":
-            macs = _elements(shapes.get(node.input[0])) * int(np.prod(w[1:]))
+            macs, axis = _elements(shapes.get(node.input[0])) * int(np.prod(w[1:])), 1
         elif node.op_type == "Gemm":
-            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
-            macs = out * (w[1] if trans_b else w[0])
+            macs, axis = out * (w[1] if trans_b else w[0]), 0 if trans_b else 1
         else:
-            macs = out * w[0]
-        layers.append(Layer(node.name, node.op_type, node.input[1], w, params, int(macs)))
+            macs, axis = out * w[0], len(w) - 1
+        layers.append(Layer(node.name, node.op_type, node.input[1], w, params, int(macs), axis))
     return layers
 
 

@@ -16,6 +16,7 @@ from autoq.errors import AutoqError
 from autoq.evaluate import Evaluator
 from autoq.graph import Layer
 from autoq.precision import Precision
+from autoq.quantsim import round_weight
 
 SAMPLES = 8  # Rademacher vectors per estimate
 MAX_BATCH = 16  # samples of the search split in the loss
@@ -23,16 +24,8 @@ MAX_BATCH = 16  # samples of the search split in the loss
 
 def _perturbation(weight: np.ndarray, precision: Precision) -> float:
     """||Q(W) - W||^2 for the way `precision` rounds this weight (output channels on axis 0, as torch stores)."""
-    from autoq.sensitivity import _quantize_weight, _to_bf16
-
-    if precision.kind == "float":
-        rounded = _to_bf16(weight)
-    elif precision.kind == "dynamic":  # torch.ao dynamic: one scale per tensor
-        rounded = _quantize_weight(weight.reshape(1, -1), 0).reshape(weight.shape)
-    else:
-        group = int(precision.name.split("g")[1]) if "g" in precision.name else None
-        rounded = _quantize_weight(weight.reshape(weight.shape[0], -1), 0, precision.bits, group)
-    return float(np.sum((weight.reshape(rounded.shape) - rounded) ** 2))
+    flat = weight.reshape(weight.shape[0], -1)
+    return float(np.sum((flat - round_weight(flat, 0, precision)) ** 2))
 
 
 def hessian_rows(evaluator: Evaluator, pairs: list[tuple[Layer, str]]) -> list[dict]:
@@ -66,7 +59,7 @@ def hessian_rows(evaluator: Evaluator, pairs: list[tuple[Layer, str]]) -> list[d
     for layer, precision in pairs:
         weight = weights[layer.name]
         per_param = traces[id(weight)] / weight.numel()
-        delta = _perturbation(weight.detach().float().numpy(), Precision(precision))
+        delta = _perturbation(weight.detach().float().numpy(), Precision.parse(precision))
         rows.append({"layer": layer.name, "op_type": layer.op_type, "params": layer.params, "macs": layer.macs,
                      "precision": precision, "hessian_trace": per_param, "score": per_param * delta})
     return rows

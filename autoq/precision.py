@@ -1,9 +1,27 @@
-"""Precision (one per-layer choice) and Assignment (layer -> precision, plus model-wide options)."""
+"""Precision (one per-layer choice, a frozen spec with a short string form) and Assignment (layer -> precision,
+plus model-wide options).
+
+The string form: the base first, then options joined by `-` in any order (the canonical form orders them and
+drops defaults):
+
+    fp32 | bf16 | fp16                                  float, the whole layer in that format
+    int8[-sym][-entropy|-mse|-pct<P>]                   static: calibrated activations (asymmetric unless `sym`,
+                                                        min-max ranges unless named), per-channel int8 weights
+    int8-dyn[-pc]                                       int8 weights (per tensor, `pc` per channel), activations
+                                                        quantized at run time
+    w<4|8>[g<N>][-asym][-hqq|-gptq|-awq|-se][-acc<L>]   weight-only: symmetric unless `asym`, per channel unless
+                                                        in groups of N, rounded to nearest unless named; `acc<L>`
+                                                        is ONNX Runtime MatMulNBits' accuracy_level (4: int8 compute)
+
+Everything else (bits, colours, size estimates, the rounding the sensitivity simulates) is derived from the spec.
+"""
 
 from __future__ import annotations
 
+import colorsys
 import hashlib
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,57 +30,191 @@ import yaml
 
 from autoq.errors import AutoqError
 
-# name -> (kind, bits): kind says what is quantized.
-KNOWN = {
-    "fp32": ("float", 32),
-    "bf16": ("float", 16),
-    "fp16": ("float", 16),
-    "int8": ("static", 8),  # calibrated activations + per-channel int8 weights
-    "int8-dyn": ("dynamic", 8),  # int8 weights, activations quantized at run time
-    "w8": ("weight-only", 8),
-    "w4g32": ("weight-only", 4),
-    "w4g128": ("weight-only", 4),
-}
+FLOATS = {"fp32": 32, "bf16": 16, "fp16": 16}
+CALIBRATIONS = ("minmax", "entropy", "mse", "percentile")
+ROUNDINGS = ("rtn", "hqq", "gptq", "awq", "se")  # se: NNCF's scale estimation
+KINDS = ("float", "static", "dynamic", "weight-only")
+FORMS = ("fp32|bf16|fp16, int8[-sym][-entropy|-mse|-pct<P>], int8-dyn[-pc], "
+         "w<4|8>[g<N>][-asym][-hqq|-gptq|-awq|-se][-acc<0-4>]")
+# hue, saturation, value of each kind's base colour (float by width: blue / purple / teal)
+HUES = {("float", 32): (0.60, 0.55, 0.70), ("float", 16): (0.72, 0.40, 0.70), ("static", 8): (0.06, 0.63, 0.87),
+        ("dynamic", 8): (0.99, 0.60, 0.77), ("weight-only", 8): (0.37, 0.50, 0.66),
+        ("weight-only", 4): (0.88, 0.36, 0.85)}
 
 
 @dataclass(frozen=True)
 class Precision:
-    """One per-layer choice, written by its short name (`int8`, `w4g128`, ...)."""
+    """One per-layer choice: what is quantized, to how many bits, how, and the runtime knobs it implies."""
 
-    name: str
+    kind: str  # float | static | dynamic | weight-only
+    bits: int  # the weights' bits (a float format's width)
+    fmt: str = ""  # float only: fp32 | bf16 | fp16
+    symmetric: bool = False  # static: the activations' ranges; weight-only: the weights'
+    granularity: str = "channel"  # of the weight scales: channel | tensor | group
+    group: int = 0  # weights per scale when granularity is group
+    calibration: str = "minmax"  # static only: how activation ranges are set
+    percentile: float = 0.0  # with calibration percentile
+    rounding: str = "rtn"  # weight-only: rtn | hqq | gptq | awq | se
+    accuracy: int = 0  # weight-only: ONNX Runtime MatMulNBits accuracy_level (0: the runtime's default)
 
     def __post_init__(self) -> None:
-        if self.name not in KNOWN:
-            msg = f"unknown precision '{self.name}' (known: {', '.join(KNOWN)})"
-            raise AutoqError(msg)
+        problem = self._problem()
+        if problem:
+            raise AutoqError(problem)
 
-    @property
-    def kind(self) -> str:
-        return KNOWN[self.name][0]
+    def _problem(self) -> str | None:
+        if self.kind not in KINDS:
+            return f"unknown kind (kinds: {', '.join(KINDS)})"
+        if self.kind == "float":
+            return None if FLOATS.get(self.fmt) == self.bits else f"float formats: {', '.join(FLOATS)}"
+        if self.fmt:
+            return "only a float precision has a float format"
+        if self.kind in ("static", "dynamic") and self.bits != 8:
+            return "activations are quantized to 8 bits"
+        if self.kind == "weight-only" and self.bits not in (4, 8):
+            return "weight-only precisions have 4 or 8 bits"
+        if (self.granularity == "group") != (self.group > 0) or self.granularity not in ("channel", "tensor", "group"):
+            return "granularity is channel, tensor, or group with a group size"
+        if self.group and (self.kind != "weight-only" or self.group < 16 or self.group & (self.group - 1)):
+            return "groups are for weight-only precisions, a power of two >= 16"
+        if self.granularity == "tensor" and self.kind != "dynamic":
+            return "per-tensor weights only for int8-dyn"
+        if self.kind != "static" and (self.calibration != "minmax" or self.percentile):
+            return "calibration is for static int8 (weight-only and dynamic have no activation ranges)"
+        if self.calibration not in CALIBRATIONS or (self.calibration == "percentile") != (0 < self.percentile < 100):
+            return f"calibration is one of {', '.join(CALIBRATIONS)} (percentile with a value in (0, 100))"
+        if self.kind != "weight-only" and (self.rounding != "rtn" or self.accuracy):
+            return "rounding and accuracy level are for weight-only precisions"
+        if self.rounding not in ROUNDINGS or self.accuracy not in range(5):
+            return f"rounding is one of {', '.join(ROUNDINGS)}; accuracy level 0-4"
+        if self.rounding == "hqq" and self.symmetric:
+            return "HQQ fits a zero point per group (it is asymmetric)"
+        if self.kind == "dynamic" and self.symmetric:
+            return "int8-dyn activations are asymmetric"
+        return None
 
-    @property
-    def bits(self) -> int:
-        return KNOWN[self.name][1]
+    @classmethod
+    def parse(cls, text: str) -> Precision:
+        """The spec a string names, e.g. `int8-sym-pct99.99`, `w4g32-hqq-acc4`; one-line error if malformed."""
+        tokens = str(text).strip().lower().split("-")
+        head, rest = tokens[0], tokens[1:]
+        try:
+            if head in FLOATS:
+                if rest:
+                    raise ValueError(f"a float format takes no options ('{rest[0]}')")
+                return cls("float", FLOATS[head], head)
+            if head == "int8" and "dyn" in rest:
+                rest.remove("dyn")
+                fields = {"kind": "dynamic", "bits": 8, "granularity": "tensor"}
+            elif head == "int8":
+                fields = {"kind": "static", "bits": 8}
+            elif (found := re.fullmatch(r"w(\d+)(?:g(\d+))?", head)) is not None:
+                group = int(found.group(2) or 0)
+                fields = {"kind": "weight-only", "bits": int(found.group(1)), "symmetric": True,
+                          "granularity": "group" if group else "channel", "group": group}
+            else:
+                raise ValueError(f"unknown form '{head}'")
+            for token in rest:
+                fields.update(_option(token, fields["kind"]))
+            if fields.get("rounding") == "hqq" and "sym" not in rest:
+                fields["symmetric"] = False  # HQQ's zero points: asymmetric without saying so
+            return cls(**fields)
+        except (ValueError, TypeError, AutoqError) as exc:
+            msg = f"precision '{text}': {exc} (forms: {FORMS})"
+            raise AutoqError(msg) from None
 
     def __str__(self) -> str:
-        return self.name
+        if self.kind == "float":
+            return self.fmt
+        if self.kind == "dynamic":
+            return "int8-dyn" + ("-pc" if self.granularity == "channel" else "")
+        if self.kind == "static":
+            tokens = ["int8", "sym" if self.symmetric else ""]
+            tokens.append({"minmax": "", "percentile": f"pct{self.percentile:g}"}.get(self.calibration,
+                                                                                     self.calibration))
+        else:
+            asym = not self.symmetric and self.rounding != "hqq"  # HQQ is asymmetric by itself
+            tokens = [f"w{self.bits}" + (f"g{self.group}" if self.group else ""), "asym" if asym else "",
+                      "" if self.rounding == "rtn" else self.rounding, f"acc{self.accuracy}" if self.accuracy else ""]
+        return "-".join(t for t in tokens if t)
+
+    @property
+    def name(self) -> str:
+        return str(self)
+
+    @property
+    def calibration_key(self) -> str:
+        """The calibration a static precision reads its activation ranges from (`minmax`, `pct99.99`, ...)."""
+        return f"pct{self.percentile:g}" if self.calibration == "percentile" else self.calibration
+
+    def bytes_per_weight(self) -> float:
+        """Stored bytes per weight, with one float32 scale (and a zero point when asymmetric) per group."""
+        if self.kind == "float":
+            return self.bits / 8
+        overhead = (4 + (0 if self.symmetric else self.bits / 8)) / self.group if self.group else 0.0
+        return self.bits / 8 + overhead
+
+    @property
+    def colour(self) -> str:
+        """A colour per spec: the kind's hue, lighter or darker by a stable hash of the variant."""
+        hue, saturation, value = HUES[(self.kind, 16 if self.kind == "float" and self.bits == 16 else self.bits)]
+        base = {("float", 32): "fp32", ("float", 16): "bf16", ("static", 8): "int8", ("dynamic", 8): "int8-dyn",
+                ("weight-only", 8): "w8", ("weight-only", 4): "w4g128"}.get((self.kind, self.bits))
+        if str(self) != base:
+            shift = int(hashlib.sha1(str(self).encode()).hexdigest()[:4], 16) / 0xFFFF
+            value = min(1.0, value * (0.65 + 0.5 * shift))
+            hue = (hue + 0.06 * (shift - 0.5)) % 1.0
+        red, green, blue = colorsys.hsv_to_rgb(hue, saturation, value)
+        return f"#{round(red * 255):02x}{round(green * 255):02x}{round(blue * 255):02x}"
+
+
+def _option(token: str, kind: str) -> dict:
+    """The spec fields one option token sets."""
+    if token == "sym":
+        return {"symmetric": True}
+    if token == "asym":
+        return {"symmetric": False}
+    if token == "pc":
+        return {"granularity": "channel"}
+    if token in ("minmax", "entropy", "mse"):
+        return {"calibration": token}
+    if (found := re.fullmatch(r"pct(\d+(?:\.\d+)?)", token)) is not None:
+        return {"calibration": "percentile", "percentile": float(found.group(1))}
+    if token in ROUNDINGS:
+        return {"rounding": token}
+    if (found := re.fullmatch(r"acc(\d)", token)) is not None:
+        return {"accuracy": int(found.group(1))}
+    raise ValueError(f"unknown option '{token}' for a {kind} precision")
+
+
+def calibrations(choices: dict[str, list[str]]) -> tuple[str, ...]:
+    """The calibrations other than min-max that the static precisions among `choices` read."""
+    keys = {Precision.parse(p).calibration_key for allowed in choices.values() for p in allowed}
+    return tuple(sorted(keys - {"minmax"}))
+
+
+def canonical(text: str) -> str:
+    """The canonical string of a precision (validated): `int8-minmax` -> `int8`."""
+    return str(Precision.parse(text))
 
 
 @dataclass(frozen=True)
 class Assignment:
-    """The output of a trial: a precision for every layer plus model-wide options."""
+    """The output of a trial: a precision for every layer (canonical strings) plus model-wide options."""
 
     layers: dict[str, str]
     options: dict[str, object] = field(default_factory=dict)
     VERSION = 1
 
     def __post_init__(self) -> None:
-        for precision in self.layers.values():
-            Precision(precision)
+        object.__setattr__(self, "layers", {name: canonical(p) for name, p in self.layers.items()})
 
     @classmethod
     def uniform(cls, layer_names: list[str], precision: str, options: dict | None = None) -> Assignment:
         return cls({name: precision for name in layer_names}, dict(options or {}))
+
+    def specs(self) -> dict[str, Precision]:
+        return {name: Precision.parse(p) for name, p in self.layers.items()}
 
     def counts(self) -> dict[str, int]:
         return dict(Counter(self.layers.values()))

@@ -35,7 +35,7 @@ class Regions:
 
     def int8_nodes(self, assignment: Assignment) -> set[str]:
         """The int8 layers and the glue of their regions: the nodes to quantize."""
-        int8 = {name for name, precision in assignment.layers.items() if precision == "int8"}
+        int8 = {name for name, spec in assignment.specs().items() if spec.kind == "static"}
         return int8 | {node for node, layers in self.owners.items() if layers & int8}
 
 

@@ -24,11 +24,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from autoq.calibrate import method_path
 from autoq.errors import AutoqError
 from autoq.evaluate import CandidateError, Evaluator
-from autoq.graph import Layer, weight_array
+from autoq.graph import TABLE_OPS, Layer, weight_array
 from autoq.hessian import hessian_rows
 from autoq.precision import Assignment, Precision
+from autoq.quantsim import noise_ratio, round_activation, round_weight
 
 METHODS = ("measured", "sqnr", "hessian")
 COLUMNS = ["layer", "op_type", "params", "macs", "precision", "quality_drop", "drop_spread", "sqnr_db", "hessian_trace",
@@ -112,90 +114,50 @@ def _measured(evaluator: Evaluator, pairs: list[tuple[Layer, str]]) -> list[dict
     return rows
 
 
-def _quantize(x: np.ndarray, low: float, high: float) -> np.ndarray:
-    """uint8 asymmetric fake-quantization with the calibrated range (zero exactly representable)."""
-    low, high = min(low, 0.0), max(high, 0.0)
-    scale = max(high - low, 1e-12) / 255
-    zero = np.round(-low / scale)
-    return (np.clip(np.round(x / scale) + zero, 0, 255) - zero) * scale
-
-
-def _quantize_weight(w: np.ndarray, axis: int, bits: int = 8, group: int | None = None) -> np.ndarray:
-    """Symmetric per-channel fake-quantization along `axis` (output channels); with `group`, one scale per
-    `group` consecutive input weights of each channel (2-D weights, as NNCF's int4 groups)."""
-    levels = 2 ** (bits - 1) - 1
-    if group is not None and w.ndim == 2 and w.shape[1 - axis] % group == 0:
-        channels = np.moveaxis(w, axis, 0)  # [out, in]
-        blocks = channels.reshape(channels.shape[0], -1, group)
-        scale = np.maximum(np.abs(blocks).max(axis=2, keepdims=True), 1e-12) / levels
-        rounded = (np.clip(np.round(blocks / scale), -levels, levels) * scale).reshape(channels.shape)
-        return np.moveaxis(rounded, 0, axis)
-    reduce = tuple(i for i in range(w.ndim) if i != axis)
-    scale = np.maximum(np.abs(w).max(axis=reduce, keepdims=True), 1e-12) / levels
-    return np.clip(np.round(w / scale), -levels, levels) * scale
-
-
-def _noise_ratio(signal: np.ndarray, noisy: np.ndarray, axis: int) -> float:
-    """Noise-to-signal power, averaged over channels along `axis`: every channel matters to the next layer,
-    so one outlier channel must not hide the others being rounded away."""
-    reduce = tuple(i for i in range(signal.ndim) if i != axis % signal.ndim)
-    power = np.sum(signal.astype(np.float64) ** 2, axis=reduce)
-    noise = np.sum((signal.astype(np.float64) - noisy) ** 2, axis=reduce)
-    live = power > 0
-    return float(np.mean(noise[live] / power[live])) if live.any() else 0.0
-
-
 def _sqnr(evaluator: Evaluator, pairs: list[tuple[Layer, str]]) -> list[dict]:
     """Noise powers of the input, weight and output quantization add; SQNR of the sum, in dB."""
     from onnxruntime.quantization.calibrate import load_tensors_data
 
-    ranges = load_tensors_data(evaluator.calibration).data
+    specs = {p: Precision.parse(p) for _, p in pairs}
+    ranges = {spec.calibration_key: load_tensors_data(method_path(evaluator.calibration, spec.calibration_key)).data
+              for spec in specs.values() if spec.kind == "static"}
     proto = evaluator.model.proto
     nodes = {n.name: n for n in proto.graph.node}
-    tensors = sorted({t for layer, _ in pairs for t in (nodes[layer.name].input[0], nodes[layer.name].output[0])})
+    tensors = sorted({t for layer, _ in pairs if layer.op_type not in TABLE_OPS
+                      for t in (nodes[layer.name].input[0], nodes[layer.name].output[0])})
     values = evaluator.intermediates(tensors, "calibration")
     rows = []
     for layer, precision in pairs:
-        node = nodes[layer.name]
-        w = weight_array(proto, layer.weight)
-        if layer.op_type in ("Conv", "ConvTranspose"):
-            axis = 0 if layer.op_type == "Conv" else 1
-        elif layer.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute):
-            axis = 0
-        else:
-            axis = w.ndim - 1
-        rows_axis = 1 if values[node.input[0]].ndim == 4 else -1
-        noise = _layer_noise(Precision(precision), w, axis, values[node.input[0]], rows_axis, values[node.output[0]],
-                             [ranges.get(t) for t in (node.input[0], node.output[0])])
+        node, spec = nodes[layer.name], specs[precision]
+        x, y = (values.get(node.input[0]), values.get(node.output[0])) if layer.op_type not in TABLE_OPS else (None,
+                                                                                                            None)
+        rows_axis = 1 if x is not None and x.ndim == 4 else -1
+        known = ranges.get(spec.calibration_key, {})
+        noise = _layer_noise(spec, weight_array(proto, layer.weight), layer.channel_axis, x, rows_axis, y,
+                             [known.get(t) for t in (node.input[0], node.output[0])])
         sqnr = -10 * np.log10(max(noise, 1e-20))
         rows.append({**_base(layer, precision), "sqnr_db": sqnr, "score": -sqnr})
     return rows
 
 
-def _to_bf16(x: np.ndarray) -> np.ndarray:
-    """float32 rounded to bfloat16 (nearest even), back in float32."""
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return rounded.astype(np.uint32).view(np.float32)
-
-
-def _layer_noise(precision: Precision, w: np.ndarray, axis: int, x: np.ndarray, x_axis: int, y: np.ndarray,
-                 ranges: list) -> float:
+def _layer_noise(precision: Precision, w: np.ndarray, axis: int, x: np.ndarray | None, x_axis: int,
+                 y: np.ndarray | None, ranges: list) -> float:
     """Noise-to-signal power of one layer at `precision`: weight rounding, plus the activations it quantizes
-    (static: input and output with the calibrated ranges; dynamic: the input with its own range; float:
-    weight and input rounded to the float format)."""
+    (static: input and output with the ranges of its calibration; dynamic: the input with its own range; float:
+    weight and input rounded to the float format). A table (Gather) has no float input: its weight alone."""
+    noise = noise_ratio(w, round_weight(w, axis, precision), axis)
+    if x is None:
+        return noise
     if precision.kind == "float":
-        return _noise_ratio(w, _to_bf16(w), axis) + _noise_ratio(x, _to_bf16(x), x_axis)
-    if precision.kind == "dynamic":  # torch's per-tensor int8 weights, the input's own per-tensor range
-        return (_noise_ratio(w, _quantize_weight(w.reshape(1, -1), 0).reshape(w.shape), axis)
-                + _noise_ratio(x, _quantize(x, float(x.min()), float(x.max())), x_axis))
-    group = int(precision.name.split("g")[1]) if precision.kind == "weight-only" and "g" in precision.name else None
-    noise = _noise_ratio(w, _quantize_weight(w, axis, precision.bits, group), axis)
+        return noise + noise_ratio(x, round_weight(x, x_axis, precision), x_axis)
+    if precision.kind == "dynamic":  # the input's own per-tensor range at run time
+        return noise + noise_ratio(x, round_activation(x, float(x.min()), float(x.max())), x_axis)
     if precision.kind == "static":
         for tensor, rng in zip((x, y), ranges, strict=True):
-            if rng is not None:
+            if rng is not None and tensor is not None:
                 low, high = (float(np.asarray(v).ravel()[0]) for v in rng.range_value)
-                noise += _noise_ratio(tensor, _quantize(tensor, low, high), 1 if tensor.ndim == 4 else -1)
+                noisy = round_activation(tensor, low, high, precision.symmetric)
+                noise += noise_ratio(tensor, noisy, 1 if tensor.ndim == 4 else -1)
     return noise
 
 

@@ -21,6 +21,7 @@ screen: true                    # skip candidates the cost model predicts the fr
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -29,7 +30,7 @@ import yaml
 
 from autoq.errors import AutoqError
 from autoq.graph import Layer
-from autoq.precision import KNOWN
+from autoq.precision import Precision
 
 TOP_KEYS = {"name", "description", "default", "rules", "options", "sampler", "population", "seed", "sensitivity",
             "max_layer_drop", "screen"}
@@ -74,18 +75,20 @@ class SearchSpace:
             raise AutoqError(f"--sampler: unknown sampler '{sampler}' (allowed: {', '.join(SAMPLERS)})")
         return replace(self, sampler=sampler)
 
-    def choices(self, layers: list[Layer], supported: set[str]) -> dict[str, list[str]]:
-        """Layer -> allowed precisions (first matching rule, else `default`), checked against the backend."""
-        result = {}
-        for layer in layers:
-            allowed = next((r.precisions for r in self.rules if r.matches(layer)), self.default)
-            unsupported = [p for p in allowed if p not in supported]
-            if unsupported:
-                msg = (f"{self.source}: precision {unsupported[0]} (for layer {layer.name}) is not available on this "
-                       f"backend (it builds: {', '.join(sorted(supported))})")
+    def precisions(self) -> list[str]:
+        """Every precision the space names."""
+        return list(dict.fromkeys([*self.default, *(p for rule in self.rules for p in rule.precisions)]))
+
+    def choices(self, layers: list[Layer], unbuildable: Callable[[Precision], str | None]) -> dict[str, list[str]]:
+        """Layer -> allowed precisions (first matching rule, else `default`); a precision the backend cannot
+        build at all (`unbuildable` gives the reason) is an error naming it."""
+        for precision in self.precisions():
+            reason = unbuildable(Precision.parse(precision))
+            if reason:
+                msg = f"{self.source}: precision {precision} is not available on this backend: {reason}"
                 raise AutoqError(msg)
-            result[layer.name] = list(allowed)
-        return result
+        return {layer.name: list(next((r.precisions for r in self.rules if r.matches(layer)), self.default))
+                for layer in layers}
 
 
 def _fail(source: str, key: str, problem: str) -> AutoqError:
@@ -97,10 +100,10 @@ def _precisions(value: object, source: str, key: str) -> tuple[str, ...]:
         value = [value]
     if not isinstance(value, list) or not value:
         raise _fail(source, key, "expected a non-empty list of precisions")
-    for item in value:
-        if item not in KNOWN:
-            raise _fail(source, key, f"unknown precision '{item}' (allowed: {', '.join(KNOWN)})")
-    return tuple(value)
+    try:
+        return tuple(dict.fromkeys(str(Precision.parse(item)) for item in value))
+    except AutoqError as exc:
+        raise _fail(source, key, str(exc)) from None
 
 
 def parse_space(data: object, source: str = "<dict>") -> SearchSpace:

@@ -12,7 +12,7 @@ import numpy as np
 
 from autoq.errors import AutoqError
 from autoq.graph import Layer, OnnxModel
-from autoq.precision import Assignment
+from autoq.precision import Assignment, Precision
 from autoq.regions import Regions
 
 Feeds = dict[str, np.ndarray]
@@ -53,16 +53,21 @@ class Backend(ABC):
     default_space: str  # the bundled search space used when none is given
 
     @abstractmethod
-    def precisions(self) -> set[str]:
-        """Per-layer precisions this backend can build."""
+    def unbuildable(self, precision: Precision) -> str | None:
+        """Why this backend cannot build `precision` for any layer (one line), or None if it can."""
 
     def options(self, requested: dict[str, list]) -> dict[str, list]:
         """The space's model-wide options this machine can really run (a backend drops what it can't)."""
         return requested
 
     def layer_precisions(self, layer: Layer, allowed: list[str]) -> list[str]:
-        """The space's precisions for `layer` that this backend can build for that layer (shape limits)."""
-        return allowed
+        """The space's precisions for `layer` that this backend can build for that layer (op and shape limits);
+        fp32 always stays."""
+        return [p for p in allowed if p == "fp32" or self.fits(layer, Precision.parse(p))]
+
+    def fits(self, layer: Layer, precision: Precision) -> bool:
+        """Whether `precision` (buildable in general) can be built for `layer`."""
+        return layer.op_type != "Gather" or precision.kind == "float"
 
     def expected(self, assignment: Assignment) -> dict[str, str]:
         """Layer -> the precision its kernel should run in (model-wide options may decide it)."""

@@ -31,20 +31,18 @@ import openvino as ov
 from autoq.backends.base import Backend, Candidate, Feeds, GlueCheck, Outputs
 from autoq.calibrate import samples_path
 from autoq.graph import Layer, OnnxModel
-from autoq.precision import Assignment
+from autoq.precision import Assignment, Precision
 
 FLOAT_OPTION = "inference_precision"
 KERNELS = {"FullyConnected", "MatMul", "Convolution", "GroupConvolution", "Deconvolution", "Gemm"}
 FOLDED = ("Mul", "Add", "BatchNormalization")  # per-channel ops with constants OpenVINO folds into a kernel
 MODEL_KERNELS = KERNELS | {"ConvolutionBackpropData", "GroupConvolutionBackpropData"}  # their ov.Model types
+MODEL_KERNELS_ONNX = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # the ONNX layers OpenVINO runs as kernels
 RUNTIME_PRECISION = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
 INTEGER = {"u8", "i8"}
 FOUR_BIT = {"u4", "i4", "nf4"}
-WEIGHT_ONLY = {  # precision -> NNCF compress_weights arguments (only the layers assigned it are compressed)
-    "w8": {"mode": nncf.CompressWeightsMode.INT8_ASYM},
-    "w4g128": {"mode": nncf.CompressWeightsMode.INT4_SYM, "group_size": 128, "ratio": 1.0, "all_layers": True,
-               "backup_mode": nncf.BackupMode.NONE},
-}
+PRESET = "activations"  # option: NNCF's int8 activations, `asym` (its MIXED preset) or `sym` (PERFORMANCE)
+SMOOTH_QUANT = "smooth_quant"  # option: NNCF's SmoothQuant on (its default alpha for the model type) or off
 
 
 class OpenVinoBackend(Backend):
@@ -55,8 +53,23 @@ class OpenVinoBackend(Backend):
         self.core = ov.Core()
         self.native_bf16 = "BF16" in self.core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
-    def precisions(self) -> set[str]:
-        return {"fp32", "int8", *WEIGHT_ONLY}
+    def unbuildable(self, precision: Precision) -> str | None:
+        if precision.kind == "float":
+            return None if precision.fmt == "fp32" else (
+                "OpenVINO's float precision is model-wide (per-node marks are not honoured): use the "
+                f"`{FLOAT_OPTION}` option")
+        if precision.kind == "static":
+            return None if str(precision) == "int8" else (
+                "NNCF calibrates and sets activation symmetry per model: use the `activations` option (asym | sym)")
+        if precision.kind == "dynamic":
+            return "OpenVINO's CPU plugin has no dynamic int8 layer"
+        if precision.rounding == "hqq" or precision.accuracy:
+            return "NNCF weight compression rounds rtn, awq, se (scale estimation) or gptq; accuracy levels are ORT's"
+        if precision.rounding != "rtn" and precision.bits != 4:
+            return "NNCF's AWQ, scale estimation and GPTQ are for 4-bit weights"
+        if precision.bits == 8 and precision.granularity != "channel":
+            return "NNCF compresses 8-bit weights per channel (w8, w8-asym)"
+        return None
 
     def options(self, requested: dict[str, list]) -> dict[str, list]:
         floats = requested.get(FLOAT_OPTION)
@@ -67,12 +80,14 @@ class OpenVinoBackend(Backend):
               file=sys.stderr)
         return {**requested, FLOAT_OPTION: kept}
 
-    def layer_precisions(self, layer: Layer, allowed: list[str]) -> list[str]:
-        """int4 groups of 128 must divide the weight's input channels (a Gemm's may be either dimension)."""
+    def fits(self, layer: Layer, precision: Precision) -> bool:
+        """Weight-only on 2-D MatMul/Gemm weights, its groups dividing the input channels (a Gemm's may be
+        either dimension); int8 on every weighted op but tables."""
+        if precision.kind != "weight-only":
+            return super().fits(layer, precision)
         inputs = layer.weight_shape[:1] if layer.op_type == "MatMul" else layer.weight_shape
-        fits = layer.op_type in ("MatMul", "Gemm") and len(layer.weight_shape) == 2 and all(
-            d % WEIGHT_ONLY["w4g128"]["group_size"] == 0 for d in inputs)
-        return [p for p in allowed if p != "w4g128" or fits]
+        return layer.op_type in ("MatMul", "Gemm") and len(layer.weight_shape) == 2 and all(
+            d % (precision.group or 1) == 0 for d in inputs)
 
     def expected(self, assignment: Assignment) -> dict[str, str]:
         floating = "bf16" if assignment.options.get(FLOAT_OPTION) == "bf16" else "fp32"
@@ -83,16 +98,18 @@ class OpenVinoBackend(Backend):
         names = _layer_names(model)
         if "int8" in assignment.layers.values():
             floating = {n: names[n] for n, p in assignment.layers.items() if p != "int8"}
-            ov_model = _quantize(ov_model, floating, dict(np.load(samples_path(calibration))), _has_attention(model))
-        for precision, arguments in WEIGHT_ONLY.items():
-            chosen = [n for n, p in assignment.layers.items() if p == precision]
-            if chosen:
-                ov_model = _compress(ov_model, {n: names[n] for n in chosen}, arguments)
+            ov_model = _quantize(ov_model, floating, dict(np.load(samples_path(calibration))), _has_attention(model),
+                                 assignment.options)
+        for spec in dict.fromkeys(s for s in assignment.specs().values() if s.kind == "weight-only"):
+            chosen = [n for n, s in assignment.specs().items() if s == spec]
+            dataset = dict(np.load(samples_path(calibration))) if spec.rounding != "rtn" else None
+            ov_model = _compress(ov_model, {n: names[n] for n in chosen}, spec, dataset)
         xml = workdir / "model.xml"
         workdir.mkdir(parents=True, exist_ok=True)
         ov.save_model(ov_model, str(xml), compress_to_fp16=False)
         size = xml.stat().st_size + xml.with_suffix(".bin").stat().st_size
-        return Candidate(assignment, xml, size, {"names": _layer_names(model)})
+        tables = [la.name for la in model.layers if la.op_type not in MODEL_KERNELS_ONNX]
+        return Candidate(assignment, xml, size, {"names": _layer_names(model), "tables": tables})
 
     def _compile(self, candidate: Candidate, threads: int, profile: bool = False) -> ov.CompiledModel:
         key = ("compiled", threads, profile)
@@ -126,7 +143,7 @@ class OpenVinoBackend(Backend):
                 if types[0] in INTEGER:
                     precision = "int8"
                 elif weights & FOUR_BIT:
-                    precision = "w4g128"  # the only 4-bit weight-only precision this backend builds
+                    precision = "w4"  # read as the layer's own spec when its bits match (see `executed`)
                 elif weights & INTEGER:
                     precision = "w8"
                 else:
@@ -138,10 +155,16 @@ class OpenVinoBackend(Backend):
     def executed(self, candidate: Candidate) -> dict[str, str]:
         compiled = next((v for k, v in candidate.extra.items() if isinstance(k, tuple)), None)
         kernels = self._kernels(compiled or self._compile(candidate, 1))
+        asked = candidate.assignment.specs()
         result = {}
         for layer, names in candidate.extra["names"].items():
             ran = {precision for _, precision, original in kernels if _owns(layer, names, original)}
-            result[layer] = ran.pop() if len(ran) == 1 else ("/".join(sorted(ran)) or "not found")
+            found = ran.pop() if len(ran) == 1 else ("/".join(sorted(ran)) or "not found")
+            spec = asked.get(layer)
+            if layer in candidate.extra["tables"]:  # an embedding Gather: no weighted kernel, the model's float
+                found = self.expected(candidate.assignment)[layer]
+            weight_bits = spec is not None and spec.kind == "weight-only" and found == f"w{spec.bits}"
+            result[layer] = str(spec) if weight_bits else found  # groups and rounding are not kernel properties
         return result
 
     def glue_check(self, candidate: Candidate) -> GlueCheck:
@@ -244,21 +267,31 @@ def _has_attention(model: OnnxModel) -> bool:
 
 
 def _quantize(ov_model: ov.Model, floating: dict[str, set[str]], samples: dict[str, np.ndarray],
-              transformer: bool) -> ov.Model:
+              transformer: bool, options: dict) -> ov.Model:
     """NNCF static int8 of every weighted op but the `floating` layers' (ignored: no quantizer on their inputs),
-    calibrated on the run's cached calibration samples."""
+    calibrated on the run's cached calibration samples, with the options' activation symmetry and SmoothQuant."""
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
+
     weighted = [op.get_friendly_name() for op in ov_model.get_ordered_ops() if op.get_type_name() in MODEL_KERNELS]
     ignored = [name for name in weighted if any(_owns(layer, names, {name}) for layer, names in floating.items())]
     count = len(next(iter(samples.values())))
     dataset = nncf.Dataset([{k: v[i:i + 1] for k, v in samples.items()} for i in range(count)])
     logging.getLogger("nncf").setLevel(logging.ERROR)
     with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):  # NNCF's progress bars
+        preset = {"sym": nncf.QuantizationPreset.PERFORMANCE, "asym": nncf.QuantizationPreset.MIXED}.get(
+            str(options.get(PRESET)))
+        smooth = options.get(SMOOTH_QUANT)
+        advanced = None if smooth in (None, "default") else AdvancedQuantizationParameters(
+            smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=0.95 if smooth == "on" else -1))
         return nncf.quantize(ov_model, dataset, subset_size=count, ignored_scope=nncf.IgnoredScope(names=ignored),
-                             model_type=nncf.ModelType.TRANSFORMER if transformer else None)
+                             model_type=nncf.ModelType.TRANSFORMER if transformer else None, preset=preset,
+                             advanced_parameters=advanced)
 
 
-def _compress(ov_model: ov.Model, chosen: dict[str, set[str]], arguments: dict) -> ov.Model:
-    """NNCF weight-only compression of the `chosen` layers' weights alone (every other weighted op ignored)."""
+def _compress(ov_model: ov.Model, chosen: dict[str, set[str]], spec: Precision,
+              samples: dict[str, np.ndarray] | None) -> ov.Model:
+    """NNCF weight-only compression of the `chosen` layers' weights alone (every other weighted op ignored) at
+    `spec`'s bits, symmetry and group size; AWQ / scale estimation / GPTQ on the calibration `samples`."""
     weighted = [op.get_friendly_name() for op in ov_model.get_ordered_ops() if op.get_type_name() in KERNELS]
     targets = {name for name in weighted for layer, names in chosen.items() if _owns(layer, names, {name})}
     missing = [layer for layer, names in chosen.items() if not any(_owns(layer, names, {t}) for t in targets)]
@@ -267,7 +300,18 @@ def _compress(ov_model: ov.Model, chosen: dict[str, set[str]], arguments: dict) 
         raise ValueError(msg)
     logging.getLogger("nncf").setLevel(logging.ERROR)  # NNCF prints a statistics table per call
     ignored = nncf.IgnoredScope(names=[n for n in weighted if n not in targets])
-    return nncf.compress_weights(ov_model, ignored_scope=ignored, **arguments)
+    mode = getattr(nncf.CompressWeightsMode, f"INT{spec.bits}_{'SYM' if spec.symmetric else 'ASYM'}")
+    arguments: dict = {"mode": mode}
+    if spec.bits == 4:
+        arguments |= {"group_size": spec.group or -1, "ratio": 1.0, "all_layers": True,
+                      "backup_mode": nncf.BackupMode.NONE, "awq": spec.rounding == "awq",
+                      "scale_estimation": spec.rounding == "se", "gptq": spec.rounding == "gptq"}
+    if samples is not None:
+        count = len(next(iter(samples.values())))
+        arguments["dataset"] = nncf.Dataset([{k: v[i:i + 1] for k, v in samples.items()} for i in range(count)])
+        arguments["subset_size"] = count
+    with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):  # NNCF's progress bars
+        return nncf.compress_weights(ov_model, ignored_scope=ignored, **arguments)
 
 
 def _owns(layer: str, names: set[str], original: set[str]) -> bool:

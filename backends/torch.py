@@ -31,7 +31,7 @@ from autoq.backends.base import Backend, Candidate, Feeds, Outputs
 from autoq.calibrate import samples_path
 from autoq.errors import AutoqError
 from autoq.graph import OnnxModel
-from autoq.precision import Assignment
+from autoq.precision import Assignment, Precision
 
 
 class _Bf16(torch.nn.Module):
@@ -178,8 +178,11 @@ class TorchBackend(Backend):
     name = "torch"
     default_space = "torch-cpu"
 
-    def precisions(self) -> set[str]:
-        return {"fp32", "bf16", "int8-dyn", "int8"}
+    def unbuildable(self, precision: Precision) -> str | None:
+        if str(precision) in ("fp32", "bf16", "int8-dyn", "int8"):
+            return None
+        return ("the torch backend builds fp32, bf16, int8-dyn (torch.ao, per-tensor weights) and int8 (PT2E, "
+                "min-max); torchao's weight-only int4 has no CPU kernel here")
 
     def build(self, model: OnnxModel, assignment: Assignment, calibration: Path, workdir: Path) -> Candidate:
         if model.module is None or not isinstance(model.module, torch.nn.Module):

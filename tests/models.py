@@ -79,3 +79,28 @@ def hang_unless_fp32(ref: list[np.ndarray], out: list[np.ndarray], labels: np.nd
     while not np.allclose(ref[0], out[0], atol=1e-6):
         time.sleep(1)
     return 1.0
+
+
+def embedding_mlp(workdir: Path, seed: int = 0) -> tuple[Path, Path]:
+    """A token embedding (Gather from a 512 x 256 table) then three MatMuls (256 -> 256 -> 96 -> 16, the last with
+    96 inputs, which groups of 64 or 128 do not tile), mean over tokens; with random token ids. Returns the model
+    and an .npz of 64 samples."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    arrays = {"table": rng.normal(0, 1, (512, 256)), "w1": rng.normal(0, 0.06, (256, 256)),
+              "w2": rng.normal(0, 0.06, (256, 96)), "w3": rng.normal(0, 0.1, (96, 16))}
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
+             helper.make_node("MatMul", ["e", "w1"], ["h1"], name="fc1"), helper.make_node("Relu", ["h1"], ["r1"]),
+             helper.make_node("MatMul", ["r1", "w2"], ["h2"], name="fc2"), helper.make_node("Relu", ["h2"], ["r2"]),
+             helper.make_node("MatMul", ["r2", "w3"], ["h3"], name="fc3"),
+             helper.make_node("ReduceMean", ["h3"], ["y"], axes=[1], keepdims=0)]
+    proto = helper.make_model(helper.make_graph(
+        nodes, "embedding_mlp", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 16])],
+        [numpy_helper.from_array(a.astype(np.float32), k) for k, a in arrays.items()]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(proto, workdir / "embedding_mlp.onnx")
+    np.savez(workdir / "ids.npz", ids=rng.integers(0, 512, (64, 8)).astype(np.int64))
+    return workdir / "embedding_mlp.onnx", workdir / "ids.npz"

@@ -70,7 +70,7 @@ class TestTorch(BackendContract):
                 evaluator.build(Assignment({n: "int8-dyn" if n == conv else "fp32" for n in model.layer_names}))
         finally:
             evaluator.close()
-        choices = load_space("torch-cpu").choices(model.layers, backend.precisions())
+        choices = load_space("torch-cpu").choices(model.layers, backend.unbuildable)
         assert "int8-dyn" not in choices[conv] and all("int8-dyn" in choices[n] for n in ("head.6", "head.8"))
 
     def test_a_pt2_program_is_refused_by_the_torch_backend(self, setup):

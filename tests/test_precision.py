@@ -18,11 +18,48 @@ def test_assignment_round_trips_through_yaml_and_keys_ignore_order(tmp_path):
 
 
 def test_unknown_precisions_and_versions_are_refused():
-    with pytest.raises(AutoqError, match="unknown precision 'int3'"):
+    with pytest.raises(AutoqError, match="precision 'int3': unknown form"):
         Assignment({"a": "int3"})
     with pytest.raises(AutoqError, match="version 9"):
         Assignment.from_dict({"version": 9, "layers": {}})
-    assert Precision("w4g128").bits == 4 and Precision("int8-dyn").kind == "dynamic"
+
+
+SPECS = ["fp32", "bf16", "fp16", "int8", "int8-sym", "int8-entropy", "int8-mse", "int8-pct99.99",
+         "int8-sym-pct99.9", "int8-dyn", "int8-dyn-pc", "w8", "w8-asym", "w4g32", "w4g128-asym", "w4g32-hqq",
+         "w8g128-acc4", "w4g64-asym-awq", "w4g128-se", "w4g32-hqq-acc4"]
+
+
+@pytest.mark.parametrize("text", SPECS)
+def test_canonical_strings_round_trip_and_name_distinct_specs(text):
+    spec = Precision.parse(text)
+    assert str(spec) == text
+    assert Precision.parse(str(spec)) == spec
+    assert spec.colour.startswith("#") and len(spec.colour) == 7
+
+
+def test_specs_carry_their_fields_and_non_canonical_spellings_normalise():
+    assert len({Precision.parse(t) for t in SPECS}) == len(SPECS)
+    assert len({Precision.parse(t).colour for t in SPECS}) == len(SPECS)
+    spec = Precision.parse("int8-pct99.99-sym")
+    assert (spec.kind, spec.symmetric, spec.calibration, spec.percentile) == ("static", True, "percentile", 99.99)
+    assert str(spec) == "int8-sym-pct99.99" and spec.calibration_key == "pct99.99"
+    w4 = Precision.parse("w4g32-acc4-asym")
+    assert (w4.kind, w4.bits, w4.group, w4.symmetric, w4.accuracy) == ("weight-only", 4, 32, False, 4)
+    assert str(w4) == "w4g32-asym-acc4"
+    assert Precision.parse("int8-dyn").granularity == "tensor"
+    assert Precision.parse("w4g32-hqq").symmetric is False  # HQQ fits zero points
+    assert Assignment({"a": "int8-minmax"}).layers == {"a": "int8"}
+    assert Precision.parse("w4g32").bytes_per_weight() == pytest.approx(0.5 + 4 / 32)
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ("w4g48", "power of two"), ("int8-dyn-sym", "asymmetric"), ("fp32-sym", "takes no options"),
+    ("w4g32-pct99", "calibration is for static"), ("w2g32", "4 or 8 bits"), ("int8-acc4", "weight-only"),
+    ("w4g32-sym-hqq", "HQQ fits a zero point"), ("int8-foo", "unknown option 'foo'")])
+def test_malformed_specs_are_one_line_errors(text, problem):
+    with pytest.raises(AutoqError, match=problem) as error:
+        Precision.parse(text)
+    assert "\n" not in str(error.value) and f"'{text}'" in str(error.value)
 
 
 def test_metrics_reward_closeness_to_the_reference():

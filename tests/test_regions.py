@@ -128,11 +128,13 @@ def test_minilm_all_int8_keeps_the_mask_path_float_and_its_quality(tmp_path):
     assert len(mask_adds) == 6
     # The statistics alone flag every masked score tensor (float-min sentinel), whatever else keeps it float.
     assert all(resolution(calibration)[n.output[0]] < MIN_SQNR_DB for n in mask_adds)
-    int8 = regions.int8_nodes(Assignment.uniform(model.layer_names, "int8"))
+    all_int8 = Assignment({la.name: backend.layer_precisions(la, ["fp32", "int8"])[-1] for la in model.layers})
+    assert [la.op_type for la in model.layers if all_int8.layers[la.name] == "fp32"] == ["Gather"] * 3  # embeddings
+    int8 = regions.int8_nodes(all_int8)
     assert not int8 & {n.name for n in mask_adds} and any(n.endswith("attention/self/MatMul_1") for n in int8)
-    candidate = backend.build(model, Assignment.uniform(model.layer_names, "int8"), calibration, tmp_path / "int8")
+    candidate = backend.build(model, all_int8, calibration, tmp_path / "int8")
     reference = backend.build(model, Assignment.uniform(model.layer_names, "fp32"), calibration, tmp_path / "fp32")
-    assert set(backend.executed(candidate).values()) == {"int8"}
+    assert backend.executed(candidate) == all_int8.layers
     feeds = [splits.search.subset(np.arange(i, min(i + 16, len(splits.search)))).arrays
              for i in range(0, len(splits.search), 16)]
     run, ref = backend.runner(candidate, 2), backend.runner(reference, 2)

@@ -2,9 +2,12 @@ from __future__ import annotations
 
 import pytest
 
+from autoq.backends import get_backend
 from autoq.errors import AutoqError
 from autoq.graph import Layer
 from autoq.space import load_space, parse_space
+
+ORT = get_backend("onnxruntime").unbuildable
 
 LAYERS = [Layer("/conv1/Conv", "Conv", "w1", (8, 1, 3, 3), 80, 100), Layer("/fc/Gemm", "Gemm", "w2", (10, 8), 90, 80),
           Layer("/head/MatMul", "MatMul", "w3", (8, 2), 16, 16)]
@@ -12,22 +15,25 @@ LAYERS = [Layer("/conv1/Conv", "Conv", "w1", (8, 1, 3, 3), 80, 100), Layer("/fc/
 
 def test_bundled_default_space_offers_fp32_and_int8_everywhere_and_int8_dyn_on_matmul():
     space = load_space(None)
-    choices = space.choices(LAYERS, {"fp32", "int8", "int8-dyn"})
+    choices = space.choices(LAYERS, ORT)
     assert choices == {"/conv1/Conv": ["fp32", "int8"], "/fc/Gemm": ["fp32", "int8"],
-                       "/head/MatMul": ["fp32", "int8", "int8-dyn"]}
+                       "/head/MatMul": ["fp32", "int8", "int8-dyn", "int8-dyn-pc"]}
 
 
 def test_first_matching_rule_wins():
     space = parse_space({"default": ["fp32", "int8"], "rules": [
         {"match": "re:/head/.*", "precisions": ["fp32"]},
         {"op_type": ["Conv", "MatMul"], "precisions": ["int8"]}]})
-    assert space.choices(LAYERS, {"fp32", "int8"}) == {
+    assert space.choices(LAYERS, ORT) == {
         "/conv1/Conv": ["int8"], "/fc/Gemm": ["fp32", "int8"], "/head/MatMul": ["fp32"]}
 
 
 @pytest.mark.parametrize(("text", "message"), [
     ("defaults: [fp32]\n", "key 'defaults': unknown key \\(allowed: .*default"),
-    ("default: [fp32, int3]\n", "key 'default': unknown precision 'int3' \\(allowed: fp32"),
+    ("default: [fp32, int3]\n", "key 'default': precision 'int3': unknown form 'int3' \\(forms: fp32"),
+    ("rules:\n  - op_type: MatMul\n    precisions: [int8-sym-pct101]\n",
+     "key 'rules\\[0\\].precisions': precision 'int8-sym-pct101': calibration is one of"),
+    ("default: [w4g48]\n", "key 'default': precision 'w4g48': groups are .* a power of two"),
     ("rules:\n  - match: x\n    precision: [fp32]\n", "key 'rules\\[0\\].precision': unknown key"),
     ("rules:\n  - match: 're:('\n    precisions: [fp32]\n", "rules\\[0\\].match': bad regular expression"),
     ("sampler: grid\n", "key 'sampler': unknown sampler 'grid' \\(allowed: nsga2, tpe, gp, random\\)"),
@@ -42,10 +48,19 @@ def test_bad_spaces_name_the_file_and_the_key(tmp_path, text, message):
     assert str(path) in str(error.value)
 
 
-def test_a_precision_the_backend_cannot_build_is_refused():
-    space = parse_space({"default": ["fp32", "w4g128"]})
-    with pytest.raises(AutoqError, match="w4g128 .* not available on this backend"):
-        space.choices(LAYERS, {"fp32", "int8"})
+def test_a_precision_the_backend_cannot_build_is_refused_with_its_reason():
+    space = parse_space({"default": ["fp32", "bf16"]})
+    with pytest.raises(AutoqError, match="bf16 is not available on this backend: ORT's CPU provider runs float"):
+        space.choices(LAYERS, ORT)
+    with pytest.raises(AutoqError, match="w8 is not available on this backend: MatMulNBits quantizes in blocks"):
+        parse_space({"default": ["fp32", "w8"]}).choices(LAYERS, ORT)
+
+
+def test_spaces_hold_canonical_spec_strings():
+    space = parse_space({"default": ["fp32", "int8-minmax", "int8"], "rules": [
+        {"op_type": "MatMul", "precisions": ["w4g32-asym-hqq", "int8-dyn-pc"]}]})
+    assert space.default == ("fp32", "int8")
+    assert space.rules[0].precisions == ("w4g32-hqq", "int8-dyn-pc")
 
 
 def test_unknown_bundled_space_lists_the_bundled_ones():

@@ -10,8 +10,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-PRECISION_COLOURS = {"fp32": "#4c72b0", "bf16": "#8172b3", "fp16": "#64b5cd", "int8": "#dd8452",
-                     "int8-dyn": "#c44e52", "w8": "#55a868", "w4g32": "#937860", "w4g128": "#da8bc3"}
+from autoq.precision import Precision
 
 
 def _front_figure(trials: pd.DataFrame, front: pd.DataFrame, metric: str) -> go.Figure:
@@ -43,7 +42,7 @@ def _front_figure(trials: pd.DataFrame, front: pd.DataFrame, metric: str) -> go.
 
 def _precision_map(front: pd.DataFrame) -> go.Figure:
     layers = list(json.loads(front["assignment"].iloc[0])["layers"])
-    names = list(PRECISION_COLOURS)
+    names = sorted({p for assignment in front["assignment"] for p in json.loads(assignment)["layers"].values()})
     z, text, ran = [], [], []
     executed = front["executed"] if "executed" in front else [""] * len(front)
     for assignment, what_ran in zip(front["assignment"], executed, strict=True):
@@ -56,7 +55,7 @@ def _precision_map(front: pd.DataFrame) -> go.Figure:
     scale = []
     for i, value in enumerate(used):  # a discrete colour per precision present
         lo, hi = i / len(used), (i + 1) / len(used)
-        scale += [[lo, PRECISION_COLOURS[names[value]]], [hi, PRECISION_COLOURS[names[value]]]]
+        scale += [[lo, Precision.parse(names[value]).colour], [hi, Precision.parse(names[value]).colour]]
     position = {v: i for i, v in enumerate(used)}
     rows = [f"point {i} (trial {t})" for i, t in enumerate(front["trial"])]
     fig = go.Figure(go.Heatmap(z=[[position[v] for v in row] for row in z], x=layers, text=text, customdata=ran,
@@ -83,7 +82,7 @@ def _sensitivity_figure(scores: pd.DataFrame, layer_order: list[str] | None = No
     fig = go.Figure()
     for precision, rows in scores.groupby("precision"):
         rows = rows.set_index("layer").reindex(order)
-        fig.add_bar(x=order, y=rows[column], name=precision, marker_color=PRECISION_COLOURS.get(precision),
+        fig.add_bar(x=order, y=rows[column], name=precision, marker_color=Precision.parse(precision).colour,
                     error_y={"array": rows["drop_spread"]} if measured else None,
                     customdata=rows[["latency_saving_ms"]].to_numpy(),
                     hovertemplate="%{x}<br>" + column + " %{y:.4g}<br>saves %{customdata[0]:.3f} ms<extra></extra>")

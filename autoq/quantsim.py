@@ -1,0 +1,68 @@
+"""Numpy simulation of what a precision does to a weight or an activation, read from its spec; the sensitivity
+analyzers (SQNR, HAWQ) measure the noise of these. Weight-only roundings beyond nearest (HQQ, GPTQ, AWQ, scale
+estimation) are simulated as round-to-nearest: an upper bound on their noise."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from autoq.precision import Precision
+
+
+def to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 rounded to bfloat16 (nearest even), back in float32."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return rounded.astype(np.uint32).view(np.float32)
+
+
+def round_activation(x: np.ndarray, low: float, high: float, symmetric: bool = False) -> np.ndarray:
+    """uint8 fake-quantization with a calibrated range (zero exactly representable); symmetric: the range
+    +-max(|low|, |high|) around zero point 128."""
+    low, high = min(low, 0.0), max(high, 0.0)
+    if symmetric:
+        low, high = -max(-low, high), max(-low, high)
+    scale = max(high - low, 1e-12) / 255
+    zero = np.round(-low / scale)
+    return (np.clip(np.round(x / scale) + zero, 0, 255) - zero) * scale
+
+
+def _round_channels(w: np.ndarray, axis: int, bits: int, symmetric: bool, group: int) -> np.ndarray:
+    """Integer rounding with one scale per channel along `axis` (per `group` consecutive inputs of each channel
+    of a 2-D weight when `group`)."""
+    channels = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1).astype(np.float64)
+    if group and channels.shape[1] % group == 0:
+        blocks = channels.reshape(channels.shape[0], -1, group)
+    else:
+        blocks = channels[:, None, :]
+    if symmetric:
+        levels = 2 ** (bits - 1) - 1
+        scale = np.maximum(np.abs(blocks).max(axis=2, keepdims=True), 1e-12) / levels
+        rounded = np.clip(np.round(blocks / scale), -levels, levels) * scale
+    else:
+        low, high = np.minimum(blocks.min(axis=2, keepdims=True), 0), np.maximum(blocks.max(axis=2, keepdims=True), 0)
+        scale = np.maximum(high - low, 1e-12) / (2 ** bits - 1)
+        zero = np.round(-low / scale)
+        rounded = (np.clip(np.round(blocks / scale) + zero, 0, 2 ** bits - 1) - zero) * scale
+    moved = np.moveaxis(w, axis, 0)
+    return np.moveaxis(rounded.reshape(moved.shape), 0, axis).astype(w.dtype)
+
+
+def round_weight(w: np.ndarray, axis: int, precision: Precision) -> np.ndarray:
+    """The weight as `precision` stores it (output channels along `axis`)."""
+    if precision.kind == "float":
+        return w if precision.bits == 32 else to_bf16(w)
+    if precision.granularity == "tensor":
+        return _round_channels(w.reshape(1, -1), 0, precision.bits, True, 0).reshape(w.shape)
+    symmetric = precision.symmetric or precision.kind != "weight-only"  # int8 weights are symmetric
+    return _round_channels(w, axis, precision.bits, symmetric, precision.group)
+
+
+def noise_ratio(signal: np.ndarray, noisy: np.ndarray, axis: int) -> float:
+    """Noise-to-signal power, averaged over channels along `axis`: every channel matters to the next layer,
+    so one outlier channel must not hide the others being rounded away."""
+    reduce = tuple(i for i in range(signal.ndim) if i != axis % signal.ndim)
+    power = np.sum(signal.astype(np.float64) ** 2, axis=reduce)
+    noise = np.sum((signal.astype(np.float64) - noisy) ** 2, axis=reduce)
+    live = power > 0
+    return float(np.mean(noise[live] / power[live])) if live.any() else 0.0

@@ -1,0 +1,148 @@
+"""ONNX Runtime's quantizers applied per layer spec, and each spec read back from the kernel ORT made of it.
+
+- static int8 (`quantize_static`, U8S8 QDQ, per-channel weights): a layer's calibration and activation symmetry
+  are per-tensor overrides of its input (`TensorQuantOverrides`); layers sharing an input share its quantization,
+  the first in graph order sets it.
+- int8-dyn (`quantize_dynamic`, MatMul): one call per weight granularity (per tensor, per channel).
+- weight-only (`MatMulNBitsQuantizer`): MatMul -> MatMulNBits (4 or 8 bits, block size, symmetric or not,
+  accuracy_level), Gather -> GatherBlockQuantized (4 bits); one call per distinct spec.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+from autoq.calibrate import method_path
+from autoq.graph import save_onnx
+from autoq.precision import Precision
+from autoq.regions import REMOVABLE
+
+DYNAMIC_LAYERS = ("MatMul",)  # ORT's dynamic quantizer has no Gemm
+WEIGHT_ONLY_LAYERS = {"MatMul": (4, 8), "Gather": (4,)}  # op -> the bits ORT's weight-only quantizer builds
+WEIGHT_ONLY_KERNELS = ("MatMulNBits", "GatherBlockQuantized")
+
+
+@contextmanager
+def quiet_root_logger() -> Iterator[None]:
+    """ORT's quantizers log advice on the root logger for every build; keep the user's console clean."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def static_overrides(graph: onnx.GraphProto, specs: dict[str, Precision], calibration: Path) -> dict[str, list]:
+    """TensorQuantOverrides setting each static layer's input to its spec's calibrated range and symmetry."""
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    overrides: dict[str, list] = {}
+    loaded: dict[str, dict] = {}
+    producer = {out: node.op_type for node in graph.node for out in node.output}
+    for node in graph.node:
+        spec = specs.get(node.name)
+        if spec is None or spec.kind != "static" or node.input[0] in overrides:
+            continue
+        # ORT's quantizer drops a Relu/Clip into its output's range even under a zero point of 128, which would
+        # let negative values through: a rectified input stays asymmetric (it has no negative half to keep)
+        symmetric = spec.symmetric and producer.get(node.input[0]) not in REMOVABLE
+        override: dict[str, object] = {"symmetric": True} if symmetric else {}
+        if spec.calibration != "minmax":
+            key = spec.calibration_key
+            loaded.setdefault(key, load_tensors_data(method_path(calibration, key)).data)
+            known = loaded[key].get(node.input[0])
+            if known is not None:
+                low, high = (float(np.asarray(v).ravel()[0]) for v in known.range_value)
+                override |= {"rmin": np.array(min(low, 0.0), np.float32), "rmax": np.array(max(high, 0.0), np.float32)}
+        if override:
+            overrides[node.input[0]] = [override]
+    return overrides
+
+
+def quantize_regions(source: Path, out: Path, nodes: set[str], specs: dict[str, Precision], calibration: Path,
+                     reduce_range: bool) -> None:
+    """Static int8 (U8S8 QDQ) of the region `nodes`, with each layer's calibration and symmetry."""
+    proto = onnx.load(str(source), load_external_data=False)
+    op_types = sorted({node.op_type for node in proto.graph.node if node.name in nodes})
+    with quiet_root_logger():
+        quantize_static(
+            source, out, None, quant_format=QuantFormat.QDQ, op_types_to_quantize=op_types, per_channel=True,
+            reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            nodes_to_quantize=sorted(nodes), calibration_cache_path=calibration,
+            extra_options={"TensorQuantOverrides": static_overrides(proto.graph, specs, calibration)})
+
+
+def quantize_dynamic_layers(path: Path, specs: dict[str, Precision]) -> None:
+    """int8-dyn of the layers whose spec is dynamic, in place; one pass per weight granularity."""
+    for per_channel in (False, True):
+        chosen = sorted(n for n, s in specs.items() if s.kind == "dynamic" and (s.granularity == "channel")
+                        == per_channel)
+        if chosen:
+            with quiet_root_logger():
+                quantize_dynamic(path, path, op_types_to_quantize=list(DYNAMIC_LAYERS), nodes_to_quantize=chosen,
+                                 weight_type=QuantType.QInt8, per_channel=per_channel)
+
+
+def quantize_weight_only(path: Path, specs: dict[str, Precision]) -> None:
+    """MatMulNBits / GatherBlockQuantized for the layers whose spec is weight-only, in place."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        HQQWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    groups: dict[Precision, list[str]] = defaultdict(list)
+    for name, spec in specs.items():
+        if spec.kind == "weight-only":
+            groups[spec].append(name)
+    if not groups:
+        return
+    proto = onnx.load(str(path))
+    tables = {n.name for n in proto.graph.node if n.op_type == "Gather"} & {n for c in groups.values() for n in c}
+    if tables:  # int4 tables need opset 21: convert the model properly (ORT's quantizer only relabels it)
+        default = next(o for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+        if default.version < 21:
+            proto = onnx.version_converter.convert_version(proto, 21)
+    for spec, chosen in groups.items():
+        ops = ("MatMul", "Gather") if tables & set(chosen) else ("MatMul",)
+        if spec.rounding == "hqq":
+            config = HQQWeightOnlyQuantConfig(block_size=spec.group, bits=spec.bits, op_types_to_quantize=ops)
+        else:
+            config = DefaultWeightOnlyQuantConfig(block_size=spec.group, is_symmetric=spec.symmetric,
+                                                  accuracy_level=spec.accuracy or None, op_types_to_quantize=ops,
+                                                  bits=spec.bits)
+        others = [n.name for n in proto.graph.node if n.name not in set(chosen)]
+        with quiet_root_logger():
+            quantizer = MatMulNBitsQuantizer(proto, bits=spec.bits, block_size=spec.group,
+                                             is_symmetric=spec.symmetric, accuracy_level=spec.accuracy or None,
+                                             nodes_to_exclude=others, op_types_to_quantize=ops, algo_config=config)
+            quantizer.process()
+        proto = quantizer.model.model
+    save_onnx(proto, path)
+
+
+def weight_only_spec(node: onnx.NodeProto, graph: onnx.GraphProto, asked: Precision | None) -> str:
+    """The weight-only spec a MatMulNBits / GatherBlockQuantized node runs (the rounding, invisible in the
+    graph, is the one asked for)."""
+    attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    symmetric = len(node.input) <= 3 or not node.input[3]  # both kernels take zero points as input 3
+    if node.op_type == "MatMulNBits":
+        bits = int(attributes.get("bits", 4))
+    else:
+        data = next((t for t in graph.initializer if t.name == node.input[0]), None)
+        bits = 4 if data is None or data.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4) else 8
+    rounding = asked.rounding if asked is not None and asked.kind == "weight-only" else "rtn"
+    spec = Precision("weight-only", bits, symmetric=symmetric, granularity="group",
+                     group=int(attributes.get("block_size", 0)), rounding=rounding,
+                     accuracy=int(attributes.get("accuracy_level", 0)) if node.op_type == "MatMulNBits" else 0)
+    return str(spec)

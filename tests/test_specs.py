@@ -1,0 +1,86 @@
+"""Every precision spec each backend offers builds, runs, and passes the executed check on a small model with an
+embedding table and MatMuls; a spec a backend cannot build for a layer is never offered."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from autoq import data, graph
+from autoq.backends import get_backend
+from autoq.calibrate import calibrate
+from autoq.precision import Assignment, Precision, calibrations
+from tests.models import embedding_mlp
+
+ORT_SPECS = ["int8", "int8-sym", "int8-entropy", "int8-mse", "int8-pct99.9", "int8-dyn", "int8-dyn-pc", "w8g32",
+             "w8g128-acc4", "w4g32", "w4g32-asym-acc4", "w4g64-hqq"]
+OV_SPECS = ["int8", "w8", "w8-asym", "w4g32", "w4g128-asym", "w4g32-se", "w4g32-gptq", "w4g32-awq"]
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("specs")
+    source, samples = embedding_mlp(workdir)
+    model = graph.prepare(source, workdir / "run")
+    splits = data.split(data.load(samples, None))
+    choices = {layer.name: ORT_SPECS for layer in model.layers}
+    return model, calibrate(model, splits.calibration, workdir / "cache", calibrations(choices)), splits, workdir
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean(np.sum(a * b, 1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)))
+
+
+def _check(backend_name: str, spec: str, small) -> None:
+    model, calibration, splits, workdir = small
+    backend = get_backend(backend_name)
+    assert backend.unbuildable(Precision.parse(spec)) is None
+    layers = {la.name: spec if spec in backend.layer_precisions(la, ["fp32", spec]) else "fp32"
+              for la in model.layers}
+    assert sum(p == spec for p in layers.values()) >= 2, layers  # the spec really is offered to layers
+    fp32 = backend.build(model, Assignment.uniform(model.layer_names, "fp32"), calibration, workdir / backend_name)
+    candidate = backend.build(model, Assignment(layers), calibration, workdir / f"{backend_name}-{spec}")
+    feeds = {"ids": splits.search.arrays["ids"]}
+    got, want = backend.runner(candidate, 1)(feeds)[0], backend.runner(fp32, 1)(feeds)[0]
+    assert backend.executed(candidate) == backend.expected(Assignment(layers))
+    assert not np.array_equal(got, want) and _cosine(got, want) > 0.9
+    if Precision.parse(spec).kind == "weight-only":  # at least 60% of the chosen weights' fp32 bytes saved
+        params = sum(la.params for la in model.layers if layers[la.name] == spec)
+        assert candidate.size_bytes < fp32.size_bytes - 0.6 * 4 * params
+
+
+@pytest.mark.parametrize("spec", ORT_SPECS)
+def test_every_onnxruntime_spec_builds_runs_and_executes_as_asked(small, spec):
+    _check("onnxruntime", spec, small)
+
+
+@pytest.mark.parametrize("spec", OV_SPECS)
+def test_every_openvino_spec_builds_runs_and_executes_as_asked(small, spec):
+    pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    _check("openvino", spec, small)
+
+
+@pytest.mark.parametrize("backend_name", ["onnxruntime", "openvino"])
+def test_groups_that_do_not_tile_a_layer_are_never_offered(small, backend_name):
+    model = small[0]
+    backend = get_backend(backend_name)
+    offered = {la.name: backend.layer_precisions(la, ["fp32", "w4g32", "w4g128", "int8-dyn"]) for la in model.layers}
+    assert "w4g128" in offered["fc1"] and "w4g128" in offered["fc2"]  # 256 inputs
+    assert "w4g128" not in offered["fc3"] and "w4g32" in offered["fc3"]  # 96 inputs
+    assert "int8-dyn" not in offered["embed"]
+    assert ("w4g128" in offered["embed"]) == (backend_name == "onnxruntime")  # GatherBlockQuantized on ORT only
+
+
+def test_openvino_activation_symmetry_and_smooth_quant_are_model_wide_options(small):
+    pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    model, calibration, splits, workdir = small
+    backend = get_backend("openvino")
+    layers = {la.name: "int8" if la.op_type == "MatMul" else "fp32" for la in model.layers}
+    feeds = {"ids": splits.search.arrays["ids"]}
+    outputs = {}
+    for options in ({"activations": "asym"}, {"activations": "sym"}, {"activations": "sym", "smooth_quant": "off"}):
+        assignment = Assignment(layers, options)
+        candidate = backend.build(model, assignment, calibration, workdir / ("ov-" + "-".join(options.values())))
+        assert backend.executed(candidate) == backend.expected(assignment)
+        outputs[tuple(options.values())] = backend.runner(candidate, 1)(feeds)[0]
+    assert not np.array_equal(outputs[("asym",)], outputs[("sym",)])  # the preset really changes the quantizers
