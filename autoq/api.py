@@ -169,7 +169,7 @@ def search(model: str | Path | object | None = None, data: DataArg = None, *more
         if problem.space.sensitivity != "none":
             scores = sensitivity_mod.analyse(evaluator, choices, problem.space.sensitivity, run_dir / "cache")
             choices = sensitivity_mod.prune(choices, scores, problem.space.max_layer_drop)
-            seeds = sensitivity_mod.greedy_seeds(scores, choices)
+            seeds = sensitivity_mod.greedy_seeds(scores, choices) + sensitivity_mod.fallback_seeds(scores, choices)
             scores.to_csv(run_dir / "sensitivity.csv", index=False)
         optuna_study, created = open_study(run_dir, problem.space, problem.seed, hardware_key(problem.machine),
                                            problem.config, storage, study)

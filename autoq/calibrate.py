@@ -63,9 +63,9 @@ def calibrate(model: OnnxModel, data: Dataset, cache_dir: Path, others: tuple[st
     if not samples_path(path).is_file():
         np.savez(samples_path(path), **data.arrays)
     batches = list(data.batches(batch_size(model.inputs)))
-    for key in others:
+    for key in others:  # ORT's histograms stack every batch: one sample each keeps the shapes equal
         if not method_path(path, key).is_file():
-            save_tensors_data(_ranges(model, batches, key), method_path(path, key))
+            save_tensors_data(_ranges(model, list(data.batches(1)), key), method_path(path, key))
     if path.is_file() and resolution_path(path).is_file():
         return path
     ranges = _ranges(model, batches, "minmax")

@@ -59,10 +59,14 @@ def round_weight(w: np.ndarray, axis: int, precision: Precision) -> np.ndarray:
 
 
 def noise_ratio(signal: np.ndarray, noisy: np.ndarray, axis: int) -> float:
-    """Noise-to-signal power, averaged over channels along `axis`: every channel matters to the next layer,
-    so one outlier channel must not hide the others being rounded away."""
+    """Noise-to-signal power, the worse of two views: averaged over channels along `axis` (every channel matters
+    to the next layer, so one outlier channel must not hide the others being rounded away) and pooled over the
+    whole tensor (clipping a few outlier channels, a transformer's most important features, loses most of the
+    power while leaving the channel average almost untouched)."""
     reduce = tuple(i for i in range(signal.ndim) if i != axis % signal.ndim)
     power = np.sum(signal.astype(np.float64) ** 2, axis=reduce)
     noise = np.sum((signal.astype(np.float64) - noisy) ** 2, axis=reduce)
     live = power > 0
-    return float(np.mean(noise[live] / power[live])) if live.any() else 0.0
+    if not live.any():
+        return 0.0
+    return float(max(np.mean(noise[live] / power[live]), noise.sum() / power.sum()))

@@ -196,3 +196,27 @@ def greedy_seeds(table: pd.DataFrame, choices: dict[str, list[str]],
         seed = Assignment({name: chosen.get(name, "fp32" if "fp32" in c else c[0]) for name, c in choices.items()})
         seeds.setdefault(seed.key(), seed)
     return list(seeds.values())
+
+
+def fallback_seeds(table: pd.DataFrame, choices: dict[str, list[str]],
+                   fractions: tuple[float, ...] = (0.1, 0.25)) -> list[Assignment]:
+    """The fast end with its most fragile layers protected: the two precisions that save the most latency in
+    total, with the top `fractions` of layers (by that precision's score) moved to fp32 or to the most accurate
+    precision that still saves latency. With a menu of specs, random mixes rarely find these."""
+    rows = table[[p in choices.get(n, []) for n, p in zip(table["layer"], table["precision"], strict=True)]]
+    if rows.empty:
+        return []
+    totals = rows.groupby("precision")["latency_saving_ms"].sum().sort_values(ascending=False)
+    saving = totals[totals > 0]
+    accurate = rows[rows["precision"].isin(saving.index)].groupby("precision")["score"].mean().sort_values()
+    seeds: dict[str, Assignment] = {}
+    for fast in list(saving.index[:2]):
+        order = list(rows[rows["precision"] == fast].sort_values("score", ascending=False)["layer"])
+        for safe in dict.fromkeys([p for p in accurate.index if p != fast][:1] + ["fp32"]):
+            for fraction in fractions:
+                protected = set(order[: max(1, round(fraction * len(order)))])
+                layers = {name: (safe if safe in c else "fp32") if name in protected else
+                          (fast if fast in c else "fp32" if "fp32" in c else c[0]) for name, c in choices.items()}
+                seed = Assignment(layers)
+                seeds.setdefault(seed.key(), seed)
+    return list(seeds.values())

@@ -84,3 +84,15 @@ def test_openvino_activation_symmetry_and_smooth_quant_are_model_wide_options(sm
         assert backend.executed(candidate) == backend.expected(assignment)
         outputs[tuple(options.values())] = backend.runner(candidate, 1)(feeds)[0]
     assert not np.array_equal(outputs[("asym",)], outputs[("sym",)])  # the preset really changes the quantizers
+
+
+@pytest.mark.parametrize("spec", ["w4g32", "w8g32-acc4", "int8-dyn-pc"])
+def test_profiled_latency_reaches_weight_only_and_dynamic_kernels(small, spec):
+    """ORT names weight-only kernels `<node>_Q4` / `_Q8`: every layer's time is still found in the profile."""
+    model, calibration, splits, workdir = small
+    backend = get_backend("onnxruntime")
+    layers = {la.name: spec if spec in backend.layer_precisions(la, [spec]) else "fp32" for la in model.layers}
+    candidate = backend.build(model, Assignment(layers), calibration, workdir / f"profile-{spec}")
+    times = backend.layer_latency(candidate, {"ids": splits.search.arrays["ids"][:1]}, 1, runs=5)
+    assert set(times) == set(model.layer_names)
+    assert all(times[name] > 0 for name, p in layers.items() if p == spec)
