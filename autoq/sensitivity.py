@@ -202,13 +202,16 @@ def fallback_seeds(table: pd.DataFrame, choices: dict[str, list[str]],
                    fractions: tuple[float, ...] = (0.1, 0.25)) -> list[Assignment]:
     """The fast end with its most fragile layers protected: the two precisions that save the most latency in
     total, with the top `fractions` of layers (by that precision's score) moved to fp32 or to the most accurate
-    precision that still saves latency. With a menu of specs, random mixes rarely find these."""
+    precision that still saves latency. A layer that does not offer the fast precision (an embedding table) takes
+    its precision saving the most bytes at no latency cost. With a menu of specs, random mixes rarely find these."""
     rows = table[[p in choices.get(n, []) for n, p in zip(table["layer"], table["precision"], strict=True)]]
     if rows.empty:
         return []
     totals = rows.groupby("precision")["latency_saving_ms"].sum().sort_values(ascending=False)
     saving = totals[totals > 0]
     accurate = rows[rows["precision"].isin(saving.index)].groupby("precision")["score"].mean().sort_values()
+    free = rows[rows["latency_saving_ms"].fillna(0) >= 0].sort_values("size_saving_bytes", ascending=False)
+    smallest = dict(zip(free["layer"][::-1], free["precision"][::-1], strict=True))  # first row wins per layer
     seeds: dict[str, Assignment] = {}
     for fast in list(saving.index[:2]):
         order = list(rows[rows["precision"] == fast].sort_values("score", ascending=False)["layer"])
@@ -216,7 +219,8 @@ def fallback_seeds(table: pd.DataFrame, choices: dict[str, list[str]],
             for fraction in fractions:
                 protected = set(order[: max(1, round(fraction * len(order)))])
                 layers = {name: (safe if safe in c else "fp32") if name in protected else
-                          (fast if fast in c else "fp32" if "fp32" in c else c[0]) for name, c in choices.items()}
+                          (fast if fast in c else smallest.get(name, "fp32" if "fp32" in c else c[0]))
+                          for name, c in choices.items()}
                 seed = Assignment(layers)
                 seeds.setdefault(seed.key(), seed)
     return list(seeds.values())

@@ -185,17 +185,21 @@ def test_greedy_seeds_skip_a_precision_that_makes_the_model_slower(scores):
 
 def test_fallback_seeds_protect_the_fast_precisions_most_fragile_layers():
     """Ten layers, a fast spec (saves 1 ms each, layer l9 most fragile) and an accurate slower one: the seeds put
-    the fast spec everywhere but the most fragile 10% / 30%, which get the accurate spec or fp32."""
+    the fast spec everywhere but the most fragile 10% / 30%, which get the accurate spec or fp32; an embedding
+    table that offers only w4g32 (no latency cost) takes it."""
     layers = [f"l{i}" for i in range(10)]
     rows = [{"layer": n, "precision": "int8-dyn", "latency_saving_ms": 1.0, "score": float(i), "macs": 1}
             for i, n in enumerate(layers)]
     rows += [{"layer": n, "precision": "w8g128-acc4", "latency_saving_ms": 0.5, "score": -50.0, "macs": 1}
              for n in layers]
     rows += [{"layer": n, "precision": "w4g32", "latency_saving_ms": -0.1, "score": 5.0, "macs": 1} for n in layers]
-    choices = {n: ["fp32", "int8-dyn", "w8g128-acc4", "w4g32"] for n in layers}
-    seeds = sens.fallback_seeds(pd.DataFrame(rows), choices, fractions=(0.1, 0.3))
+    rows += [{"layer": "table", "precision": "w4g32", "latency_saving_ms": 0.0, "score": 20.0, "macs": 0,
+              "size_saving_bytes": 1e6}]
+    choices = {n: ["fp32", "int8-dyn", "w8g128-acc4", "w4g32"] for n in layers} | {"table": ["fp32", "w4g32"]}
+    seeds = sens.fallback_seeds(pd.DataFrame(rows).fillna({"size_saving_bytes": 0}), choices, fractions=(0.1, 0.3))
+    assert all(s.layers["table"] == "w4g32" for s in seeds)  # no fast spec offered: the smallest free one
     first = seeds[0].layers
     assert first["l9"] == "w8g128-acc4" and all(first[n] == "int8-dyn" for n in layers[:9])
     assert {n for n, p in seeds[1].layers.items() if p == "w8g128-acc4"} == {"l9", "l8", "l7"}
-    assert any(set(s.layers.values()) == {"fp32", "int8-dyn"} for s in seeds)
-    assert not any("w4g32" in s.layers.values() for s in seeds)  # it saves nothing: never the fast end
+    assert any({p for n, p in s.layers.items() if n != "table"} == {"fp32", "int8-dyn"} for s in seeds)
+    assert not any("w4g32" in [p for n, p in s.layers.items() if n != "table"] for s in seeds)  # slower: never fast

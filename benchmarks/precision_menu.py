@@ -1,0 +1,206 @@
+"""The per-layer precision menu (specs) against the runtimes' one-line recipes, timed side by side.
+
+ONNX Runtime: `autoq search --space cpu-menu` (static int8 with three calibrations, int8-dyn per tensor or channel,
+MatMulNBits w8/w4, int4 embeddings) against `quantize_static` (all ops; weight ops) and `quantize_dynamic` (its
+defaults; MatMul/Gemm). OpenVINO: `autoq search --backend openvino` (int8, weight-only w8/w4, float precision and
+activation symmetry as options) against f32, bf16 and `nncf.quantize` (default and transformer presets), each
+compiled with OpenVINO's default float precision for this CPU and with f32. Models: all-MiniLM-L6-v2 (the demo)
+and the PaddleOCR text detector from the pip package `rapidocr-onnxruntime`. Batch 1; every row is timed against
+its runtime's FP32 model in alternating rounds by autoq's harness; quality on the validation split.
+
+    pip install -c constraints.txt -e ".[bench]" && pip install --no-deps rapidocr-onnxruntime==1.4.4
+    python benchmarks/precision_menu.py --trials 40 --out reports/benchmarks/precision_menu.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from int8_regions import _ocr_models, _session, text_pages
+
+import autoq
+from autoq import data as data_mod
+from autoq.demo import demo_files
+from autoq.measure import fingerprint, time_runner
+from autoq.metrics import get_metric
+
+Run = tuple  # (callable on feeds, size in bytes)
+
+
+def _ort_recipes(source: Path, calibration: dict[str, np.ndarray], out: Path, threads: int) -> dict[str, Run]:
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    samples = [{k: v[i:i + 1] for k, v in calibration.items()} for i in range(len(next(iter(calibration.values()))))]
+
+    class Reader:
+        def __init__(self) -> None:
+            self.it = iter(samples)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    logging.getLogger().setLevel(logging.ERROR)
+    paths = {"ORT FP32": source}
+    for label, op_types in (("ORT quantize_static U8S8, all ops", None),
+                            ("ORT quantize_static U8S8, weight ops", ["Conv", "MatMul", "Gemm"])):
+        paths[label] = out / f"recipe-static-{len(paths)}.onnx"
+        quantize_static(str(source), str(paths[label]), Reader(), quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=op_types, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    for label, op_types in (("ORT quantize_dynamic (defaults)", None),
+                            ("ORT quantize_dynamic (MatMul/Gemm)", ["MatMul", "Gemm"])):
+        paths[label] = out / f"recipe-dynamic-{len(paths)}.onnx"
+        quantize_dynamic(str(source), str(paths[label]), op_types_to_quantize=op_types, weight_type=QuantType.QInt8)
+    return {label: (_session(path, threads), path.stat().st_size) for label, path in paths.items()}
+
+
+def _ov_recipes(source: Path, calibration: dict[str, np.ndarray], threads: int, transformer: bool) -> dict[str, Run]:
+    import nncf
+    import openvino as ov
+
+    core = ov.Core()
+    default = core.get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()
+
+    def compiled(model, precision: str | None):
+        config = {"NUM_STREAMS": 1, "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+        request = core.compile_model(model, "CPU", config | ({"INFERENCE_PRECISION_HINT": precision}
+                                                             if precision else {})).create_infer_request()
+        return lambda feeds: [np.array(request.infer(feeds)[0])]
+
+    def size(model) -> int:
+        path = Path("/tmp/autoq-bench-ov.xml")
+        ov.save_model(model, str(path), compress_to_fp16=False)
+        return path.stat().st_size + path.with_suffix(".bin").stat().st_size
+
+    model = ov.convert_model(str(source))
+    runs = {"OpenVINO f32": (compiled(model, "f32"), size(model))}
+    if "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        runs["OpenVINO bf16 (native)"] = (compiled(model, "bf16"), size(model))
+    samples = [{k: v[i:i + 1] for k, v in calibration.items()} for i in range(len(next(iter(calibration.values()))))]
+    logging.getLogger("nncf").setLevel(logging.ERROR)
+    presets = {"nncf.quantize": {}} | ({"nncf.quantize, transformer preset": {"model_type": nncf.ModelType.TRANSFORMER}}
+                                       if transformer else {})
+    for label, extra in presets.items():
+        quantized = nncf.quantize(model, nncf.Dataset(samples), subset_size=len(samples), **extra)
+        runs[f"{label} (OpenVINO default float: {default})"] = (compiled(quantized, None), size(quantized))
+        runs[f"{label} (f32)"] = (compiled(quantized, "f32"), size(quantized))
+    return runs
+
+
+def _front_runs(result, run: Path, backend: str, threads: int) -> dict[str, Run]:
+    import openvino as ov
+
+    front = result.front.dropna(subset=["model"]).reset_index(drop=True)
+    runs = {}
+    for _, row in front.iterrows():
+        path = run / row["model"]
+        label = f"autoq {backend} point {int(row['point'])}: {row['summary']}"
+        if backend == "ORT":
+            runs[label] = (_session(path, threads), path.stat().st_size)
+            continue
+        precision = json.loads(row["assignment"])["options"].get("inference_precision", "f32")
+        request = ov.Core().compile_model(str(path), "CPU", {
+            "INFERENCE_PRECISION_HINT": precision, "NUM_STREAMS": 1, "INFERENCE_NUM_THREADS": threads,
+            "PERFORMANCE_HINT": "LATENCY"}).create_infer_request()
+        runs[f"{label} ({precision}, {json.loads(row['assignment'])['options'].get('activations', '')})"] = (
+            lambda feeds, r=request: [np.array(r.infer(feeds)[0])], int(row["size_bytes"]))
+    return runs
+
+
+def _specs_taken(result) -> list[str]:
+    """Per ORT front point: which layers took which spec (layer names shortened to their module path)."""
+    lines = []
+    for _, row in result.front.iterrows():
+        groups: dict[str, list[str]] = defaultdict(list)
+        for layer, spec in json.loads(row["assignment"])["layers"].items():
+            groups[spec].append(layer.replace("/encoder/encoder/", "").replace("/MatMul", "").replace("/Gather", ""))
+        parts = [f"`{spec}` x{len(names)}" + (f" ({', '.join(names)})" if len(names) <= 8 else "")
+                 for spec, names in sorted(groups.items(), key=lambda kv: len(kv[1]))]
+        lines.append(f"- point {int(row['point'])} (quality {row['val_quality']:.4f}): " + "; ".join(parts))
+    return lines
+
+
+def _verdicts(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per recipe: the fastest autoq point of the same runtime at >= its quality and <= its size, and the ratio."""
+    verdicts = []
+    for _, row in frame.iterrows():
+        same = frame[(frame["runtime"] == row["runtime"]) & frame["what"].str.startswith("autoq")]
+        ours = same[(same["quality"] >= row["quality"] - 1e-4) & (same["MB"] <= row["MB"] * 1.001)]
+        if row["what"].startswith("autoq"):
+            verdicts.append("")
+        elif ours.empty:
+            verdicts.append("**not dominated**")
+        else:
+            best = ours.loc[ours["speedup"].idxmax()]
+            point = best["what"].split(":")[0].removeprefix("autoq ")
+            verdicts.append(f"{point}: {best['speedup'] / row['speedup']:.2f}x")
+    return frame.assign(**{"fastest autoq point at >= its quality, <= its size": verdicts})
+
+
+def bench(name: str, source: Path, data: dict[str, np.ndarray], metric: str, transformer: bool, trials: int,
+          threads: int, work: Path) -> tuple[pd.DataFrame, list[str], str]:
+    splits = data_mod.split(data_mod.load(data), seed=0)
+    started = time.perf_counter()
+    ort_result = autoq.search(source, data, metric=metric, trials=trials, threads=threads, space="cpu-menu",
+                              out=work / name, progress=False)
+    ort_wall = time.perf_counter() - started
+    ov_result = autoq.search(source, data, metric=metric, trials=trials, threads=threads, backend="openvino",
+                             out=work / f"{name}-openvino", progress=False)
+    ov_wall = time.perf_counter() - started - ort_wall
+    groups = {"ORT": (_ort_recipes(source, splits.calibration.arrays, work / name, threads)
+                      | _front_runs(ort_result, work / name, "ORT", threads), "ORT FP32"),
+              "OpenVINO": (_ov_recipes(source, splits.calibration.arrays, threads, transformer)
+                           | _front_runs(ov_result, work / f"{name}-openvino", "OpenVINO", threads), "OpenVINO f32")}
+    score = get_metric(metric, False)[1]
+    validation, feeds = splits.validation, {k: v[:1] for k, v in splits.validation.arrays.items()}
+    rows = []
+    for runtime, (runs, reference) in groups.items():
+        outputs = {k: [np.concatenate([run(f)[0] for f in validation.batches(1)])] for k, (run, _) in runs.items()}
+        ref = runs[reference][0]
+        for label, (run, size) in runs.items():
+            timing = time_runner(lambda run=run: run(feeds), lambda ref=ref: ref(feeds), min_runs=30, max_runs=90)
+            rows.append({"runtime": runtime, "what": label, "quality": float(score(outputs[reference],
+                                                                                   outputs[label], None)),
+                         "ms": timing.median_ms, "speedup": timing.speedup, "MB": size / 1e6, "load": timing.load})
+    wall = f"{name}: ORT search {ort_wall:.0f} s ({len(ort_result.front)} front points), OpenVINO {ov_wall:.0f} s"
+    print(wall)
+    return _verdicts(pd.DataFrame(rows)), _specs_taken(ort_result), wall
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=40)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--models", default="minilm,det")
+    parser.add_argument("--work", type=Path, default=Path("reports/precision-menu-runs"))
+    parser.add_argument("--out", type=Path, default=Path("reports/benchmarks/precision_menu.md"))
+    args = parser.parse_args()
+    models = {"minilm": lambda: (demo_files()[0], dict(np.load(demo_files()[1])), "cosine", True),
+              "det": lambda: (_ocr_models() / "ch_PP-OCRv4_det_infer.onnx", text_pages(), "cosine", False)}
+    results = [(name, *bench(name, *models[name](), args.trials, args.threads, args.work))
+               for name in args.models.split(",")]
+    machine = fingerprint(args.threads)
+    lines = ["# The precision menu: autoq's fronts vs the runtimes' one-line recipes", "",
+             f"CPU: {machine['cpu']}; flags: {' '.join(machine['cpu_flags'])}; {machine['threads']} threads, batch 1.",
+             "Libraries: " + ", ".join(f"{k} {v}" for k, v in machine["libraries"].items()) + ".",
+             f"Search: {args.trials} trials per model and backend (ORT space `cpu-menu`, OpenVINO `openvino-cpu`); "
+             "walls: " + "; ".join(r[3] for r in results) + ".", "",
+             "Each row is timed against its runtime's FP32 model in alternating rounds (speedup = FP32 / it; ms is the",
+             "median of its own rounds, which drift with the shared host); quality on the validation split (cosine to",
+             "FP32); MB is the model file. The verdict names the fastest autoq point of the same runtime with at least",
+             "the recipe's quality and at most its size, and how much faster it is.", ""]
+    for name, frame, specs, _ in results:
+        lines += [f"## {name}", "", frame.to_markdown(index=False, floatfmt=".4g"), "",
+                  "Which layers took which spec (ORT front):", "", *specs, ""]
+    args.out.write_text("\n".join(lines) + "\n")
+    print(args.out.read_text())
+
+
+if __name__ == "__main__":
+    main()
