@@ -233,9 +233,10 @@ def run_search(study: optuna.Study, evaluate: Callable[[Assignment], dict], fp32
     constraints = constraints or Constraints()
     if created:
         _enqueue_baselines(study, choices, space.options)
-        for seed in seeds:
+        first = {OPTION_PREFIX + k: v[0] for k, v in space.options.items() if len(v) > 1}
+        for seed in seeds:  # with the first value of each option, as the baselines they are compared with
             params = {n: p for n, p in seed.layers.items() if len(choices[n]) > 1}
-            study.enqueue_trial(params, user_attrs={"seeded": True})
+            study.enqueue_trial(params | first, user_attrs={"seeded": True})
     _recover_interrupted(study, local)
 
     def measured_pairs(known: dict) -> list[tuple[Assignment, tuple]]:

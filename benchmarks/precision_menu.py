@@ -47,17 +47,25 @@ def _ort_recipes(source: Path, calibration: dict[str, np.ndarray], out: Path, th
             return next(self.it, None)
 
     logging.getLogger().setLevel(logging.ERROR)
-    paths = {"ORT FP32": source}
-    for label, op_types in (("ORT quantize_static U8S8, all ops", None),
-                            ("ORT quantize_static U8S8, weight ops", ["Conv", "MatMul", "Gemm"])):
-        paths[label] = out / f"recipe-static-{len(paths)}.onnx"
-        quantize_static(str(source), str(paths[label]), Reader(), quant_format=QuantFormat.QDQ,
-                        op_types_to_quantize=op_types, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    for label, op_types in (("ORT quantize_dynamic (defaults)", None),
-                            ("ORT quantize_dynamic (MatMul/Gemm)", ["MatMul", "Gemm"])):
-        paths[label] = out / f"recipe-dynamic-{len(paths)}.onnx"
-        quantize_dynamic(str(source), str(paths[label]), op_types_to_quantize=op_types, weight_type=QuantType.QInt8)
-    return {label: (_session(path, threads), path.stat().st_size) for label, path in paths.items()}
+    paths: dict[str, Path | str] = {"ORT FP32": source}
+    recipes = {"ORT quantize_static U8S8, all ops": lambda path: quantize_static(
+                   str(source), str(path), Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
+                   weight_type=QuantType.QInt8),
+               "ORT quantize_static U8S8, weight ops": lambda path: quantize_static(
+                   str(source), str(path), Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
+                   weight_type=QuantType.QInt8, op_types_to_quantize=["Conv", "MatMul", "Gemm"]),
+               "ORT quantize_dynamic (defaults)": lambda path: quantize_dynamic(str(source), str(path)),
+               "ORT quantize_dynamic (MatMul/Gemm)": lambda path: quantize_dynamic(
+                   str(source), str(path), op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8)}
+    for label, recipe in recipes.items():
+        path = out / f"recipe-{len(paths)}.onnx"
+        try:
+            recipe(path)
+            paths[label] = path
+        except Exception as exc:  # a recipe that fails on this model is a row with its reason
+            paths[label] = f"failed: {type(exc).__name__}: {str(exc)[:80]}"
+    return {label: (_session(path, threads), path.stat().st_size) if isinstance(path, Path) else (path, 0)
+            for label, path in paths.items()}
 
 
 def _ov_recipes(source: Path, calibration: dict[str, np.ndarray], threads: int, transformer: bool) -> dict[str, Run]:
@@ -132,7 +140,7 @@ def _verdicts(frame: pd.DataFrame) -> pd.DataFrame:
     for _, row in frame.iterrows():
         same = frame[(frame["runtime"] == row["runtime"]) & frame["what"].str.startswith("autoq")]
         ours = same[(same["quality"] >= row["quality"] - 1e-4) & (same["MB"] <= row["MB"] * 1.001)]
-        if row["what"].startswith("autoq"):
+        if row["what"].startswith("autoq") or pd.isna(row["quality"]):
             verdicts.append("")
         elif ours.empty:
             verdicts.append("**not dominated**")
@@ -161,6 +169,9 @@ def bench(name: str, source: Path, data: dict[str, np.ndarray], metric: str, tra
     validation, feeds = splits.validation, {k: v[:1] for k, v in splits.validation.arrays.items()}
     rows = []
     for runtime, (runs, reference) in groups.items():
+        failed = {k: run for k, (run, _) in runs.items() if isinstance(run, str)}
+        rows += [{"runtime": runtime, "what": f"{label} ({reason})"} for label, reason in failed.items()]
+        runs = {k: v for k, v in runs.items() if k not in failed}
         outputs = {k: [np.concatenate([run(f)[0] for f in validation.batches(1)])] for k, (run, _) in runs.items()}
         ref = runs[reference][0]
         for label, (run, size) in runs.items():

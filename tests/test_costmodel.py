@@ -119,3 +119,21 @@ def test_other_samplers_run_the_same_study(sampler, tmp_path):
     run_search(study, lambda a: dict(zip(("quality", "latency_ms", "size_bytes"), _truth(a), strict=True)), 1.0,
                CHOICES, space, trials=14, progress=False)
     assert sum(t.state.name == "COMPLETE" for t in study.trials) == 14
+
+
+def test_seeds_run_with_the_first_value_of_each_option():
+    """A seed is compared with the baselines: it takes the options' first values, not a random draw."""
+    space = parse_space({"sampler": "random", "sensitivity": "none", "options": {"float": ["bf16", "f32"],
+                                                                                 "act": ["asym", "sym"]}})
+    study = optuna.create_study(directions=DIRECTIONS, sampler=optuna.samplers.RandomSampler(seed=0))
+    seeds = [Assignment({n: "int8" if i % 2 else "fp32" for i, n in enumerate(LAYERS)}),
+             Assignment({n: "int8" if i < 2 else "fp32" for i, n in enumerate(LAYERS)})]
+    seen = []
+
+    def evaluate(assignment: Assignment) -> dict:
+        seen.append(assignment)
+        return dict(zip(("quality", "latency_ms", "size_bytes"), _truth(assignment), strict=True))
+
+    run_search(study, evaluate, 1.0, CHOICES, space, trials=12, progress=False, seeds=seeds)
+    seeded = [a for a in seen if a.layers in [s.layers for s in seeds]]
+    assert len(seeded) == 2 and all(a.options == {"float": "bf16", "act": "asym"} for a in seeded)
