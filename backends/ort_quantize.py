@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,12 +33,15 @@ WEIGHT_ONLY_KERNELS = ("MatMulNBits", "GatherBlockQuantized")
 
 @contextmanager
 def quiet_root_logger() -> Iterator[None]:
-    """ORT's quantizers log advice on the root logger for every build; keep the user's console clean."""
+    """ORT's quantizers log advice on the root logger for every build (and HQQ warns through torch); keep the
+    user's console clean."""
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
     finally:
         root.setLevel(level)
 
