@@ -76,7 +76,7 @@ class Precision:
         if (self.granularity == "group") != (self.group > 0) or self.granularity not in ("channel", "tensor", "group"):
             return "granularity is channel, tensor, or group with a group size"
         if self.group and (self.kind != "weight-only" or self.group < 16 or self.group & (self.group - 1)):
-            return "groups are for weight-only precisions, a power of two >= 16"
+            return "groups are a power of two >= 16, for weight-only precisions only"
         if self.granularity == "tensor" and self.kind != "dynamic":
             return "per-tensor weights only for int8-dyn"
         if self.kind != "static" and (self.calibration != "minmax" or self.percentile):
