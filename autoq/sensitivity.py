@@ -199,25 +199,32 @@ def greedy_seeds(table: pd.DataFrame, choices: dict[str, list[str]],
 
 
 def fallback_seeds(table: pd.DataFrame, choices: dict[str, list[str]],
-                   fractions: tuple[float, ...] = (0.1, 0.25)) -> list[Assignment]:
-    """The fast end with its most fragile layers protected: the two precisions that save the most latency in
-    total, with the top `fractions` of layers (by that precision's score) moved to fp32 or to the most accurate
-    precision that still saves latency. A layer that does not offer the fast precision (an embedding table) takes
-    its precision saving the most bytes at no latency cost. With a menu of specs, random mixes rarely find these."""
+                   fractions: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75), table_cost: float = 0.02) -> list[Assignment]:
+    """The fast end, alone and with its most fragile layers protected. For each of the two precisions that save the
+    most latency in total, the top `fractions` of layers (by that precision's score) move to a safer spec: the most
+    accurate one that still saves latency, the most accurate one that saves nearly as much (int8-dyn -> its
+    per-channel form; the first three fractions), or fp32 (the first two). A layer that does not offer the fast
+    precision (an embedding table) takes the spec saving it the most bytes at a latency cost under `table_cost` of
+    the fast precision's total saving. With a menu of specs, random mixes rarely find these."""
     rows = table[[p in choices.get(n, []) for n, p in zip(table["layer"], table["precision"], strict=True)]]
     if rows.empty:
         return []
     totals = rows.groupby("precision")["latency_saving_ms"].sum().sort_values(ascending=False)
     saving = totals[totals > 0]
-    accurate = rows[rows["precision"].isin(saving.index)].groupby("precision")["score"].mean().sort_values()
-    free = rows[rows["latency_saving_ms"].fillna(0) >= 0].sort_values("size_saving_bytes", ascending=False)
-    smallest = dict(zip(free["layer"][::-1], free["precision"][::-1], strict=True))  # first row wins per layer
+    accuracy = rows[rows["precision"].isin(saving.index)].groupby("precision")["score"].mean().sort_values()
     seeds: dict[str, Assignment] = {}
     for fast in list(saving.index[:2]):
+        cheap = rows[rows["latency_saving_ms"].fillna(0) >= -table_cost * saving[fast]]
+        cheap = cheap.sort_values("size_saving_bytes", ascending=False).drop_duplicates("layer")
+        smallest = dict(zip(cheap["layer"], cheap["precision"], strict=True))
+        safer = [p for p in accuracy.index if accuracy[p] < accuracy[fast]]
+        near = [p for p in safer if saving[p] >= 0.9 * saving[fast]]
         order = list(rows[rows["precision"] == fast].sort_values("score", ascending=False)["layer"])
-        for safe in dict.fromkeys([p for p in accurate.index if p != fast][:1] + ["fp32"]):
-            for fraction in fractions:
-                protected = set(order[: max(1, round(fraction * len(order)))])
+        plans = [("fp32", (0.0,) + fractions[:2]), *((safe, fractions) for safe in safer[:1]),
+                 *((safe, fractions[:3]) for safe in near[:1] if safe not in safer[:1])]
+        for safe, cuts in plans:
+            for fraction in cuts:
+                protected = set(order[: max(1, round(fraction * len(order)))] if fraction else [])
                 layers = {name: (safe if safe in c else "fp32") if name in protected else
                           (fast if fast in c else smallest.get(name, "fp32" if "fp32" in c else c[0]))
                           for name, c in choices.items()}

@@ -198,8 +198,33 @@ def test_fallback_seeds_protect_the_fast_precisions_most_fragile_layers():
     choices = {n: ["fp32", "int8-dyn", "w8g128-acc4", "w4g32"] for n in layers} | {"table": ["fp32", "w4g32"]}
     seeds = sens.fallback_seeds(pd.DataFrame(rows).fillna({"size_saving_bytes": 0}), choices, fractions=(0.1, 0.3))
     assert all(s.layers["table"] == "w4g32" for s in seeds)  # no fast spec offered: the smallest free one
-    first = seeds[0].layers
-    assert first["l9"] == "w8g128-acc4" and all(first[n] == "int8-dyn" for n in layers[:9])
-    assert {n for n, p in seeds[1].layers.items() if p == "w8g128-acc4"} == {"l9", "l8", "l7"}
+    protected = [{n for n, p in s.layers.items() if p == "w8g128-acc4"} for s in seeds
+                 if {s.layers[n] for n in layers} == {"int8-dyn", "w8g128-acc4"}]
+    assert {"l9"} in protected and {"l9", "l8", "l7"} in protected
+    assert any(all(s.layers[n] == "int8-dyn" for n in layers) for s in seeds)  # and the fast end alone
     assert any({p for n, p in s.layers.items() if n != "table"} == {"fp32", "int8-dyn"} for s in seeds)
     assert not any("w4g32" in [p for n, p in s.layers.items() if n != "table"] for s in seeds)  # slower: never fast
+
+
+def test_fallback_seeds_use_the_nearly_as_fast_spec_and_cheap_tables():
+    """int8-dyn-pc saves nearly what int8-dyn saves and is more accurate: seeds protect int8-dyn's fragile layers
+    with it (up to half of them). A big table whose int4 form costs 1% of the saving takes it; a small one whose
+    int4 form costs 5% stays fp32."""
+    layers = [f"l{i}" for i in range(10)]
+    rows = [{"layer": n, "precision": "int8-dyn", "latency_saving_ms": 1.0, "score": float(i)}
+            for i, n in enumerate(layers)]
+    rows += [{"layer": n, "precision": "int8-dyn-pc", "latency_saving_ms": 0.95, "score": float(i) - 20}
+             for i, n in enumerate(layers)]
+    rows += [{"layer": "words", "precision": "w4g32", "latency_saving_ms": -0.1, "score": 20.0,
+              "size_saving_bytes": 4e7},
+             {"layer": "positions", "precision": "w4g32", "latency_saving_ms": -0.5, "score": 20.0,
+              "size_saving_bytes": 6e5}]
+    choices = {n: ["fp32", "int8-dyn", "int8-dyn-pc"] for n in layers} | {t: ["fp32", "w4g32"]
+                                                                         for t in ("words", "positions")}
+    seeds = sens.fallback_seeds(pd.DataFrame(rows).fillna({"size_saving_bytes": 0}), choices)
+    mixes = [{n for n, p in s.layers.items() if p == "int8-dyn-pc"} for s in seeds
+             if {s.layers[n] for n in layers} == {"int8-dyn", "int8-dyn-pc"}]
+    assert {"l9"} in mixes and {"l9", "l8", "l7", "l6", "l5"} in mixes
+    with_tables = [s for s in seeds if s.layers["l0"] == "int8-dyn"]
+    assert with_tables and all(s.layers["words"] == "w4g32" and s.layers["positions"] == "fp32"
+                               for s in with_tables)
