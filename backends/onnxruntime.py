@@ -63,15 +63,18 @@ class OnnxRuntimeBackend(Backend):
             return "ORT's CPU provider runs float layers in fp32 (use the openvino or torch backend for bf16)"
         if precision.kind == "weight-only" and precision.granularity != "group":
             return f"MatMulNBits quantizes in blocks: give a group size (e.g. w{precision.bits}g128)"
-        if precision.rounding in ("gptq", "awq", "se"):
-            return f"{precision.rounding} is not offered on ORT (its weight-only rounding here: rtn, hqq)"
+        if precision.rounding in ("awq", "se"):
+            return f"{precision.rounding} is not offered on ORT (its weight-only rounding here: rtn, hqq, gptq)"
+        if precision.rounding == "gptq" and precision.bits != 4:
+            return "ORT's GPTQ quantizer is 4-bit"
         if precision.rounding == "hqq" and (precision.bits != 4 or find_spec("torch") is None):
             return "ORT's HQQ quantizer is 4-bit and needs torch installed"
         return None
 
     def fits(self, layer: Layer, precision: Precision) -> bool:
         """No integer ConvTranspose on ORT's CPU provider (its QDQ would run as float); int8-dyn on MatMul;
-        weight-only on 2-D MatMul weights (4/8 bits) and embedding tables (4 bits, no HQQ or accuracy level)."""
+        weight-only on 2-D MatMul weights (4/8 bits) and embedding tables (4 bits, rounded to nearest, no accuracy
+        level)."""
         if precision.kind == "static":
             return layer.op_type not in ("ConvTranspose", "Gather")
         if precision.kind == "dynamic":
@@ -79,7 +82,7 @@ class OnnxRuntimeBackend(Backend):
         if precision.kind == "weight-only":  # blocks tile a MatMul's input dimension, a table's rows
             return (len(layer.weight_shape) == 2 and precision.bits in WEIGHT_ONLY_LAYERS.get(layer.op_type, ())
                     and layer.weight_shape[0 if layer.op_type == "MatMul" else 1] % precision.group == 0
-                    and not (layer.op_type == "Gather" and (precision.rounding == "hqq" or precision.accuracy)))
+                    and not (layer.op_type == "Gather" and (precision.rounding != "rtn" or precision.accuracy)))
         return precision.fmt == "fp32"
 
     def regions(self, model: OnnxModel, calibration: Path) -> Regions:
@@ -143,7 +146,7 @@ class OnnxRuntimeBackend(Backend):
             source.unlink()
             keep_float(out, [name for name, spec in specs.items() if spec.kind != "static"])
         quantize_dynamic_layers(out, specs)
-        quantize_weight_only(out, specs)
+        quantize_weight_only(out, specs, calibration)
         return Candidate(assignment, out, out.stat().st_size, {
             "layers": {layer.name: layer.weight for layer in model.layers}, "regions": regions,
             "graph": model.proto.graph})
@@ -185,7 +188,8 @@ class OnnxRuntimeBackend(Backend):
         result = {}
         for layer, weight in candidate.extra["layers"].items():
             found = [*consumers.get(f"{weight}_quantized", []), *consumers.get(f"{weight}_Q4", []),
-                     *consumers.get(f"{weight}_Q8", []), *consumers.get(weight, []), *consumers.get(f"@{layer}", [])]
+                     *consumers.get(f"{weight}_Q8", []), *consumers.get(weight, []), *consumers.get(f"@{layer}", []),
+                     *consumers.get(f"@{layer}_Q4", []), *consumers.get(f"@{layer}_Q8", [])]  # GPTQ renames weights
             result[layer] = next((n for n in found if n.op_type in INTEGER_OPS | set(WEIGHT_ONLY_KERNELS)),
                                  found[0] if found else None)
         return result

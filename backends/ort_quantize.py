@@ -5,23 +5,25 @@
   the first in graph order sets it.
 - int8-dyn (`quantize_dynamic`, MatMul): one call per weight granularity (per tensor, per channel).
 - weight-only (`MatMulNBitsQuantizer`): MatMul -> MatMulNBits (4 or 8 bits, block size, symmetric or not,
-  accuracy_level), Gather -> GatherBlockQuantized (4 bits); one call per distinct spec.
+  accuracy_level; rounded to nearest, by HQQ, or by GPTQ (4 bits, ORT's vendored Neural Compressor code) on the
+  cached calibration samples), Gather -> GatherBlockQuantized (4 bits); one call per distinct spec.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import warnings
 from collections import defaultdict
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
-from autoq.calibrate import method_path
+from autoq.calibrate import method_path, samples_path
 from autoq.graph import save_onnx
 from autoq.precision import Precision
 from autoq.regions import REMOVABLE
@@ -33,13 +35,13 @@ WEIGHT_ONLY_KERNELS = ("MatMulNBits", "GatherBlockQuantized")
 
 @contextmanager
 def quiet_root_logger() -> Iterator[None]:
-    """ORT's quantizers log advice on the root logger for every build (and HQQ warns through torch); keep the
-    user's console clean."""
+    """ORT's quantizers log advice on the root logger for every build, HQQ warns through torch and GPTQ prints its
+    progress; keep the user's console clean."""
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
@@ -97,10 +99,11 @@ def quantize_dynamic_layers(path: Path, specs: dict[str, Precision]) -> None:
                                  weight_type=QuantType.QInt8, per_channel=per_channel)
 
 
-def quantize_weight_only(path: Path, specs: dict[str, Precision]) -> None:
+def quantize_weight_only(path: Path, specs: dict[str, Precision], calibration: Path) -> None:
     """MatMulNBits / GatherBlockQuantized for the layers whose spec is weight-only, in place."""
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
+        GPTQWeightOnlyQuantConfig,
         HQQWeightOnlyQuantConfig,
         MatMulNBitsQuantizer,
     )
@@ -121,6 +124,9 @@ def quantize_weight_only(path: Path, specs: dict[str, Precision]) -> None:
         ops = ("MatMul", "Gather") if tables & set(chosen) else ("MatMul",)
         if spec.rounding == "hqq":
             config = HQQWeightOnlyQuantConfig(block_size=spec.group, bits=spec.bits, op_types_to_quantize=ops)
+        elif spec.rounding == "gptq":
+            config = GPTQWeightOnlyQuantConfig(calibration_data_reader=_Samples(samples_path(calibration)),
+                                               op_types_to_quantize=ops)
         else:
             config = DefaultWeightOnlyQuantConfig(block_size=spec.group, is_symmetric=spec.symmetric,
                                                   accuracy_level=spec.accuracy or None, op_types_to_quantize=ops,
@@ -133,6 +139,23 @@ def quantize_weight_only(path: Path, specs: dict[str, Precision]) -> None:
             quantizer.process()
         proto = quantizer.model.model
     save_onnx(proto, path)
+
+
+class _Samples:
+    """The cached calibration samples, one at a time, as ORT's calibration data readers give them (GPTQ iterates
+    over a deep copy of the reader)."""
+
+    def __init__(self, path: Path) -> None:
+        arrays = dict(np.load(path))
+        count = len(next(iter(arrays.values())))
+        self.samples = [{k: v[i:i + 1] for k, v in arrays.items()} for i in range(count)]
+        self.cursor = iter(self.samples)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return iter(self.samples)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self.cursor, None)
 
 
 def weight_only_spec(node: onnx.NodeProto, graph: onnx.GraphProto, asked: Precision | None) -> str:

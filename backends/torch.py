@@ -1,12 +1,17 @@
 """PyTorch on the CPU, per module: `fp32`, `bf16` (the module's weights and arithmetic in bfloat16, cast at its
-boundary), `int8-dyn` (torch.ao `quantize_dynamic` on that nn.Linear alone: int8 weights, activations quantized
-at run time by the `quantized::linear_dynamic` kernel) and `int8` (static: torchao PT2E with
+boundary), dynamic int8 on nn.Linear (activations quantized at run time) and `int8` (static: torchao PT2E with
 `X86InductorQuantizer.set_module_name_qconfig`, calibrated on the cached calibration samples).
 
 The model-wide option `compile` decides how the model runs: eagerly, or exported and compiled by inductor
-(freezing on, one compile per input shape, inductor's FX graph cache reused across candidates). Static `int8`
-runs integer kernels only compiled (eagerly its quantize/dequantize pairs would run in fp32), and `int8-dyn`
-only eagerly (its packed weights do not export), so each is refused in the other mode.
+(freezing on, one compile per input shape, inductor's FX graph cache reused across candidates). Each int8 kind
+is built where it has a real kernel:
+- `int8` only compiled (eagerly its quantize/dequantize pairs would run in fp32);
+- `int8-dyn` (per-tensor weights) only eagerly, by torch.ao `quantize_dynamic` on that module alone
+  (`quantized::linear_dynamic`); its packed weights do not export;
+- `int8-dyn-pc` (per-channel weights) eagerly by torch.ao, compiled by torchao PT2E's dynamic config per module
+  FQN, which inductor lowers to a oneDNN int8 linear.
+torchao's own eager `Int8DynamicActivationInt8WeightConfig` measured 2.5x slower than torch.ao's kernel here
+(README), so eager dynamic int8 stays on torch.ao.
 
 Layers are the module FQNs of the user's code (the ONNX export names them so). What ran: eagerly, forward hooks
 on one real inference record the module class that executed and the dtypes of its weight and input; compiled,
@@ -66,10 +71,10 @@ def apply(module: torch.nn.Module, assignment: Assignment) -> torch.nn.Module:
         if precision == "bf16":
             parent, name = _split(result, fqn)
             setattr(parent, name, _Bf16(target))
-        elif precision == "int8-dyn":
+        elif precision in DYNAMIC_QCONFIGS:
             if not isinstance(target, torch.nn.Linear):
-                raise AutoqError(f"int8-dyn needs an nn.Linear; {fqn} is a {type(target).__name__}")
-            dynamic[fqn] = torch.ao.quantization.default_dynamic_qconfig
+                raise AutoqError(f"{precision} needs an nn.Linear; {fqn} is a {type(target).__name__}")
+            dynamic[fqn] = getattr(torch.ao.quantization, DYNAMIC_QCONFIGS[precision])
         elif precision == "int8":
             raise AutoqError(f"{layer} is static int8, which needs calibration and compilation: build it with "
                              "autoq.backends.torch.compile_assignment(module, assignment, samples)")
@@ -84,12 +89,14 @@ def apply(module: torch.nn.Module, assignment: Assignment) -> torch.nn.Module:
 
 COMPILE_OPTION = "compile"
 MODE_ONLY = {"int8": True, "int8-dyn": False}  # precision -> the only `compile` mode it has a real kernel in
+DYNAMIC_QCONFIGS = {"int8-dyn": "default_dynamic_qconfig", "int8-dyn-pc": "per_channel_dynamic_qconfig"}
+PT2E = {"int8": False, "int8-dyn-pc": True}  # what PT2E quantizes when compiled -> whether it is dynamic
 
 
 def compile_assignment(module: torch.nn.Module, assignment: Assignment, samples: dict[str, np.ndarray],
                        names: list[str] | None = None) -> tuple[Callable, dict[str, str]]:
-    """Export, quantize the `int8` layers with PT2E (calibrated on `samples`, arrays named as the forward's
-    arguments, in `names` order) and compile with inductor. Returns the compiled callable (call it under
+    """Export, quantize the `int8` / `int8-dyn-pc` layers with PT2E (calibrated on `samples`, arrays named as the
+    forward's arguments, in `names` order) and compile with inductor. Returns the compiled callable (call it under
     torch.no_grad) and layer -> the precision the converted graph gives it."""
     floating = apply(module, Assignment({n: "bf16" if p == "bf16" else "fp32" for n, p in assignment.layers.items()}))
     run, precisions, _ = _compile(floating, assignment, samples, names or list(samples))
@@ -108,11 +115,12 @@ def _compile(floating: torch.nn.Module, assignment: Assignment, samples: dict[st
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         graph = torch.export.export(floating, example, dynamic_shapes=dynamic).module()
-        static = sorted({layer.split("#")[0] for layer, p in assignment.layers.items() if p == "int8"})
-        if static:
+        quantized = {layer.split("#")[0]: PT2E[p] for layer, p in assignment.layers.items() if p in PT2E}
+        if quantized:
             quantizer = _quantizer(xiq)
-            for fqn in static:
-                quantizer.set_module_name_qconfig(fqn, xiq.get_default_x86_inductor_quantization_config())
+            for fqn, dynamic_activations in sorted(quantized.items()):
+                quantizer.set_module_name_qconfig(fqn, xiq.get_default_x86_inductor_quantization_config(
+                    is_dynamic=dynamic_activations))
             graph = prepare_pt2e(graph, quantizer)
             with torch.no_grad():
                 graph(*(torch.from_numpy(samples[n]) for n in names))
@@ -141,7 +149,8 @@ def _quantizer(xiq):
 
 
 def _graph_precisions(graph: torch.fx.GraphModule, assignment: Assignment) -> dict[str, str]:
-    """Layer -> `int8` where its linear/conv node takes a dequantized int8 weight, else the node's dtype."""
+    """Layer -> `int8` (`int8-dyn-pc` with run-time activation scales) where its linear/conv node takes a
+    dequantized int8 weight, else the node's dtype."""
     found: dict[str, str] = {}
     for node in graph.graph.nodes:
         if node.target not in (torch.ops.aten.linear.default, torch.ops.aten.conv2d.default):
@@ -151,10 +160,13 @@ def _graph_precisions(graph: torch.fx.GraphModule, assignment: Assignment) -> di
             continue
         fqn = stack[-1][0].removesuffix(".inner")
         layer = fqn if fqn not in found else next(f"{fqn}#{k}" for k in range(2, 99) if f"{fqn}#{k}" not in found)
-        weight = node.args[1]
+        weight, activation = node.args[1], node.args[0]
         quantized = getattr(weight, "target", None) == torch.ops.quantized_decomposed.dequantize_per_channel.default
+        # dynamic: the activation's scale is a tensor computed at run time (choose_qparams), not a constant
+        dynamic = getattr(activation, "target", None) == torch.ops.quantized_decomposed.dequantize_per_tensor.tensor
         dtype = node.meta["val"].dtype
-        found[layer] = "int8" if quantized else "bf16" if dtype == torch.bfloat16 else "fp32"
+        found[layer] = (("int8-dyn-pc" if dynamic else "int8") if quantized else
+                        "bf16" if dtype == torch.bfloat16 else "fp32")
     return {layer: found.get(layer, "not run") for layer in assignment.layers}
 
 
@@ -168,7 +180,7 @@ def _int8_kernel_calls(run: Callable[[], object]) -> int:
 def _executed_as(module: torch.nn.Module, inputs: tuple) -> str:
     """The precision a module's kernel ran in, from what executed: its class and its tensors' dtypes."""
     if isinstance(module, torch.ao.nn.quantized.dynamic.Linear):
-        return "int8-dyn"
+        return "int8-dyn-pc" if module.weight().qscheme() == torch.per_channel_affine else "int8-dyn"
     weight = getattr(module, "weight", None)
     dtypes = {t.dtype for t in inputs if torch.is_tensor(t)} | ({weight.dtype} if torch.is_tensor(weight) else set())
     return "bf16" if dtypes == {torch.bfloat16} else "fp32" if dtypes == {torch.float32} else "mixed"
@@ -179,10 +191,10 @@ class TorchBackend(Backend):
     default_space = "torch-cpu"
 
     def unbuildable(self, precision: Precision) -> str | None:
-        if str(precision) in ("fp32", "bf16", "int8-dyn", "int8"):
+        if str(precision) in ("fp32", "bf16", "int8", *DYNAMIC_QCONFIGS):
             return None
-        return ("the torch backend builds fp32, bf16, int8-dyn (torch.ao, per-tensor weights) and int8 (PT2E, "
-                "min-max); torchao's weight-only int4 has no CPU kernel here")
+        return ("the torch backend builds fp32, bf16, int8-dyn (torch.ao, eager), int8-dyn-pc (torch.ao eager, "
+                "PT2E compiled) and int8 (PT2E, compiled); torchao's weight-only int4 has no CPU kernel here")
 
     def build(self, model: OnnxModel, assignment: Assignment, calibration: Path, workdir: Path) -> Candidate:
         if model.module is None or not isinstance(model.module, torch.nn.Module):
@@ -193,7 +205,8 @@ class TorchBackend(Backend):
             if MODE_ONLY.get(precision, compiled) != compiled:
                 mode = "compiled (`compile: [true]`)" if MODE_ONLY[precision] else "eager (`compile: [false]`)"
                 raise AutoqError(f"{precision} (layer {layer}) has a real kernel only {mode} in the torch backend")
-        built = apply(model.module, Assignment({n: p for n, p in assignment.layers.items() if p != "int8"}))
+        built = apply(model.module, Assignment({n: p for n, p in assignment.layers.items()
+                                                if p not in (PT2E if compiled else ("int8",))}))
         extra: dict = {"specs": model.inputs, "module": built}
         workdir.mkdir(parents=True, exist_ok=True)
         path = workdir / "model.pt"  # static int8 is re-created by compile_assignment, not stored quantized
@@ -253,9 +266,9 @@ class TorchBackend(Backend):
             graph = candidate.extra["graph_precisions"]
             run = self.runner(candidate, 1)
             run(feeds)  # compiled for this shape before the profiled call
-            quantized = sum(p == "int8" for p in graph.values())
+            quantized = sum(p in PT2E for p in graph.values())
             fused = _int8_kernel_calls(lambda: run(feeds)) == quantized
-            return {layer: "fp32" if p == "int8" and not fused else p for layer, p in graph.items()}
+            return {layer: "fp32" if p in PT2E and not fused else p for layer, p in graph.items()}
         ran = self._hooked(candidate, feeds, 1, 1)
         return {layer: ran.get(layer, ("not run", 0.0))[0] for layer in candidate.assignment.layers}
 

@@ -46,11 +46,13 @@ class TestTorch(BackendContract):
         with torch.inference_mode():
             return module(torch.from_numpy(feeds["image"])).float().numpy()
 
-    def test_int8_dyn_linear_layers_run_the_quantized_kernel(self, setup):
+    @pytest.mark.parametrize("spec", ["int8-dyn", "int8-dyn-pc"])
+    def test_int8_dyn_linear_layers_run_the_quantized_kernel(self, setup, spec):
+        """Per-tensor and per-channel weights both run torch.ao's dynamic kernel; executed tells them apart."""
         backend, model, splits = setup[0], setup[1], setup[2]
         linear = [la.name for la in model.layers if la.op_type in ("Gemm", "MatMul")]
-        layers = {n: "int8-dyn" if n in linear else "fp32" for n in model.layer_names}
-        candidate = self._build(setup, layers, "dynamic")
+        layers = {n: spec if n in linear else "fp32" for n in model.layer_names}
+        candidate = self._build(setup, layers, spec)
         run = backend.runner(candidate, 1)
         with torch.profiler.profile() as profile:
             outputs = run({"image": splits.search.arrays["image"]})
@@ -140,6 +142,23 @@ class TestTorchCompiled:
         counts = {e.key: e.count for e in profile.key_averages()}
         assert counts.get("onednn::qconv_pointwise") == 1 and counts.get("onednn::qlinear_pointwise") == 1
         assert backend.executed(candidate) == candidate.assignment.layers
+        assert (outputs.argmax(1) == splits.search.labels).mean() > 0.9
+
+    def test_int8_dyn_pc_compiles_to_onednn_int8_linears_with_run_time_scales(self, compiled):
+        """PT2E's dynamic config per module FQN: the two Linears run oneDNN int8 kernels (no calibration
+        needed), the graph and the profile agree, and the predictions survive."""
+        backend, model, splits, calibration, workdir, _ = compiled
+        layers = {"features.0": "fp32", "features.3": "fp32", "head.6": "int8-dyn-pc", "head.8": "int8-dyn-pc"}
+        candidate = backend.build(model, Assignment(layers, {"compile": True}), calibration, workdir / "dyn-pc")
+        run = backend.runner(candidate, 1)
+        outputs = run({"image": splits.search.arrays["image"]})[0]
+        feeds = {"image": splits.search.arrays["image"][:1]}
+        run(feeds)
+        with torch.profiler.profile() as profile:
+            run(feeds)
+        counts = {e.key: e.count for e in profile.key_averages()}
+        assert counts.get("onednn::qlinear_pointwise") == 2 and not counts.get("onednn::qconv_pointwise")
+        assert backend.executed(candidate) == layers
         assert (outputs.argmax(1) == splits.search.labels).mean() > 0.9
 
     def test_size_counts_the_int8_weights_the_compiled_graph_holds(self, compiled):
