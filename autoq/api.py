@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from autoq import data as data_mod
+from autoq import recipes as recipes_mod
 from autoq import sensitivity as sensitivity_mod
 from autoq.backends import get_backend
 from autoq.calibrate import calibrate
@@ -47,6 +48,7 @@ class SearchResult:
     front: pd.DataFrame
     report: Path
     sensitivity: pd.DataFrame | None = None
+    recipes: pd.DataFrame | None = None  # the backend's one-line recipes and the verdict against the front
 
 
 @dataclass
@@ -142,7 +144,7 @@ def search(model: str | Path | object | None = None, data: DataArg = None, *more
            out: str | Path | None = None, seed: int | None = None, progress: bool = True,
            max_drop: str | float | None = None, latency_budget: str | float | None = None,
            size_budget: str | float | None = None, trial_timeout: float = 600, sampler: str | None = None,
-           storage: str | None = None, study: str = "autoq") -> SearchResult:
+           storage: str | None = None, study: str = "autoq", recipes: str = "auto") -> SearchResult:
     """Search per-layer precisions of `model` and write the run (trials, front, models, report) to `out`.
 
     Constraints: `max_drop` ("0.5%" of the FP32 quality, or 0.01 absolute), `latency_budget` ("5ms"),
@@ -150,6 +152,8 @@ def search(model: str | Path | object | None = None, data: DataArg = None, *more
     Each trial runs in a worker process: one that crashes or takes over `trial_timeout` s fails alone.
     `sampler` overrides the space's (nsga2, tpe, gp, random). `storage` (an SQLAlchemy URL, e.g.
     postgresql://user:pw@host/db) and `study` let several machines work on one study; each keeps its own `out`.
+    `recipes="auto"` also measures the backend's one-line recipes (e.g. ORT `quantize_dynamic`) beside the front
+    and says which front point dominates each (`recipes.csv`, the report); "none" skips them.
 
     `model` is an ONNX file, a `torch.export.save` file (.pt2), or an nn.Module: then call it as
     `search(module, example_inputs, data, ...)`; layers are named by module FQN either way.
@@ -161,6 +165,8 @@ def search(model: str | Path | object | None = None, data: DataArg = None, *more
         example_inputs, data = data, more[0]
     if trials < 1:
         raise AutoqError("--trials must be at least 1")
+    if recipes not in ("auto", "none"):
+        raise AutoqError(f"--recipes must be auto or none, not {recipes!r}")
     constraints = Constraints.parse(max_drop, latency_budget, size_budget)
     with _problem(model, data, labels, metric, space, backend, threads, out, seed, constraints, sampler,
                   example_inputs) as problem:
@@ -190,13 +196,16 @@ def search(model: str | Path | object | None = None, data: DataArg = None, *more
         table = trials_frame(optuna_study)
         front = finalize_front(evaluator, pareto_front(table), run_dir)
         regions = evaluator.backend.regions(evaluator.model, evaluator.calibration)
+        recipe_table = recipes_mod.measure_recipes(evaluator, run_dir, front) if recipes == "auto" else None
     table.to_csv(run_dir / "trials.csv", index=False)
     front.to_csv(run_dir / "pareto.csv", index=False)
+    if recipe_table is not None:
+        recipe_table.to_csv(run_dir / run_report.RECIPES, index=False)
     meta = {"model": problem.model_name, "backend": backend, "metric": problem.metric, "machine": problem.machine,
             "wall_s": time.perf_counter() - started,
             "glue_kept_float": dict(regions.kept_float) if regions is not None else None}
     (run_dir / run_report.META).write_text(json.dumps(meta, indent=2))
-    return SearchResult(run_dir, table, front, run_report.regenerate(run_dir), scores)
+    return SearchResult(run_dir, table, front, run_report.regenerate(run_dir), scores, recipe_table)
 
 
 def _worker(evaluator: Evaluator, timeout: float) -> Worker | None:
@@ -230,6 +239,15 @@ def report(run_dir: str | Path) -> Path:
 def export(run_dir: str | Path, point: int, to: str | Path) -> list[Path]:
     """Copy front point `point` (its model file and assignment.yaml) of a run into the folder `to`."""
     return run_report.export_point(Path(run_dir), point, Path(to))
+
+
+def verify(run_dir: str | Path, points: list[int] | None = None, against: list[str | Path] = (),
+           rounds: int = 15) -> pd.DataFrame:
+    """Re-time a finished run's front points (all, or `points`), FP32, its recipes and the files `against` in
+    alternating rounds with deployment session settings: one row per model, ratio to FP32 and its 95% interval."""
+    from autoq.verify import verify as verify_run
+
+    return verify_run(run_dir, points, against, rounds)
 
 
 def compare(run_dirs: list[str | Path], out: str | Path = "compare.html") -> Path:

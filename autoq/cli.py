@@ -38,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("--storage", help="a shared study database for several workers, e.g. postgresql://u:pw@host/db")
     search.add_argument("--study", default="autoq", help="study name in --storage (autoq)")
     search.add_argument("--quiet", action="store_true", help="no progress bar")
+    search.add_argument("--recipes", default="auto", choices=("auto", "none"),
+                        help="also measure the backend's one-line recipes beside the front (auto) or not (none)")
     sensitivity = commands.add_parser("sensitivity", help="score every layer at every precision alone")
     _problem_args(sensitivity)
     sensitivity.add_argument("--method", default="measured", help="measured (default) | sqnr | hessian")
@@ -47,6 +49,12 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir")
     export.add_argument("--point", type=int, required=True, help="front point number (pareto.csv 'point')")
     export.add_argument("--to", required=True, help="destination folder")
+    verify = commands.add_parser("verify", help="re-time a run's front points, FP32 and recipes as deployed, "
+                                                "with confidence intervals")
+    verify.add_argument("run_dir")
+    verify.add_argument("--point", type=int, action="append", help="only this front point (repeatable)")
+    verify.add_argument("--against", action="append", default=[], help="also time this model file (repeatable)")
+    verify.add_argument("--rounds", type=int, default=15, help="alternating rounds (15)")
     compare = commands.add_parser("compare", help="overlay the fronts of several runs in one page")
     compare.add_argument("run_dirs", nargs="+")
     compare.add_argument("--out", default="compare.html", help="page to write (compare.html)")
@@ -58,6 +66,8 @@ def _summary(result) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from autoq.recipes import summary as recipes_summary
+
     table = Table(title=f"{len(result.trials)} trials, {len(result.front)} front points (validation split)")
     for column in ("point", "quality", "latency ms", "size MB", "executed", "precisions"):
         table.add_column(column, justify="left" if column == "precisions" else "right")
@@ -68,6 +78,8 @@ def _summary(result) -> None:
                       row["summary"])
     console = Console()
     console.print(table)
+    if result.recipes is not None:
+        console.print(recipes_summary(result.recipes))
     console.print(f"report: {result.report}")
 
 
@@ -90,6 +102,11 @@ def main(argv: list[str] | None = None) -> int:
             for path in api.export(args.run_dir, args.point, args.to):
                 print(path)
             return 0
+        if args.command == "verify":
+            table = api.verify(args.run_dir, args.point, args.against, args.rounds)
+            table["model"] = table["model"].str.ljust(int(table["model"].str.len().max()))
+            print(table.to_string(index=False, justify="left", float_format=lambda v: f"{v:.3f}"))
+            return 0
         if args.command == "compare":
             print(f"compare: {api.compare(args.run_dirs, args.out)}")
             return 0
@@ -98,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                             out=args.out, seed=args.seed, progress=not args.quiet,
                             max_drop=args.max_drop, latency_budget=args.latency_budget, size_budget=args.size_budget,
                             trial_timeout=args.trial_timeout, sampler=args.sampler, storage=args.storage,
-                            study=args.study)
+                            study=args.study, recipes=args.recipes)
     except AutoqError as exc:
         print(f"autoq: error: {exc}", file=sys.stderr)
         return 2

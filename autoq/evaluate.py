@@ -117,28 +117,33 @@ class Evaluator:
             raise CandidateError(f"the metric returned {quality}")
         return quality, outputs, run
 
-    def evaluate(self, assignment: Assignment, split: str = "search", candidate: Candidate | None = None,
-                 **timing: int) -> dict:
-        """quality (on `split`), latency (median, spread, load, ratio to FP32), size and executed check."""
-        own = candidate is None
-        candidate = candidate or self.build(assignment)
-        try:
-            quality, outputs, run = self.score(candidate, split)
-            executed = self.backend.executed(candidate)
-            glue = self.backend.glue_check(candidate)
-            feeds = self.latency_feeds
-            measured = time_runner(lambda: run(feeds), lambda: self._ref_run(feeds), **timing)
-        finally:
-            if own:
-                shutil.rmtree(candidate.path.parent, ignore_errors=True)
-        mismatched = sorted(n for n, p in self.backend.expected(assignment).items() if executed.get(n) != p)
+    def measure(self, candidate: Candidate, split: str = "search", **timing: int) -> dict:
+        """quality (on `split`) and latency (median, spread, load, ratio to FP32 in alternating rounds) and size of
+        a built candidate (a trial's, or a recipe's)."""
+        quality, outputs, run = self.score(candidate, split)
+        feeds = self.latency_feeds
+        measured = time_runner(lambda: run(feeds), lambda: self._ref_run(feeds), **timing)
         # The whole machine drifts (shared VM): the candidate/FP32 ratio from the same rounds is what is stable.
         scale = self.fp32_latency_ms / measured.ref_median_ms if self.fp32_latency_ms else 1.0
         return {"quality": quality, "quality_spread": self.quality_spread(outputs, split),
                 "latency_ms": measured.median_ms * scale,
                 "latency_spread_ms": measured.spread_ms * scale, "measured_latency_ms": measured.median_ms,
                 "latency_runs": measured.runs, "load": measured.load, "fp32_latency_ms": measured.ref_median_ms,
-                "speedup": measured.speedup, "size_bytes": candidate.size_bytes,
-                "executed_ok": not mismatched, "mismatched_layers": mismatched, "executed": executed,
+                "speedup": measured.speedup, "size_bytes": candidate.size_bytes}
+
+    def evaluate(self, assignment: Assignment, split: str = "search", candidate: Candidate | None = None,
+                 **timing: int) -> dict:
+        """`measure`, and the executed check: which precision each layer really ran in."""
+        own = candidate is None
+        candidate = candidate or self.build(assignment)
+        try:
+            result = self.measure(candidate, split, **timing)
+            executed = self.backend.executed(candidate)
+            glue = self.backend.glue_check(candidate)
+        finally:
+            if own:
+                shutil.rmtree(candidate.path.parent, ignore_errors=True)
+        mismatched = sorted(n for n, p in self.backend.expected(assignment).items() if executed.get(n) != p)
+        return {**result, "executed_ok": not mismatched, "mismatched_layers": mismatched, "executed": executed,
                 **({} if glue is None else {"conversions": len(glue.conversions), "int8_chains": len(glue.chains),
                                             "glue": {"conversions": glue.conversions, "chains": glue.chains}})}

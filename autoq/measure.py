@@ -97,6 +97,29 @@ def time_runner(run: Runner, reference: Runner | None = None, *, warmup: int = 5
     return timing
 
 
+def ratio_rounds(runs: dict[str, Runner], reference: str, rounds: int = 15, round_size: int = 6,
+                 warmup: int = 3) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Several models and a reference taking turns, `rounds` times: per model, (its median ms per round, the
+    reference's median ms in the same round / its own), so a drifting machine shows in both alike."""
+    for run in runs.values():
+        for _ in range(warmup):
+            run()
+    medians: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            medians[name].append(float(np.median(_round(run, round_size, settle=True))))
+    ref = np.array(medians[reference])
+    return {name: (np.array(ms), ref / np.array(ms)) for name, ms in medians.items()}
+
+
+def interval(values: np.ndarray, level: float = 0.95, draws: int = 2000) -> tuple[float, float, float]:
+    """(median, low, high): the median and its bootstrap percentile confidence interval."""
+    rng = np.random.default_rng(0)
+    resampled = np.median(rng.choice(values, (draws, len(values))), axis=1)
+    tail = (1 - level) / 2 * 100
+    return float(np.median(values)), float(np.percentile(resampled, tail)), float(np.percentile(resampled, 100 - tail))
+
+
 def _round(run: Runner, size: int, settle: bool) -> list[float]:
     """`size` timed runs; after switching from another session the first run is discarded."""
     if settle:

@@ -35,6 +35,15 @@ class Candidate:
     extra: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """A runtime's standard one-line quantization of the whole model, measured beside the front: `build(model,
+    calibration, workdir)` makes it from the run's cached calibration data (raising with the reason if it cannot)."""
+
+    label: str
+    build: Callable[[OnnxModel, Path, Path], Candidate]
+
+
 @dataclass
 class GlueCheck:
     """What the runtime really made of the glue between layers."""
@@ -103,6 +112,15 @@ class Backend(ABC):
     @abstractmethod
     def export(self, candidate: Candidate, path: Path) -> Path:
         """Write the candidate as a model file a user can deploy; return its path."""
+
+    def deployed_runner(self, candidate: Candidate, threads: int) -> Callable[[Feeds], Outputs]:
+        """The candidate run with the session settings a user deploys with (`autoq verify`); the search's own
+        `runner` may differ where that makes alternating timing rounds honest."""
+        return self.runner(candidate, threads)
+
+    def recipes(self, model: OnnxModel) -> list[Recipe]:
+        """The runtime's one-line recipes for `model`, to be measured beside the front (none by default)."""
+        return []
 
 
 def get_backend(name: str) -> Backend:

@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from autoq.backends.base import Backend, Candidate, Feeds, GlueCheck, Outputs
+from autoq.backends.base import Backend, Candidate, Feeds, GlueCheck, Outputs, Recipe
 from autoq.backends.ort_graph import (
     INTEGER_OPS,
     PASS_THROUGH,
@@ -172,6 +172,14 @@ class OnnxRuntimeBackend(Backend):
         session = self._session(candidate, threads)
         return lambda feeds: session.run(None, feeds)
 
+    def deployed_runner(self, candidate: Candidate, threads: int) -> Callable[[Feeds], Outputs]:
+        """ORT's defaults but the thread count: spinning on, all graph optimisations."""
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        session = ort.InferenceSession(str(candidate.path), options, providers=["CPUExecutionProvider"])
+        return lambda feeds: session.run(None, feeds)
+
     def _optimized(self, candidate: Candidate) -> onnx.GraphProto:
         optimized = candidate.path.with_name(OPTIMIZED)
         if not optimized.is_file():
@@ -255,6 +263,11 @@ class OnnxRuntimeBackend(Backend):
         per_node = {n: float(np.mean([d for _, d in sorted(v)[warmup:]])) / 1e3 for n, v in durations.items()}
         return attribute_profile(candidate.extra["graph"], candidate.extra["regions"], per_node,
                           list(candidate.extra["layers"]))
+
+    def recipes(self, model: OnnxModel) -> list[Recipe]:
+        from autoq.backends.ort_recipes import recipes
+
+        return recipes(model)
 
     def export(self, candidate: Candidate, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ import nncf
 import numpy as np
 import openvino as ov
 
-from autoq.backends.base import Backend, Candidate, Feeds, GlueCheck, Outputs
+from autoq.backends.base import Backend, Candidate, Feeds, GlueCheck, Outputs, Recipe
 from autoq.calibrate import samples_path
 from autoq.graph import Layer, OnnxModel
 from autoq.precision import Assignment, Precision
@@ -98,7 +98,7 @@ class OpenVinoBackend(Backend):
         names = _layer_names(model)
         if "int8" in assignment.layers.values():
             floating = {n: names[n] for n, p in assignment.layers.items() if p != "int8"}
-            ov_model = _quantize(ov_model, floating, dict(np.load(samples_path(calibration))), _has_attention(model),
+            ov_model = _quantize(ov_model, floating, dict(np.load(samples_path(calibration))), has_attention(model),
                                  assignment.options)
         for spec in dict.fromkeys(s for s in assignment.specs().values() if s.kind == "weight-only"):
             chosen = [n for n, s in assignment.specs().items() if s == spec]
@@ -225,6 +225,12 @@ class OpenVinoBackend(Backend):
                                      if _owns(layer, names, original)]))
                 for layer, names in candidate.extra["names"].items()}
 
+    def recipes(self, model: OnnxModel) -> list[Recipe]:
+        from autoq.backends.openvino_recipes import recipes
+
+        default_float = self.core.get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()
+        return recipes(self, model, self.native_bf16, default_float)
+
     def export(self, candidate: Candidate, path: Path) -> Path:
         """OpenVINO IR (.xml + .bin) beside `path`, ready for `ov.Core().compile_model`."""
         xml = path.with_suffix(".xml")
@@ -260,7 +266,7 @@ def _layer_names(model: OnnxModel) -> dict[str, set[str]]:
     return names
 
 
-def _has_attention(model: OnnxModel) -> bool:
+def has_attention(model: OnnxModel) -> bool:
     """Whether the model multiplies two activations (attention): NNCF's transformer preset then fits."""
     constants = {t.name for t in model.proto.graph.initializer}
     return any(n.op_type == "MatMul" and not set(n.input) & constants for n in model.proto.graph.node)

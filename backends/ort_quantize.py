@@ -125,8 +125,8 @@ def quantize_weight_only(path: Path, specs: dict[str, Precision], calibration: P
         if spec.rounding == "hqq":
             config = HQQWeightOnlyQuantConfig(block_size=spec.group, bits=spec.bits, op_types_to_quantize=ops)
         elif spec.rounding == "gptq":
-            config = GPTQWeightOnlyQuantConfig(calibration_data_reader=_Samples(samples_path(calibration)),
-                                               op_types_to_quantize=ops)
+            samples = CalibrationSamples(samples_path(calibration))
+            config = GPTQWeightOnlyQuantConfig(calibration_data_reader=samples, op_types_to_quantize=ops)
         else:
             config = DefaultWeightOnlyQuantConfig(block_size=spec.group, is_symmetric=spec.symmetric,
                                                   accuracy_level=spec.accuracy or None, op_types_to_quantize=ops,
@@ -141,7 +141,7 @@ def quantize_weight_only(path: Path, specs: dict[str, Precision], calibration: P
     save_onnx(proto, path)
 
 
-class _Samples:
+class CalibrationSamples:
     """The cached calibration samples, one at a time, as ORT's calibration data readers give them (GPTQ iterates
     over a deep copy of the reader)."""
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from autoq.backends.base import Backend, Candidate, Feeds, Outputs
+from autoq.backends.base import Backend, Candidate, Feeds, Outputs, Recipe
 from autoq.calibrate import samples_path
 from autoq.errors import AutoqError
 from autoq.graph import OnnxModel
@@ -278,6 +278,18 @@ class TorchBackend(Backend):
             return None
         self.runner(candidate, threads)(feeds)  # warm-up
         return {layer: ms for layer, (_, ms) in self._hooked(candidate, feeds, threads, runs).items()}
+
+    def recipes(self, model: OnnxModel) -> list[Recipe]:
+        """torch.ao `quantize_dynamic` on every nn.Linear (eager), PT2E int8 on every layer (compiled)."""
+        linear = {layer.name for layer in model.layers if layer.op_type in ("Gemm", "MatMul")}
+
+        def uniform(spec: str, compiled: bool, only: set[str] | None = None) -> Callable:
+            layers = {n: spec if only is None or n in only else "fp32" for n in model.layer_names}
+            return lambda m, calibration, workdir: self.build(m, Assignment(layers, {COMPILE_OPTION: compiled}),
+                                                              calibration, workdir)
+
+        return ([Recipe("torch quantize_dynamic, every nn.Linear", uniform("int8-dyn", False, linear))]
+                if linear else []) + [Recipe("PT2E int8, every layer, compiled", uniform("int8", True))]
 
     def export(self, candidate: Candidate, path: Path) -> Path:
         """The state dict (`model.pt`); `autoq.apply(module, assignment)` then `load_state_dict` rebuilds it."""

@@ -179,6 +179,17 @@ def _targets(frame: pd.DataFrame, runs: dict[str, Run], feeds: dict, targets: li
     return lines
 
 
+def _own_verdicts(*results) -> list[str]:
+    """What `autoq search` itself said of the recipes it measured in the same run (recipes.csv)."""
+    lines = ["What each `autoq search` run said of the recipes it measured itself (`recipes.csv`; speed-up over FP32 "
+             "in the same rounds, validation split):", ""]
+    for result in results:
+        table = result.recipes.assign(MB=result.recipes["size_bytes"] / 1e6)
+        columns = ["recipe", "val_quality", "speedup", "MB", "verdict"]
+        lines += [table[columns].to_markdown(index=False, floatfmt=".4g"), ""]
+    return lines
+
+
 def bench(name: str, source: Path, data: dict[str, np.ndarray], metric: str, transformer: bool, trials: int,
           threads: int, work: Path, targets: list[tuple[float, str]]) -> tuple[pd.DataFrame, list[str], str]:
     splits = data_mod.split(data_mod.load(data), seed=0)
@@ -211,7 +222,8 @@ def bench(name: str, source: Path, data: dict[str, np.ndarray], metric: str, tra
     print(wall)
     every = {label: run for runs, _ in groups.values() for label, run in runs.items()}
     frame = pd.DataFrame(rows)
-    notes = _targets(frame, every, feeds, targets) + [""] + _specs_taken(ort_result)
+    notes = [*_targets(frame, every, feeds, targets), "", *_own_verdicts(ort_result, ov_result),
+             *_specs_taken(ort_result)]
     return _verdicts(frame, every, feeds), notes, wall
 
 

@@ -104,3 +104,25 @@ def embedding_mlp(workdir: Path, seed: int = 0) -> tuple[Path, Path]:
     onnx.save(proto, workdir / "embedding_mlp.onnx")
     np.savez(workdir / "ids.npz", ids=rng.integers(0, 512, (64, 8)).astype(np.int64))
     return workdir / "embedding_mlp.onnx", workdir / "ids.npz"
+
+
+def conv_only(workdir: Path, seed: int = 0) -> tuple[Path, Path]:
+    """Two Convs with random weights and a global average pool: no MatMul or Gemm anywhere. Returns the model and
+    an .npz of 64 random 1x8x8 images."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    arrays = {"w1": rng.normal(0, 0.3, (8, 1, 3, 3)), "w2": rng.normal(0, 0.2, (4, 8, 3, 3))}
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+             helper.make_node("GlobalAveragePool", ["c2"], ["p"]), helper.make_node("Flatten", ["p"], ["y"])]
+    proto = helper.make_model(helper.make_graph(
+        nodes, "conv_only", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
+        [numpy_helper.from_array(a.astype(np.float32), k) for k, a in arrays.items()]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(proto, workdir / "conv_only.onnx")
+    np.savez(workdir / "images.npz", x=rng.normal(0, 1, (64, 1, 8, 8)).astype(np.float32))
+    return workdir / "conv_only.onnx", workdir / "images.npz"

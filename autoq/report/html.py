@@ -13,7 +13,8 @@ import plotly.graph_objects as go
 from autoq.precision import Precision
 
 
-def _front_figure(trials: pd.DataFrame, front: pd.DataFrame, metric: str) -> go.Figure:
+def _front_figure(trials: pd.DataFrame, front: pd.DataFrame, metric: str,
+                  recipes: pd.DataFrame | None = None) -> go.Figure:
     done = trials[trials["state"] == "COMPLETE"]
     fig = go.Figure()
     hover = "trial %{customdata}<br>%{text}<br>%{x:.2f} ms, quality %{y:.4f}<extra></extra>"
@@ -34,6 +35,12 @@ def _front_figure(trials: pd.DataFrame, front: pd.DataFrame, metric: str) -> go.
     fig.add_scatter(x=baselines["latency_ms"], y=baselines["quality"], mode="markers+text", name="uniform",
                     text=baselines["baseline"], textposition="top center",
                     marker={"symbol": "x", "size": 14, "color": "black"})
+    measured = recipes[recipes["val_quality"].notna()] if recipes is not None else None
+    if measured is not None and not measured.empty:
+        fig.add_scatter(x=measured["val_latency_ms"], y=measured["val_quality"], mode="markers+text",
+                        name="one-line recipes", text=measured["recipe"], textposition="bottom center",
+                        marker={"symbol": "diamond", "size": 12, "color": "#c44e52"},
+                        hovertemplate="%{text}<br>%{x:.2f} ms, quality %{y:.4f}<extra></extra>")
     fig.update_layout(title="Quality vs measured latency", xaxis_title="latency (ms, median)",
                       yaxis_title=f"quality ({metric})", height=560, template="plotly_white",
                       legend={"orientation": "h", "y": -0.18})
@@ -165,9 +172,25 @@ def _table(frame: pd.DataFrame) -> str:
     return frame.to_html(index=False, border=0, classes="table", float_format=lambda v: f"{v:.4g}")
 
 
+def _recipes(recipes: pd.DataFrame | None) -> tuple[str, str]:
+    """(the line at the top, the section) on the runtime's one-line recipes against the front."""
+    if recipes is None or recipes.empty:
+        return "", ""
+    measured = recipes[recipes["error"].fillna("") == ""]
+    beaten = measured["dominated_by"].notna()
+    top = (f'<p style="color:#c00;font-weight:bold">The front does not dominate: '
+           f'{html.escape(", ".join(measured.loc[~beaten, "recipe"]))}</p>' if (~beaten).any() else
+           f"<p><b>The front dominates all {len(measured)} measured one-line recipes of this runtime.</b></p>")
+    columns = ["recipe", "val_quality", "val_latency_ms", "speedup", "size_bytes", "verdict"]
+    return top, ("<h2>The runtime's one-line recipes, measured in this run (validation split, latency in the "
+                 "study's FP32 scale)</h2>" + _table(recipes[columns]))
+
+
 def write_html(path: Path, trials: pd.DataFrame, front: pd.DataFrame, meta: dict,
-               scores: pd.DataFrame | None = None, weight: tuple[str, np.ndarray, int] | None = None) -> Path:
-    figures = [_front_figure(trials, front, meta.get("metric", "quality"))]
+               scores: pd.DataFrame | None = None, weight: tuple[str, np.ndarray, int] | None = None,
+               recipes: pd.DataFrame | None = None) -> Path:
+    figures = [_front_figure(trials, front, meta.get("metric", "quality"), recipes)]
+    recipes_top, recipes_section = _recipes(recipes)
     if not front.empty:
         figures.append(_precision_map(front))
         if scores is not None and not scores.empty:
@@ -194,9 +217,10 @@ def write_html(path: Path, trials: pd.DataFrame, front: pd.DataFrame, meta: dict
 <style>body{{font-family:sans-serif;margin:2em;max-width:1200px}} table{{border-collapse:collapse}}
 th,td{{padding:3px 10px;text-align:left;border-bottom:1px solid #ddd;font-size:14px}}</style></head><body>
 <h1>autoq: {html.escape(str(meta.get("model", "")))} on {html.escape(str(meta.get("backend", "")))}</h1>
-<table>{rows}</table>
+{recipes_top}<table>{rows}</table>
 <h2>Pareto front</h2>{plots[0]}
 <h2>Front points (quality and latency re-measured on the validation split)</h2>{_table(front[columns])}
+{recipes_section}
 {_region_map(front)}
 {"".join(plots[1:]) if len(plots) > 1 else "<p>No completed trial.</p>"}
 </body></html>"""

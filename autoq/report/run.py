@@ -17,6 +17,7 @@ from autoq.report.tables import trials_frame
 from autoq.search import LOCATION, load_run_study
 
 META = "meta.json"
+RECIPES = "recipes.csv"
 __all__ = ["compare", "export_point", "load", "regenerate", "write_sensitivity_html"]
 
 
@@ -62,7 +63,9 @@ def regenerate(run_dir: Path) -> Path:
     run_dir = _check(run_dir)
     trials, front, meta = load(run_dir)
     scores = pd.read_csv(run_dir / "sensitivity.csv") if (run_dir / "sensitivity.csv").is_file() else None
-    return write_html(run_dir / "report.html", trials, front, meta, scores, most_sensitive_weight(run_dir, scores))
+    recipes = pd.read_csv(run_dir / RECIPES, keep_default_na=True) if (run_dir / RECIPES).is_file() else None
+    return write_html(run_dir / "report.html", trials, front, meta, scores, most_sensitive_weight(run_dir, scores),
+                      recipes)
 
 
 def export_point(run_dir: Path, point: int, to: Path) -> list[Path]:

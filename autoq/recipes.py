@@ -1,0 +1,92 @@
+"""The backend's one-line recipes measured beside the front, and whether the front dominates each.
+
+Each recipe is built once into `recipes/<name>/` of the run directory from the run's cached calibration data and
+measured by the evaluator like a front point (validation split, alternating rounds with FP32). A recipe that
+fails is a row with its one-line reason; the run goes on. A front point dominates a recipe when its quality is
+at least the recipe's, its model no larger (1% slack for the file format) and its speed-up over FP32 at least
+the recipe's; the verdict names the one that saves the most latency.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pandas as pd
+
+from autoq.evaluate import Evaluator
+
+COLUMNS = ["recipe", "val_quality", "val_latency_ms", "speedup", "size_bytes", "model", "options", "error",
+           "dominated_by", "latency_saved", "verdict"]
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+
+
+def measure_recipes(evaluator: Evaluator, run_dir: Path, front: pd.DataFrame) -> pd.DataFrame:
+    """Build and measure every recipe of the evaluator's backend; then the verdicts against `front`."""
+    rows = []
+    for recipe in evaluator.backend.recipes(evaluator.model):
+        workdir = run_dir / "recipes" / _slug(recipe.label)
+        shutil.rmtree(workdir, ignore_errors=True)
+        try:
+            candidate = recipe.build(evaluator.model, evaluator.calibration, workdir)
+            measured = evaluator.measure(candidate, "validation", min_runs=20, max_runs=80)
+        except Exception as exc:  # a recipe that cannot build or run on this model is recorded, never fatal
+            reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+            rows.append({"recipe": recipe.label, "error": f"{type(exc).__name__}: {reason}"})
+            continue
+        rows.append({"recipe": recipe.label, "val_quality": measured["quality"],
+                     "val_latency_ms": measured["latency_ms"], "speedup": measured["speedup"],
+                     "size_bytes": candidate.size_bytes, "model": str(candidate.path.relative_to(run_dir)),
+                     "options": json.dumps(candidate.assignment.options), "error": ""})
+    return verdicts(front, pd.DataFrame(rows, columns=COLUMNS[:8]))
+
+
+def _front_speedup(front: pd.DataFrame) -> pd.Series:
+    """A front point's validation speed-up over FP32 from its own alternating rounds (search split if absent)."""
+    if {"val_fp32_latency_ms", "val_measured_latency_ms"} <= set(front.columns):
+        return (front["val_fp32_latency_ms"] / front["val_measured_latency_ms"]).fillna(front["speedup"])
+    return front["speedup"]
+
+
+def verdicts(front: pd.DataFrame, recipes: pd.DataFrame) -> pd.DataFrame:
+    """Add to each measured recipe the front point dominating it that saves the most latency, and a verdict."""
+    quality = front["val_quality"] if "val_quality" in front.columns else front["quality"]
+    quality = quality.fillna(front["quality"])
+    speedup = _front_speedup(front)
+    dominated_by, saved, text = [], [], []
+    for row in recipes.itertuples():
+        if row.error or pd.isna(row.val_quality):
+            dominated_by.append(None)
+            saved.append(None)
+            text.append(f"failed: {row.error}")
+            continue
+        smaller = front["size_bytes"] <= row.size_bytes * 1.01
+        better = (quality >= row.val_quality) & smaller & (speedup >= row.speedup)
+        if not better.any():
+            dominated_by.append(None)
+            saved.append(None)
+            text.append("not dominated")
+            continue
+        best = speedup[better].idxmax()
+        fraction = 1 - row.speedup / speedup[best]
+        dominated_by.append(int(front.loc[best, "point"]))
+        saved.append(fraction)
+        text.append(f"dominated by point {int(front.loc[best, 'point'])}: {fraction:.0%} less latency at "
+                    f"quality {quality[best]:.4f} >= {row.val_quality:.4f}")
+    return recipes.assign(dominated_by=pd.array(dominated_by, dtype="Int64"), latency_saved=saved, verdict=text)
+
+
+def summary(recipes: pd.DataFrame) -> str:
+    """One line: how many recipes the front dominates, and which it does not."""
+    measured = recipes[recipes["error"].fillna("") == ""]
+    beaten = measured["dominated_by"].notna()
+    line = f"recipes: the front dominates {int(beaten.sum())} of {len(measured)} measured"
+    if (~beaten).any():
+        line += "; NOT dominated: " + ", ".join(measured.loc[~beaten, "recipe"])
+    failed = len(recipes) - len(measured)
+    return line + (f"; {failed} failed to build (see recipes.csv)" if failed else "")

@@ -1,0 +1,77 @@
+"""`autoq verify`: re-time a finished run's front points, its FP32 model and its recipes (or any model files) in
+alternating rounds with the session settings a user deploys with, as ratios to FP32 with a confidence interval,
+so a result can be checked on another day or machine."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from autoq.backends import get_backend
+from autoq.backends.base import Candidate
+from autoq.errors import AutoqError
+from autoq.measure import interval, ratio_rounds
+from autoq.precision import Assignment
+
+FP32 = "FP32"
+
+
+def _models(run_dir: Path, points: list[int] | None, against: list[Path]) -> dict[str, tuple[Path, dict]]:
+    """Label -> (model file, model-wide options) of everything to time; FP32 first."""
+    models = {FP32: (run_dir / "model.onnx", {})}
+    front = pd.read_csv(run_dir / "pareto.csv")
+    wanted = set(points) if points is not None else set(front["point"])
+    unknown = wanted - set(front["point"])
+    if unknown:
+        msg = f"{run_dir} has no front point {min(unknown)} (points: {sorted(front['point'])})"
+        raise AutoqError(msg)
+    for row in front[front["point"].isin(wanted) & front["model"].notna()].itertuples():
+        options = Assignment.load(run_dir / "front" / f"point-{row.point}" / "assignment.yaml").options
+        models[f"point {row.point}: {row.summary}"] = (run_dir / str(row.model), options)
+    recipes = run_dir / "recipes.csv"
+    if recipes.is_file() and points is None:
+        table = pd.read_csv(recipes, keep_default_na=False)
+        for row in table[table["error"] == ""].itertuples():
+            models[f"recipe: {row.recipe}"] = (run_dir / row.model, json.loads(row.options or "{}"))
+    for path in against:
+        if not path.is_file():
+            msg = f"--against {path}: no such file"
+            raise AutoqError(msg)
+        models[f"file: {path.name}"] = (path, {})
+    return models
+
+
+def verify(run_dir: str | Path, points: list[int] | None = None, against: list[str | Path] = (),
+           rounds: int = 15) -> pd.DataFrame:
+    """One row per model: its median ms, its speed-up over FP32 (median of the per-round ratios) and the 95%
+    confidence interval of that median."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "pareto.csv").is_file() or not (run_dir / "run.json").is_file():
+        msg = f"{run_dir} holds no finished autoq run (no pareto.csv): give the --out of a search that finished"
+        raise AutoqError(msg)
+    backend = get_backend(json.loads((run_dir / "run.json").read_text())["backend"])
+    if backend.name == "torch":
+        msg = ("autoq verify re-times model files; a torch run's points are state dicts of your module: rebuild "
+               "them with autoq.apply(module, assignment) and time them in your code")
+        raise AutoqError(msg)
+    meta = json.loads((run_dir / "meta.json").read_text()) if (run_dir / "meta.json").is_file() else {}
+    threads = int(meta.get("machine", {}).get("threads", 2))
+    samples = sorted((run_dir / "cache").glob("calibration-*.npz"))
+    if not samples:
+        msg = f"{run_dir}/cache has no calibration samples to feed the models: run the search there again"
+        raise AutoqError(msg)
+    feeds = {k: v[:1] for k, v in np.load(samples[0]).items()}
+    runs = {}
+    for label, (path, options) in _models(run_dir, points, [Path(p) for p in against]).items():
+        candidate = Candidate(Assignment({}, options), path, path.stat().st_size)
+        run = backend.deployed_runner(candidate, threads)
+        runs[label] = lambda run=run: run(feeds)
+    timed = ratio_rounds(runs, FP32, rounds=rounds)
+    rows = []
+    for label, (ms, ratios) in timed.items():
+        ratio, low, high = interval(ratios)
+        rows.append({"model": label, "ms": float(np.median(ms)), "vs FP32": ratio, "95% low": low, "95% high": high})
+    return pd.DataFrame(rows)

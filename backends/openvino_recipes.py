@@ -1,0 +1,52 @@
+"""OpenVINO's one-line recipes, measured beside the front: the model in f32, in bf16 where the CPU has it
+natively, and `nncf.quantize` with its defaults (and its transformer preset where the model has attention
+MatMuls) compiled with OpenVINO's default float precision for this CPU, calibrated on the run's cached samples."""
+
+from __future__ import annotations
+
+import io
+import logging
+from contextlib import redirect_stderr, redirect_stdout
+from functools import partial
+from pathlib import Path
+
+import nncf
+import numpy as np
+import openvino as ov
+
+from autoq.backends.base import Backend, Candidate, Recipe
+from autoq.backends.openvino import FLOAT_OPTION, has_attention
+from autoq.calibrate import samples_path
+from autoq.graph import OnnxModel
+from autoq.precision import Assignment
+
+
+def _float(backend: Backend, precision: str, model: OnnxModel, calibration: Path, workdir: Path) -> Candidate:
+    return backend.build(model, Assignment.uniform(model.layer_names, "fp32", {FLOAT_OPTION: precision}),
+                         calibration, workdir)
+
+
+def _nncf(default_float: str, model_type, model: OnnxModel, calibration: Path, workdir: Path) -> Candidate:
+    samples = dict(np.load(samples_path(calibration)))
+    count = len(next(iter(samples.values())))
+    dataset = nncf.Dataset([{k: v[i:i + 1] for k, v in samples.items()} for i in range(count)])
+    logging.getLogger("nncf").setLevel(logging.ERROR)
+    with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):  # NNCF's progress bars
+        quantized = nncf.quantize(ov.convert_model(str(model.path)), dataset, subset_size=count,
+                                  model_type=model_type)
+    workdir.mkdir(parents=True, exist_ok=True)
+    xml = workdir / "model.xml"
+    ov.save_model(quantized, str(xml), compress_to_fp16=False)
+    return Candidate(Assignment.uniform(model.layer_names, "fp32", {FLOAT_OPTION: default_float}), xml,
+                     xml.stat().st_size + xml.with_suffix(".bin").stat().st_size)
+
+
+def recipes(backend: Backend, model: OnnxModel, native_bf16: bool, default_float: str) -> list[Recipe]:
+    made = [Recipe("OpenVINO f32", partial(_float, backend, "f32"))]
+    if native_bf16:
+        made.append(Recipe("OpenVINO bf16", partial(_float, backend, "bf16")))
+    made.append(Recipe(f"nncf.quantize ({default_float})", partial(_nncf, default_float, None)))
+    if has_attention(model):
+        made.append(Recipe(f"nncf.quantize, transformer preset ({default_float})",
+                           partial(_nncf, default_float, nncf.ModelType.TRANSFORMER)))
+    return made

@@ -1,0 +1,67 @@
+"""The runtime's one-line recipes measured beside the front: verdicts, failures recorded, the report."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+import autoq
+from autoq.cli import main
+from autoq.recipes import summary, verdicts
+from tests.models import conv_only
+
+
+def _front() -> pd.DataFrame:
+    return pd.DataFrame({"point": [0, 1, 2], "quality": [0.95, 0.99, 1.0], "val_quality": [0.96, 0.99, 1.0],
+                         "speedup": [2.0, 1.5, 1.0], "val_fp32_latency_ms": [10.0, 10.0, 10.0],
+                         "val_measured_latency_ms": [5.0, 6.25, 10.0], "size_bytes": [25, 30, 100]})
+
+
+def test_verdicts_name_the_dominating_point_that_saves_the_most_latency():
+    recipes = pd.DataFrame([
+        {"recipe": "dyn", "val_quality": 0.95, "val_latency_ms": 7.0, "speedup": 1.25, "size_bytes": 30, "error": ""},
+        {"recipe": "static", "val_quality": 0.995, "val_latency_ms": 5.0, "speedup": 2.0, "size_bytes": 30,
+         "error": ""},
+        {"recipe": "broken", "error": "ValueError: it quantized nothing"}])
+    table = verdicts(_front(), recipes).set_index("recipe")
+    # on validation, point 0 runs 2.0x FP32 and point 1 1.6x: both dominate "dyn"; point 0 saves the most
+    assert table.loc["dyn", "dominated_by"] == 0
+    assert abs(table.loc["dyn", "latency_saved"] - (1 - 1.25 / 2.0)) < 1e-9
+    assert table.loc["dyn", "verdict"].startswith("dominated by point 0: 38% less latency")
+    assert pd.isna(table.loc["static", "dominated_by"]) and table.loc["static", "verdict"] == "not dominated"
+    assert table.loc["broken", "verdict"] == "failed: ValueError: it quantized nothing"
+    line = summary(table.reset_index())
+    assert line == ("recipes: the front dominates 1 of 2 measured; NOT dominated: static; 1 failed to build "
+                    "(see recipes.csv)")
+
+
+def test_a_point_larger_than_the_recipe_does_not_dominate_it():
+    recipes = pd.DataFrame([{"recipe": "tiny", "val_quality": 0.9, "val_latency_ms": 9.0, "speedup": 1.1,
+                             "size_bytes": 20, "error": ""}])
+    assert verdicts(_front(), recipes)["verdict"].iloc[0] == "not dominated"
+
+
+def test_a_recipe_that_cannot_build_is_recorded_and_the_run_goes_on(tmp_path, capsys):
+    model, samples = conv_only(tmp_path)
+    result = autoq.search(model, samples, trials=4, out=tmp_path / "run", progress=False)
+    table = result.recipes.set_index("recipe")
+    assert table.loc["ORT quantize_dynamic, MatMul/Gemm", "error"].startswith("ValueError: it quantized nothing")
+    static = table.loc["ORT quantize_static U8S8, all ops"]
+    assert static["error"] == "" and 0.5 < static["val_quality"] <= 1 and static["speedup"] > 0
+    assert static["verdict"].startswith(("dominated by point", "not dominated"))
+    saved = pd.read_csv(tmp_path / "run" / "recipes.csv", keep_default_na=False).set_index("recipe")
+    assert saved.loc["ORT quantize_dynamic, MatMul/Gemm", "verdict"].startswith("failed: ValueError")
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert "one-line recipes" in page and "ORT quantize_static U8S8, weight ops" in page
+
+    # autoq verify re-times FP32, every front point and every recipe that built: one row each, with an interval
+    assert main(["verify", str(tmp_path / "run"), "--rounds", "5"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    header, rows = lines[0].split(), lines[1:]
+    assert header[:2] == ["model", "ms"] and "low" in header and "high" in header
+    assert len(rows) == 1 + len(result.front) + 2
+    assert rows[0].startswith("FP32") and sum(r.startswith("recipe: ORT quantize_static") for r in rows) == 2
+    for row in rows:
+        ratio, low, high = (float(v) for v in row.split()[-3:])
+        assert 0 < low <= ratio <= high
+    fp32_ratio = [float(v) for v in rows[0].split()[-3:]]
+    assert fp32_ratio == [1.0, 1.0, 1.0]
