@@ -190,13 +190,14 @@ def search(model: str | Path | object | None = None, data: DataArg = None, *more
             run_search(optuna_study, worker.evaluate if worker else evaluator.evaluate, evaluator.fp32_quality(),
                        choices, problem.space, trials, timeout, progress, seeds, constraints, screen, created,
                        local=storage is None, trial_timeout=trial_timeout)
+            table = trials_frame(optuna_study)
+            front = finalize_front(evaluator, pareto_front(table), run_dir)
+            recipe_table = None if recipes == "none" else recipes_mod.measure_recipes(
+                evaluator, run_dir, front, worker.measure_recipe if worker else None)
         finally:
             if worker:
                 worker.close()
-        table = trials_frame(optuna_study)
-        front = finalize_front(evaluator, pareto_front(table), run_dir)
         regions = evaluator.backend.regions(evaluator.model, evaluator.calibration)
-        recipe_table = recipes_mod.measure_recipes(evaluator, run_dir, front) if recipes == "auto" else None
     table.to_csv(run_dir / "trials.csv", index=False)
     front.to_csv(run_dir / "pareto.csv", index=False)
     if recipe_table is not None:

@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
 
-from autoq.evaluate import Evaluator
+from autoq.evaluate import CandidateError, Evaluator
 
 COLUMNS = ["recipe", "val_quality", "val_latency_ms", "speedup", "size_bytes", "model", "options", "error",
            "dominated_by", "latency_saved", "verdict"]
@@ -26,23 +27,36 @@ def _slug(label: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
 
 
-def measure_recipes(evaluator: Evaluator, run_dir: Path, front: pd.DataFrame) -> pd.DataFrame:
-    """Build and measure every recipe of the evaluator's backend; then the verdicts against `front`."""
+def measure_recipe(evaluator: Evaluator, label: str, workdir: Path) -> dict:
+    """Build the backend's recipe `label` into `workdir` and measure it on the validation split."""
+    recipe = next(r for r in evaluator.backend.recipes(evaluator.model) if r.label == label)
+    shutil.rmtree(workdir, ignore_errors=True)
+    try:
+        candidate = recipe.build(evaluator.model, evaluator.calibration, workdir)
+    except Exception as exc:  # a recipe that cannot build on this model is recorded with its reason
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+        raise CandidateError(f"{type(exc).__name__}: {reason}") from exc
+    measured = evaluator.measure(candidate, "validation", min_runs=20, max_runs=80)
+    return {**measured, "path": str(candidate.path), "size_bytes": candidate.size_bytes,
+            "options": candidate.assignment.options}
+
+
+def measure_recipes(evaluator: Evaluator, run_dir: Path, front: pd.DataFrame,
+                    measure: Callable[[str, Path], dict] | None = None) -> pd.DataFrame:
+    """Every recipe of the evaluator's backend measured by `measure(label, workdir)` (the trial worker's, so a
+    recipe that crashes or hangs fails alone; else in this process); then the verdicts against `front`."""
+    measure = measure or (lambda label, workdir: measure_recipe(evaluator, label, workdir))
     rows = []
     for recipe in evaluator.backend.recipes(evaluator.model):
-        workdir = run_dir / "recipes" / _slug(recipe.label)
-        shutil.rmtree(workdir, ignore_errors=True)
         try:
-            candidate = recipe.build(evaluator.model, evaluator.calibration, workdir)
-            measured = evaluator.measure(candidate, "validation", min_runs=20, max_runs=80)
-        except Exception as exc:  # a recipe that cannot build or run on this model is recorded, never fatal
-            reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
-            rows.append({"recipe": recipe.label, "error": f"{type(exc).__name__}: {reason}"})
+            measured = measure(recipe.label, run_dir / "recipes" / _slug(recipe.label))
+        except CandidateError as exc:
+            rows.append({"recipe": recipe.label, "error": str(exc)})
             continue
         rows.append({"recipe": recipe.label, "val_quality": measured["quality"],
                      "val_latency_ms": measured["latency_ms"], "speedup": measured["speedup"],
-                     "size_bytes": candidate.size_bytes, "model": str(candidate.path.relative_to(run_dir)),
-                     "options": json.dumps(candidate.assignment.options), "error": ""})
+                     "size_bytes": measured["size_bytes"], "model": str(Path(measured["path"]).relative_to(run_dir)),
+                     "options": json.dumps(measured["options"]), "error": ""})
     return verdicts(front, pd.DataFrame(rows, columns=COLUMNS[:8]))
 
 

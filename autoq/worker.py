@@ -19,6 +19,7 @@ from autoq.errors import AutoqError
 from autoq.evaluate import CandidateError, Evaluator
 from autoq.metrics import Metric
 from autoq.precision import Assignment
+from autoq.recipes import measure_recipe
 
 
 @dataclass
@@ -53,8 +54,12 @@ def _serve(conn: Connection) -> None:
     conn.send(("ready", None))
     try:
         while (request := conn.recv()) is not None:
+            kind, *args = request
             try:
-                conn.send(("ok", evaluator.evaluate(Assignment.from_dict(request))))
+                if kind == "recipe":
+                    conn.send(("ok", measure_recipe(evaluator, args[0], Path(args[1]))))
+                else:
+                    conn.send(("ok", evaluator.evaluate(Assignment.from_dict(args[0]))))
             except CandidateError as exc:
                 conn.send(("error", str(exc)))
     finally:
@@ -62,7 +67,8 @@ def _serve(conn: Connection) -> None:
 
 
 class Worker:
-    """`evaluate(assignment)` like an Evaluator's, in a separate process, within `timeout` seconds."""
+    """`evaluate(assignment)` like an Evaluator's (and `measure_recipe`), in a separate process, within `timeout`
+    seconds."""
 
     def __init__(self, spec: WorkerSpec, timeout: float) -> None:
         self.spec, self.timeout = spec, timeout
@@ -99,9 +105,16 @@ class Worker:
         self._process = self._conn = None
 
     def evaluate(self, assignment: Assignment) -> dict:
+        return self._ask(("trial", assignment.to_dict()))
+
+    def measure_recipe(self, label: str, workdir: Path) -> dict:
+        """`autoq.recipes.measure_recipe` in the worker: a recipe that crashes or hangs fails alone."""
+        return self._ask(("recipe", label, str(workdir)))
+
+    def _ask(self, request: tuple) -> dict:
         if self._process is None:
             self._start()
-        self._conn.send(assignment.to_dict())
+        self._conn.send(request)
         answered = self._conn.poll(self.timeout)  # True on a reply, and on EOF when the worker died
         try:
             status, payload = self._conn.recv() if answered else (None, None)

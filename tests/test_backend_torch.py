@@ -104,15 +104,21 @@ def test_hessian_sensitivity_ranks_a_fragile_module_first(digits_module, digits_
                                        digits_module(torch.from_numpy(data["image"][:8])).numpy(), atol=1e-3)
     table = autoq.analyse_sensitivity(fragile, (torch.zeros(1, 1, 8, 8),), data, labels=images["label"],
                                       backend="torch", method="hessian", out=tmp_path / "run")
-    assert set(table["precision"]) == {"bf16", "int8-dyn"} and (table["hessian_trace"] > 0).all()
+    assert set(table["precision"]) == {"bf16", "int8-dyn", "int8-dyn-pc"} and (table["hessian_trace"] > 0).all()
     measured = autoq.analyse_sensitivity(fragile, (torch.zeros(1, 1, 8, 8),), data, labels=images["label"],
                                          backend="torch", method="measured", out=tmp_path / "run")
 
     def top2(frame):
         return set(frame.sort_values("score", ascending=False).head(2)[["layer", "precision"]].itertuples(index=False))
 
-    assert top2(table) == top2(measured) == {("head.6", "int8-dyn"), ("head.8", "int8-dyn")}
+    def per_tensor(frame):
+        return frame[frame["precision"] != "int8-dyn-pc"]
+
+    assert top2(per_tensor(table)) == top2(per_tensor(measured)) == {("head.6", "int8-dyn"), ("head.8", "int8-dyn")}
     assert measured.set_index(["layer", "precision"]).loc[("head.6", "int8-dyn"), "quality_drop"] > 0.3
+    for frame in (table, measured):  # per-channel weights give head.6's big channel its own scale
+        scores = frame.set_index(["layer", "precision"])["score"]
+        assert scores[("head.6", "int8-dyn-pc")] < scores[("head.6", "int8-dyn")]
 
 
 class TestTorchCompiled:

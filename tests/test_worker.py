@@ -10,27 +10,33 @@ from tests.models import crash_unless_fp32, hang_unless_fp32
 SPACE = {"default": ["fp32", "int8"], "sensitivity": "none", "population": 2}
 
 
-def _run(model, npz, out, metric, trials, timeout):
+def _run(model, npz, out, metric, trials, timeout, recipes="none"):
     return autoq.search(model, npz, labels="label", metric=metric, space=SPACE, trials=trials, out=out,
-                        progress=False, trial_timeout=timeout).trials
+                        progress=False, trial_timeout=timeout, recipes=recipes)
 
 
 def test_a_crashing_candidate_fails_its_trial_and_the_search_goes_on(digits_cnn, digits_npz, tmp_path):
-    trials = _run(digits_cnn, digits_npz, tmp_path / "crash", crash_unless_fp32, trials=3, timeout=120)
+    result = _run(digits_cnn, digits_npz, tmp_path / "crash", crash_unless_fp32, trials=3, timeout=120,
+                  recipes="auto")
+    trials = result.trials
     assert list(trials["state"][:2]) == ["COMPLETE", "FAIL"]  # uniform fp32, then uniform int8
     assert "worker crashed (killed by SIGSEGV)" in trials["error"][1]
     assert len(trials) == 3
+    # the recipes crash the metric too: each is recorded as failed, and the run still ends with its report
+    assert len(result.recipes) == 3 and result.recipes["error"].str.contains("worker crashed").all()
+    assert result.report.is_file()
 
 
 def test_a_hanging_candidate_times_out(digits_cnn, digits_npz, tmp_path):
-    trials = _run(digits_cnn, digits_npz, tmp_path / "hang", hang_unless_fp32, trials=2, timeout=8)
+    trials = _run(digits_cnn, digits_npz, tmp_path / "hang", hang_unless_fp32, trials=2, timeout=8).trials
     assert list(trials["state"]) == ["COMPLETE", "FAIL"]
     assert "timed out after 8 s" in trials["error"][1]
 
 
 def test_a_metric_that_cannot_go_to_a_worker_runs_in_process(digits_cnn, digits_npz, tmp_path, capfd):
     trials = _run(digits_cnn, digits_npz, tmp_path / "lambda",
-                  lambda ref, out, labels: float(np.mean(ref[0].argmax(1) == out[0].argmax(1))), trials=2, timeout=60)
+                  lambda ref, out, labels: float(np.mean(ref[0].argmax(1) == out[0].argmax(1))), trials=2,
+                  timeout=60).trials
     assert (trials["state"] == "COMPLETE").all()
     assert "cannot be sent to a worker process" in capfd.readouterr().err
 
