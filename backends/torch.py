@@ -128,7 +128,8 @@ def _compile(floating: torch.nn.Module, assignment: Assignment, samples: dict[st
     compiled = torch.compile(graph, dynamic=False)
 
     def run(*args):  # inductor compiles at a new shape's first call; freezing must be on then (the options=
-        with torch._inductor.config.patch(freezing=True):  # argument of torch.compile does not reach it)
+        with torch._inductor.config.patch(freezing=True), warnings.catch_warnings():  # argument of torch.compile
+            warnings.simplefilter("ignore")  # does not reach it); its lowering warns (copying tensors)
             return compiled(*args)
 
     used = {node.target for node in graph.graph.nodes if node.op == "get_attr"}  # not the float weights left
