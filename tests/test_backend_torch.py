@@ -137,15 +137,20 @@ class TestTorchCompiled:
         candidate = backend.build(model, Assignment(layers, {"compile": True}), calibration, workdir / "mixed")
         return backend, model, splits, calibration, workdir, candidate
 
-    def test_int8_modules_run_onednn_int8_kernels_and_the_rest_do_not(self, compiled):
-        backend, _, splits, _, _, candidate = compiled
+    @staticmethod
+    def _run_profiled(backend, candidate, splits) -> tuple[np.ndarray, dict[str, int]]:
+        """The outputs on the search split, and the kernel calls of one profiled single-sample inference."""
         run = backend.runner(candidate, 1)
         outputs = run({"image": splits.search.arrays["image"]})[0]
         feeds = {"image": splits.search.arrays["image"][:1]}
         run(feeds)
         with torch.profiler.profile() as profile:
             run(feeds)
-        counts = {e.key: e.count for e in profile.key_averages()}
+        return outputs, {e.key: e.count for e in profile.key_averages()}
+
+    def test_int8_modules_run_onednn_int8_kernels_and_the_rest_do_not(self, compiled):
+        backend, _, splits, _, _, candidate = compiled
+        outputs, counts = self._run_profiled(backend, candidate, splits)
         assert counts.get("onednn::qconv_pointwise") == 1 and counts.get("onednn::qlinear_pointwise") == 1
         assert backend.executed(candidate) == candidate.assignment.layers
         assert (outputs.argmax(1) == splits.search.labels).mean() > 0.9
@@ -156,13 +161,7 @@ class TestTorchCompiled:
         backend, model, splits, calibration, workdir, _ = compiled
         layers = {"features.0": "fp32", "features.3": "fp32", "head.6": "int8-dyn-pc", "head.8": "int8-dyn-pc"}
         candidate = backend.build(model, Assignment(layers, {"compile": True}), calibration, workdir / "dyn-pc")
-        run = backend.runner(candidate, 1)
-        outputs = run({"image": splits.search.arrays["image"]})[0]
-        feeds = {"image": splits.search.arrays["image"][:1]}
-        run(feeds)
-        with torch.profiler.profile() as profile:
-            run(feeds)
-        counts = {e.key: e.count for e in profile.key_averages()}
+        outputs, counts = self._run_profiled(backend, candidate, splits)
         assert counts.get("onednn::qlinear_pointwise") == 2 and not counts.get("onednn::qconv_pointwise")
         assert backend.executed(candidate) == layers
         assert (outputs.argmax(1) == splits.search.labels).mean() > 0.9
