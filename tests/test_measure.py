@@ -60,3 +60,29 @@ def test_fingerprint_names_cpu_threads_and_libraries():
     print_ = fingerprint(threads=2)
     assert print_["threads"] == 2 and print_["cores"] >= 1 and print_["cpu"]
     assert "onnxruntime" in print_["libraries"] and "optuna" in print_["libraries"]
+
+
+def test_a_trial_whose_fp32_rounds_drifted_is_timed_again(digits_cnn, digits_npz, tmp_path, monkeypatch):
+    """Drift is FP32 beside the candidate more than 20% off the study's FP32. When the study's FP32 says 3x what
+    FP32 now takes, the host 'changed pace': the candidate is timed again (after a pause) and the trial says so."""
+    from autoq import data, graph
+    from autoq.backends import get_backend
+    from autoq.calibrate import calibrate
+    from autoq.evaluate import Evaluator
+    from autoq.metrics import accuracy
+    from autoq.precision import Assignment
+
+    monkeypatch.setattr("autoq.evaluate.DRIFT_WAIT_S", 0.0)
+    model = graph.prepare(digits_cnn, tmp_path)
+    splits = data.split(data.load(digits_npz, "label"))
+    evaluator = Evaluator(get_backend("onnxruntime"), model, calibrate(model, splits.calibration, tmp_path / "c"),
+                          splits, accuracy, 1)
+    evaluator.fp32_latency_ms = 10.0
+    assert not evaluator.drifted(11.9) and not evaluator.drifted(8.1)
+    assert evaluator.drifted(12.1) and evaluator.drifted(7.9)
+    int8 = Assignment.uniform(model.layer_names, "int8")
+    evaluator.fp32_latency_ms = 3 * evaluator.time_reference()
+    drifted = evaluator.evaluate(int8, min_runs=12, max_runs=24)
+    evaluator.close()
+    assert drifted["retimed"] == 1
+    assert drifted["latency_ms"] > 2 * drifted["measured_latency_ms"]  # still scaled to the study's FP32

@@ -211,6 +211,8 @@ def write_html(path: Path, trials: pd.DataFrame, front: pd.DataFrame, meta: dict
              "trials": _trial_counts(trials),
              "glue kept float next to int8 regions": _kept_float(meta.get("glue_kept_float")),
              "median load of other processes (cores)": f"{trials['load'].median():.2f}" if len(trials) else "",
+             "trials re-timed because FP32 drifted more than 20% from the study's": (
+                 int((trials["retimed"].fillna(0) > 0).sum()) if "retimed" in trials.columns else 0),
              "wall time of this run": f"{meta.get('wall_s', 0):.0f} s"}
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts.items())
     body = f"""<!doctype html><html><head><meta charset="utf-8"><title>autoq report</title>

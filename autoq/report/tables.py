@@ -9,7 +9,7 @@ import pandas as pd
 
 # Measurements stored on each trial as they are; with the others below, documented in the README.
 MEASURED = ["quality", "quality_spread", "latency_ms", "latency_spread_ms", "measured_latency_ms", "latency_runs",
-            "load", "fp32_latency_ms", "speedup", "size_bytes", "conversions", "int8_chains"]
+            "load", "fp32_latency_ms", "speedup", "size_bytes", "conversions", "int8_chains", "retimed"]
 # trials.csv has these columns, pareto.csv these plus the val_* ones.
 TRIAL_COLUMNS = ["trial", "state", "baseline", "seeded", "duplicate", *MEASURED, "feasible", "executed_ok",
                  "mismatched_layers", "screened", "predicted_quality", "predicted_latency_ms", "predicted_size_bytes",
