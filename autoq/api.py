@@ -203,7 +203,8 @@ def search(model: str | Path | object | None = None, data: DataArg = None, *more
     if recipe_table is not None:
         recipe_table.to_csv(run_dir / run_report.RECIPES, index=False)
     meta = {"model": problem.model_name, "backend": backend, "metric": problem.metric, "machine": problem.machine,
-            "wall_s": time.perf_counter() - started,
+            "wall_s": time.perf_counter() - started, "search_settings": problem.evaluator.backend.search_settings,
+            "deployed_settings": problem.evaluator.backend.deployed_settings,
             "glue_kept_float": dict(regions.kept_float) if regions is not None else None}
     (run_dir / run_report.META).write_text(json.dumps(meta, indent=2))
     return SearchResult(run_dir, table, front, run_report.regenerate(run_dir), scores, recipe_table)
@@ -285,12 +286,16 @@ def finalize_front(evaluator: Evaluator, front: pd.DataFrame, run_dir: Path) -> 
         try:
             candidate = evaluator.build(assignment, point_dir / "build")
             measured = evaluator.evaluate(assignment, "validation", candidate, min_runs=20, max_runs=80)
+            deployed, deployed_spread = evaluator.deployed_speedup(candidate, min_runs=20, max_runs=60)
+            spread = measured["latency_spread_ms"] / measured["latency_ms"] * measured["speedup"]
             model_path = evaluator.backend.export(candidate, point_dir / "model.onnx")
             extra |= {"val_quality": measured["quality"], "val_quality_spread": measured["quality_spread"],
                       "val_latency_ms": measured["latency_ms"],
                       "val_measured_latency_ms": measured["measured_latency_ms"],
                       "val_latency_spread_ms": measured["latency_spread_ms"], "val_load": measured["load"],
                       "val_fp32_latency_ms": measured["fp32_latency_ms"], "val_executed_ok": measured["executed_ok"],
+                      "val_deployed_speedup": deployed, "val_deployed_spread": deployed_spread,
+                      "settings_disagree": abs(deployed - measured["speedup"]) > max(spread, deployed_spread),
                       "model": str(model_path.relative_to(run_dir))}
         except CandidateError as exc:
             extra |= {"error": f"re-measure failed: {exc}"}

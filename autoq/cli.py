@@ -80,6 +80,10 @@ def _summary(result) -> None:
     console.print(table)
     if result.recipes is not None:
         console.print(recipes_summary(result.recipes))
+    if "settings_disagree" in result.front.columns and result.front["settings_disagree"].fillna(False).any():
+        points = result.front.loc[result.front["settings_disagree"].fillna(False).astype(bool), "point"].tolist()
+        console.print(f"timing: the search's and the deployed session settings disagree beyond their spread on "
+                      f"points {points} (pareto.csv val_deployed_speedup)")
     console.print(f"report: {result.report}")
 
 

@@ -138,6 +138,16 @@ class Evaluator:
                 "latency_runs": measured.runs, "load": measured.load, "fp32_latency_ms": measured.ref_median_ms,
                 "speedup": measured.speedup, "size_bytes": candidate.size_bytes, "retimed": retimed}
 
+    def deployed_speedup(self, candidate: Candidate, **timing: int) -> tuple[float, float]:
+        """The candidate's speed-up over FP32, both run with deployment session settings in alternating rounds,
+        and the spread of that ratio."""
+        if "deployed" not in self._reference:
+            self._reference["deployed"] = self.backend.deployed_runner(self._ref_candidate, self.threads)
+        reference, feeds = self._reference["deployed"], self.latency_feeds
+        run = self.backend.deployed_runner(candidate, self.threads)
+        measured = time_runner(lambda: run(feeds), lambda: reference(feeds), **timing)
+        return measured.speedup, measured.spread_ms / measured.median_ms * measured.speedup
+
     def drifted(self, fp32_ms: float | None) -> bool:
         """Whether FP32, timed beside a candidate, moved more than DRIFT from the study's FP32 latency."""
         return bool(self.fp32_latency_ms and fp32_ms and abs(fp32_ms / self.fp32_latency_ms - 1) > DRIFT)

@@ -60,6 +60,8 @@ class Backend(ABC):
 
     name: str
     default_space: str  # the bundled search space used when none is given
+    search_settings = "the runtime's defaults"  # how `runner` sessions are set up (for the report)
+    deployed_settings = "the runtime's defaults"  # how `deployed_runner` sessions are set up
 
     @abstractmethod
     def unbuildable(self, precision: Precision) -> str | None:

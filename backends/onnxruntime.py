@@ -57,6 +57,8 @@ OPTIMIZED = "optimized.onnx"
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
     default_space = "cpu-int8"
+    search_settings = "ORT sessions with thread spinning off (honest alternating rounds)"
+    deployed_settings = "ORT's default sessions (thread spinning on)"
 
     def unbuildable(self, precision: Precision) -> str | None:
         if precision.kind == "float" and precision.fmt != "fp32":

@@ -48,6 +48,7 @@ SMOOTH_QUANT = "smooth_quant"  # option: NNCF's SmoothQuant on (its default alph
 class OpenVinoBackend(Backend):
     name = "openvino"
     default_space = "openvino-cpu"
+    search_settings = deployed_settings = "one stream, the LATENCY hint"
 
     def __init__(self) -> None:
         self.core = ov.Core()

@@ -200,9 +200,11 @@ def write_html(path: Path, trials: pd.DataFrame, front: pd.DataFrame, meta: dict
     plots = [fig.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, fig in enumerate(figures)]
     columns = [c for c in ("point", "trial", "summary", "quality", "val_quality", "val_quality_spread", "latency_ms",
                            "val_latency_ms",
-                           "val_latency_spread_ms", "speedup", "size_bytes", "val_executed_ok", "conversions",
-                           "int8_chains", "model")
+                           "val_latency_spread_ms", "speedup", "val_deployed_speedup", "settings_disagree",
+                           "size_bytes", "val_executed_ok", "conversions", "int8_chains", "model")
                if c in front.columns]
+    disagree = front.loc[front["settings_disagree"].fillna(False).astype(bool), "point"].tolist() if (
+        "settings_disagree" in front.columns) else []
     machine = meta.get("machine", {})
     facts = {"model": meta.get("model"), "backend": meta.get("backend"), "metric": meta.get("metric"),
              "CPU": machine.get("cpu"), "CPU flags": " ".join(machine.get("cpu_flags", [])),
@@ -213,6 +215,11 @@ def write_html(path: Path, trials: pd.DataFrame, front: pd.DataFrame, meta: dict
              "median load of other processes (cores)": f"{trials['load'].median():.2f}" if len(trials) else "",
              "trials re-timed because FP32 drifted more than 20% from the study's": (
                  int((trials["retimed"].fillna(0) > 0).sum()) if "retimed" in trials.columns else 0),
+             "timing settings": f"search: {meta.get('search_settings', '?')}; front also re-timed as deployed: "
+                                f"{meta.get('deployed_settings', '?')}" + (
+                                    f" (the two disagree beyond their spread on points {disagree})" if disagree else
+                                    " (they agree within their spread on every point)" if "settings_disagree" in
+                                    front.columns else ""),
              "wall time of this run": f"{meta.get('wall_s', 0):.0f} s"}
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts.items())
     body = f"""<!doctype html><html><head><meta charset="utf-8"><title>autoq report</title>
