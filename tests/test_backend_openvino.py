@@ -3,8 +3,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import openvino as ov
 import pytest
+
+ov = pytest.importorskip("openvino", reason="the openvino extra is not installed")
 
 from autoq.backends import get_backend
 from autoq.precision import Assignment
