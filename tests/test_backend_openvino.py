@@ -5,11 +5,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ov = pytest.importorskip("openvino", reason="the openvino extra is not installed")
-
 from autoq.backends import get_backend
 from autoq.precision import Assignment
 from tests.backend_contract import BackendContract
+
+ov = pytest.importorskip("openvino", reason="the openvino extra is not installed")
 
 NATIVE_BF16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
