@@ -94,6 +94,11 @@ def _problem(model: str | Path | None, data: DataArg, labels, metric, space, bac
     is_file = isinstance(model, str | Path)
     label = str(model) if is_file else f"{type(model).__name__} (torch module)"
     run_dir = Path(out) if out else REPORTS / f"{Path(model).stem if is_file else type(model).__name__}-{backend}"
+    try:
+        (run_dir / "cache").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        msg = f"cannot create the run directory {run_dir} ({exc.strerror}): give --out a folder you can write"
+        raise AutoqError(msg) from exc
     module = model if is_torch_model(model) and not is_file else None
     if is_torch_model(model):  # exported once; layers named by module FQN
         model = to_onnx(model, example_inputs, run_dir / "cache")

@@ -57,3 +57,16 @@ def test_bad_input_is_one_line_and_non_zero(case, inputs, digits_cnn, digits_npz
     assert len(lines) == 1 and lines[0].startswith("autoq: error:"), result.stderr
     assert expected in lines[0]
     assert "Traceback" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["search", "{cnn}", "--data", "{npz}", "--labels", "label", "--out", "/proc/autoq-run", "--quiet"],
+     "cannot create the run directory /proc/autoq-run"),
+    (["verify", "{tmp}"], "holds no finished autoq run"),
+    (["search", "{cnn}", "--data", "{npz}", "--recipes", "some"], "invalid choice: 'some'"),
+])
+def test_unwritable_output_and_bad_run_directories_are_one_line(args, expected, digits_cnn, digits_npz, tmp_path):
+    result = _autoq(*[a.format(cnn=digits_cnn, npz=digits_npz, tmp=tmp_path) for a in args])
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert expected in lines[-1] and "Traceback" not in result.stderr + result.stdout
