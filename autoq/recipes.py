@@ -84,7 +84,11 @@ def verdicts(front: pd.DataFrame, recipes: pd.DataFrame) -> pd.DataFrame:
         if not better.any():
             dominated_by.append(None)
             saved.append(None)
-            text.append("not dominated")
+            closest = (quality >= row.val_quality) & smaller  # what the user would take instead, and its cost
+            text.append("not dominated" + (
+                f"; the fastest point at >= its quality and <= its size, point "
+                f"{int(front.loc[speedup[closest].idxmax(), 'point'])}, runs at "
+                f"{speedup[closest].max() / row.speedup:.2f}x its speed" if closest.any() else ""))
             continue
         best = speedup[better].idxmax()
         fraction = 1 - row.speedup / speedup[best]

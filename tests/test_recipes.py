@@ -19,7 +19,7 @@ def _front() -> pd.DataFrame:
 def test_verdicts_name_the_dominating_point_that_saves_the_most_latency():
     recipes = pd.DataFrame([
         {"recipe": "dyn", "val_quality": 0.95, "val_latency_ms": 7.0, "speedup": 1.25, "size_bytes": 30, "error": ""},
-        {"recipe": "static", "val_quality": 0.995, "val_latency_ms": 5.0, "speedup": 2.0, "size_bytes": 30,
+        {"recipe": "static", "val_quality": 0.995, "val_latency_ms": 5.0, "speedup": 2.0, "size_bytes": 100,
          "error": ""},
         {"recipe": "broken", "error": "ValueError: it quantized nothing"}])
     table = verdicts(_front(), recipes).set_index("recipe")
@@ -27,7 +27,9 @@ def test_verdicts_name_the_dominating_point_that_saves_the_most_latency():
     assert table.loc["dyn", "dominated_by"] == 0
     assert abs(table.loc["dyn", "latency_saved"] - (1 - 1.25 / 2.0)) < 1e-9
     assert table.loc["dyn", "verdict"].startswith("dominated by point 0: 38% less latency")
-    assert pd.isna(table.loc["static", "dominated_by"]) and table.loc["static", "verdict"] == "not dominated"
+    assert pd.isna(table.loc["static", "dominated_by"])
+    assert table.loc["static", "verdict"] == ("not dominated; the fastest point at >= its quality and <= its size, "
+                                              "point 2, runs at 0.50x its speed")
     assert table.loc["broken", "verdict"] == "failed: ValueError: it quantized nothing"
     line = summary(table.reset_index())
     assert line == ("recipes: the front dominates 1 of 2 measured; NOT dominated: static; 1 failed to build "
