@@ -4,7 +4,9 @@ Each recipe is built once into `recipes/<name>/` of the run directory from the r
 measured by the evaluator like a front point (validation split, alternating rounds with FP32). A recipe that
 fails is a row with its one-line reason; the run goes on. A front point dominates a recipe when its quality is
 at least the recipe's, its model no larger (1% slack for the file format) and its speed-up over FP32 at least
-the recipe's; the verdict names the one that saves the most latency.
+the recipe's; the verdict names the one that saves the most latency. Where none does but one is within the
+recipe's own measurement spread (quality bootstrap spread, speed-up spread), it "matches" it: the same graph
+timed twice on a shared host lands on either side of it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import pandas as pd
 from autoq.evaluate import CandidateError, Evaluator
 
 COLUMNS = ["recipe", "val_quality", "val_latency_ms", "speedup", "size_bytes", "model", "options", "error",
-           "dominated_by", "latency_saved", "verdict"]
+           "quality_spread", "speedup_spread", "dominated_by", "matched_by", "latency_saved", "verdict"]
 
 
 def _slug(label: str) -> str:
@@ -56,8 +58,10 @@ def measure_recipes(evaluator: Evaluator, run_dir: Path, front: pd.DataFrame,
         rows.append({"recipe": recipe.label, "val_quality": measured["quality"],
                      "val_latency_ms": measured["latency_ms"], "speedup": measured["speedup"],
                      "size_bytes": measured["size_bytes"], "model": str(Path(measured["path"]).relative_to(run_dir)),
-                     "options": json.dumps(measured["options"]), "error": ""})
-    return verdicts(front, pd.DataFrame(rows, columns=COLUMNS[:8]))
+                     "options": json.dumps(measured["options"]), "error": "",
+                     "quality_spread": measured["quality_spread"],
+                     "speedup_spread": measured["latency_spread_ms"] / measured["latency_ms"] * measured["speedup"]})
+    return verdicts(front, pd.DataFrame(rows, columns=COLUMNS[:10]))
 
 
 def _front_speedup(front: pd.DataFrame) -> pd.Series:
@@ -72,39 +76,51 @@ def verdicts(front: pd.DataFrame, recipes: pd.DataFrame) -> pd.DataFrame:
     quality = front["val_quality"] if "val_quality" in front.columns else front["quality"]
     quality = quality.fillna(front["quality"])
     speedup = _front_speedup(front)
-    dominated_by, saved, text = [], [], []
+    dominated_by, matched_by, saved, text = [], [], [], []
     for row in recipes.itertuples():
+        dominated_by.append(None)
+        matched_by.append(None)
+        saved.append(None)
         if row.error or pd.isna(row.val_quality):
-            dominated_by.append(None)
-            saved.append(None)
             text.append(f"failed: {row.error}")
             continue
         smaller = front["size_bytes"] <= row.size_bytes * 1.01
         better = (quality >= row.val_quality) & smaller & (speedup >= row.speedup)
-        if not better.any():
-            dominated_by.append(None)
-            saved.append(None)
+        # within the recipe's own measurement noise (bootstrap spread of its quality, spread of its speed-up)
+        quality_spread, speedup_spread = (_spread(getattr(row, c, None)) for c in ("quality_spread", "speedup_spread"))
+        tied = (quality >= row.val_quality - quality_spread) & smaller & (speedup >= row.speedup - speedup_spread)
+        if better.any():
+            best = speedup[better].idxmax()
+            dominated_by[-1], saved[-1] = int(front.loc[best, "point"]), 1 - row.speedup / speedup[best]
+            text.append(f"dominated by point {dominated_by[-1]}: {saved[-1]:.0%} less latency at "
+                        f"quality {quality[best]:.4f} >= {row.val_quality:.4f}")
+        elif tied.any():
+            best = speedup[tied].idxmax()
+            matched_by[-1] = int(front.loc[best, "point"])
+            text.append(f"matched within its measurement spread by point {matched_by[-1]}: quality "
+                        f"{quality[best]:.4f} vs {row.val_quality:.4f}, {speedup[best] / row.speedup:.2f}x its speed "
+                        f"(+-{speedup_spread / row.speedup:.2f})")
+        else:
             closest = (quality >= row.val_quality) & smaller  # what the user would take instead, and its cost
             text.append("not dominated" + (
                 f"; the fastest point at >= its quality and <= its size, point "
                 f"{int(front.loc[speedup[closest].idxmax(), 'point'])}, runs at "
                 f"{speedup[closest].max() / row.speedup:.2f}x its speed" if closest.any() else ""))
-            continue
-        best = speedup[better].idxmax()
-        fraction = 1 - row.speedup / speedup[best]
-        dominated_by.append(int(front.loc[best, "point"]))
-        saved.append(fraction)
-        text.append(f"dominated by point {int(front.loc[best, 'point'])}: {fraction:.0%} less latency at "
-                    f"quality {quality[best]:.4f} >= {row.val_quality:.4f}")
-    return recipes.assign(dominated_by=pd.array(dominated_by, dtype="Int64"), latency_saved=saved, verdict=text)
+    return recipes.assign(dominated_by=pd.array(dominated_by, dtype="Int64"),
+                          matched_by=pd.array(matched_by, dtype="Int64"), latency_saved=saved, verdict=text)
+
+
+def _spread(value: object) -> float:
+    return 0.0 if value is None or pd.isna(value) else float(value)
 
 
 def summary(recipes: pd.DataFrame) -> str:
-    """One line: how many recipes the front dominates, and which it does not."""
+    """One line: how many recipes the front dominates or matches within noise, and which it does not."""
     measured = recipes[recipes["error"].fillna("") == ""]
-    beaten = measured["dominated_by"].notna()
+    beaten, matched = measured["dominated_by"].notna(), measured["matched_by"].notna()
     line = f"recipes: the front dominates {int(beaten.sum())} of {len(measured)} measured"
-    if (~beaten).any():
-        line += "; NOT dominated: " + ", ".join(measured.loc[~beaten, "recipe"])
+    line += f" and matches {int(matched.sum())} within their measurement spread" if matched.any() else ""
+    if (~beaten & ~matched).any():
+        line += "; NOT dominated: " + ", ".join(measured.loc[~beaten & ~matched, "recipe"])
     failed = len(recipes) - len(measured)
     return line + (f"; {failed} failed to build (see recipes.csv)" if failed else "")

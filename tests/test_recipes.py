@@ -21,6 +21,8 @@ def test_verdicts_name_the_dominating_point_that_saves_the_most_latency():
         {"recipe": "dyn", "val_quality": 0.95, "val_latency_ms": 7.0, "speedup": 1.25, "size_bytes": 30, "error": ""},
         {"recipe": "static", "val_quality": 0.995, "val_latency_ms": 5.0, "speedup": 2.0, "size_bytes": 100,
          "error": ""},
+        {"recipe": "twin", "val_quality": 1.0, "val_latency_ms": 9.7, "speedup": 1.03, "size_bytes": 100, "error": "",
+         "quality_spread": 0.0, "speedup_spread": 0.05},
         {"recipe": "broken", "error": "ValueError: it quantized nothing"}])
     table = verdicts(_front(), recipes).set_index("recipe")
     # on validation, point 0 runs 2.0x FP32 and point 1 1.6x: both dominate "dyn"; point 0 saves the most
@@ -30,10 +32,13 @@ def test_verdicts_name_the_dominating_point_that_saves_the_most_latency():
     assert pd.isna(table.loc["static", "dominated_by"])
     assert table.loc["static", "verdict"] == ("not dominated; the fastest point at >= its quality and <= its size, "
                                               "point 2, runs at 0.50x its speed")
+    # FP32 itself, timed 3% faster as a recipe: point 2 is within that recipe's speed spread, so it matches
+    assert pd.isna(table.loc["twin", "dominated_by"]) and table.loc["twin", "matched_by"] == 2
+    assert table.loc["twin", "verdict"].startswith("matched within its measurement spread by point 2")
     assert table.loc["broken", "verdict"] == "failed: ValueError: it quantized nothing"
     line = summary(table.reset_index())
-    assert line == ("recipes: the front dominates 1 of 2 measured; NOT dominated: static; 1 failed to build "
-                    "(see recipes.csv)")
+    assert line == ("recipes: the front dominates 1 of 3 measured and matches 1 within their measurement spread; "
+                    "NOT dominated: static; 1 failed to build (see recipes.csv)")
 
 
 def test_a_point_larger_than_the_recipe_does_not_dominate_it():

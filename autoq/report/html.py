@@ -177,10 +177,11 @@ def _recipes(recipes: pd.DataFrame | None) -> tuple[str, str]:
     if recipes is None or recipes.empty:
         return "", ""
     measured = recipes[recipes["error"].fillna("") == ""]
-    beaten = measured["dominated_by"].notna()
+    beaten = measured["dominated_by"].notna() | measured["matched_by"].notna()
     top = (f'<p style="color:#c00;font-weight:bold">The front does not dominate: '
            f'{html.escape(", ".join(measured.loc[~beaten, "recipe"]))}</p>' if (~beaten).any() else
-           f"<p><b>The front dominates all {len(measured)} measured one-line recipes of this runtime.</b></p>")
+           f"<p><b>The front dominates (or matches within the measurement spread) all {len(measured)} measured "
+           "one-line recipes of this runtime.</b></p>")
     columns = ["recipe", "val_quality", "val_latency_ms", "speedup", "size_bytes", "verdict"]
     return top, ("<h2>The runtime's one-line recipes, measured in this run (validation split, latency in the "
                  "study's FP32 scale)</h2>" + _table(recipes[columns]))
