@@ -1,12 +1,13 @@
 """The backend's one-line recipes measured beside the front, and whether the front dominates each.
 
-Each recipe is built once into `recipes/<name>/` of the run directory from the run's cached calibration data and
-measured by the evaluator like a front point (validation split, alternating rounds with FP32). A recipe that
-fails is a row with its one-line reason; the run goes on. A front point dominates a recipe when its quality is
-at least the recipe's, its model no larger (1% slack for the file format) and its speed-up over FP32 at least
-the recipe's; the verdict names the one that saves the most latency. Where none does but one is within the
-recipe's own measurement spread (quality bootstrap spread, speed-up spread), it "matches" it: the same graph
-timed twice on a shared host lands on either side of it.
+Each recipe is built into `recipes/<name>/` of the run directory (anew at the end of each run) from the run's
+cached calibration data, and measured by the evaluator like a front point (validation split, alternating
+rounds with FP32). A recipe that fails is a row with its one-line reason; the run goes on.
+
+A front point dominates a recipe when its quality is at least the recipe's, its model no larger (1% slack for
+the file format) and its speed-up over FP32 at least the recipe's; the verdict names the one that saves the
+most latency. Where none does but one is within the recipe's own measurement spread (quality bootstrap spread,
+speed-up spread), it "matches" it: the same graph timed twice on a shared host lands on either side of it.
 """
 
 from __future__ import annotations

@@ -82,6 +82,21 @@ class TestTorch(BackendContract):
             backend.build(bare, Assignment.uniform(bare.layer_names, "fp32"), calibration, workdir / "bare")
 
 
+def test_torch_recipes_are_quantize_dynamic_and_pt2e_on_every_layer(digits_module, digits_npz, tmp_path):
+    """The torch backend's one-line recipes: torch.ao quantize_dynamic on every nn.Linear (eager) and PT2E int8 on
+    every layer (compiled); the first builds and its Linears run the dynamic kernel."""
+    model = graph.prepare(to_onnx(digits_module, (torch.zeros(1, 1, 8, 8),), tmp_path / "export"), tmp_path)
+    model.module = digits_module
+    splits = data.split(data.load(digits_npz, "label"))
+    calibration = calibrate(model, splits.calibration, tmp_path / "cache")
+    backend = get_backend("torch")
+    recipes = backend.recipes(model)
+    assert [r.label for r in recipes] == ["torch quantize_dynamic, every nn.Linear", "PT2E int8, every layer, compiled"]
+    candidate = recipes[0].build(model, calibration, tmp_path / "dynamic")
+    assert backend.executed(candidate) == {"features.0": "fp32", "features.3": "fp32", "head.6": "int8-dyn",
+                                           "head.8": "int8-dyn"}
+
+
 def test_hessian_sensitivity_ranks_a_fragile_module_first(digits_module, digits_npz, tmp_path):
     """HAWQ-V2 on the torch module: scale one output channel of head.6 by 1000 (and its input to head.8 by
     1/1000: the network computes the same function). Per-tensor int8 weights then round away head.6's other

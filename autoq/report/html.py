@@ -177,7 +177,7 @@ def _recipes(recipes: pd.DataFrame | None) -> tuple[str, str]:
     if recipes is None or recipes.empty:
         return "", ""
     measured = recipes[recipes["error"].fillna("") == ""]
-    beaten = measured["dominated_by"].notna() | measured["matched_by"].notna()
+    beaten = measured["dominated_by"].notna() | measured.get("matched_by", measured["dominated_by"]).notna()
     top = (f'<p style="color:#c00;font-weight:bold">The front does not dominate: '
            f'{html.escape(", ".join(measured.loc[~beaten, "recipe"]))}</p>' if (~beaten).any() else
            f"<p><b>The front dominates (or matches within the measurement spread) all {len(measured)} measured "
