@@ -62,13 +62,26 @@ class Backend(ABC):
     default_space: str  # the bundled search space used when none is given
     search_settings = "the runtime's defaults"  # how `runner` sessions are set up (for the report)
     deployed_settings = "the runtime's defaults"  # how `deployed_runner` sessions are set up
+    option_values: dict[str, tuple] = {}  # the model-wide options it reads -> their allowed values
+
 
     @abstractmethod
     def unbuildable(self, precision: Precision) -> str | None:
         """Why this backend cannot build `precision` for any layer (one line), or None if it can."""
 
     def options(self, requested: dict[str, list]) -> dict[str, list]:
-        """The space's model-wide options this machine can really run (a backend drops what it can't)."""
+        """The space's model-wide options this machine can really run (a backend drops what it can't); an option
+        it does not read, or a value it does not know, is an error naming the allowed ones."""
+        for key, values in requested.items():
+            if key not in self.option_values:
+                known = ", ".join(self.option_values) or "none"
+                msg = f"option '{key}' means nothing to the {self.name} backend (its options: {known})"
+                raise AutoqError(msg)
+            unknown = [v for v in values if v not in self.option_values[key]]
+            if unknown:
+                allowed = ", ".join(str(v) for v in self.option_values[key])
+                msg = f"option '{key}': unknown value {unknown[0]!r} for the {self.name} backend (allowed: {allowed})"
+                raise AutoqError(msg)
         return requested
 
     def layer_precisions(self, layer: Layer, allowed: list[str]) -> list[str]:

@@ -59,6 +59,7 @@ class OnnxRuntimeBackend(Backend):
     default_space = "cpu-int8"
     search_settings = "ORT sessions with thread spinning off (honest alternating rounds)"
     deployed_settings = "ORT's default sessions (thread spinning on)"
+    option_values = {"reduce_range": (False, True)}  # 7-bit weights (for CPUs without VNNI)
 
     def unbuildable(self, precision: Precision) -> str | None:
         if precision.kind == "float" and precision.fmt != "fp32":

@@ -43,12 +43,16 @@ INTEGER = {"u8", "i8"}
 FOUR_BIT = {"u4", "i4", "nf4"}
 PRESET = "activations"  # option: NNCF's int8 activations, `asym` (its MIXED preset) or `sym` (PERFORMANCE)
 SMOOTH_QUANT = "smooth_quant"  # option: NNCF's SmoothQuant on (its default alpha for the model type) or off
+SHAPES = "shapes"  # option: `static` compiles for the data's sample shape at batch 1 (larger batches run sample by
+# sample), `dynamic` keeps the model's symbolic dimensions
 
 
 class OpenVinoBackend(Backend):
     name = "openvino"
     default_space = "openvino-cpu"
     search_settings = deployed_settings = "one stream, the LATENCY hint"
+    option_values = {FLOAT_OPTION: ("bf16", "f32"), PRESET: ("asym", "sym"), SMOOTH_QUANT: ("default", "on", "off"),
+                     SHAPES: ("static", "dynamic")}
 
     def __init__(self) -> None:
         self.core = ov.Core()
@@ -73,6 +77,7 @@ class OpenVinoBackend(Backend):
         return None
 
     def options(self, requested: dict[str, list]) -> dict[str, list]:
+        requested = super().options(requested)
         floats = requested.get(FLOAT_OPTION)
         if not floats or "bf16" not in floats or self.native_bf16:
             return requested
@@ -96,6 +101,8 @@ class OpenVinoBackend(Backend):
 
     def build(self, model: OnnxModel, assignment: Assignment, calibration: Path, workdir: Path) -> Candidate:
         ov_model = ov.convert_model(str(model.path))
+        if assignment.options.get(SHAPES) == "static":
+            ov_model.reshape(_sample_shapes(ov_model, samples_path(calibration)))
         names = _layer_names(model)
         if "int8" in assignment.layers.values():
             floating = {n: names[n] for n, p in assignment.layers.items() if p != "int8"}
@@ -122,10 +129,16 @@ class OpenVinoBackend(Backend):
         return candidate.extra[key]
 
     def runner(self, candidate: Candidate, threads: int) -> Callable[[Feeds], Outputs]:
-        request = self._compile(candidate, threads).create_infer_request()
+        compiled = self._compile(candidate, threads)
+        request = compiled.create_infer_request()
         outputs = len(request.model_outputs)
+        one_by_one = all(i.get_partial_shape().is_static and i.get_shape()[0] == 1 for i in compiled.inputs)
 
         def run(feeds: Feeds) -> Outputs:
+            count = len(next(iter(feeds.values())))
+            if one_by_one and count > 1:  # compiled for one sample (`shapes: static`): run the batch sample by sample
+                parts = [run({k: v[i:i + 1] for k, v in feeds.items()}) for i in range(count)]
+                return [np.concatenate([p[o] for p in parts]) for o in range(outputs)]
             request.infer(feeds)
             return [request.get_output_tensor(i).data.copy() for i in range(outputs)]
 
@@ -265,6 +278,18 @@ def _layer_names(model: OnnxModel) -> dict[str, set[str]]:
             found |= {folded[0].name, output}
         names[layer.name] = found
     return names
+
+
+def _sample_shapes(ov_model: ov.Model, samples: Path) -> dict[str, list[int]]:
+    """Input -> its static shape: the model's own fixed dimensions, the others from one calibration sample."""
+    arrays = np.load(samples)
+    shapes = {}
+    for port in ov_model.inputs:
+        name = port.get_any_name()
+        sample = [1, *arrays[name].shape[1:]]
+        shapes[name] = [d.get_length() if d.is_static else s for d, s in
+                        zip(port.get_partial_shape(), sample, strict=True)]
+    return shapes
 
 
 def has_attention(model: OnnxModel) -> bool:

@@ -41,6 +41,22 @@ class TestOpenVino(BackendContract):
         offered = backend.options({"inference_precision": ["bf16", "f32"]})
         assert offered["inference_precision"] == (["bf16", "f32"] if NATIVE_BF16 else ["f32"])
 
+    def test_static_shapes_compile_for_one_sample_and_still_run_any_batch(self, setup):
+        """`shapes: static` fixes the symbolic batch to the one sample latency is timed at: the runtime model's
+        input is static, and a batch runs sample by sample to the same outputs as the dynamic build."""
+        backend, model, splits, calibration, workdir = setup
+        layers = {n: "int8" if i % 2 else "fp32" for i, n in enumerate(model.layer_names)}
+        built = {shapes: backend.build(model, Assignment(layers, {"shapes": shapes}), calibration, workdir / shapes)
+                 for shapes in ("static", "dynamic")}
+        port = backend._compile(built["static"], 1).inputs[0]
+        assert port.get_partial_shape().is_static and list(port.get_shape()) == [1, 1, 8, 8]
+        assert not backend._compile(built["dynamic"], 1).inputs[0].get_partial_shape().is_static
+        feeds = {k: v[:8] for k, v in splits.search.arrays.items()}
+        static, dynamic = backend.runner(built["static"], 1)(feeds)[0], backend.runner(built["dynamic"], 1)(feeds)[0]
+        assert static.shape == dynamic.shape == (8, 10)
+        assert np.abs(static - dynamic).max() < 0.05 * np.abs(dynamic).max()
+        assert backend.executed(built["static"]) == layers
+
     @pytest.mark.skipif(not NATIVE_BF16, reason="this CPU has no native bf16: OpenVINO would run f32")
     def test_a_float_layer_under_the_bf16_option_runs_bf16(self, setup):
         backend, model = setup[0], setup[1]
@@ -109,3 +125,13 @@ def test_int4_groups_are_offered_only_where_they_divide_the_inputs(mlp, digits_c
     offered = {la.op_type: backend.layer_precisions(la, allowed) for la in cnn.layers}
     assert "w4g128" not in offered["Conv"] and "w4g128" not in offered["Gemm"]  # 64-wide inputs
     assert "w8" in offered["Gemm"]
+
+
+def test_an_unknown_option_or_value_names_what_the_backend_reads():
+    from autoq.errors import AutoqError
+
+    backend = get_backend("openvino")
+    with pytest.raises(AutoqError, match=r"option 'shapes': unknown value 'fixed'.*allowed: static, dynamic"):
+        backend.options({"shapes": ["static", "fixed"]})
+    with pytest.raises(AutoqError, match=r"option 'compile' means nothing to the openvino backend.*shapes"):
+        backend.options({"compile": [True]})
