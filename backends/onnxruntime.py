@@ -24,6 +24,7 @@ import onnx
 import onnxruntime as ort
 
 from autoq.backends.base import Backend, Candidate, Feeds, GlueCheck, Outputs, Recipe
+from autoq.backends.ort_bias import correct_biases
 from autoq.backends.ort_graph import (
     INTEGER_OPS,
     PASS_THROUGH,
@@ -41,7 +42,7 @@ from autoq.backends.ort_quantize import (
     quantize_weight_only,
     weight_only_spec,
 )
-from autoq.calibrate import resolution
+from autoq.calibrate import resolution, samples_path
 from autoq.fold import KEEP_LAYER_NAMES, constant_divisor, div_as_mul
 from autoq.graph import Layer, OnnxModel, save_onnx
 from autoq.precision import Assignment, Precision
@@ -52,6 +53,7 @@ INTEGER_GLUE = {"Add", "Mul", "Concat", "Sigmoid", "LeakyRelu", "Softmax", "Aver
                 "MatMul", "Gemm", "Where"}
 DYNAMIC_OPS = {"DynamicQuantizeMatMul", "MatMulInteger", "MatMulIntegerToFloat"}  # int8-dyn when fed at run time
 OPTIMIZED = "optimized.onnx"
+BIAS_CORRECTION = "bias_correction"  # option
 
 
 class OnnxRuntimeBackend(Backend):
@@ -59,7 +61,9 @@ class OnnxRuntimeBackend(Backend):
     default_space = "cpu-int8"
     search_settings = "ORT sessions with thread spinning off (honest alternating rounds)"
     deployed_settings = "ORT's default sessions (thread spinning on)"
-    option_values = {"reduce_range": (False, True)}  # 7-bit weights (for CPUs without VNNI)
+    # reduce_range: 7-bit weights (for CPUs without VNNI); bias_correction: each static int8 Conv/Gemm's bias
+    # corrected for the mean shift its own rounding causes (`ort_bias.py`)
+    option_values = {"reduce_range": (False, True), BIAS_CORRECTION: (True, False)}
 
     def unbuildable(self, precision: Precision) -> str | None:
         if precision.kind == "float" and precision.fmt != "fp32":
@@ -148,6 +152,9 @@ class OnnxRuntimeBackend(Backend):
             quantize_regions(source, out, nodes, specs, calibration, bool(assignment.options.get("reduce_range")))
             source.unlink()
             keep_float(out, [name for name, spec in specs.items() if spec.kind != "static"])
+            if assignment.options.get(BIAS_CORRECTION):
+                correct_biases(out, model, [n for n, s in specs.items() if s.kind == "static"],
+                               dict(np.load(samples_path(calibration))))
         quantize_dynamic_layers(out, specs)
         quantize_weight_only(out, specs, calibration)
         return Candidate(assignment, out, out.stat().st_size, {

@@ -34,3 +34,35 @@ class TestOnnxRuntime(BackendContract):
         backend, model = setup[0], setup[1]
         for layer in model.layers:  # the digits CNN: Conv and Gemm (ORT's dynamic quantizer has no Gemm)
             assert backend.layer_precisions(layer, ["fp32", "int8", "int8-dyn"]) == ["fp32", "int8"]
+
+    def test_bias_correction_removes_the_mean_shift_of_int8_layers(self, setup):
+        """`bias_correction: true` changes only the biases of the static int8 Conv/Gemm layers, keeps every layer's
+        integer kernel, and brings the mean of the model's outputs on the calibration samples closer to FP32's."""
+        import numpy as np
+        import onnxruntime as ort
+        from onnx import numpy_helper
+
+        from autoq.calibrate import samples_path
+        from autoq.precision import Assignment
+
+        backend, model, _, calibration, workdir = setup
+        layers = {n: "int8" for n in model.layer_names}
+        plain = self._build(setup, layers, "bias-plain")
+        corrected = backend.build(model, Assignment(layers, {"bias_correction": True}), calibration,
+                                  workdir / "bias-corrected")
+        backend.runner(corrected, 1)
+        assert backend.executed(corrected) == layers
+        tensors = [{t.name: numpy_helper.to_array(t) for t in onnx.load(str(c.path)).graph.initializer}
+                   for c in (plain, corrected)]
+        changed = sorted(n for n in tensors[0] if not np.array_equal(tensors[0][n], tensors[1][n]))
+        biases = {node.input[2] for node in model.proto.graph.node if node.name in layers and len(node.input) > 2}
+        assert changed and all(n.removesuffix("_quantized") in biases for n in changed)
+        samples = dict(np.load(samples_path(calibration)))
+
+        def mean_output(path) -> np.ndarray:
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            return session.run(None, samples)[0].mean(axis=0)
+
+        want = mean_output(model.path)
+        shift = [np.abs(mean_output(c.path) - want).mean() for c in (plain, corrected)]
+        assert shift[1] < shift[0]
