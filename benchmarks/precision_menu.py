@@ -108,15 +108,18 @@ def _front_runs(result, run: Path, backend: str, threads: int) -> dict[str, Run]
     runs = {}
     for _, row in front.iterrows():
         path = run / row["model"]
+        options = json.loads(row["assignment"])["options"]
         label = f"autoq {backend} point {int(row['point'])}: {row['summary']}"
+        if options:
+            label += " (" + ", ".join(f"{k}={v}" for k, v in options.items()) + ")"
         if backend == "ORT":
             runs[label] = (_session(path, threads), path.stat().st_size)
             continue
-        precision = json.loads(row["assignment"])["options"].get("inference_precision", "f32")
+        precision = options.get("inference_precision", "f32")
         request = ov.Core().compile_model(str(path), "CPU", {
             "INFERENCE_PRECISION_HINT": precision, "NUM_STREAMS": 1, "INFERENCE_NUM_THREADS": threads,
             "PERFORMANCE_HINT": "LATENCY"}).create_infer_request()
-        runs[f"{label} ({precision}, {json.loads(row['assignment'])['options'].get('activations', '')})"] = (
+        runs[label] = (
             lambda feeds, r=request: [np.array(r.infer(feeds)[0])], int(row["size_bytes"]))
     return runs
 
