@@ -8,7 +8,7 @@ import pickle
 import shutil
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,7 +67,7 @@ class _Problem:
 
 
 @contextmanager
-def _problem(model: str | Path | None, data: DataArg, labels, metric, space, backend: str, threads: int,
+def _problem(model: str | Path | object | None, data: DataArg, labels, metric, space, backend: str, threads: int,
              out: str | Path | None, seed: int | None, constraints: Constraints | None,
              sampler: str | None = None, example_inputs=None) -> Iterator[_Problem]:
     """Load and validate everything; `constraints` is given for a search (its run directory is then checked)."""
@@ -93,7 +93,8 @@ def _problem(model: str | Path | None, data: DataArg, labels, metric, space, bac
     seed = search_space.seed if seed is None else seed
     is_file = isinstance(model, str | Path)
     label = str(model) if is_file else f"{type(model).__name__} (torch module)"
-    run_dir = Path(out) if out else REPORTS / f"{Path(model).stem if is_file else type(model).__name__}-{backend}"
+    stem = Path(model).stem if isinstance(model, str | Path) else type(model).__name__
+    run_dir = Path(out) if out else REPORTS / f"{stem}-{backend}"
     try:
         (run_dir / "cache").mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -102,6 +103,9 @@ def _problem(model: str | Path | None, data: DataArg, labels, metric, space, bac
     module = model if is_torch_model(model) and not is_file else None
     if is_torch_model(model):  # exported once; layers named by module FQN
         model = to_onnx(model, example_inputs, run_dir / "cache")
+    if not isinstance(model, str | Path):
+        msg = f"the model must be an ONNX or .pt2 file or a torch nn.Module, not {type(model).__name__}"
+        raise AutoqError(msg)
     onnx_model = prepare(model, run_dir)
     onnx_model.module = module
     dataset = data_mod.load(data, labels)
@@ -248,7 +252,7 @@ def export(run_dir: str | Path, point: int, to: str | Path) -> list[Path]:
     return run_report.export_point(Path(run_dir), point, Path(to))
 
 
-def verify(run_dir: str | Path, points: list[int] | None = None, against: list[str | Path] = (),
+def verify(run_dir: str | Path, points: list[int] | None = None, against: Sequence[str | Path] = (),
            rounds: int = 15) -> pd.DataFrame:
     """Re-time a finished run's front points (all, or `points`), FP32, its recipes and the files `against` in
     alternating rounds with deployment session settings: one row per model, ratio to FP32 and its 95% interval."""

@@ -131,7 +131,8 @@ class Evaluator:
             time.sleep(DRIFT_WAIT_S)
             measured, retimed = time_runner(lambda: run(feeds), lambda: self._ref_run(feeds), **timing), 1
         # The whole machine drifts (shared VM): the candidate/FP32 ratio from the same rounds is what is stable.
-        scale = self.fp32_latency_ms / measured.ref_median_ms if self.fp32_latency_ms else 1.0
+        scale = self.fp32_latency_ms / measured.ref_median_ms if self.fp32_latency_ms and measured.ref_median_ms \
+            else 1.0
         return {"quality": quality, "quality_spread": self.quality_spread(outputs, split),
                 "latency_ms": measured.median_ms * scale,
                 "latency_spread_ms": measured.spread_ms * scale, "measured_latency_ms": measured.median_ms,
@@ -146,7 +147,8 @@ class Evaluator:
         reference, feeds = self._reference["deployed"], self.latency_feeds
         run = self.backend.deployed_runner(candidate, self.threads)
         measured = time_runner(lambda: run(feeds), lambda: reference(feeds), **timing)
-        return measured.speedup, measured.spread_ms / measured.median_ms * measured.speedup
+        speedup = measured.speedup or 0.0  # timed beside a reference: always set
+        return speedup, measured.spread_ms / measured.median_ms * speedup
 
     def drifted(self, fp32_ms: float | None) -> bool:
         """Whether FP32, timed beside a candidate, moved more than DRIFT from the study's FP32 latency."""

@@ -17,6 +17,7 @@ import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -77,7 +78,10 @@ def verdicts(front: pd.DataFrame, recipes: pd.DataFrame) -> pd.DataFrame:
     quality = front["val_quality"] if "val_quality" in front.columns else front["quality"]
     quality = quality.fillna(front["quality"])
     speedup = _front_speedup(front)
-    dominated_by, matched_by, saved, text = [], [], [], []
+    dominated_by: list[int | None] = []
+    matched_by: list[int | None] = []
+    saved: list[float | None] = []
+    text: list[str] = []
     for row in recipes.itertuples():
         dominated_by.append(None)
         matched_by.append(None)
@@ -111,7 +115,7 @@ def verdicts(front: pd.DataFrame, recipes: pd.DataFrame) -> pd.DataFrame:
                           matched_by=pd.array(matched_by, dtype="Int64"), latency_saved=saved, verdict=text)
 
 
-def _spread(value: object) -> float:
+def _spread(value: Any) -> float:
     return 0.0 if value is None or pd.isna(value) else float(value)
 
 

@@ -61,8 +61,9 @@ def find_regions(graph: onnx.GraphProto, layers: list[str], int8_glue: Callable[
                 seen.add(node.name)
                 if node.name not in verdicts:
                     verdicts[node.name] = _why_float(node, int8_glue, resolution, fused, constants)
-                if verdicts[node.name]:
-                    kept[node.name] = verdicts[node.name]
+                reason = verdicts[node.name]
+                if reason:
+                    kept[node.name] = reason
                     continue
                 owners.setdefault(node.name, set()).add(layer)
                 stack.extend(node.output)

@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 
 from autoq.costmodel import AUDIT_EVERY, CostModel, Prediction, Screen, dominated
+from autoq.pareto import DIRECTIONS
 from autoq.precision import Assignment
-from autoq.search import DIRECTIONS, run_search
+from autoq.search import run_search
 from autoq.space import parse_space
 
 LAYERS = [f"layer{i}" for i in range(12)]
