@@ -296,16 +296,14 @@ def finalize_front(evaluator: Evaluator, front: pd.DataFrame, run_dir: Path) -> 
             candidate = evaluator.build(assignment, point_dir / "build")
             measured = evaluator.evaluate(assignment, "validation", candidate, min_runs=20, max_runs=80)
             deployed, deployed_spread = evaluator.deployed_speedup(candidate, min_runs=20, max_runs=60)
-            spread = measured["latency_spread_ms"] / measured["latency_ms"] * measured["speedup"]
             model_path = evaluator.backend.export(candidate, point_dir / "model.onnx")
-            extra |= {"val_quality": measured["quality"], "val_quality_spread": measured["quality_spread"],
-                      "val_latency_ms": measured["latency_ms"],
-                      "val_measured_latency_ms": measured["measured_latency_ms"],
-                      "val_latency_spread_ms": measured["latency_spread_ms"], "val_load": measured["load"],
-                      "val_fp32_latency_ms": measured["fp32_latency_ms"], "val_executed_ok": measured["executed_ok"],
+            disagree = abs(deployed - (measured.speedup or 0.0)) > max(measured.speedup_spread, deployed_spread)
+            extra |= {"val_quality": measured.quality, "val_quality_spread": measured.quality_spread,
+                      "val_latency_ms": measured.latency_ms, "val_measured_latency_ms": measured.measured_latency_ms,
+                      "val_latency_spread_ms": measured.latency_spread_ms, "val_load": measured.load,
+                      "val_fp32_latency_ms": measured.fp32_latency_ms, "val_executed_ok": measured.executed_ok,
                       "val_deployed_speedup": deployed, "val_deployed_spread": deployed_spread,
-                      "settings_disagree": abs(deployed - measured["speedup"]) > max(spread, deployed_spread),
-                      "model": str(model_path.relative_to(run_dir))}
+                      "settings_disagree": disagree, "model": str(model_path.relative_to(run_dir))}
         except CandidateError as exc:
             extra |= {"error": f"re-measure failed: {exc}"}
         finally:

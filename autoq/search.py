@@ -27,7 +27,7 @@ from optuna.trial import TrialState
 from autoq.constraints import Constraints
 from autoq.costmodel import Screen, screen_was_wrong
 from autoq.errors import AutoqError
-from autoq.evaluate import CandidateError
+from autoq.evaluate import CandidateError, Measurement
 from autoq.pareto import DIRECTIONS
 from autoq.precision import Assignment
 from autoq.progress import SearchProgress, is_measured
@@ -216,7 +216,7 @@ def suggest(trial: optuna.Trial, choices: dict[str, list[str]], options: dict[st
     return Assignment(layers, chosen)
 
 
-def run_search(study: optuna.Study, evaluate: Callable[[Assignment], dict], fp32_quality: float,
+def run_search(study: optuna.Study, evaluate: Callable[[Assignment], Measurement], fp32_quality: float,
                choices: dict[str, list[str]], space: SearchSpace, trials: int, timeout: float | None = None,
                progress: bool = True, seeds: Sequence[Assignment] = (), constraints: Constraints | None = None,
                screen: Screen | None = None, created: bool = True, local: bool = True,
@@ -267,13 +267,13 @@ def run_search(study: optuna.Study, evaluate: Callable[[Assignment], dict], fp32
             if verdict == "screen":
                 raise optuna.TrialPruned("screened: the cost model finds it dominated by the front")
         try:
-            row = evaluate(assignment)
+            record = evaluate(assignment)
         except CandidateError as exc:
             trial.set_user_attr("error", str(exc))
             raise
-        for name, value in row.items():
+        for name, value in record.as_dict().items():
             trial.set_user_attr(name, value)
-        values = (row["quality"], row["latency_ms"], row["size_bytes"])
+        values = record.values
         if verdict == "audit":
             trial.set_user_attr("screen_wrong", screen_was_wrong(values, measured_pairs(known)))
         _constrain(trial, constraints.violations(*values, fp32_quality))

@@ -14,14 +14,15 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
+from typing import Any
 
 from autoq.data import Splits
 from autoq.errors import AutoqError
-from autoq.evaluate import CandidateError, Evaluator
+from autoq.evaluate import CandidateError, Evaluation, Evaluator
 from autoq.metrics import Metric
 from autoq.precision import Assignment
 from autoq.quiet import hush
-from autoq.recipes import measure_recipe
+from autoq.recipes import RecipeMeasurement, measure_recipe
 
 
 @dataclass
@@ -108,14 +109,14 @@ class Worker:
             self._process.join()
         self._process = self._conn = None
 
-    def evaluate(self, assignment: Assignment) -> dict:
+    def evaluate(self, assignment: Assignment) -> Evaluation:
         return self._ask(("trial", assignment.to_dict()))
 
-    def measure_recipe(self, label: str, workdir: Path) -> dict:
+    def measure_recipe(self, label: str, workdir: Path) -> RecipeMeasurement:
         """`autoq.recipes.measure_recipe` in the worker: a recipe that crashes or hangs fails alone."""
         return self._ask(("recipe", label, str(workdir)))
 
-    def _ask(self, request: tuple) -> dict:
+    def _ask(self, request: tuple) -> Any:
         if self._process is None or self._conn is None:
             self._start()
         process, conn = self._process, self._conn
@@ -138,7 +139,7 @@ class Worker:
             raise CandidateError(msg)
         if status == "error":
             raise CandidateError(payload)
-        return dict(payload or {})
+        return payload
 
     def close(self) -> None:
         if self._process is not None and self._conn is not None and self._process.is_alive():
