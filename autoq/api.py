@@ -8,7 +8,7 @@ import pickle
 import shutil
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,7 +67,7 @@ class _Problem:
 
 
 @contextmanager
-def _problem(model: str | Path | None, data: DataArg, labels, metric, space, backend: str, threads: int,
+def _problem(model: str | Path | object | None, data: DataArg, labels, metric, space, backend: str, threads: int,
              out: str | Path | None, seed: int | None, constraints: Constraints | None,
              sampler: str | None = None, example_inputs=None) -> Iterator[_Problem]:
     """Load and validate everything; `constraints` is given for a search (its run directory is then checked)."""
@@ -93,7 +93,8 @@ def _problem(model: str | Path | None, data: DataArg, labels, metric, space, bac
     seed = search_space.seed if seed is None else seed
     is_file = isinstance(model, str | Path)
     label = str(model) if is_file else f"{type(model).__name__} (torch module)"
-    run_dir = Path(out) if out else REPORTS / f"{Path(model).stem if is_file else type(model).__name__}-{backend}"
+    stem = Path(model).stem if isinstance(model, str | Path) else type(model).__name__
+    run_dir = Path(out) if out else REPORTS / f"{stem}-{backend}"
     try:
         (run_dir / "cache").mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -102,6 +103,9 @@ def _problem(model: str | Path | None, data: DataArg, labels, metric, space, bac
     module = model if is_torch_model(model) and not is_file else None
     if is_torch_model(model):  # exported once; layers named by module FQN
         model = to_onnx(model, example_inputs, run_dir / "cache")
+    if not isinstance(model, str | Path):
+        msg = f"the model must be an ONNX or .pt2 file or a torch nn.Module, not {type(model).__name__}"
+        raise AutoqError(msg)
     onnx_model = prepare(model, run_dir)
     onnx_model.module = module
     dataset = data_mod.load(data, labels)
@@ -248,7 +252,7 @@ def export(run_dir: str | Path, point: int, to: str | Path) -> list[Path]:
     return run_report.export_point(Path(run_dir), point, Path(to))
 
 
-def verify(run_dir: str | Path, points: list[int] | None = None, against: list[str | Path] = (),
+def verify(run_dir: str | Path, points: list[int] | None = None, against: Sequence[str | Path] = (),
            rounds: int = 15) -> pd.DataFrame:
     """Re-time a finished run's front points (all, or `points`), FP32, its recipes and the files `against` in
     alternating rounds with deployment session settings: one row per model, ratio to FP32 and its 95% interval."""
@@ -292,16 +296,14 @@ def finalize_front(evaluator: Evaluator, front: pd.DataFrame, run_dir: Path) -> 
             candidate = evaluator.build(assignment, point_dir / "build")
             measured = evaluator.evaluate(assignment, "validation", candidate, min_runs=20, max_runs=80)
             deployed, deployed_spread = evaluator.deployed_speedup(candidate, min_runs=20, max_runs=60)
-            spread = measured["latency_spread_ms"] / measured["latency_ms"] * measured["speedup"]
             model_path = evaluator.backend.export(candidate, point_dir / "model.onnx")
-            extra |= {"val_quality": measured["quality"], "val_quality_spread": measured["quality_spread"],
-                      "val_latency_ms": measured["latency_ms"],
-                      "val_measured_latency_ms": measured["measured_latency_ms"],
-                      "val_latency_spread_ms": measured["latency_spread_ms"], "val_load": measured["load"],
-                      "val_fp32_latency_ms": measured["fp32_latency_ms"], "val_executed_ok": measured["executed_ok"],
+            disagree = abs(deployed - (measured.speedup or 0.0)) > max(measured.speedup_spread, deployed_spread)
+            extra |= {"val_quality": measured.quality, "val_quality_spread": measured.quality_spread,
+                      "val_latency_ms": measured.latency_ms, "val_measured_latency_ms": measured.measured_latency_ms,
+                      "val_latency_spread_ms": measured.latency_spread_ms, "val_load": measured.load,
+                      "val_fp32_latency_ms": measured.fp32_latency_ms, "val_executed_ok": measured.executed_ok,
                       "val_deployed_speedup": deployed, "val_deployed_spread": deployed_spread,
-                      "settings_disagree": abs(deployed - measured["speedup"]) > max(spread, deployed_spread),
-                      "model": str(model_path.relative_to(run_dir))}
+                      "settings_disagree": disagree, "model": str(model_path.relative_to(run_dir))}
         except CandidateError as exc:
             extra |= {"error": f"re-measure failed: {exc}"}
         finally:

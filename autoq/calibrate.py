@@ -16,6 +16,7 @@ import json
 import tempfile
 from contextlib import redirect_stdout
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -61,7 +62,8 @@ def calibrate(model: OnnxModel, data: Dataset, cache_dir: Path, others: tuple[st
     path = cache_path(model, data, cache_dir, "minmax")
     path.parent.mkdir(parents=True, exist_ok=True)
     if not samples_path(path).is_file():
-        np.savez(samples_path(path), **data.arrays)
+        arrays: dict[str, Any] = dict(data.arrays)
+        np.savez(samples_path(path), **arrays)
     batches = list(data.batches(batch_size(model.inputs)))
     for key in others:  # ORT's histograms stack every batch: one sample each keeps the shapes equal
         if not method_path(path, key).is_file():
@@ -104,7 +106,7 @@ def _resolution(model: OnnxModel, bounds: dict[str, tuple[float, float]], batche
             for name, (signal, noise) in power.items()}
 
 
-def _ranges(model: OnnxModel, batches: list[dict], key: str) -> object:
+def _ranges(model: OnnxModel, batches: list[dict], key: str) -> Any:  # ORT's TensorsData
     """ONNX Runtime's calibrator run for one method: min-max over every float tensor; the histogram methods
     over the layers' inputs and outputs (`mse`: the range minimising uint8 rounding plus clipping error)."""
     from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData, create_calibrator

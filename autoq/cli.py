@@ -6,6 +6,9 @@ import argparse
 import sys
 
 from autoq.errors import AutoqError
+from autoq.methods import METHODS
+from autoq.quiet import hush, set_verbose
+from autoq.samplers import SAMPLERS
 
 
 def _problem_args(parser: argparse.ArgumentParser) -> None:
@@ -19,6 +22,7 @@ def _problem_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="onnxruntime", help="onnxruntime (default) | openvino | torch")
     parser.add_argument("--threads", type=int, default=2, help="inference threads for every measurement (2)")
     parser.add_argument("--out", help="run directory (default: reports/<model>-<backend>); rerun to resume")
+    parser.add_argument("--verbose", action="store_true", help="also show third-party warnings and progress output")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("--size-budget", help="model size budget, e.g. 20MB")
     search.add_argument("--trial-timeout", type=float, default=600,
                         help="seconds one trial may take before it fails and the search goes on (600)")
-    search.add_argument("--sampler", help="nsga2 | tpe | gp | random (default: the space's)")
+    search.add_argument("--sampler", help="; ".join(f"{k}: {v.summary}" for k, v in SAMPLERS.items())
+                        + " (default: the space's)")
     search.add_argument("--storage", help="a shared study database for several workers, e.g. postgresql://u:pw@host/db")
     search.add_argument("--study", default="autoq", help="study name in --storage (autoq)")
     search.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -42,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="also measure the backend's one-line recipes beside the front (auto) or not (none)")
     sensitivity = commands.add_parser("sensitivity", help="score every layer at every precision alone")
     _problem_args(sensitivity)
-    sensitivity.add_argument("--method", default="measured", help="measured (default) | sqnr | hessian")
+    sensitivity.add_argument("--method", default="measured", help="; ".join(
+        f"{k}: {v.summary}" for k, v in METHODS.items()) + " (default: measured)")
     report = commands.add_parser("report", help="regenerate report.html of a run (also while it runs)")
     report.add_argument("run_dir")
     export = commands.add_parser("export", help="copy a front point's model and assignment")
@@ -89,6 +95,8 @@ def _summary(result) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    set_verbose(getattr(args, "verbose", False))
+    hush()
     try:
         from autoq import api
 
@@ -96,8 +104,11 @@ def main(argv: list[str] | None = None) -> int:
             table = api.analyse_sensitivity(args.model, args.data, labels=args.labels, metric=args.metric,
                                             space=args.space, backend=args.backend, method=args.method,
                                             threads=args.threads, out=args.out)
+            from autoq.methods import get_method
+
             top = table.sort_values("score", ascending=False).head(10)
-            print(top[["layer", "precision", "quality_drop", "sqnr_db", "latency_saving_ms"]].to_string(index=False))
+            shown = list(dict.fromkeys(["layer", "precision", get_method(args.method).column, "latency_saving_ms"]))
+            print(top[shown].to_string(index=False))
             return 0
         if args.command == "report":
             print(f"report: {api.report(args.run_dir)}")

@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import nnls
 
-from autoq.pareto import pareto_mask
+from autoq.methods import method_of
+from autoq.pareto import MAXIMIZE, pareto_mask
 from autoq.precision import Assignment
 
 MIN_TRIALS = 10  # measured trials before the model is trusted
@@ -50,11 +51,7 @@ class CostModel:
                                                                     strict=True)]]
         self.pairs = list(zip(rows["layer"], rows["precision"], strict=True))
         self.index = {pair: i for i, pair in enumerate(self.pairs)}
-        drop = rows["quality_drop"].to_numpy(dtype=float)
-        if np.isnan(drop).any() and rows["sqnr_db"].notna().all():  # the noise power shapes the quality loss
-            drop = 10 ** (-rows["sqnr_db"].to_numpy(dtype=float) / 10)
-        elif np.isnan(drop).any():  # hessian: the score is the expected loss increase
-            drop = rows["score"].to_numpy(dtype=float)
+        drop = method_of(sensitivity).drop(rows) if len(rows) else np.zeros(0)
         self.priors = [np.nan_to_num(drop).clip(min=0),
                        rows["latency_saving_ms"].fillna(0).to_numpy(dtype=float).clip(min=0),
                        rows["size_saving_bytes"].fillna(0).to_numpy(dtype=float).clip(min=0)]
@@ -108,7 +105,7 @@ def dominated(prediction: Prediction, front: np.ndarray) -> bool:
 
 
 def front_of(values: np.ndarray) -> np.ndarray:
-    return values[pareto_mask(values, [True, False, False])] if len(values) else values
+    return values[pareto_mask(values, MAXIMIZE)] if len(values) else values
 
 
 AUDIT_EVERY = 5  # one screened candidate in five is measured anyway, to count how often the screen is wrong
@@ -141,4 +138,4 @@ class Screen:
 def screen_was_wrong(values: tuple, measured: Measured) -> bool:
     """An audited candidate proved the screen wrong if, measured, no earlier trial dominates it."""
     points = np.array([v for _, v in measured] + [values], dtype=float)
-    return bool(pareto_mask(points, [True, False, False])[-1])
+    return bool(pareto_mask(points, MAXIMIZE)[-1])

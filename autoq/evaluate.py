@@ -6,15 +6,15 @@ import hashlib
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
-from autoq.backends.base import Backend, Candidate
+from autoq.backends.base import Backend, Candidate, GlueCheck
 from autoq.data import Dataset, Splits, batch_size, fingerprint
 from autoq.graph import OnnxModel
 from autoq.measure import time_runner
@@ -28,6 +28,54 @@ DRIFT_WAIT_S = 2.0
 
 class CandidateError(RuntimeError):
     """A candidate that cannot be built, run or scored: its trial fails, the search goes on."""
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Quality, latency and size of one built candidate (a trial's, a front point's or a recipe's)."""
+
+    quality: float  # the metric on the split it was scored on
+    quality_spread: float  # its standard deviation over bootstrap resamples of the samples
+    latency_ms: float  # the study's FP32 latency x the candidate/FP32 ratio of alternating rounds
+    latency_spread_ms: float  # inter-quartile range, on the same scale
+    measured_latency_ms: float  # the raw median of this timing
+    latency_runs: int
+    load: float  # cores other processes used during the timing
+    fp32_latency_ms: float | None  # FP32 timed in the same rounds
+    speedup: float | None  # FP32 / candidate, same rounds
+    size_bytes: int
+    retimed: int = 0  # 1 if FP32 drifted beside it and it was timed again
+
+    @property
+    def values(self) -> tuple[float, float, float]:
+        """The objectives, in `autoq.pareto.OBJECTIVES` order."""
+        return self.quality, self.latency_ms, float(self.size_bytes)
+
+    @property
+    def speedup_spread(self) -> float:
+        return self.latency_spread_ms / self.latency_ms * (self.speedup or 0.0) if self.latency_ms else 0.0
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(Measurement)}
+
+
+@dataclass(frozen=True)
+class Evaluation(Measurement):
+    """A measurement plus what really ran: the executed check and the glue check."""
+
+    executed_ok: bool = True
+    mismatched_layers: tuple[str, ...] = ()
+    executed: Mapping[str, str] = field(default_factory=dict)  # layer -> the precision its kernel ran in
+    glue: GlueCheck | None = None
+
+    def as_dict(self) -> dict:
+        """The trial's attributes (trials.csv columns)."""
+        checks = {"executed_ok": self.executed_ok, "mismatched_layers": list(self.mismatched_layers),
+                  "executed": dict(self.executed)}
+        if self.glue is not None:
+            checks |= {"conversions": len(self.glue.conversions), "int8_chains": len(self.glue.chains),
+                       "glue": {"conversions": self.glue.conversions, "chains": self.glue.chains}}
+        return {**super().as_dict(), **checks}
 
 
 @dataclass
@@ -120,7 +168,7 @@ class Evaluator:
             raise CandidateError(f"the metric returned {quality}")
         return quality, outputs, run
 
-    def measure(self, candidate: Candidate, split: str = "search", **timing: int) -> dict:
+    def measure(self, candidate: Candidate, split: str = "search", **timing: int) -> Measurement:
         """quality (on `split`) and latency (median, spread, load, ratio to FP32 in alternating rounds) and size of
         a built candidate (a trial's, or a recipe's)."""
         quality, outputs, run = self.score(candidate, split)
@@ -131,12 +179,11 @@ class Evaluator:
             time.sleep(DRIFT_WAIT_S)
             measured, retimed = time_runner(lambda: run(feeds), lambda: self._ref_run(feeds), **timing), 1
         # The whole machine drifts (shared VM): the candidate/FP32 ratio from the same rounds is what is stable.
-        scale = self.fp32_latency_ms / measured.ref_median_ms if self.fp32_latency_ms else 1.0
-        return {"quality": quality, "quality_spread": self.quality_spread(outputs, split),
-                "latency_ms": measured.median_ms * scale,
-                "latency_spread_ms": measured.spread_ms * scale, "measured_latency_ms": measured.median_ms,
-                "latency_runs": measured.runs, "load": measured.load, "fp32_latency_ms": measured.ref_median_ms,
-                "speedup": measured.speedup, "size_bytes": candidate.size_bytes, "retimed": retimed}
+        scale = self.fp32_latency_ms / measured.ref_median_ms if self.fp32_latency_ms and measured.ref_median_ms \
+            else 1.0
+        return Measurement(quality, self.quality_spread(outputs, split), measured.median_ms * scale,
+                           measured.spread_ms * scale, measured.median_ms, measured.runs, measured.load,
+                           measured.ref_median_ms, measured.speedup, candidate.size_bytes, retimed)
 
     def deployed_speedup(self, candidate: Candidate, **timing: int) -> tuple[float, float]:
         """The candidate's speed-up over FP32, both run with deployment session settings in alternating rounds,
@@ -146,14 +193,15 @@ class Evaluator:
         reference, feeds = self._reference["deployed"], self.latency_feeds
         run = self.backend.deployed_runner(candidate, self.threads)
         measured = time_runner(lambda: run(feeds), lambda: reference(feeds), **timing)
-        return measured.speedup, measured.spread_ms / measured.median_ms * measured.speedup
+        speedup = measured.speedup or 0.0  # timed beside a reference: always set
+        return speedup, measured.spread_ms / measured.median_ms * speedup
 
     def drifted(self, fp32_ms: float | None) -> bool:
         """Whether FP32, timed beside a candidate, moved more than DRIFT from the study's FP32 latency."""
         return bool(self.fp32_latency_ms and fp32_ms and abs(fp32_ms / self.fp32_latency_ms - 1) > DRIFT)
 
     def evaluate(self, assignment: Assignment, split: str = "search", candidate: Candidate | None = None,
-                 **timing: int) -> dict:
+                 **timing: int) -> Evaluation:
         """`measure`, and the executed check: which precision each layer really ran in."""
         own = candidate is None
         candidate = candidate or self.build(assignment)
@@ -164,7 +212,6 @@ class Evaluator:
         finally:
             if own:
                 shutil.rmtree(candidate.path.parent, ignore_errors=True)
-        mismatched = sorted(n for n, p in self.backend.expected(assignment).items() if executed.get(n) != p)
-        return {**result, "executed_ok": not mismatched, "mismatched_layers": mismatched, "executed": executed,
-                **({} if glue is None else {"conversions": len(glue.conversions), "int8_chains": len(glue.chains),
-                                            "glue": {"conversions": glue.conversions, "chains": glue.chains}})}
+        mismatched = tuple(sorted(n for n, p in self.backend.expected(assignment).items() if executed.get(n) != p))
+        return Evaluation(**vars(result), executed_ok=not mismatched, mismatched_layers=mismatched,
+                          executed=executed, glue=glue)

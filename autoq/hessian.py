@@ -10,6 +10,8 @@ trained ReLU network has an indefinite Hessian, and its trace estimates can come
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from autoq.errors import AutoqError
@@ -17,6 +19,9 @@ from autoq.evaluate import Evaluator
 from autoq.graph import Layer
 from autoq.precision import Precision
 from autoq.quantsim import round_weight
+
+if TYPE_CHECKING:
+    import torch
 
 SAMPLES = 8  # Rademacher vectors per estimate
 MAX_BATCH = 16  # samples of the search split in the loss
@@ -44,7 +49,7 @@ def hessian_rows(evaluator: Evaluator, pairs: list[tuple[Layer, str]]) -> list[d
     with torch.no_grad():
         reference = module(*feeds)
     layers = sorted({layer.name for layer, _ in pairs})
-    weights = {name: module.get_submodule(name.split("#")[0]).weight for name in layers}
+    weights: dict[str, torch.Tensor] = {name: _weight(module.get_submodule(name.split("#")[0])) for name in layers}
     params = list(dict.fromkeys(weights.values()))  # a module called twice has one weight
     loss = ((module(*feeds) - reference) ** 2).sum(dim=-1).mean()
     grads = torch.autograd.grad(loss, params, create_graph=True)
@@ -63,3 +68,13 @@ def hessian_rows(evaluator: Evaluator, pairs: list[tuple[Layer, str]]) -> list[d
         rows.append({"layer": layer.name, "op_type": layer.op_type, "params": layer.params, "macs": layer.macs,
                      "precision": precision, "hessian_trace": per_param, "score": per_param * delta})
     return rows
+
+
+def _weight(module: object) -> torch.Tensor:
+    import torch
+
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        msg = f"module {type(module).__name__} has no weight tensor for the Hessian trace"
+        raise AutoqError(msg)
+    return weight

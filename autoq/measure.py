@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from importlib import metadata
 
@@ -71,8 +71,8 @@ def time_runner(run: Runner, reference: Runner | None = None, *, warmup: int = 5
                 attempts: int = 3, wait_s: float = 2.0) -> Timing:
     """Median latency of `run()` in ms, stable to `rel_error` (standard error of the median), or after
     `max_runs`. With a `reference`, both are timed in alternating rounds of `round_size` runs."""
-    timing = None
-    for attempt in range(1, attempts + 1):
+    timing = Timing(float("nan"), 0.0, 0, 0.0, None, 0)
+    for attempt in range(1, max(attempts, 1) + 1):
         for _ in range(warmup):
             run()
             if reference is not None:
@@ -97,7 +97,7 @@ def time_runner(run: Runner, reference: Runner | None = None, *, warmup: int = 5
     return timing
 
 
-def ratio_rounds(runs: dict[str, Runner], reference: str, rounds: int = 15, round_size: int = 6,
+def ratio_rounds(runs: Mapping[str, Runner], reference: str, rounds: int = 15, round_size: int = 6,
                  warmup: int = 3) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Several models and a reference taking turns, `rounds` times: per model, (its median ms per round, the
     reference's median ms in the same round / its own), so a drifting machine shows in both alike."""

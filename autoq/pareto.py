@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import pandas as pd
 
-OBJECTIVES = {"quality": True, "latency_ms": False, "size_bytes": False}  # column -> maximize?
+OBJECTIVES = {"quality": True, "latency_ms": False, "size_bytes": False}  # column -> maximize? (the one home)
+MAXIMIZE = list(OBJECTIVES.values())
+# Optuna's spelling, in OBJECTIVES' order
+DIRECTIONS: list[Literal["maximize", "minimize"]] = ["maximize" if up else "minimize" for up in MAXIMIZE]
 
 
 def pareto_mask(values: np.ndarray, maximize: list[bool]) -> np.ndarray:

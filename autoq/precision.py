@@ -25,6 +25,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -103,6 +104,7 @@ class Precision:
                 if rest:
                     raise ValueError(f"a float format takes no options ('{rest[0]}')")
                 return cls("float", FLOATS[head], head)
+            fields: dict[str, Any]
             if head == "int8" and "dyn" in rest:
                 rest.remove("dyn")
                 fields = {"kind": "dynamic", "bits": 8, "granularity": "tensor"}

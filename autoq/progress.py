@@ -1,13 +1,27 @@
-"""The search's progress line: measured trials of the budget, ETA, front size, best feasible point, screened."""
+"""The search's progress line: measured trials of the budget, ETA, front size, best feasible point, screened.
+On a terminal it is a live bar; elsewhere (a CI log, `| tee`) one plain line every PLAIN_EVERY trials or
+PLAIN_SECONDS seconds."""
 
 from __future__ import annotations
 
+import time
+
+import numpy as np
 import optuna
 from optuna.trial import TrialState
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from autoq.constraints import Constraints
-from autoq.pareto import pareto_mask
+from autoq.pareto import MAXIMIZE, pareto_mask
+
+PLAIN_EVERY, PLAIN_SECONDS = 5, 60.0
+
+
+def is_measured(trial: optuna.trial.FrozenTrial) -> bool:
+    """A trial that was measured and counts toward the budget: complete, or failed by its candidate (interrupted
+    trials are retried and screened ones cost nothing)."""
+    return trial.state == TrialState.COMPLETE or (trial.state == TrialState.FAIL and "error" in trial.user_attrs)
 
 
 class SearchProgress:
@@ -16,11 +30,15 @@ class SearchProgress:
     def __init__(self, study: optuna.Study, total: int, constraints: Constraints, fp32_quality: float,
                  enabled: bool = True) -> None:
         self.study, self.total, self.constraints, self.fp32_quality = study, total, constraints, fp32_quality
+        console = Console()
+        self.plain = enabled and not console.is_terminal  # no live display there: plain lines instead
         self.bar = Progress(BarColumn(bar_width=16), MofNCompleteColumn(), TimeElapsedColumn(),
                             TextColumn("ETA"), TimeRemainingColumn(compact=True), TextColumn("{task.fields[status]}"),
-                            disable=not enabled, transient=False)
+                            console=console, disable=not enabled or self.plain, transient=False)
         self.task = self.bar.add_task("search", total=total, status="", completed=0)
         self._started = False
+        self._said = (-PLAIN_EVERY, 0.0)  # (trials, time) of the last plain line
+        self._t0 = time.monotonic()
 
     def __enter__(self) -> SearchProgress:
         self.bar.__enter__()
@@ -33,12 +51,12 @@ class SearchProgress:
     def status(self) -> tuple[int, str]:
         """(measured trials, the status text)."""
         trials = self.study.get_trials(deepcopy=False)
-        measured = [t for t in trials if t.state == TrialState.COMPLETE
-                    or (t.state == TrialState.FAIL and "error" in t.user_attrs)]
+        measured = [t for t in trials if is_measured(t)]
         done = [t for t in measured if t.state == TrialState.COMPLETE]
-        feasible = [t for t in done if self.constraints.feasible(*t.values, self.fp32_quality)]
+        feasible = [t for t in done if self.constraints.feasible(t.values[0], t.values[1], t.values[2],
+                                                                 self.fp32_quality)]
         pool = feasible or done
-        front = [t for t, keep in zip(pool, pareto_mask([t.values for t in pool], [True, False, False]), strict=True)
+        front = [t for t, keep in zip(pool, pareto_mask(np.array([t.values for t in pool]), MAXIMIZE), strict=True)
                  if keep] if pool else []
         screened = sum(1 for t in trials if t.state == TrialState.PRUNED and "screened" in t.user_attrs)
         text = f"front {len({t.user_attrs.get('key') for t in front})}"
@@ -50,6 +68,15 @@ class SearchProgress:
         return len(measured), text + (f" | screened {screened}" if screened else "")
 
     def update(self) -> None:
+        if self.plain:
+            done, text = self.status()
+            now = time.monotonic()
+            if done - self._said[0] >= PLAIN_EVERY or now - self._said[1] >= PLAIN_SECONDS or done >= self.total:
+                if done != self._said[0] and done > 0:
+                    print(f"autoq: {min(done, self.total)}/{self.total} trials, {now - self._t0:.0f} s | {text}",
+                          flush=True)
+                self._said = (done, now)
+            return
         if self.bar.disable:
             return
         done, text = self.status()

@@ -16,11 +16,13 @@ import json
 import re
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
-from autoq.evaluate import CandidateError, Evaluator
+from autoq.evaluate import CandidateError, Evaluator, Measurement
 
 COLUMNS = ["recipe", "val_quality", "val_latency_ms", "speedup", "size_bytes", "model", "options", "error",
            "quality_spread", "speedup_spread", "dominated_by", "matched_by", "latency_saved", "verdict"]
@@ -30,7 +32,16 @@ def _slug(label: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
 
 
-def measure_recipe(evaluator: Evaluator, label: str, workdir: Path) -> dict:
+@dataclass(frozen=True)
+class RecipeMeasurement:
+    """A recipe built and measured: where its model is, its model-wide options, and the measurement."""
+
+    path: Path
+    options: dict
+    measurement: Measurement
+
+
+def measure_recipe(evaluator: Evaluator, label: str, workdir: Path) -> RecipeMeasurement:
     """Build the backend's recipe `label` into `workdir` and measure it on the validation split."""
     recipe = next(r for r in evaluator.backend.recipes(evaluator.model) if r.label == label)
     shutil.rmtree(workdir, ignore_errors=True)
@@ -40,28 +51,26 @@ def measure_recipe(evaluator: Evaluator, label: str, workdir: Path) -> dict:
         reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
         raise CandidateError(f"{type(exc).__name__}: {reason}") from exc
     measured = evaluator.measure(candidate, "validation", min_runs=20, max_runs=80)
-    return {**measured, "path": str(candidate.path), "size_bytes": candidate.size_bytes,
-            "options": candidate.assignment.options}
+    return RecipeMeasurement(candidate.path, dict(candidate.assignment.options), measured)
 
 
 def measure_recipes(evaluator: Evaluator, run_dir: Path, front: pd.DataFrame,
-                    measure: Callable[[str, Path], dict] | None = None) -> pd.DataFrame:
+                    measure: Callable[[str, Path], RecipeMeasurement] | None = None) -> pd.DataFrame:
     """Every recipe of the evaluator's backend measured by `measure(label, workdir)` (the trial worker's, so a
     recipe that crashes or hangs fails alone; else in this process); then the verdicts against `front`."""
     measure = measure or (lambda label, workdir: measure_recipe(evaluator, label, workdir))
     rows = []
     for recipe in evaluator.backend.recipes(evaluator.model):
         try:
-            measured = measure(recipe.label, run_dir / "recipes" / _slug(recipe.label))
+            built = measure(recipe.label, run_dir / "recipes" / _slug(recipe.label))
         except CandidateError as exc:
             rows.append({"recipe": recipe.label, "error": str(exc)})
             continue
-        rows.append({"recipe": recipe.label, "val_quality": measured["quality"],
-                     "val_latency_ms": measured["latency_ms"], "speedup": measured["speedup"],
-                     "size_bytes": measured["size_bytes"], "model": str(Path(measured["path"]).relative_to(run_dir)),
-                     "options": json.dumps(measured["options"]), "error": "",
-                     "quality_spread": measured["quality_spread"],
-                     "speedup_spread": measured["latency_spread_ms"] / measured["latency_ms"] * measured["speedup"]})
+        measured = built.measurement
+        rows.append({"recipe": recipe.label, "val_quality": measured.quality, "val_latency_ms": measured.latency_ms,
+                     "speedup": measured.speedup, "size_bytes": measured.size_bytes,
+                     "model": str(built.path.relative_to(run_dir)), "options": json.dumps(built.options), "error": "",
+                     "quality_spread": measured.quality_spread, "speedup_spread": measured.speedup_spread})
     return verdicts(front, pd.DataFrame(rows, columns=COLUMNS[:10]))
 
 
@@ -77,7 +86,10 @@ def verdicts(front: pd.DataFrame, recipes: pd.DataFrame) -> pd.DataFrame:
     quality = front["val_quality"] if "val_quality" in front.columns else front["quality"]
     quality = quality.fillna(front["quality"])
     speedup = _front_speedup(front)
-    dominated_by, matched_by, saved, text = [], [], [], []
+    dominated_by: list[int | None] = []
+    matched_by: list[int | None] = []
+    saved: list[float | None] = []
+    text: list[str] = []
     for row in recipes.itertuples():
         dominated_by.append(None)
         matched_by.append(None)
@@ -111,7 +123,7 @@ def verdicts(front: pd.DataFrame, recipes: pd.DataFrame) -> pd.DataFrame:
                           matched_by=pd.array(matched_by, dtype="Int64"), latency_saved=saved, verdict=text)
 
 
-def _spread(value: object) -> float:
+def _spread(value: Any) -> float:
     return 0.0 if value is None or pd.isna(value) else float(value)
 
 

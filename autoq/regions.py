@@ -32,11 +32,14 @@ class Regions:
 
     owners: Mapping[str, frozenset[str]]  # glue node -> the layers whose region holds it
     kept_float: Mapping[str, str]  # glue node at a region's edge that stays float -> the reason
+    absorbed: frozenset[str] = frozenset()  # Relu/Clip right after a layer: absorbed by its int8 output range
 
-    def int8_nodes(self, assignment: Assignment) -> set[str]:
-        """The int8 layers and the glue of their regions: the nodes to quantize."""
+    def int8_nodes(self, assignment: Assignment, glue: bool = True) -> set[str]:
+        """The int8 layers and the glue of their regions: the nodes to quantize. Without `glue`, only the layers
+        and the activations their output ranges absorb (as a one-line recipe on weight op types does)."""
         int8 = {name for name, spec in assignment.specs().items() if spec.kind == "static"}
-        return int8 | {node for node, layers in self.owners.items() if layers & int8}
+        return int8 | {node for node, layers in self.owners.items()
+                       if layers & int8 and (glue or node in self.absorbed)}
 
 
 def find_regions(graph: onnx.GraphProto, layers: list[str], int8_glue: Callable[[onnx.NodeProto], bool],
@@ -61,12 +64,15 @@ def find_regions(graph: onnx.GraphProto, layers: list[str], int8_glue: Callable[
                 seen.add(node.name)
                 if node.name not in verdicts:
                     verdicts[node.name] = _why_float(node, int8_glue, resolution, fused, constants)
-                if verdicts[node.name]:
-                    kept[node.name] = verdicts[node.name]
+                reason = verdicts[node.name]
+                if reason:
+                    kept[node.name] = reason
                     continue
                 owners.setdefault(node.name, set()).add(layer)
                 stack.extend(node.output)
-    return Regions({n: frozenset(v) for n, v in owners.items()}, kept)
+    absorbed = {node.name for layer in layers for out in nodes[layer].output for node in consumers.get(out, [])
+                if node.op_type in REMOVABLE and node.name in owners}
+    return Regions({n: frozenset(v) for n, v in owners.items()}, kept, frozenset(absorbed))
 
 
 def _why_float(node: onnx.NodeProto, int8_glue: Callable[[onnx.NodeProto], bool], resolution: Mapping[str, float],

@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -27,12 +27,13 @@ from optuna.trial import TrialState
 from autoq.constraints import Constraints
 from autoq.costmodel import Screen, screen_was_wrong
 from autoq.errors import AutoqError
-from autoq.evaluate import CandidateError
+from autoq.evaluate import CandidateError, Measurement
+from autoq.pareto import DIRECTIONS
 from autoq.precision import Assignment
-from autoq.progress import SearchProgress
+from autoq.progress import SearchProgress, is_measured
+from autoq.samplers import get_sampler
 from autoq.space import SearchSpace
 
-DIRECTIONS = ["maximize", "minimize", "minimize"]  # quality, latency_ms, size_bytes
 WORKER = f"{socket.gethostname()}:{os.getpid()}"  # who ran a trial, when several workers share a study
 OPTION_PREFIX = "option:"
 LOCATION = "study.json"  # in a run directory whose study lives in a shared database: where it is
@@ -41,13 +42,7 @@ LOCATION = "study.json"  # in a run directory whose study lives in a shared data
 def make_sampler(space: SearchSpace, seed: int) -> optuna.samplers.BaseSampler:
     """The space's sampler; NSGA-II and TPE also steer away from trials that break the user's constraints
     (set on each trial with `Trial.set_constraint`)."""
-    if space.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True)
-    if space.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if space.sampler == "gp":
-        return optuna.samplers.GPSampler(seed=seed)
-    return optuna.samplers.NSGAIISampler(seed=seed, population_size=space.population)
+    return get_sampler(space.sampler).make(seed, space.population)
 
 
 def _constrain(trial: optuna.Trial, violations: list[float]) -> None:
@@ -130,13 +125,14 @@ def open_study(run_dir: Path, space: SearchSpace, seed: int, hardware: str, prob
     backend = _storage(run_dir, storage)
     if storage is not None:
         (run_dir / LOCATION).write_text(json.dumps({"storage": storage, "study": name}))
-    kwargs = {"storage": backend, "study_name": name, "sampler": make_sampler(space, seed)}
+    sampler = make_sampler(space, seed)
     try:
-        study, created = optuna.create_study(directions=DIRECTIONS, **kwargs), True
+        study = optuna.create_study(directions=DIRECTIONS, storage=backend, study_name=name, sampler=sampler)
+        created = True
         study.set_user_attr("hardware", hardware)
         study.set_user_attr("problem", problem)
     except optuna.exceptions.DuplicatedStudyError:
-        study, created = optuna.load_study(**kwargs), False
+        study, created = optuna.load_study(storage=backend, study_name=name, sampler=sampler), False
     where = f"the study '{name}'" + (f" in {run_dir}" if storage is None else "")
     known = study.user_attrs.get("hardware", hardware)
     if known != hardware:
@@ -189,8 +185,7 @@ def _enqueue_baselines(study: optuna.Study, choices: dict[str, list[str]], optio
 
 def budget_used(study: optuna.Study) -> int:
     """Measured trials that count toward --trials (interrupted ones are retried, screened ones cost nothing)."""
-    return sum(1 for t in study.get_trials(deepcopy=False)
-               if t.state == TrialState.COMPLETE or (t.state == TrialState.FAIL and "error" in t.user_attrs))
+    return sum(1 for t in study.get_trials(deepcopy=False) if is_measured(t))
 
 
 def _over_budget(study: optuna.Study, trial: optuna.Trial, trials: int) -> bool:
@@ -221,9 +216,9 @@ def suggest(trial: optuna.Trial, choices: dict[str, list[str]], options: dict[st
     return Assignment(layers, chosen)
 
 
-def run_search(study: optuna.Study, evaluate: Callable[[Assignment], dict], fp32_quality: float,
+def run_search(study: optuna.Study, evaluate: Callable[[Assignment], Measurement], fp32_quality: float,
                choices: dict[str, list[str]], space: SearchSpace, trials: int, timeout: float | None = None,
-               progress: bool = True, seeds: list[Assignment] = (), constraints: Constraints | None = None,
+               progress: bool = True, seeds: Sequence[Assignment] = (), constraints: Constraints | None = None,
                screen: Screen | None = None, created: bool = True, local: bool = True,
                trial_timeout: float = 600) -> optuna.Study:
     """Run until `trials` trials have been measured in the study (counting earlier runs and other workers), or
@@ -261,7 +256,7 @@ def run_search(study: optuna.Study, evaluate: Callable[[Assignment], dict], fp32
             for name, value in attrs.items():
                 if name not in ("key", "assignment", "baseline", "duplicate", "constraints", "seeded", "retry_of"):
                     trial.set_user_attr(name, value)
-            _constrain(trial, constraints.violations(*values, fp32_quality))
+            _constrain(trial, constraints.violations(values[0], values[1], values[2], fp32_quality))
             return values
         enqueued = any(k in trial.user_attrs for k in ("baseline", "seeded", "retry_of"))
         verdict, prediction = ("measure", None) if screen is None or enqueued else screen.verdict(
@@ -272,13 +267,13 @@ def run_search(study: optuna.Study, evaluate: Callable[[Assignment], dict], fp32
             if verdict == "screen":
                 raise optuna.TrialPruned("screened: the cost model finds it dominated by the front")
         try:
-            row = evaluate(assignment)
+            record = evaluate(assignment)
         except CandidateError as exc:
             trial.set_user_attr("error", str(exc))
             raise
-        for name, value in row.items():
+        for name, value in record.as_dict().items():
             trial.set_user_attr(name, value)
-        values = (row["quality"], row["latency_ms"], row["size_bytes"])
+        values = record.values
         if verdict == "audit":
             trial.set_user_attr("screen_wrong", screen_was_wrong(values, measured_pairs(known)))
         _constrain(trial, constraints.violations(*values, fp32_quality))

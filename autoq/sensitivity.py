@@ -25,24 +25,20 @@ import numpy as np
 import pandas as pd
 
 from autoq.calibrate import method_path
-from autoq.errors import AutoqError
 from autoq.evaluate import CandidateError, Evaluator
 from autoq.graph import TABLE_OPS, Layer, weight_array
-from autoq.hessian import hessian_rows
+from autoq.methods import get_method
 from autoq.precision import Assignment, Precision
 from autoq.quantsim import noise_ratio, round_activation, round_weight
 
-METHODS = ("measured", "sqnr", "hessian")
-COLUMNS = ["layer", "op_type", "params", "macs", "precision", "quality_drop", "drop_spread", "sqnr_db", "hessian_trace",
-           "latency_saving_ms", "size_saving_bytes", "score"]
+COLUMNS = ["layer", "op_type", "params", "macs", "precision", "method", "quality_drop", "drop_spread", "sqnr_db",
+           "hessian_trace", "latency_saving_ms", "size_saving_bytes", "score"]
 
 
 def analyse(evaluator: Evaluator, choices: dict[str, list[str]], method: str = "measured",
             cache_dir: Path | None = None) -> pd.DataFrame:
     """One row per (layer, non-fp32 precision); `score` is the method's sensitivity (higher = more fragile)."""
-    if method not in METHODS:
-        msg = f"unknown sensitivity method '{method}' (choose from {', '.join(METHODS)})"
-        raise AutoqError(msg)
+    scorer = get_method(method)
     path = None
     if cache_dir is not None:
         key = hashlib.sha1(json.dumps([evaluator.fingerprint(), method, choices], sort_keys=True).encode())
@@ -50,13 +46,10 @@ def analyse(evaluator: Evaluator, choices: dict[str, list[str]], method: str = "
         if path.is_file():
             return pd.read_csv(path)
     pairs = [(layer, p) for layer in evaluator.model.layers for p in choices[layer.name] if p != "fp32"]
-    if method == "hessian":
-        rows = hessian_rows(evaluator, pairs)  # first: a clear error before any build when there is no module
+    rows = scorer.score(evaluator, pairs)  # first: a method that cannot score this model fails before any build
     savings = _savings(evaluator, sorted({p for _, p in pairs}), choices)
-    if method != "hessian":
-        rows = _measured(evaluator, pairs) if method == "measured" else _sqnr(evaluator, pairs)
-    table = pd.DataFrame([{**row, **savings.get((row["layer"], row["precision"]), {})} for row in rows],
-                         columns=COLUMNS)
+    table = pd.DataFrame([{**row, "method": method, **savings.get((row["layer"], row["precision"]), {})}
+                          for row in rows], columns=[*COLUMNS, *sorted({k for r in rows for k in r} - set(COLUMNS))])
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(path, index=False)
@@ -94,7 +87,7 @@ def _savings(evaluator: Evaluator, precisions: list[str],
     return result
 
 
-def _measured(evaluator: Evaluator, pairs: list[tuple[Layer, str]]) -> list[dict]:
+def measured_rows(evaluator: Evaluator, pairs: list[tuple[Layer, str]]) -> list[dict]:
     baseline = evaluator.fp32_quality()
     names = evaluator.model.layer_names
     rows = []
@@ -114,7 +107,7 @@ def _measured(evaluator: Evaluator, pairs: list[tuple[Layer, str]]) -> list[dict
     return rows
 
 
-def _sqnr(evaluator: Evaluator, pairs: list[tuple[Layer, str]]) -> list[dict]:
+def sqnr_rows(evaluator: Evaluator, pairs: list[tuple[Layer, str]]) -> list[dict]:
     """Noise powers of the input, weight and output quantization add; SQNR of the sum, in dB."""
     from onnxruntime.quantization.calibrate import load_tensors_data
 

@@ -30,13 +30,13 @@ import yaml
 
 from autoq.errors import AutoqError
 from autoq.graph import Layer
+from autoq.methods import METHODS
 from autoq.precision import Precision
+from autoq.samplers import SAMPLERS
 
 TOP_KEYS = {"name", "description", "default", "rules", "options", "sampler", "population", "seed", "sensitivity",
             "max_layer_drop", "screen"}
-SENSITIVITY = ("sqnr", "measured", "hessian", "none")
 RULE_KEYS = {"match", "op_type", "precisions"}
-SAMPLERS = ("nsga2", "tpe", "gp", "random")
 DEFAULT_SPACE = "cpu-int8"
 
 
@@ -72,7 +72,7 @@ class SearchSpace:
 
     def with_sampler(self, sampler: str) -> SearchSpace:
         if sampler not in SAMPLERS:
-            raise AutoqError(f"--sampler: unknown sampler '{sampler}' (allowed: {', '.join(SAMPLERS)})")
+            raise AutoqError(f"--sampler: unknown sampler '{sampler}' (registered: {', '.join(SAMPLERS)})")
         return replace(self, sampler=sampler)
 
     def precisions(self) -> list[str]:
@@ -135,7 +135,7 @@ def parse_space(data: object, source: str = "<dict>") -> SearchSpace:
                           tuple([op_types] if isinstance(op_types, str) else op_types)))
     sampler = data.get("sampler", "nsga2")
     if sampler not in SAMPLERS:
-        raise _fail(source, "sampler", f"unknown sampler '{sampler}' (allowed: {', '.join(SAMPLERS)})")
+        raise _fail(source, "sampler", f"unknown sampler '{sampler}' (registered: {', '.join(SAMPLERS)})")
     options = data.get("options") or {}
     if not isinstance(options, dict) or not all(isinstance(v, list) and v for v in options.values()):
         raise _fail(source, "options", "expected a mapping of option name -> non-empty list of values")
@@ -143,8 +143,8 @@ def parse_space(data: object, source: str = "<dict>") -> SearchSpace:
     if not isinstance(population, int) or population < 2:
         raise _fail(source, "population", "expected an integer >= 2")
     sensitivity = data.get("sensitivity", "sqnr")
-    if sensitivity not in SENSITIVITY:
-        raise _fail(source, "sensitivity", f"unknown method '{sensitivity}' (allowed: {', '.join(SENSITIVITY)})")
+    if sensitivity != "none" and sensitivity not in METHODS:
+        raise _fail(source, "sensitivity", f"unknown method '{sensitivity}' (registered: {', '.join(METHODS)}, none)")
     max_drop = data.get("max_layer_drop")
     if max_drop is not None and (not isinstance(max_drop, int | float) or max_drop <= 0):
         raise _fail(source, "max_layer_drop", "expected a positive number (a quality drop, in metric units)")

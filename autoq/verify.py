@@ -5,6 +5,8 @@ so a result can be checked on another day or machine."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +23,7 @@ FP32 = "FP32"
 
 def _models(run_dir: Path, points: list[int] | None, against: list[Path]) -> dict[str, tuple[Path, dict]]:
     """Label -> (model file, model-wide options) of everything to time; FP32 first."""
-    models = {FP32: (run_dir / "model.onnx", {})}
+    models: dict[str, tuple[Path, dict]] = {FP32: (run_dir / "model.onnx", {})}
     front = pd.read_csv(run_dir / "pareto.csv")
     wanted = set(points) if points is not None else set(front["point"])
     unknown = wanted - set(front["point"])
@@ -44,7 +46,7 @@ def _models(run_dir: Path, points: list[int] | None, against: list[Path]) -> dic
     return models
 
 
-def verify(run_dir: str | Path, points: list[int] | None = None, against: list[str | Path] = (),
+def verify(run_dir: str | Path, points: list[int] | None = None, against: Sequence[str | Path] = (),
            rounds: int = 15) -> pd.DataFrame:
     """One row per model: its median ms, its speed-up over FP32 (median of the per-round ratios) and the 95%
     confidence interval of that median."""
@@ -64,11 +66,10 @@ def verify(run_dir: str | Path, points: list[int] | None = None, against: list[s
         msg = f"{run_dir}/cache has no calibration samples to feed the models: run the search there again"
         raise AutoqError(msg)
     feeds = {k: v[:1] for k, v in np.load(samples[0]).items()}
-    runs = {}
+    runs: dict[str, Callable[[], object]] = {}
     for label, (path, options) in _models(run_dir, points, [Path(p) for p in against]).items():
         candidate = Candidate(Assignment({}, options), path, path.stat().st_size)
-        run = backend.deployed_runner(candidate, threads)
-        runs[label] = lambda run=run: run(feeds)
+        runs[label] = partial(backend.deployed_runner(candidate, threads), feeds)
     timed = ratio_rounds(runs, FP32, rounds=rounds)
     rows = []
     for label, (ms, ratios) in timed.items():

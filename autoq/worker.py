@@ -12,14 +12,17 @@ import pickle
 import signal
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
+from typing import Any
 
 from autoq.data import Splits
 from autoq.errors import AutoqError
-from autoq.evaluate import CandidateError, Evaluator
+from autoq.evaluate import CandidateError, Evaluation, Evaluator
 from autoq.metrics import Metric
 from autoq.precision import Assignment
-from autoq.recipes import measure_recipe
+from autoq.quiet import hush
+from autoq.recipes import RecipeMeasurement, measure_recipe
 
 
 @dataclass
@@ -43,6 +46,7 @@ class WorkerSpec:
 
 def _serve(conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    hush()
     spec = pickle.loads(conn.recv_bytes())
     from autoq.backends import get_backend
     from autoq.graph import opened
@@ -74,23 +78,24 @@ class Worker:
         self.spec, self.timeout = spec, timeout
         self._payload = pickle.dumps(spec)  # sent over our pipe, not as Process args: a child that dies while
         # starting (a script without a __main__ guard) leaves spawn's own pipe full and the parent blocked
-        self._process: multiprocessing.Process | None = None
+        self._process: BaseProcess | None = None
         self._conn: Connection | None = None
 
     def _start(self) -> None:
         context = multiprocessing.get_context("spawn")
-        self._conn, child = context.Pipe()
-        self._process = context.Process(target=_serve, args=(child,), daemon=True)
-        self._process.start()
+        conn, child = context.Pipe()
+        process = context.Process(target=_serve, args=(child,), daemon=True)
+        self._conn, self._process = conn, process
+        process.start()
         child.close()
         try:  # a worker that cannot even start is the setup's problem, not a candidate's
-            self._conn.send_bytes(self._payload)
-            if not self._conn.poll(self.timeout):
+            conn.send_bytes(self._payload)
+            if not conn.poll(self.timeout):
                 raise EOFError
-            self._conn.recv()
+            conn.recv()
         except (EOFError, OSError) as exc:
-            self._process.join(timeout=30)
-            exitcode = self._process.exitcode
+            process.join(timeout=30)
+            exitcode = process.exitcode
             self._stop()
             msg = (f"the trial worker process could not start ({_describe(exitcode)}; its error is above): "
                    "call autoq.search under `if __name__ == '__main__':` in a script file (not standard input), "
@@ -104,26 +109,28 @@ class Worker:
             self._process.join()
         self._process = self._conn = None
 
-    def evaluate(self, assignment: Assignment) -> dict:
+    def evaluate(self, assignment: Assignment) -> Evaluation:
         return self._ask(("trial", assignment.to_dict()))
 
-    def measure_recipe(self, label: str, workdir: Path) -> dict:
+    def measure_recipe(self, label: str, workdir: Path) -> RecipeMeasurement:
         """`autoq.recipes.measure_recipe` in the worker: a recipe that crashes or hangs fails alone."""
         return self._ask(("recipe", label, str(workdir)))
 
-    def _ask(self, request: tuple) -> dict:
-        if self._process is None:
+    def _ask(self, request: tuple) -> Any:
+        if self._process is None or self._conn is None:
             self._start()
-        self._conn.send(request)
-        answered = self._conn.poll(self.timeout)  # True on a reply, and on EOF when the worker died
+        process, conn = self._process, self._conn
+        assert process is not None and conn is not None  # _start sets both or raises
+        conn.send(request)
+        answered = conn.poll(self.timeout)  # True on a reply, and on EOF when the worker died
         try:
-            status, payload = self._conn.recv() if answered else (None, None)
+            status, payload = conn.recv() if answered else (None, None)
         except (EOFError, ConnectionError):
             status, payload = None, None
         if status is None:
             if answered:
-                self._process.join(timeout=30)  # it died: wait for its exit code
-            exitcode = self._process.exitcode
+                process.join(timeout=30)  # it died: wait for its exit code
+            exitcode = process.exitcode
             self._stop()
             if not answered:
                 msg = f"timed out after {self.timeout:g} s (the worker was stopped)"
@@ -135,7 +142,7 @@ class Worker:
         return payload
 
     def close(self) -> None:
-        if self._process is not None and self._process.is_alive():
+        if self._process is not None and self._conn is not None and self._process.is_alive():
             try:
                 self._conn.send(None)
                 self._process.join(timeout=10)

@@ -54,6 +54,7 @@ INTEGER_GLUE = {"Add", "Mul", "Concat", "Sigmoid", "LeakyRelu", "Softmax", "Aver
 DYNAMIC_OPS = {"DynamicQuantizeMatMul", "MatMulInteger", "MatMulIntegerToFloat"}  # int8-dyn when fed at run time
 OPTIMIZED = "optimized.onnx"
 BIAS_CORRECTION = "bias_correction"  # option
+GLUE = "glue"  # option
 
 
 class OnnxRuntimeBackend(Backend):
@@ -63,7 +64,8 @@ class OnnxRuntimeBackend(Backend):
     deployed_settings = "ORT's default sessions (thread spinning on)"
     # reduce_range: 7-bit weights (for CPUs without VNNI); bias_correction: each static int8 Conv/Gemm's bias
     # corrected for the mean shift its own rounding causes (`ort_bias.py`)
-    option_values = {"reduce_range": (False, True), BIAS_CORRECTION: (True, False)}
+    # glue: `int8` runs each int8 layer's region in integer kernels, `float` quantizes the layers alone
+    option_values = {"reduce_range": (False, True), BIAS_CORRECTION: (True, False), GLUE: ("int8", "float")}
 
     def unbuildable(self, precision: Precision) -> str | None:
         if precision.kind == "float" and precision.fmt != "fp32":
@@ -142,7 +144,7 @@ class OnnxRuntimeBackend(Backend):
         out = workdir / "model.onnx"
         regions = self.regions(model, calibration)
         specs = assignment.specs()
-        nodes = regions.int8_nodes(assignment)
+        nodes = regions.int8_nodes(assignment, glue=assignment.options.get(GLUE, "int8") == "int8")
         if not nodes:  # quantize_static treats an empty node list as "all nodes"
             shutil.copyfile(model.path, out)
         else:

@@ -93,8 +93,8 @@ def attribute_profile(model: onnx.GraphProto, regions: Regions, per_node: dict[s
         for name in node.input:
             consumers.setdefault(name, []).append(node.name)
     owners: dict[str, set[str]] = {layer: {layer} for layer in layers}
-    for node, holders in regions.owners.items():
-        owners[node] = set(holders)
+    for node, held in regions.owners.items():
+        owners[node] = set(held)
 
     def holders(event: str) -> set[str]:
         name = event.removeprefix("fused ").split("_token_")[0].removesuffix("_quant")

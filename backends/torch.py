@@ -238,7 +238,8 @@ class TorchBackend(Backend):
 
     def _hooked(self, candidate: Candidate, feeds: Feeds, threads: int, runs: int) -> dict[str, tuple[str, float]]:
         """Layer -> (what ran, mean ms) over `runs` inferences, from forward hooks on each layer's module."""
-        module, seen, handles = candidate.extra["module"], {}, []
+        module, handles = candidate.extra["module"], []
+        seen: dict[str, list] = {}
         for layer in candidate.assignment.layers:
             target = module.get_submodule(layer.split("#")[0])
             inner = target.inner if isinstance(target, _Bf16) else target

@@ -54,11 +54,11 @@ def main() -> None:
         fraction = rng.uniform(0.1, 1.0)
         assignment = Assignment({n: "int8" if rng.random() < fraction else "fp32" for n in model.layer_names})
         row = evaluator.evaluate(assignment, min_runs=30, max_runs=90)  # raw medians, same rounds
-        fp32, measured = row["fp32_latency_ms"], row["measured_latency_ms"]
+        fp32, measured = row.fp32_latency_ms, row.measured_latency_ms
         predicted = fp32 - sum(saving[n] for n, p in assignment.layers.items() if p == "int8")
         rows.append({"assignment": assignment.summary(), "fp32_ms": fp32, "measured_ms": measured,
                      "predicted_ms": predicted, "error_pct": 100 * (predicted - measured) / measured,
-                     "quality": row["quality"], "load": row["load"]})
+                     "quality": row.quality, "load": row.load})
     errors = pd.DataFrame(rows)
     evaluator.close()
     Path(args.out).write_text(

@@ -70,3 +70,28 @@ def test_unwritable_output_and_bad_run_directories_are_one_line(args, expected, 
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert expected in lines[-1] and "Traceback" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_third_party_warnings_are_hidden_unless_verbose(verbose, monkeypatch):
+    """A user sees autoq's own lines: a library's warning is dropped (shown with --verbose), autoq's is kept."""
+    import logging
+    import warnings
+
+    from autoq.quiet import VERBOSE_ENV, hush
+
+    monkeypatch.delenv(VERBOSE_ENV, raising=False)
+    if verbose:
+        monkeypatch.setenv(VERBOSE_ENV, "1")
+    levels = {name: logging.getLogger(name).level for name in ("", "nncf")}
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        hush()
+        warnings.warn_explicit("Failed to load _C_mxfp8", UserWarning, "torchao/__init__.py", 1, module="torchao")
+        warnings.warn_explicit("calibration has 3 samples", UserWarning, "autoq/data.py", 1, module="autoq.data")
+    assert [str(w.message) for w in seen] == (["Failed to load _C_mxfp8"] if verbose else []) + [
+        "calibration has 3 samples"]
+    quiet_nncf = logging.getLogger("nncf").getEffectiveLevel() >= logging.ERROR
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+    assert quiet_nncf or verbose

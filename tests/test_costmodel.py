@@ -10,8 +10,10 @@ import pandas as pd
 import pytest
 
 from autoq.costmodel import AUDIT_EVERY, CostModel, Prediction, Screen, dominated
+from autoq.evaluate import Measurement
+from autoq.pareto import DIRECTIONS
 from autoq.precision import Assignment
-from autoq.search import DIRECTIONS, run_search
+from autoq.search import run_search
 from autoq.space import parse_space
 
 LAYERS = [f"layer{i}" for i in range(12)]
@@ -32,6 +34,12 @@ def _sensitivity(noise: float = 0.5) -> pd.DataFrame:
 def _truth(assignment: Assignment, noise: float = 0.0005) -> tuple[float, float, float]:
     x = np.array([assignment.layers[n] == "int8" for n in LAYERS], dtype=float)
     return (1.0 - x @ DROP + RNG.normal(0, noise), 20.0 - x @ SAVING + RNG.normal(0, 0.1), 48e6 - x @ BYTES)
+
+
+def _measured(assignment: Assignment) -> Measurement:
+    """The synthetic truth as the evaluator would report it."""
+    quality, latency, size = _truth(assignment)
+    return Measurement(quality, 0.0, latency, 0.0, latency, 1, 0.0, None, None, int(size))
 
 
 def _random(count: int) -> list[Assignment]:
@@ -88,10 +96,9 @@ def test_screened_trials_are_recorded_and_do_not_use_the_budget(tmp_path):
                                 storage=f"sqlite:///{tmp_path / 'study.db'}")
     calls = []
 
-    def evaluate(assignment: Assignment) -> dict:
+    def evaluate(assignment: Assignment) -> Measurement:
         calls.append(assignment)
-        quality, latency, size = _truth(assignment)
-        return {"quality": quality, "latency_ms": latency, "size_bytes": size}
+        return _measured(assignment)
 
     run_search(study, evaluate, 1.0, CHOICES, space, trials=40, progress=False,
                screen=Screen(_sensitivity(), CHOICES))
@@ -116,7 +123,7 @@ def test_other_samplers_run_the_same_study(sampler, tmp_path):
     from autoq.search import make_sampler
 
     study = optuna.create_study(directions=DIRECTIONS, sampler=make_sampler(space, 0))
-    run_search(study, lambda a: dict(zip(("quality", "latency_ms", "size_bytes"), _truth(a), strict=True)), 1.0,
+    run_search(study, _measured, 1.0,
                CHOICES, space, trials=14, progress=False)
     assert sum(t.state.name == "COMPLETE" for t in study.trials) == 14
 
@@ -130,9 +137,9 @@ def test_seeds_run_with_the_first_value_of_each_option():
              Assignment({n: "int8" if i < 2 else "fp32" for i, n in enumerate(LAYERS)})]
     seen = []
 
-    def evaluate(assignment: Assignment) -> dict:
+    def evaluate(assignment: Assignment) -> Measurement:
         seen.append(assignment)
-        return dict(zip(("quality", "latency_ms", "size_bytes"), _truth(assignment), strict=True))
+        return _measured(assignment)
 
     run_search(study, evaluate, 1.0, CHOICES, space, trials=12, progress=False, seeds=seeds)
     seeded = [a for a in seen if a.layers in [s.layers for s in seeds]]

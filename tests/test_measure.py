@@ -84,5 +84,5 @@ def test_a_trial_whose_fp32_rounds_drifted_is_timed_again(digits_cnn, digits_npz
     evaluator.fp32_latency_ms = 3 * evaluator.time_reference()
     drifted = evaluator.evaluate(int8, min_runs=12, max_runs=24)
     evaluator.close()
-    assert drifted["retimed"] == 1
-    assert drifted["latency_ms"] > 2 * drifted["measured_latency_ms"]  # still scaled to the study's FP32
+    assert drifted.retimed == 1
+    assert drifted.latency_ms > 2 * drifted.measured_latency_ms  # still scaled to the study's FP32

@@ -147,6 +147,25 @@ def test_minilm_all_int8_keeps_the_mask_path_float_and_its_quality(tmp_path):
     assert cosine >= 0.936
 
 
+def test_glue_float_quantizes_the_layers_alone(tmp_path):
+    """`glue: float` (the one-line recipe's weight-op style): the Clips are still absorbed into the layers' ranges,
+    but the residual Add runs float, so its inputs leave the integer chain: conversions appear, every layer stays
+    int8."""
+    arrays = {"x": RNG.normal(0, 1, (16, 3, 16, 16)).astype(np.float32)}
+    model = graph.prepare(_chain_model(tmp_path / "chain.onnx"), tmp_path / "run")
+    calibration = calibrate(model, Dataset(arrays), tmp_path / "cache")
+    backend = get_backend("onnxruntime")
+    layers = {"conv1": "int8", "conv2": "int8", "conv3": "int8"}
+    regions = backend.regions(model, calibration)
+    assert regions.absorbed == {"clip1", "clip2"}
+    assert regions.int8_nodes(Assignment(layers), glue=False) == {*layers, "clip1", "clip2"}
+    assert "residual" in regions.int8_nodes(Assignment(layers))
+    candidate = backend.build(model, Assignment(layers, {"glue": "float"}), calibration, tmp_path / "float-glue")
+    backend.runner(candidate, 1)
+    assert backend.executed(candidate) == layers
+    assert any(c.endswith("-> float") for c in backend.glue_check(candidate).conversions)
+
+
 def test_openvino_keeps_a_float_layer_float_and_chains_the_rest(tmp_path):
     """OpenVINO (NNCF with the float layers ignored): the fp32 layer splits the int8 chain in two."""
     pytest.importorskip("openvino")

@@ -163,3 +163,22 @@ def test_ctrl_c_finishes_the_running_trial_then_stops_and_resumes(digits_cnn, di
     assert 3 <= stopped_at.count("COMPLETE") < 16, stopped_at
     assert subprocess.run(cmd, capture_output=True, timeout=300).returncode == 0
     assert _states(db) == ["COMPLETE"] * 16
+
+
+def test_without_a_terminal_progress_is_plain_lines(capsys):
+    """In a CI log or behind `| tee` there is no live bar: one plain autoq line every few trials."""
+    import optuna
+
+    from autoq.constraints import Constraints
+    from autoq.pareto import DIRECTIONS
+    from autoq.progress import PLAIN_EVERY, SearchProgress
+
+    study = optuna.create_study(directions=DIRECTIONS)
+    with SearchProgress(study, 12, Constraints(), 1.0) as bar:
+        for i in range(12):
+            study.add_trial(optuna.trial.create_trial(values=[1.0 - i / 100, 10.0 - i / 10, 100.0],
+                                                      user_attrs={"key": str(i)}))
+            bar.update()
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 12 // PLAIN_EVERY + 1 and all(line.startswith("autoq: ") for line in lines)
+    assert lines[-1].startswith("autoq: 12/12 trials") and "front 12" in lines[-1]

@@ -107,7 +107,7 @@ def test_cache_is_reused_when_inputs_match_and_refreshed_when_they_change(digits
     def fail(*args, **kwargs):
         raise AssertionError("recomputed although nothing changed")
 
-    monkeypatch.setattr(sens, "_sqnr", fail)
+    monkeypatch.setattr(sens, "sqnr_rows", fail)
     evaluator = _evaluator(digits_cnn, digits_npz, tmp_path / "b")
     pd.testing.assert_frame_equal(sens.analyse(evaluator, choices, "sqnr", tmp_path / "cache"), first)
     monkeypatch.undo()

@@ -11,6 +11,7 @@ import os
 import random
 import sysconfig
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -102,5 +103,6 @@ def demo_files() -> tuple[Path, Path]:
         print(f"autoq: exporting all-MiniLM-L6-v2 to {model} (first use only)")
         export_minilm(model, model_dir)
     if not data.is_file():
-        np.savez(data, **_tokenize(sentences(), model_dir))
+        arrays: dict[str, Any] = _tokenize(sentences(), model_dir)
+        np.savez(data, **arrays)
     return model, data

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from autoq.methods import method_of
 from autoq.precision import Precision
 
 
@@ -80,20 +81,19 @@ def _precision_map(front: pd.DataFrame) -> go.Figure:
 
 
 def _sensitivity_figure(scores: pd.DataFrame, layer_order: list[str] | None = None) -> go.Figure:
-    """Bars per layer, one group per precision: the measured quality drop, or the SQNR (lower = worse).
+    """Bars per layer, one group per precision: the column the method shows (a measured quality drop, an SQNR...).
     With `layer_order` (model order) the x axis lines up with the precision map; else most sensitive first."""
-    measured = scores["quality_drop"].notna().any()
-    column, title = ("quality_drop", "quality drop, this layer alone") if measured else (
-        "sqnr_db", "SQNR of this layer alone, dB (lower = more sensitive)")
+    method = method_of(scores)
+    column, title = method.column, method.label
     order = layer_order or list(scores.groupby("layer")["score"].max().sort_values(ascending=False).index)
     fig = go.Figure()
     for precision, rows in scores.groupby("precision"):
         rows = rows.set_index("layer").reindex(order)
         fig.add_bar(x=order, y=rows[column], name=precision, marker_color=Precision.parse(precision).colour,
-                    error_y={"array": rows["drop_spread"]} if measured else None,
+                    error_y={"array": rows[method.spread]} if method.spread else None,
                     customdata=rows[["latency_saving_ms"]].to_numpy(),
                     hovertemplate="%{x}<br>" + column + " %{y:.4g}<br>saves %{customdata[0]:.3f} ms<extra></extra>")
-    fig.update_layout(title=f"Per-layer sensitivity ({'measured' if measured else 'sqnr'})", yaxis_title=title,
+    fig.update_layout(title=f"Per-layer sensitivity ({method.name})", yaxis_title=title,
                       barmode="group", height=380, template="plotly_white",
                       xaxis={"showticklabels": layer_order is None, "tickangle": 45})
     return fig

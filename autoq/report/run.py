@@ -6,11 +6,12 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pandas as pd
 
 from autoq.errors import AutoqError
-from autoq.graph import weight_array
+from autoq.graph import find_layers, weight_array
 from autoq.pareto import front as pareto_front
 from autoq.report.html import write_compare_html, write_html, write_sensitivity_html
 from autoq.report.tables import trials_frame
@@ -45,17 +46,14 @@ def load(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     return trials, front, meta
 
 
-def most_sensitive_weight(run_dir: Path, scores: pd.DataFrame | None) -> tuple[str, object, int] | None:
+def most_sensitive_weight(run_dir: Path, scores: pd.DataFrame | None) -> tuple[str, np.ndarray, int] | None:
     """(layer, weight array, output-channel axis) of the layer with the highest sensitivity score."""
     if scores is None or scores.empty or not (run_dir / "model.onnx").is_file():
         return None
-    layer = str(scores.sort_values("score", ascending=False)["layer"].iloc[0])
+    name = str(scores.sort_values("score", ascending=False)["layer"].iloc[0])
     model = onnx.load(str(run_dir / "model.onnx"))
-    node = next(n for n in model.graph.node if n.name == layer)
-    weight = weight_array(model, node.input[1])
-    trans_b = any(a.name == "transB" and a.i for a in node.attribute)
-    axis = 0 if node.op_type == "Conv" or (node.op_type == "Gemm" and trans_b) else weight.ndim - 1
-    return layer, weight, axis
+    layer = next((la for la in find_layers(model) if la.name == name), None)
+    return None if layer is None else (name, weight_array(model, layer.weight), layer.channel_axis)
 
 
 def regenerate(run_dir: Path) -> Path:

@@ -1,0 +1,31 @@
+"""A quiet terminal: third-party warnings, log lines and progress bars stay off the user's screen during autoq's
+work, so a user sees autoq's own lines only; `--verbose` (the environment variable AUTOQ_VERBOSE, which spawned
+workers inherit) shows them."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+VERBOSE_ENV = "AUTOQ_VERBOSE"
+NOISY_LOGGERS = ("torch", "torchao", "nncf", "onnxruntime", "openvino", "optuna", "transformers", "onnxscript")
+
+
+def hush() -> None:
+    """Unless verbose: ignore warnings raised outside autoq, raise third-party loggers to ERROR, switch off tqdm
+    and transformers' progress output. Called by the CLI and by every trial worker."""
+    if os.environ.get(VERBOSE_ENV):
+        return
+    warnings.filterwarnings("ignore")
+    warnings.filterwarnings("default", module=r"autoq(\.|$)")  # autoq's own warnings still show
+    for name in ("", *NOISY_LOGGERS):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+def set_verbose(verbose: bool) -> None:
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"
