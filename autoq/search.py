@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -168,7 +168,8 @@ def _recover_interrupted(study: optuna.Study, local: bool) -> None:
             _retry(study, trial)
 
 
-def _enqueue_baselines(study: optuna.Study, choices: dict[str, list[str]], options: dict[str, list]) -> None:
+def _enqueue_baselines(study: optuna.Study, choices: dict[str, list[str]], options: dict[str, list],
+                       float_options: Collection[str] | None = None) -> None:
     """Every layer at each precision (with the first value of each option), then all-fp32 with each other option
     value (e.g. OpenVINO's model-wide bf16)."""
     precisions = sorted({p for c in choices.values() for p in c}, key=lambda p: p != "fp32")
@@ -178,6 +179,8 @@ def _enqueue_baselines(study: optuna.Study, choices: dict[str, list[str]], optio
         study.enqueue_trial(params | first, user_attrs={"baseline": f"uniform-{precision}"})
     fp32 = {name: "fp32" if "fp32" in c else c[0] for name, c in choices.items() if len(c) > 1}
     for key, values in options.items():
+        if float_options is not None and key not in float_options:
+            continue  # it changes only how the quantized layers are built: all-fp32 would measure FP32 again
         for value in values[1:]:
             study.enqueue_trial(fp32 | first | {OPTION_PREFIX + key: value},
                                 user_attrs={"baseline": f"uniform-fp32 {key}={value}"})
@@ -220,14 +223,16 @@ def run_search(study: optuna.Study, evaluate: Callable[[Assignment], Measurement
                choices: dict[str, list[str]], space: SearchSpace, trials: int, timeout: float | None = None,
                progress: bool = True, seeds: Sequence[Assignment] = (), constraints: Constraints | None = None,
                screen: Screen | None = None, created: bool = True, local: bool = True,
-               trial_timeout: float = 600) -> optuna.Study:
+               trial_timeout: float = 600, float_options: Collection[str] | None = None) -> optuna.Study:
     """Run until `trials` trials have been measured in the study (counting earlier runs and other workers), or
     `timeout` seconds. `evaluate` measures one assignment (a Worker's, or an Evaluator's); `fp32_quality`
     anchors --max-drop. A study this call `created` starts with the uniform baselines, then `seeds`
-    (sensitivity-guided assignments). `screen` skips sampled candidates the cost model finds hopeless."""
+    (sensitivity-guided assignments). `screen` skips sampled candidates the cost model finds hopeless.
+    `float_options` are the options that change how float layers run (all of them when None): only their other
+    values get an all-fp32 baseline of their own."""
     constraints = constraints or Constraints()
     if created:
-        _enqueue_baselines(study, choices, space.options)
+        _enqueue_baselines(study, choices, space.options, float_options)
         first = {OPTION_PREFIX + k: v[0] for k, v in space.options.items() if len(v) > 1}
         for seed in seeds:  # with the first value of each option, as the baselines they are compared with
             params = {n: p for n, p in seed.layers.items() if len(choices[n]) > 1}

@@ -42,6 +42,7 @@ from autoq.backends.ort_quantize import (
     quantize_weight_only,
     weight_only_spec,
 )
+from autoq.backends.ort_smooth import smooth
 from autoq.calibrate import resolution, samples_path
 from autoq.fold import KEEP_LAYER_NAMES, constant_divisor, div_as_mul
 from autoq.graph import Layer, OnnxModel, save_onnx
@@ -55,6 +56,7 @@ DYNAMIC_OPS = {"DynamicQuantizeMatMul", "MatMulInteger", "MatMulIntegerToFloat"}
 OPTIMIZED = "optimized.onnx"
 BIAS_CORRECTION = "bias_correction"  # option
 GLUE = "glue"  # option
+SMOOTH_QUANT = "smooth_quant"  # option
 
 
 class OnnxRuntimeBackend(Backend):
@@ -65,7 +67,9 @@ class OnnxRuntimeBackend(Backend):
     # reduce_range: 7-bit weights (for CPUs without VNNI); bias_correction: each static int8 Conv/Gemm's bias
     # corrected for the mean shift its own rounding causes (`ort_bias.py`)
     # glue: `int8` runs each int8 layer's region in integer kernels, `float` quantizes the layers alone
-    option_values = {"reduce_range": (False, True), BIAS_CORRECTION: (True, False), GLUE: ("int8", "float")}
+    # smooth_quant: SmoothQuant's alpha for the int8-dyn-pc layers' inputs (`ort_smooth.py`), or off
+    option_values = {"reduce_range": (False, True), BIAS_CORRECTION: (True, False), GLUE: ("int8", "float"),
+                     SMOOTH_QUANT: ("off", 0.5, 0.7, 0.85)}
 
     def unbuildable(self, precision: Precision) -> str | None:
         if precision.kind == "float" and precision.fmt != "fp32":
@@ -157,6 +161,10 @@ class OnnxRuntimeBackend(Backend):
             if assignment.options.get(BIAS_CORRECTION):
                 correct_biases(out, model, [n for n, s in specs.items() if s.kind == "static"],
                                dict(np.load(samples_path(calibration))))
+        alpha = assignment.options.get(SMOOTH_QUANT, "off")
+        if alpha != "off":
+            smooth(out, model, [n for n, s in specs.items() if s.kind == "dynamic" and s.granularity == "channel"],
+                   float(alpha), calibration)  # type: ignore[arg-type]
         quantize_dynamic_layers(out, specs)
         quantize_weight_only(out, specs, calibration)
         return Candidate(assignment, out, out.stat().st_size, {

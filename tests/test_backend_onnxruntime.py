@@ -66,3 +66,55 @@ class TestOnnxRuntime(BackendContract):
         want = mean_output(model.path)
         shift = [np.abs(mean_output(c.path) - want).mean() for c in (plain, corrected)]
         assert shift[1] < shift[0]
+
+
+def test_smooth_quant_moves_outlier_channels_into_the_weights(tmp_path):
+    """An input channel 50x larger than the rest takes the whole int8 range of a per-tensor dynamic scale.
+    `smooth_quant` scales it down in front of the int8-dyn-pc layers and the weight rows up: the float function
+    is unchanged, the layers still run DynamicQuantizeMatMul, and the error against FP32 drops."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from autoq import data, graph
+    from autoq.backends import get_backend
+    from autoq.backends.ort_smooth import smooth
+    from autoq.calibrate import calibrate
+    from autoq.precision import Assignment
+
+    rng = np.random.default_rng(0)
+    w1, w2 = rng.normal(0, 0.2, (64, 64)).astype(np.float32), rng.normal(0, 0.2, (64, 8)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")]
+    proto = helper.make_model(helper.make_graph(
+        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(proto, tmp_path / "mlp.onnx")
+    x = rng.normal(0, 1, (96, 64)).astype(np.float32)
+    x[:, 3] *= 50
+    np.savez(tmp_path / "x.npz", x=x)
+    model = graph.prepare(tmp_path / "mlp.onnx", tmp_path / "run")
+    splits = data.split(data.load(tmp_path / "x.npz", None))
+    calibration = calibrate(model, splits.calibration, tmp_path / "cache")
+    feeds = {"x": splits.validation.arrays["x"]}
+
+    def run(path) -> np.ndarray:
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+    want = run(model.path)
+    smoothed = tmp_path / "smoothed.onnx"
+    smoothed.write_bytes(model.path.read_bytes())
+    smooth(smoothed, model, ["fc1", "fc2"], 0.7, calibration)
+    assert np.allclose(run(smoothed), want, rtol=1e-4, atol=1e-4)  # the float function is unchanged
+    backend = get_backend("onnxruntime")
+    layers = {"fc1": "int8-dyn-pc", "fc2": "int8-dyn-pc"}
+    errors = {}
+    for alpha in ("off", 0.7):
+        candidate = backend.build(model, Assignment(layers, {"smooth_quant": alpha}), calibration,
+                                  tmp_path / f"sq-{alpha}")
+        backend.runner(candidate, 1)
+        assert backend.executed(candidate) == layers
+        errors[alpha] = float(np.abs(run(candidate.path) - want).mean())
+    assert errors[0.7] < 0.7 * errors["off"]  # measured: 0.085 against 0.169

@@ -182,3 +182,28 @@ def test_without_a_terminal_progress_is_plain_lines(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 12 // PLAIN_EVERY + 1 and all(line.startswith("autoq: ") for line in lines)
     assert lines[-1].startswith("autoq: 12/12 trials") and "front 12" in lines[-1]
+
+
+def test_options_that_only_shape_int8_layers_get_no_fp32_baseline_of_their_own():
+    """An all-fp32 model built with bias correction on or off is the same model: only the options that change
+    how float layers run (OpenVINO's float precision) get an extra all-fp32 baseline."""
+    import optuna
+
+    from autoq.evaluate import Measurement
+    from autoq.pareto import DIRECTIONS
+    from autoq.search import run_search
+    from autoq.space import parse_space
+
+    space = parse_space({"sampler": "random", "sensitivity": "none",
+                         "options": {"bias_correction": [True, False], "inference_precision": ["bf16", "f32"]}})
+    choices = {"a": ["fp32", "int8"], "b": ["fp32", "int8"]}
+
+    def evaluate(assignment: Assignment) -> Measurement:
+        int8 = sum(p == "int8" for p in assignment.layers.values())
+        return Measurement(1.0 - 0.01 * int8, 0.0, 10.0 - int8, 0.0, 10.0 - int8, 1, 0.0, None, None, 100 - 10 * int8)
+
+    study = optuna.create_study(directions=DIRECTIONS, sampler=optuna.samplers.RandomSampler(seed=0))
+    run_search(study, evaluate, 1.0, choices, space, trials=4, progress=False,
+               float_options=("inference_precision",))
+    baselines = [t.user_attrs["baseline"] for t in study.trials if "baseline" in t.user_attrs]
+    assert baselines == ["uniform-fp32", "uniform-int8", "uniform-fp32 inference_precision=f32"]
