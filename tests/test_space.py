@@ -36,7 +36,7 @@ def test_first_matching_rule_wins():
     ("default: [w4g48]\n", "key 'default': precision 'w4g48': groups are a power of two"),
     ("rules:\n  - match: x\n    precision: [fp32]\n", "key 'rules\\[0\\].precision': unknown key"),
     ("rules:\n  - match: 're:('\n    precisions: [fp32]\n", "rules\\[0\\].match': bad regular expression"),
-    ("sampler: grid\n", "key 'sampler': unknown sampler 'grid' \\(allowed: nsga2, tpe, gp, random\\)"),
+    ("sampler: grid\n", "key 'sampler': unknown sampler 'grid' \\(registered: nsga2, tpe, gp, random\\)"),
     ("default: [fp32\nrules: 3\n", "invalid YAML at line"),
     ("- just\n- a list\n", "must be a YAML mapping"),
 ])
