@@ -257,7 +257,7 @@ def verify(run_dir: str | Path, points: list[int] | None = None, against: Sequen
            rounds: int = 15) -> pd.DataFrame:
     """Re-time a finished run's front points (all, or `points`), FP32, its recipes and the files `against` in
     alternating rounds with deployment session settings: one row per model, ratio to FP32 and its 95% interval."""
-    from autoq.verify import verify as verify_run
+    from autoq.retime import verify as verify_run
 
     return verify_run(run_dir, points, against, rounds)
 

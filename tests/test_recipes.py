@@ -72,3 +72,5 @@ def test_a_recipe_that_cannot_build_is_recorded_and_the_run_goes_on(tmp_path, ca
         assert 0 < low <= ratio <= high
     fp32_ratio = [float(v) for v in rows[0].split()[-3:]]
     assert fp32_ratio == [1.0, 1.0, 1.0]
+    # the API function stays the API function once its module has been imported (it is callable twice)
+    assert callable(autoq.verify) and len(autoq.verify(tmp_path / "run", rounds=2)) == len(rows)
