@@ -98,18 +98,29 @@ def time_runner(run: Runner, reference: Runner | None = None, *, warmup: int = 5
 
 
 def ratio_rounds(runs: Mapping[str, Runner], reference: str, rounds: int = 15, round_size: int = 6,
-                 warmup: int = 3) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Several models and a reference taking turns, `rounds` times: per model, (its median ms per round, the
-    reference's median ms in the same round / its own), so a drifting machine shows in both alike."""
+                 warmup: int = 3, pause_s: float = 0.02) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Several models taking turns with the reference, `rounds` times: per model, (its median ms per round, the
+    reference's median ms in the block just before it / its own), so each ratio pairs two adjacent blocks and a
+    drifting machine shows in both alike. A short pause after each block lets the threads of a session that spins
+    (ONNX Runtime's default) park before the next session runs."""
     for run in runs.values():
         for _ in range(warmup):
             run()
     medians: dict[str, list[float]] = {name: [] for name in runs}
+    ratios: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(rounds):
         for name, run in runs.items():
-            medians[name].append(float(np.median(_round(run, round_size, settle=True))))
-    ref = np.array(medians[reference])
-    return {name: (np.array(ms), ref / np.array(ms)) for name, ms in medians.items()}
+            if name == reference:
+                continue
+            time.sleep(pause_s)
+            ref = float(np.median(_round(runs[reference], round_size, settle=True)))
+            time.sleep(pause_s)
+            own = float(np.median(_round(run, round_size, settle=True)))
+            medians[reference].append(ref)
+            medians[name].append(own)
+            ratios[name].append(ref / own)
+            ratios[reference].append(1.0)
+    return {name: (np.array(medians[name]), np.array(ratios[name])) for name in runs}
 
 
 def interval(values: np.ndarray, level: float = 0.95, draws: int = 2000) -> tuple[float, float, float]:
