@@ -24,6 +24,7 @@ import pandas as pd
 
 from autoq.evaluate import CandidateError, Evaluator, Measurement
 
+QUALITY_EPS = 1e-6  # float rounding: an exact FP32 copy scores 0.99999994 or 1.0 by summation order
 COLUMNS = ["recipe", "val_quality", "val_latency_ms", "speedup", "size_bytes", "model", "options", "error",
            "quality_spread", "speedup_spread", "dominated_by", "matched_by", "latency_saved", "verdict"]
 
@@ -98,7 +99,7 @@ def verdicts(front: pd.DataFrame, recipes: pd.DataFrame) -> pd.DataFrame:
             text.append(f"failed: {row.error}")
             continue
         smaller = front["size_bytes"] <= row.size_bytes * 1.01
-        better = (quality >= row.val_quality) & smaller & (speedup >= row.speedup)
+        better = (quality >= row.val_quality - QUALITY_EPS) & smaller & (speedup >= row.speedup)
         # within the recipe's own measurement noise (bootstrap spread of its quality, spread of its speed-up)
         quality_spread, speedup_spread = (_spread(getattr(row, c, None)) for c in ("quality_spread", "speedup_spread"))
         tied = (quality >= row.val_quality - quality_spread) & smaller & (speedup >= row.speedup - speedup_spread)

@@ -74,3 +74,16 @@ def test_a_recipe_that_cannot_build_is_recorded_and_the_run_goes_on(tmp_path, ca
     assert fp32_ratio == [1.0, 1.0, 1.0]
     # the API function stays the API function once its module has been imported (it is callable twice)
     assert callable(autoq.verify) and len(autoq.verify(tmp_path / "run", rounds=2)) == len(rows)
+
+
+def test_a_point_equal_in_quality_up_to_float_rounding_dominates():
+    """The FP32 recipe scores exactly 1.0; a float point of the front scores 0.99999994 (another summation order):
+    equal quality, faster, no larger: dominated, not 'not dominated'."""
+    front = pd.DataFrame({"point": [0], "quality": [0.99999994], "val_quality": [0.99999994],
+                          "val_fp32_latency_ms": [10.0], "val_latency_ms": [8.0], "latency_ms": [8.0],
+                          "speedup": [1.25], "size_bytes": [4_916_258]})
+    recipes = pd.DataFrame({"recipe": ["OpenVINO f32"], "val_quality": [1.0], "val_latency_ms": [10.3],
+                            "speedup": [0.97], "size_bytes": [4_916_925], "model": ["m"], "options": ["{}"],
+                            "error": [""], "quality_spread": [0.0], "speedup_spread": [0.03]})
+    verdict = verdicts(front, recipes).iloc[0]
+    assert verdict["dominated_by"] == 0 and verdict["verdict"].startswith("dominated by point 0")
