@@ -101,19 +101,19 @@ def quantize_dynamic_layers(path: Path, specs: dict[str, Precision]) -> None:
 
 def quantize_weight_only(path: Path, specs: dict[str, Precision], calibration: Path) -> None:
     """MatMulNBits / GatherBlockQuantized for the layers whose spec is weight-only, in place."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import (
-        DefaultWeightOnlyQuantConfig,
-        GPTQWeightOnlyQuantConfig,
-        HQQWeightOnlyQuantConfig,
-        MatMulNBitsQuantizer,
-    )
-
     groups: dict[Precision, list[str]] = defaultdict(list)
     for name, spec in specs.items():
         if spec.kind == "weight-only":
             groups[spec].append(name)
     if not groups:
         return
+    from onnxruntime.quantization.matmul_nbits_quantizer import (  # it needs onnx_ir
+        DefaultWeightOnlyQuantConfig,
+        GPTQWeightOnlyQuantConfig,
+        HQQWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
     proto = onnx.load(str(path))
     tables = {n.name for n in proto.graph.node if n.op_type == "Gather"} & {n for c in groups.values() for n in c}
     if tables:  # int4 tables need opset 21: convert the model properly (ORT's quantizer only relabels it)
