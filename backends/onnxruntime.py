@@ -67,9 +67,9 @@ class OnnxRuntimeBackend(Backend):
     # reduce_range: 7-bit weights (for CPUs without VNNI); bias_correction: each static int8 Conv/Gemm's bias
     # corrected for the mean shift its own rounding causes (`ort_bias.py`)
     # glue: `int8` runs each int8 layer's region in integer kernels, `float` quantizes the layers alone
-    # smooth_quant: SmoothQuant's alpha for the int8-dyn-pc layers' inputs (`ort_smooth.py`), or off
+    # smooth_quant: SmoothQuant's alpha for the int8-dyn-pc layers' inputs (`ort_smooth.py`), or false (off)
     option_values = {"reduce_range": (False, True), BIAS_CORRECTION: (True, False), GLUE: ("int8", "float"),
-                     SMOOTH_QUANT: ("off", 0.5, 0.7, 0.85)}
+                     SMOOTH_QUANT: (False, 0.5, 0.7, 0.85)}
 
     def unbuildable(self, precision: Precision) -> str | None:
         if precision.kind == "float" and precision.fmt != "fp32":
@@ -161,8 +161,8 @@ class OnnxRuntimeBackend(Backend):
             if assignment.options.get(BIAS_CORRECTION):
                 correct_biases(out, model, [n for n, s in specs.items() if s.kind == "static"],
                                dict(np.load(samples_path(calibration))))
-        alpha = assignment.options.get(SMOOTH_QUANT, "off")
-        if alpha != "off":
+        alpha = assignment.options.get(SMOOTH_QUANT, False)
+        if alpha:
             smooth(out, model, [n for n, s in specs.items() if s.kind == "dynamic" and s.granularity == "channel"],
                    float(alpha), calibration)  # type: ignore[arg-type]
         quantize_dynamic_layers(out, specs)

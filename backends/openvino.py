@@ -52,8 +52,8 @@ class OpenVinoBackend(Backend):
     default_space = "openvino-cpu"
     search_settings = deployed_settings = "one stream, the LATENCY hint"
     float_options = (FLOAT_OPTION, SHAPES)
-    option_values = {FLOAT_OPTION: ("bf16", "f32"), PRESET: ("asym", "sym"), SMOOTH_QUANT: ("default", "on", "off"),
-                     SHAPES: ("static", "dynamic")}
+    option_values = {FLOAT_OPTION: ("bf16", "f32"), PRESET: ("asym", "sym"),
+                     SMOOTH_QUANT: ("default", True, False, "on", "off"), SHAPES: ("static", "dynamic")}
 
     def __init__(self) -> None:
         self.core = ov.Core()
@@ -315,7 +315,7 @@ def _quantize(ov_model: ov.Model, floating: dict[str, set[str]], samples: dict[s
             str(options.get(PRESET)))
         smooth = options.get(SMOOTH_QUANT)
         advanced = None if smooth in (None, "default") else AdvancedQuantizationParameters(
-            smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=0.95 if smooth == "on" else -1))
+            smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=0.95 if smooth in (True, "on") else -1))
         return nncf.quantize(ov_model, dataset, subset_size=count, ignored_scope=nncf.IgnoredScope(names=ignored),
                              model_type=nncf.ModelType.TRANSFORMER if transformer else None, preset=preset,
                              advanced_parameters=advanced)

@@ -68,3 +68,13 @@ def test_spaces_hold_canonical_spec_strings():
 def test_unknown_bundled_space_lists_the_bundled_ones():
     with pytest.raises(AutoqError, match="cpu-int8"):
         load_space("no-such-space")
+
+
+@pytest.mark.parametrize("name", ["cpu-int8", "cpu-menu", "openvino-cpu", "torch-cpu", "torch-cpu-compiled"])
+def test_bundled_spaces_give_their_backend_only_options_it_reads(name):
+    """YAML reads `off` as false: every bundled space's options must still be values its backend knows."""
+    from autoq.backends import get_backend
+
+    space = load_space(name)
+    backend = get_backend({"cpu": "onnxruntime", "ope": "openvino", "tor": "torch"}[name[:3]])
+    assert backend.options(space.options).keys() == space.options.keys()
