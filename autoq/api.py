@@ -199,7 +199,7 @@ def search(model: str | Path | object | None = None, data: DataArg = None, *more
             run_search(optuna_study, worker.evaluate if worker else evaluator.evaluate, evaluator.fp32_quality(),
                        choices, problem.space, trials, timeout, progress, seeds, constraints, screen, created,
                        local=storage is None, trial_timeout=trial_timeout,
-                       float_options=evaluator.backend.float_options)
+                       option_kinds=evaluator.backend.option_kinds)
             table = trials_frame(optuna_study)
             front = finalize_front(evaluator, pareto_front(table), run_dir)
             recipe_table = None if recipes == "none" else recipes_mod.measure_recipes(

@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -29,7 +29,7 @@ from autoq.costmodel import Screen, screen_was_wrong
 from autoq.errors import AutoqError
 from autoq.evaluate import CandidateError, Measurement
 from autoq.pareto import DIRECTIONS
-from autoq.precision import Assignment
+from autoq.precision import Assignment, Precision
 from autoq.progress import SearchProgress, is_measured
 from autoq.samplers import get_sampler
 from autoq.space import SearchSpace
@@ -169,21 +169,25 @@ def _recover_interrupted(study: optuna.Study, local: bool) -> None:
 
 
 def _enqueue_baselines(study: optuna.Study, choices: dict[str, list[str]], options: dict[str, list],
-                       float_options: Collection[str] | None = None) -> None:
-    """Every layer at each precision (with the first value of each option), then all-fp32 with each other option
-    value (e.g. OpenVINO's model-wide bf16)."""
+                       option_kinds: Mapping[str, Collection[str]] | None = None) -> None:
+    """Every layer at each precision (with the first value of each option), then each of those uniform
+    assignments with each other value of every option that changes how its kind of precision is built
+    (`option_kinds`: option -> precision kinds; None: every option, for fp32 only). So OpenVINO's bf16 gets an
+    all-fp32 baseline, ORT's glue float an all-int8 one, and no option measures FP32 twice."""
     precisions = sorted({p for c in choices.values() for p in c}, key=lambda p: p != "fp32")
     first = {OPTION_PREFIX + k: v[0] for k, v in options.items() if len(v) > 1}
-    for precision in precisions:
-        params = {name: precision if precision in c else c[0] for name, c in choices.items() if len(c) > 1}
+    uniform = {p: {name: p if p in c else c[0] for name, c in choices.items() if len(c) > 1} for p in precisions}
+    for precision, params in uniform.items():
         study.enqueue_trial(params | first, user_attrs={"baseline": f"uniform-{precision}"})
-    fp32 = {name: "fp32" if "fp32" in c else c[0] for name, c in choices.items() if len(c) > 1}
-    for key, values in options.items():
-        if float_options is not None and key not in float_options:
-            continue  # it changes only how the quantized layers are built: all-fp32 would measure FP32 again
-        for value in values[1:]:
-            study.enqueue_trial(fp32 | first | {OPTION_PREFIX + key: value},
-                                user_attrs={"baseline": f"uniform-fp32 {key}={value}"})
+    for precision, params in uniform.items():
+        kind = Precision.parse(precision).kind
+        for key, values in options.items():
+            kinds = ("float",) if option_kinds is None else option_kinds.get(key, ())
+            if kind not in kinds:
+                continue
+            for value in values[1:]:
+                study.enqueue_trial(params | first | {OPTION_PREFIX + key: value},
+                                    user_attrs={"baseline": f"uniform-{precision} {key}={value}"})
 
 
 def budget_used(study: optuna.Study) -> int:
@@ -223,16 +227,17 @@ def run_search(study: optuna.Study, evaluate: Callable[[Assignment], Measurement
                choices: dict[str, list[str]], space: SearchSpace, trials: int, timeout: float | None = None,
                progress: bool = True, seeds: Sequence[Assignment] = (), constraints: Constraints | None = None,
                screen: Screen | None = None, created: bool = True, local: bool = True,
-               trial_timeout: float = 600, float_options: Collection[str] | None = None) -> optuna.Study:
+               trial_timeout: float = 600,
+               option_kinds: Mapping[str, Collection[str]] | None = None) -> optuna.Study:
     """Run until `trials` trials have been measured in the study (counting earlier runs and other workers), or
     `timeout` seconds. `evaluate` measures one assignment (a Worker's, or an Evaluator's); `fp32_quality`
     anchors --max-drop. A study this call `created` starts with the uniform baselines, then `seeds`
     (sensitivity-guided assignments). `screen` skips sampled candidates the cost model finds hopeless.
-    `float_options` are the options that change how float layers run (all of them when None): only their other
-    values get an all-fp32 baseline of their own."""
+    `option_kinds` says which precision kinds each option changes: their uniform baselines are also measured with
+    the option's other values."""
     constraints = constraints or Constraints()
     if created:
-        _enqueue_baselines(study, choices, space.options, float_options)
+        _enqueue_baselines(study, choices, space.options, option_kinds)
         first = {OPTION_PREFIX + k: v[0] for k, v in space.options.items() if len(v) > 1}
         for seed in seeds:  # with the first value of each option, as the baselines they are compared with
             params = {n: p for n, p in seed.layers.items() if len(choices[n]) > 1}

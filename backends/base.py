@@ -63,7 +63,7 @@ class Backend(ABC):
     search_settings = "the runtime's defaults"  # how `runner` sessions are set up (for the report)
     deployed_settings = "the runtime's defaults"  # how `deployed_runner` sessions are set up
     option_values: dict[str, tuple] = {}  # the model-wide options it reads -> their allowed values
-    float_options: tuple[str, ...] = ()  # those that change how float layers run (OpenVINO's float precision)
+    option_kinds: dict[str, tuple[str, ...]] = {}  # option -> the precision kinds whose build it changes
 
 
     @abstractmethod

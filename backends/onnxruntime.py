@@ -70,6 +70,8 @@ class OnnxRuntimeBackend(Backend):
     # smooth_quant: SmoothQuant's alpha for the int8-dyn-pc layers' inputs (`ort_smooth.py`), or false (off)
     option_values = {"reduce_range": (False, True), BIAS_CORRECTION: (True, False), GLUE: ("int8", "float"),
                      SMOOTH_QUANT: (False, 0.5, 0.7, 0.85)}
+    option_kinds = {"reduce_range": ("static",), BIAS_CORRECTION: ("static",), GLUE: ("static",),
+                    SMOOTH_QUANT: ("dynamic",)}
 
     def unbuildable(self, precision: Precision) -> str | None:
         if precision.kind == "float" and precision.fmt != "fp32":

@@ -51,7 +51,7 @@ class OpenVinoBackend(Backend):
     name = "openvino"
     default_space = "openvino-cpu"
     search_settings = deployed_settings = "one stream, the LATENCY hint"
-    float_options = (FLOAT_OPTION, SHAPES)
+    option_kinds = {FLOAT_OPTION: ("float",), SHAPES: ("float",), PRESET: ("static",), SMOOTH_QUANT: ("static",)}
     option_values = {FLOAT_OPTION: ("bf16", "f32"), PRESET: ("asym", "sym"),
                      SMOOTH_QUANT: ("default", True, False, "on", "off"), SHAPES: ("static", "dynamic")}
 

@@ -190,8 +190,8 @@ def _executed_as(module: torch.nn.Module, inputs: tuple) -> str:
 class TorchBackend(Backend):
     name = "torch"
     default_space = "torch-cpu"
-    option_values = {COMPILE_OPTION: (False, True)}
-    float_options = (COMPILE_OPTION,)  # torch.compile (inductor, freezing) or eager
+    option_values = {COMPILE_OPTION: (False, True)}  # torch.compile (inductor, freezing) or eager
+    option_kinds = {COMPILE_OPTION: ("float",)}
 
     def unbuildable(self, precision: Precision) -> str | None:
         if str(precision) in ("fp32", "bf16", "int8", *DYNAMIC_QCONFIGS):

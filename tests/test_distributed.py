@@ -74,7 +74,8 @@ def test_two_workers_share_one_study(digits_cnn, digits_npz, postgres_url, tmp_p
     measured = [t.user_attrs["key"] for t in counted if not t.user_attrs.get("duplicate")]
     assert len(measured) == len(set(measured))  # no assignment measured twice
     baselines = [t.user_attrs["baseline"] for t in trials if "baseline" in t.user_attrs]
-    assert sorted(baselines) == ["uniform-fp32", "uniform-int8"]  # enqueued once, by the worker that created it
+    assert sorted(baselines) == ["uniform-fp32", "uniform-int8", "uniform-int8 bias_correction=False",
+                                 "uniform-int8 glue=float"]  # enqueued once, by the worker that created it
 
     # a worker on another machine (here: another thread count, which changes every latency) is refused
     other = _worker(digits_cnn, digits_npz, postgres_url, tmp_path / "other", 14, "--threads", "1")

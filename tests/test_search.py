@@ -184,9 +184,10 @@ def test_without_a_terminal_progress_is_plain_lines(capsys):
     assert lines[-1].startswith("autoq: 12/12 trials") and "front 12" in lines[-1]
 
 
-def test_options_that_only_shape_int8_layers_get_no_fp32_baseline_of_their_own():
-    """An all-fp32 model built with bias correction on or off is the same model: only the options that change
-    how float layers run (OpenVINO's float precision) get an extra all-fp32 baseline."""
+def test_each_option_varies_the_uniform_baselines_it_changes():
+    """An all-fp32 model built with bias correction on or off is the same model: an option that changes how static
+    int8 is built varies the all-int8 baseline, one that changes float layers (OpenVINO's float precision) the
+    all-fp32 one."""
     import optuna
 
     from autoq.evaluate import Measurement
@@ -204,6 +205,7 @@ def test_options_that_only_shape_int8_layers_get_no_fp32_baseline_of_their_own()
 
     study = optuna.create_study(directions=DIRECTIONS, sampler=optuna.samplers.RandomSampler(seed=0))
     run_search(study, evaluate, 1.0, choices, space, trials=4, progress=False,
-               float_options=("inference_precision",))
+               option_kinds={"inference_precision": ("float",), "bias_correction": ("static",)})
     baselines = [t.user_attrs["baseline"] for t in study.trials if "baseline" in t.user_attrs]
-    assert baselines == ["uniform-fp32", "uniform-int8", "uniform-fp32 inference_precision=f32"]
+    assert baselines == ["uniform-fp32", "uniform-int8", "uniform-fp32 inference_precision=f32",
+                         "uniform-int8 bias_correction=False"]
