@@ -126,3 +126,19 @@ def conv_only(workdir: Path, seed: int = 0) -> tuple[Path, Path]:
     onnx.save(proto, workdir / "conv_only.onnx")
     np.savez(workdir / "images.npz", x=rng.normal(0, 1, (64, 1, 8, 8)).astype(np.float32))
     return workdir / "conv_only.onnx", workdir / "images.npz"
+
+
+def two_layer_mlp(path: Path, w1: np.ndarray, w2: np.ndarray) -> Path:
+    """x -> MatMul(w1) 'fc1' -> Relu -> MatMul(w2) 'fc2', symbolic batch, saved at `path`."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")]
+    proto = helper.make_model(helper.make_graph(
+        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", w1.shape[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", w2.shape[1]])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(proto, str(path))
+    return path

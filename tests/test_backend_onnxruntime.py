@@ -74,24 +74,17 @@ def test_smooth_quant_moves_outlier_channels_into_the_weights(tmp_path):
     is unchanged, the layers still run DynamicQuantizeMatMul, and the error against FP32 drops."""
     import numpy as np
     import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
 
     from autoq import data, graph
     from autoq.backends import get_backend
     from autoq.backends.ort_smooth import smooth
     from autoq.calibrate import calibrate
     from autoq.precision import Assignment
+    from tests.models import two_layer_mlp
 
     rng = np.random.default_rng(0)
-    w1, w2 = rng.normal(0, 0.2, (64, 64)).astype(np.float32), rng.normal(0, 0.2, (64, 8)).astype(np.float32)
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"), helper.make_node("Relu", ["h"], ["r"]),
-             helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")]
-    proto = helper.make_model(helper.make_graph(
-        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])],
-        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")]),
-        opset_imports=[helper.make_opsetid("", 17)])
-    onnx.save(proto, tmp_path / "mlp.onnx")
+    two_layer_mlp(tmp_path / "mlp.onnx", rng.normal(0, 0.2, (64, 64)).astype(np.float32),
+                  rng.normal(0, 0.2, (64, 8)).astype(np.float32))
     x = rng.normal(0, 1, (96, 64)).astype(np.float32)
     x[:, 3] *= 50
     np.savez(tmp_path / "x.npz", x=x)

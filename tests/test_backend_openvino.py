@@ -76,23 +76,14 @@ def test_the_registry_knows_openvino():
 @pytest.fixture(scope="module")
 def mlp(tmp_path_factory):
     """A two-layer MLP whose input widths divide into NNCF's int4 groups of 128, with random data."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
     from autoq import data, graph
     from autoq.calibrate import calibrate
+    from tests.models import two_layer_mlp
 
     rng = np.random.default_rng(0)
-    w1, w2 = rng.normal(0, 0.05, (256, 256)).astype(np.float32), rng.normal(0, 0.05, (256, 16)).astype(np.float32)
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"), helper.make_node("Relu", ["h"], ["r"]),
-             helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")]
-    proto = helper.make_model(helper.make_graph(
-        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 256])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 16])],
-        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")]),
-        opset_imports=[helper.make_opsetid("", 17)])
     workdir = tmp_path_factory.mktemp("mlp")
-    onnx.save(proto, workdir / "mlp.onnx")
+    two_layer_mlp(workdir / "mlp.onnx", rng.normal(0, 0.05, (256, 256)).astype(np.float32),
+                  rng.normal(0, 0.05, (256, 16)).astype(np.float32))
     np.savez(workdir / "x.npz", x=rng.normal(0, 1, (64, 256)).astype(np.float32))
     model = graph.prepare(workdir / "mlp.onnx", workdir / "run")
     splits = data.split(data.load(workdir / "x.npz", None))
