@@ -65,7 +65,6 @@ class Backend(ABC):
     option_values: dict[str, tuple] = {}  # the model-wide options it reads -> their allowed values
     option_kinds: dict[str, tuple[str, ...]] = {}  # option -> the precision kinds whose build it changes
 
-
     @abstractmethod
     def unbuildable(self, precision: Precision) -> str | None:
         """Why this backend cannot build `precision` for any layer (one line), or None if it can."""
