@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from autoq.data import Dataset, batch_size, fingerprint
-from autoq.graph import OnnxModel
+from autoq.graph import OnnxModel, probe_session
 
 VERSION = 2  # v2: every float tensor, not only the layers' inputs and outputs
 RESOLUTION_SAMPLES = 16
@@ -82,15 +82,8 @@ def _resolution(model: OnnxModel, bounds: dict[str, tuple[float, float]], batche
     """Per tensor: SQNR (dB) of its uint8 quantization under its calibrated range (widened to hold 0, as the
     quantizer does), over the values strictly between the range's ends (values at an end, a sentinel or a clip
     bound, are exact); inf where no value lies between."""
-    import onnx
-    import onnxruntime as ort
-
-    proto = onnx.ModelProto()
-    proto.CopyFrom(model.proto)
-    known = {o.name for o in proto.graph.output}
-    proto.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in bounds if t not in known)
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     names = list(bounds)
+    session = probe_session(model.proto, names)
     power = {name: np.zeros(2) for name in names}  # signal, noise
     for feeds in batches:
         for name, value in zip(names, session.run(names, feeds), strict=True):

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from autoq.errors import AutoqError
-from autoq.methods import METHODS
+from autoq.methods import METHODS, get_method
 from autoq.quiet import hush, set_verbose
 from autoq.samplers import SAMPLERS
 
@@ -104,8 +104,6 @@ def main(argv: list[str] | None = None) -> int:
             table = api.analyse_sensitivity(args.model, args.data, labels=args.labels, metric=args.metric,
                                             space=args.space, backend=args.backend, method=args.method,
                                             threads=args.threads, out=args.out)
-            from autoq.methods import get_method
-
             top = table.sort_values("score", ascending=False).head(10)
             shown = list(dict.fromkeys(["layer", "precision", get_method(args.method).column, "latency_saving_ms"]))
             print(top[shown].to_string(index=False))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from autoq.errors import AutoqError
@@ -47,8 +48,10 @@ class Constraints:
                    None if latency_budget is None else _amount(latency_budget, "latency", "--latency-budget"),
                    None if size_budget is None else _amount(size_budget, "size", "--size-budget"))
 
-    def violations(self, quality: float, latency_ms: float, size_bytes: float, fp32_quality: float) -> list[float]:
-        """Optuna's convention: one value per constraint, <= 0 when it is met."""
+    def violations(self, values: Sequence[float], fp32_quality: float) -> list[float]:
+        """Optuna's convention: one value per constraint, <= 0 when it is met; `values` are the objectives
+        (quality, latency ms, size bytes)."""
+        quality, latency_ms, size_bytes = values
         floor = None
         if self.max_drop is not None:
             floor = fp32_quality * (1 - self.max_drop) if self.relative else fp32_quality - self.max_drop
@@ -56,8 +59,8 @@ class Constraints:
                 0.0 if self.latency_budget_ms is None else latency_ms - self.latency_budget_ms,
                 0.0 if self.size_budget_bytes is None else size_bytes - self.size_budget_bytes]
 
-    def feasible(self, quality: float, latency_ms: float, size_bytes: float, fp32_quality: float) -> bool:
-        return all(v <= 0 for v in self.violations(quality, latency_ms, size_bytes, fp32_quality))
+    def feasible(self, values: Sequence[float], fp32_quality: float) -> bool:
+        return all(v <= 0 for v in self.violations(values, fp32_quality))
 
     def as_dict(self) -> dict:
         return asdict(self)

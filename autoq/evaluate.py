@@ -11,12 +11,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 
 from autoq.backends.base import Backend, Candidate, GlueCheck
 from autoq.data import Dataset, Splits, batch_size, fingerprint
-from autoq.graph import OnnxModel
+from autoq.graph import OnnxModel, probe_session
 from autoq.measure import time_runner
 from autoq.metrics import Metric
 from autoq.precision import Assignment
@@ -135,11 +133,7 @@ class Evaluator:
 
     def intermediates(self, tensors: list[str], split: str, max_samples: int = 16) -> dict[str, np.ndarray]:
         """FP32 values of internal tensors on the first `max_samples` samples of `split`."""
-        proto = onnx.ModelProto()
-        proto.CopyFrom(self.model.proto)
-        known = {o.name for o in proto.graph.output}
-        proto.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in tensors if t not in known)
-        session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        session = probe_session(self.model.proto, tensors)
         dataset = getattr(self.splits, split)
         dataset = dataset.subset(np.arange(min(max_samples, len(dataset))))
         parts = [session.run(tensors, feeds) for feeds in dataset.batches(batch_size(self.model.inputs))]

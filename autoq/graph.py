@@ -196,3 +196,16 @@ def opened(path: Path, model: onnx.ModelProto | None = None, layers: list[Layer]
 def weight_array(model: onnx.ModelProto, name: str) -> np.ndarray:
     tensor = next(t for t in model.graph.initializer if t.name == name)
     return numpy_helper.to_array(tensor)
+
+
+def probe_session(model: onnx.ModelProto, tensors: list[str]):
+    """A CPU ONNX Runtime session of (a copy of) `model` that can also return the internal `tensors`."""
+    import onnxruntime as ort
+
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model)
+    known = {o.name for o in proto.graph.output}
+    proto.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in tensors if t not in known)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])

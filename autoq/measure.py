@@ -71,8 +71,7 @@ def time_runner(run: Runner, reference: Runner | None = None, *, warmup: int = 5
                 attempts: int = 3, wait_s: float = 2.0) -> Timing:
     """Median latency of `run()` in ms, stable to `rel_error` (standard error of the median), or after
     `max_runs`. With a `reference`, both are timed in alternating rounds of `round_size` runs."""
-    timing = Timing(float("nan"), 0.0, 0, 0.0, None, 0)
-    for attempt in range(1, max(attempts, 1) + 1):
+    for attempt in range(1, attempts + 1):
         for _ in range(warmup):
             run()
             if reference is not None:
@@ -91,10 +90,11 @@ def time_runner(run: Runner, reference: Runner | None = None, *, warmup: int = 5
         q1, median, q3 = np.percentile(times, [25, 50, 75])
         ref = float(np.median(ref_times)) if ref_times else None
         timing = Timing(float(median), float(q3 - q1), len(times), round(load, 3), ref, attempt)
-        if load <= max_load:
-            break
+        if load <= max_load or attempt == attempts:  # the last attempt stands, with its load recorded
+            return timing
         time.sleep(wait_s)
-    return timing
+    msg = f"attempts must be at least 1, not {attempts}"
+    raise ValueError(msg)
 
 
 def ratio_rounds(runs: Mapping[str, Runner], reference: str, rounds: int = 15, round_size: int = 6,

@@ -53,8 +53,7 @@ class SearchProgress:
         trials = self.study.get_trials(deepcopy=False)
         measured = [t for t in trials if is_measured(t)]
         done = [t for t in measured if t.state == TrialState.COMPLETE]
-        feasible = [t for t in done if self.constraints.feasible(t.values[0], t.values[1], t.values[2],
-                                                                 self.fp32_quality)]
+        feasible = [t for t in done if self.constraints.feasible(t.values, self.fp32_quality)]
         pool = feasible or done
         front = [t for t, keep in zip(pool, pareto_mask(np.array([t.values for t in pool]), MAXIMIZE), strict=True)
                  if keep] if pool else []

@@ -266,7 +266,7 @@ def run_search(study: optuna.Study, evaluate: Callable[[Assignment], Measurement
             for name, value in attrs.items():
                 if name not in ("key", "assignment", "baseline", "duplicate", "constraints", "seeded", "retry_of"):
                     trial.set_user_attr(name, value)
-            _constrain(trial, constraints.violations(values[0], values[1], values[2], fp32_quality))
+            _constrain(trial, constraints.violations(values, fp32_quality))
             return values
         enqueued = any(k in trial.user_attrs for k in ("baseline", "seeded", "retry_of"))
         verdict, prediction = ("measure", None) if screen is None or enqueued else screen.verdict(
@@ -286,7 +286,7 @@ def run_search(study: optuna.Study, evaluate: Callable[[Assignment], Measurement
         values = record.values
         if verdict == "audit":
             trial.set_user_attr("screen_wrong", screen_was_wrong(values, measured_pairs(known)))
-        _constrain(trial, constraints.violations(*values, fp32_quality))
+        _constrain(trial, constraints.violations(values, fp32_quality))
         return values
 
     if budget_used(study) >= trials:

@@ -32,7 +32,7 @@ from autoq.errors import AutoqError
 from autoq.graph import Layer
 from autoq.methods import METHODS
 from autoq.precision import Precision
-from autoq.samplers import SAMPLERS
+from autoq.samplers import get_sampler
 
 TOP_KEYS = {"name", "description", "default", "rules", "options", "sampler", "population", "seed", "sensitivity",
             "max_layer_drop", "screen"}
@@ -71,8 +71,10 @@ class SearchSpace:
     screen: bool = True
 
     def with_sampler(self, sampler: str) -> SearchSpace:
-        if sampler not in SAMPLERS:
-            raise AutoqError(f"--sampler: unknown sampler '{sampler}' (registered: {', '.join(SAMPLERS)})")
+        try:
+            get_sampler(sampler)
+        except AutoqError as exc:
+            raise AutoqError(f"--sampler: {exc}") from None
         return replace(self, sampler=sampler)
 
     def precisions(self) -> list[str]:
@@ -134,8 +136,10 @@ def parse_space(data: object, source: str = "<dict>") -> SearchSpace:
         rules.append(Rule(_precisions(rule["precisions"], source, f"{where}.precisions"), match,
                           tuple([op_types] if isinstance(op_types, str) else op_types)))
     sampler = data.get("sampler", "nsga2")
-    if sampler not in SAMPLERS:
-        raise _fail(source, "sampler", f"unknown sampler '{sampler}' (registered: {', '.join(SAMPLERS)})")
+    try:
+        get_sampler(sampler)
+    except AutoqError as exc:
+        raise _fail(source, "sampler", str(exc)) from None
     options = data.get("options") or {}
     if not isinstance(options, dict) or not all(isinstance(v, list) and v for v in options.values()):
         raise _fail(source, "options", "expected a mapping of option name -> non-empty list of values")

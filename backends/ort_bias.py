@@ -17,14 +17,15 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from autoq.graph import OnnxModel, save_onnx
+from autoq.data import Dataset, batch_size
+from autoq.graph import OnnxModel, probe_session, save_onnx
 
 CORRECTED = ("Conv", "Gemm")  # layers with a bias input (a MatMul's bias is a separate Add)
 
 
-def correct_biases(path: Path, model: OnnxModel, layers: list[str], samples: dict[str, np.ndarray]) -> list[str]:
+def correct_biases(path: Path, model: OnnxModel, layers: list[str], samples: dict[str, np.ndarray]) -> None:
     """Correct the biases of the static int8 `layers` of the QDQ model at `path` in place, from the FP32 `model`
-    run on `samples`; return the layers corrected."""
+    run on `samples`."""
     proto = onnx.load(str(path))
     graph = proto.graph
     producer = {out: node for node in graph.node for out in node.output}
@@ -41,7 +42,7 @@ def correct_biases(path: Path, model: OnnxModel, layers: list[str], samples: dic
             continue
         found[node.name] = (node, quantize, w, b)
     if not found:
-        return []
+        return
     deltas = _mean_shifts(model, found, constants, samples)
     for name, (node, _, _, b) in found.items():
         if b is not None and b.op_type == "DequantizeLinear":  # int32 bias, scale = input scale x weight scale
@@ -55,20 +56,17 @@ def correct_biases(path: Path, model: OnnxModel, layers: list[str], samples: dic
             stored.CopyFrom(numpy_helper.from_array((numpy_helper.to_array(stored) + deltas[name]).astype(np.float32),
                                                     stored.name))
     save_onnx(proto, path)
-    return sorted(found)
 
 
 def _mean_shifts(model: OnnxModel, found: dict, constants: dict,
                  samples: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Layer -> mean per output channel of (FP32 output - int8 output), both computed from the FP32 input."""
-    import onnxruntime as ort
-
     probe = onnx.ModelProto()
     probe.CopyFrom(model.proto)
     graph = probe.graph
-    del graph.output[:]
     originals = {node.name: node for node in model.proto.graph.node}
     copied: set[str] = set()
+    tags: list[str] = []
     axes_as_input = any(o.domain in ("", "ai.onnx") and o.version >= 18 for o in probe.opset_import)
     for name, (_, quantize, weight, _) in found.items():
         original = originals[name]
@@ -76,7 +74,8 @@ def _mean_shifts(model: OnnxModel, found: dict, constants: dict,
             if tensor in constants and tensor not in copied:
                 graph.initializer.append(constants[tensor])
                 copied.add(tensor)
-        tag = f"autoq_bias_{len(graph.output)}"
+        tag = f"autoq_bias_{len(tags)}"
+        tags.append(tag)
         rank = len(constants[weight.input[0]].dims) if original.op_type == "Conv" else 2  # of the output
         axes = [0, *range(2, rank)]  # all but the channels
         if axes_as_input:  # ReduceMean takes its axes as an input from opset 18
@@ -94,13 +93,11 @@ def _mean_shifts(model: OnnxModel, found: dict, constants: dict,
             helper.make_node("Sub", [original.output[0], f"{tag}_y"], [f"{tag}_d"]),
             mean,
         ])
-        graph.output.append(helper.make_empty_tensor_value_info(tag))
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    count = len(next(iter(samples.values())))
-    runs = [session.run(None, {k: v[i:i + 1] for k, v in samples.items()}) for i in range(count)]
-    return {name: np.mean([r[i] for r in runs], axis=0) for i, name in enumerate(found)}
+    session = probe_session(probe, tags)
+    batches = list(Dataset(samples).batches(batch_size(model.inputs)))
+    runs = [session.run(tags, feeds) for feeds in batches]  # each a batch mean: weight it by the batch's size
+    weights = [len(next(iter(feeds.values()))) for feeds in batches]
+    return {name: np.average([r[i] for r in runs], axis=0, weights=weights) for i, name in enumerate(found)}
 
 
 def _attributes(node: onnx.NodeProto) -> dict:

@@ -18,31 +18,23 @@ import onnx
 from onnx import helper, numpy_helper
 
 from autoq.calibrate import samples_path
-from autoq.graph import OnnxModel, save_onnx
+from autoq.data import Dataset, batch_size
+from autoq.graph import OnnxModel, probe_session, save_onnx
 
 
 def channel_maxima(model: OnnxModel, calibration: Path) -> dict[str, np.ndarray]:
     """Input tensor of every MatMul layer -> its largest |value| per channel (last axis) on the calibration
     samples; computed once per model and calibration, cached beside the calibration."""
-    import onnxruntime as ort
-
     cache = calibration.with_name(f"{calibration.stem}-channel-max.npz")
     if cache.is_file():
         return dict(np.load(cache))
     layers = {la.name for la in model.layers if la.op_type == "MatMul"}
     tensors = sorted({n.input[0] for n in model.proto.graph.node if n.name in layers})
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model.proto)
-    known = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in tensors if t not in known)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    samples = dict(np.load(samples_path(calibration)))
+    session = probe_session(model.proto, tensors)
+    samples = Dataset(dict(np.load(samples_path(calibration))))
     maxima: dict[str, np.ndarray] = {}
-    for i in range(len(next(iter(samples.values())))):
-        for tensor, value in zip(tensors, session.run(tensors, {k: v[i:i + 1] for k, v in samples.items()}),
-                                 strict=True):
+    for feeds in samples.batches(batch_size(model.inputs)):
+        for tensor, value in zip(tensors, session.run(tensors, feeds), strict=True):
             found = np.abs(value).reshape(-1, value.shape[-1]).max(axis=0)
             maxima[tensor] = np.maximum(maxima.get(tensor, found), found)
     partial = cache.with_suffix(".tmp.npz")

@@ -26,9 +26,9 @@ def test_bad_constraints_say_what_to_give(args, message):
 
 def test_violations_are_non_positive_exactly_when_met():
     c = Constraints.parse("1%", "10ms", "1MB")
-    assert all(v <= 0 for v in c.violations(0.995, 9.0, 9e5, fp32_quality=1.0))
-    assert [v > 0 for v in c.violations(0.98, 11.0, 2e6, fp32_quality=1.0)] == [True, True, True]
-    assert Constraints().violations(0.1, 1e9, 1e12, 1.0) == [0.0, 0.0, 0.0]
+    assert all(v <= 0 for v in c.violations((0.995, 9.0, 9e5), fp32_quality=1.0))
+    assert [v > 0 for v in c.violations((0.98, 11.0, 2e6), fp32_quality=1.0)] == [True, True, True]
+    assert Constraints().violations((0.1, 1e9, 1e12), 1.0) == [0.0, 0.0, 0.0]
 
 
 def test_front_is_the_feasible_one_and_the_rest_is_kept(digits_cnn, digits_npz, tmp_path):
