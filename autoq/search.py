@@ -85,14 +85,18 @@ def stop_on_ctrl_c() -> Iterator[list[bool]]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _storage(run_dir: Path, url: str | None) -> str | optuna.storages.RDBStorage:
+# what PostgreSQL says to the worker that lost the race to create Optuna's schema (a table's row, a type, a table)
+_SCHEMA_RACES = ("duplicate key", "already exists")
+
+
+def open_storage(run_dir: Path, url: str | None) -> str | optuna.storages.RDBStorage:
     """SQLite in the run directory, or a shared database whose workers keep a heartbeat: a worker that dies
     leaves its trial RUNNING only until the others notice (grace period), then it is retried."""
     if url is None:
         return f"sqlite:///{run_dir / 'study.db'}"
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url[len("postgresql://"):]  # psycopg 3, the maintained driver
-    for attempt in range(3):  # workers starting together race to create Optuna's tables: the loser retries
+    for attempt in range(4):  # workers starting together race to create Optuna's tables: the loser retries
         try:
             with warnings.catch_warnings():  # the heartbeat is marked experimental; stable since Optuna 2.6
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -102,7 +106,7 @@ def _storage(run_dir: Path, url: str | None) -> str | optuna.storages.RDBStorage
             msg = f"--storage {url.split(':', 1)[0]} needs the driver '{exc.name}': pip install 'autoq[postgres]'"
             raise AutoqError(msg) from exc
         except Exception as exc:  # SQLAlchemy reports a bad URL or an unreachable server in many classes
-            if attempt == 2 or "duplicate key" not in str(exc):
+            if attempt == 3 or not any(race in str(exc) for race in _SCHEMA_RACES):
                 msg = f"cannot open the study storage {url!r}: {str(exc).splitlines()[0]}"
                 raise AutoqError(msg) from exc
             time.sleep(1 + attempt)
@@ -114,7 +118,7 @@ def load_run_study(run_dir: Path) -> optuna.Study:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     where = json.loads((run_dir / LOCATION).read_text()) if (run_dir / LOCATION).is_file() else {}
     return optuna.load_study(study_name=where.get("study", "autoq"),
-                             storage=_storage(run_dir, where.get("storage")))
+                             storage=open_storage(run_dir, where.get("storage")))
 
 
 def open_study(run_dir: Path, space: SearchSpace, seed: int, hardware: str, problem: str,
@@ -122,7 +126,7 @@ def open_study(run_dir: Path, space: SearchSpace, seed: int, hardware: str, prob
     """Open (or create: then the second value is True) the study; refuse one measured on another machine or
     thread count, or one about another problem (model, data, space, constraints)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    backend = _storage(run_dir, storage)
+    backend = open_storage(run_dir, storage)
     if storage is not None:
         (run_dir / LOCATION).write_text(json.dumps({"storage": storage, "study": name}))
     sampler = make_sampler(space, seed)

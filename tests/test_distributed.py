@@ -4,6 +4,7 @@ cluster): the budget holds across workers, no assignment is measured twice, othe
 from __future__ import annotations
 
 import glob
+import multiprocessing
 import os
 import shutil
 import socket
@@ -17,6 +18,7 @@ import pytest
 
 import autoq
 from autoq.errors import AutoqError
+from autoq.search import open_storage
 
 
 def _server_binaries() -> str | None:
@@ -88,3 +90,28 @@ def test_a_bad_storage_url_is_one_clear_error(digits_cnn, digits_npz, tmp_path):
     with pytest.raises(AutoqError, match="cannot open the study storage"):
         autoq.search(digits_cnn, digits_npz, labels="label", trials=2, out=tmp_path / "run", progress=False,
                      storage="postgresql://nobody@127.0.0.1:9/none")
+
+
+def _open_after(start, url: str) -> str:
+    start.wait()
+    try:
+        open_storage(Path("unused"), url)
+        return ""
+    except AutoqError as exc:
+        return str(exc)
+
+
+def test_workers_racing_to_create_the_schema_all_open_it(postgres_url):
+    """Workers started together race to create Optuna's tables and types in an empty database: none may fail."""
+    import psycopg
+
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        for attempt in range(3):
+            name = f"race{os.getpid()}_{attempt}"
+            admin.execute(f"CREATE DATABASE {name}")
+            url = postgres_url.rsplit("/", 1)[0] + f"/{name}"
+            with multiprocessing.Manager() as manager, multiprocessing.get_context("spawn").Pool(4) as pool:
+                start = manager.Barrier(4)
+                errors = [e for e in pool.starmap(_open_after, [(start, url)] * 4) if e]
+            assert errors == []
+            assert optuna.get_all_study_summaries(url.replace("://", "+psycopg://", 1)) == []
