@@ -12,6 +12,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -21,18 +22,18 @@ from autoq import recipes as recipes_mod
 from autoq import sensitivity as sensitivity_mod
 from autoq.backends import get_backend
 from autoq.calibrate import calibrate
-from autoq.constraints import Constraints
 from autoq.costmodel import Screen
 from autoq.errors import AutoqError
 from autoq.evaluate import CandidateError, Evaluator
 from autoq.graph import prepare
 from autoq.measure import fingerprint, hardware_key
-from autoq.metrics import Metric, get_metric
+from autoq.metrics import get_metric
 from autoq.pareto import front as pareto_front
 from autoq.precision import Assignment, calibrations
 from autoq.report import run as run_report
 from autoq.report import trials_frame
 from autoq.search import open_study, run_lock, run_search
+from autoq.settings import RunSettings
 from autoq.space import SearchSpace, load_space
 from autoq.torch_input import is_torch_model, to_onnx
 from autoq.worker import Worker, WorkerSpec
@@ -67,10 +68,10 @@ class _Problem:
 
 
 @contextmanager
-def _problem(model: str | Path | object | None, data: DataArg, labels, metric, space, backend: str, threads: int,
-             out: str | Path | None, seed: int | None, constraints: Constraints | None,
-             sampler: str | None = None, example_inputs=None) -> Iterator[_Problem]:
-    """Load and validate everything; `constraints` is given for a search (its run directory is then checked)."""
+def _problem(model: str | Path | object | None, data: DataArg, example_inputs, settings: RunSettings,
+             searching: bool) -> Iterator[_Problem]:
+    """Load and validate everything; for a search (`searching`) its run directory is also checked."""
+    backend, metric = settings.backend, settings.metric
     if model is None and backend == "torch":  # the torch backend needs the module itself
         from autoq.demo import demo_module
 
@@ -83,18 +84,16 @@ def _problem(model: str | Path | object | None, data: DataArg, labels, metric, s
         metric = metric or "cosine"
     if data is None:
         raise AutoqError("no data: pass --data DATA.npz with arrays named as the model inputs")
-    if threads < 1:
-        raise AutoqError("--threads must be at least 1")
     chosen_backend = get_backend(backend)
-    search_space = load_space(space if space is not None else chosen_backend.default_space)
-    if sampler is not None:
-        search_space = search_space.with_sampler(sampler)
+    search_space = load_space(settings.space if settings.space is not None else chosen_backend.default_space)
+    if settings.sampler is not None:
+        search_space = search_space.with_sampler(settings.sampler)
     search_space.options = chosen_backend.options(search_space.options)
-    seed = search_space.seed if seed is None else seed
+    seed = search_space.seed if settings.seed is None else settings.seed
     is_file = isinstance(model, str | Path)
     label = str(model) if is_file else f"{type(model).__name__} (torch module)"
     stem = Path(model).stem if isinstance(model, str | Path) else type(model).__name__
-    run_dir = Path(out) if out else REPORTS / f"{stem}-{backend}"
+    run_dir = Path(settings.out) if settings.out else REPORTS / f"{stem}-{backend}"
     try:
         (run_dir / "cache").mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -108,7 +107,7 @@ def _problem(model: str | Path | object | None, data: DataArg, labels, metric, s
         raise AutoqError(msg)
     onnx_model = prepare(model, run_dir)
     onnx_model.module = module
-    dataset = data_mod.load(data, labels)
+    dataset = data_mod.load(data, settings.labels)
     data_mod.validate(dataset, onnx_model.inputs)
     splits = data_mod.split(dataset, seed=0)
     metric_name, metric_fn = get_metric(metric, dataset.labels is not None)
@@ -118,15 +117,15 @@ def _problem(model: str | Path | object | None, data: DataArg, labels, metric, s
               "data": data_mod.fingerprint(dataset), "backend": backend, "metric": metric_name,
               "choices": choices, "options": search_space.options, "seed": seed,
               "sensitivity": search_space.sensitivity, "max_layer_drop": search_space.max_layer_drop,
-              "constraints": (constraints or Constraints()).as_dict()}
-    if constraints is not None:
+              "constraints": settings.constraints.as_dict()}
+    if searching:
         _check_run(run_dir, config)
     with run_lock(run_dir):
         calibration = calibrate(onnx_model, splits.calibration, run_dir / "cache", calibrations(choices))
-        evaluator = Evaluator(chosen_backend, onnx_model, calibration, splits, metric_fn, threads)
+        evaluator = Evaluator(chosen_backend, onnx_model, calibration, splits, metric_fn, settings.threads)
         try:
             yield _Problem(run_dir, label, evaluator, search_space, choices, metric_name,
-                           fingerprint(threads), seed,
+                           fingerprint(settings.threads), seed,
                            hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16])
         finally:
             evaluator.close()
@@ -147,22 +146,16 @@ def _check_run(run_dir: Path, config: dict) -> None:
 
 
 def search(model: str | Path | object | None = None, data: DataArg = None, *more: DataArg,
-           example_inputs=None, labels: str | Path | np.ndarray | None = None,
-           metric: str | Metric | None = None, space: str | Path | dict | SearchSpace | None = None,
-           backend: str = "onnxruntime", trials: int = 30, timeout: float | None = None, threads: int = 2,
-           out: str | Path | None = None, seed: int | None = None, progress: bool = True,
-           max_drop: str | float | None = None, latency_budget: str | float | None = None,
-           size_budget: str | float | None = None, trial_timeout: float = 600, sampler: str | None = None,
-           storage: str | None = None, study: str = "autoq", recipes: str = "auto") -> SearchResult:
-    """Search per-layer precisions of `model` and write the run (trials, front, models, report) to `out`.
+           example_inputs=None, settings: RunSettings | None = None, **changes: Any) -> SearchResult:
+    """Search per-layer precisions of `model` and write the run (trials, front, models, report) to its `out`.
 
-    Constraints: `max_drop` ("0.5%" of the FP32 quality, or 0.01 absolute), `latency_budget` ("5ms"),
-    `size_budget` ("20MB"); the front is the feasible one, the rest of the trials is kept and greyed.
-    Each trial runs in a worker process: one that crashes or takes over `trial_timeout` s fails alone.
-    `sampler` overrides the space's (nsga2, tpe, gp, random). `storage` (an SQLAlchemy URL, e.g.
-    postgresql://user:pw@host/db) and `study` let several machines work on one study; each keeps its own `out`.
-    `recipes="auto"` also measures the backend's one-line recipes (e.g. ORT `quantize_dynamic`) beside the front
-    and says which front point dominates each (`recipes.csv`, the report); "none" skips them.
+    How the run goes is a RunSettings (`settings`, and/or its fields as keywords: `labels`, `metric`, `space`,
+    `backend`, `trials`, `timeout`, `threads`, `out`, `seed`, `progress`, `max_drop`, `latency_budget`,
+    `size_budget`, `trial_timeout`, `sampler`, `storage`, `study`, `recipes`; see RunSettings).
+    Constraints make the front the feasible one; the rest of the trials is kept and greyed. Each trial runs in a
+    worker process: one that crashes or takes over `trial_timeout` s fails alone. With `recipes="auto"` the
+    backend's one-line recipes (e.g. ORT `quantize_dynamic`) are measured beside the front, with the front point
+    that dominates each (`recipes.csv`, the report).
 
     `model` is an ONNX file, a `torch.export.save` file (.pt2), or an nn.Module: then call it as
     `search(module, example_inputs, data, ...)`; layers are named by module FQN either way.
@@ -172,13 +165,8 @@ def search(model: str | Path | object | None = None, data: DataArg = None, *more
     started = time.perf_counter()
     if more:  # search(module, example_inputs, data)
         example_inputs, data = data, more[0]
-    if trials < 1:
-        raise AutoqError("--trials must be at least 1")
-    if recipes not in ("auto", "none"):
-        raise AutoqError(f"--recipes must be auto or none, not {recipes!r}")
-    constraints = Constraints.parse(max_drop, latency_budget, size_budget)
-    with _problem(model, data, labels, metric, space, backend, threads, out, seed, constraints, sampler,
-                  example_inputs) as problem:
+    settings = (settings or RunSettings()).changed(**changes)
+    with _problem(model, data, example_inputs, settings, searching=True) as problem:
         run_dir, evaluator, choices = problem.run_dir, problem.evaluator, problem.choices
         scores, seeds = None, []
         if problem.space.sensitivity != "none":
@@ -187,22 +175,20 @@ def search(model: str | Path | object | None = None, data: DataArg = None, *more
             seeds = sensitivity_mod.greedy_seeds(scores, choices) + sensitivity_mod.fallback_seeds(scores, choices)
             scores.to_csv(run_dir / "sensitivity.csv", index=False)
         optuna_study, created = open_study(run_dir, problem.space, problem.seed, hardware_key(problem.machine),
-                                           problem.config, storage, study)
+                                           problem.config, settings.storage, settings.study)
         if "fp32_latency_ms" not in optuna_study.user_attrs:
             optuna_study.set_user_attr("fp32_latency_ms", evaluator.time_reference())
         evaluator.fp32_latency_ms = optuna_study.user_attrs["fp32_latency_ms"]
         screen = None
         if scores is not None and problem.space.screen:
             screen = Screen(scores, choices, screened=int(trials_frame(optuna_study)["screened"].ne("").sum()))
-        worker = _worker(evaluator, trial_timeout)
+        worker = _worker(evaluator, settings.trial_timeout)
         try:
             run_search(optuna_study, worker.evaluate if worker else evaluator.evaluate, evaluator.fp32_quality(),
-                       choices, problem.space, trials, timeout, progress, seeds, constraints, screen, created,
-                       local=storage is None, trial_timeout=trial_timeout,
-                       option_kinds=evaluator.backend.option_kinds)
+                       choices, problem.space, settings, seeds, screen, created, evaluator.backend.option_kinds)
             table = trials_frame(optuna_study)
             front = finalize_front(evaluator, pareto_front(table), run_dir)
-            recipe_table = None if recipes == "none" else recipes_mod.measure_recipes(
+            recipe_table = None if settings.recipes == "none" else recipes_mod.measure_recipes(
                 evaluator, run_dir, front, worker.measure_recipe if worker else None)
         finally:
             if worker:
@@ -212,7 +198,8 @@ def search(model: str | Path | object | None = None, data: DataArg = None, *more
     front.to_csv(run_dir / "pareto.csv", index=False)
     if recipe_table is not None:
         recipe_table.to_csv(run_dir / run_report.RECIPES, index=False)
-    meta = {"model": problem.model_name, "backend": backend, "metric": problem.metric, "machine": problem.machine,
+    meta = {"model": problem.model_name, "backend": settings.backend, "metric": problem.metric,
+            "machine": problem.machine,
             "wall_s": time.perf_counter() - started, "search_settings": problem.evaluator.backend.search_settings,
             "deployed_settings": problem.evaluator.backend.deployed_settings,
             "glue_kept_float": dict(regions.kept_float) if regions is not None else None}
@@ -268,16 +255,15 @@ def compare(run_dirs: list[str | Path], out: str | Path = "compare.html") -> Pat
 
 
 def analyse_sensitivity(model: str | Path | object | None = None, data: DataArg = None, *more: DataArg,
-                        example_inputs=None, labels: str | Path | np.ndarray | None = None,
-                        metric: str | Metric | None = None,
-                space: str | Path | dict | SearchSpace | None = None, backend: str = "onnxruntime",
-                method: str = "measured", threads: int = 2, out: str | Path | None = None) -> pd.DataFrame:
+                        example_inputs=None, method: str = "measured", settings: RunSettings | None = None,
+                        **changes: Any) -> pd.DataFrame:
     """Score every layer at every precision of the space; writes sensitivity.csv and sensitivity.html.
-    Takes the same models as `search` (an nn.Module as `analyse_sensitivity(module, example_inputs, data)`)."""
+    Takes the same models and settings as `search` (an nn.Module as `analyse_sensitivity(module,
+    example_inputs, data)`); of the settings, it reads labels, metric, space, backend, threads and out."""
     if more:
         example_inputs, data = data, more[0]
-    with _problem(model, data, labels, metric, space, backend, threads, out, None, None, None,
-                  example_inputs) as problem:
+    settings = (settings or RunSettings()).changed(**changes)
+    with _problem(model, data, example_inputs, settings, searching=False) as problem:
         table = sensitivity_mod.analyse(problem.evaluator, problem.choices, method, problem.run_dir / "cache")
     table.to_csv(problem.run_dir / "sensitivity.csv", index=False)
     run_report.write_sensitivity_html(problem.run_dir / "sensitivity.html", table, problem.model_name, method)

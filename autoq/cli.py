@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import fields
 
 from autoq.errors import AutoqError
 from autoq.methods import METHODS, get_method
 from autoq.quiet import hush, set_verbose
 from autoq.samplers import SAMPLERS
+from autoq.settings import RECIPE_MODES, RunSettings
 
 
 def _problem_args(parser: argparse.ArgumentParser) -> None:
@@ -19,8 +21,9 @@ def _problem_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metric", help="cosine | top1 | top5 | sqnr | accuracy (default: accuracy with labels, "
                                          "else cosine)")
     parser.add_argument("--space", help="search space: a YAML file or a bundled name (default: the backend's)")
-    parser.add_argument("--backend", default="onnxruntime", help="onnxruntime (default) | openvino | torch")
-    parser.add_argument("--threads", type=int, default=2, help="inference threads for every measurement (2)")
+    parser.add_argument("--backend", default=RunSettings.backend, help="onnxruntime (default) | openvino | torch")
+    parser.add_argument("--threads", type=int, default=RunSettings.threads,
+                        help=f"inference threads for every measurement ({RunSettings.threads})")
     parser.add_argument("--out", help="run directory (default: reports/<model>-<backend>); rerun to resume")
     parser.add_argument("--verbose", action="store_true", help="also show third-party warnings and progress output")
 
@@ -30,20 +33,22 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     search = commands.add_parser("search", help="search per-layer precisions; writes the Pareto front and a report")
     _problem_args(search)
-    search.add_argument("--trials", type=int, default=30, help="trials in the study, earlier runs included (30)")
+    search.add_argument("--trials", type=int, default=RunSettings.trials,
+                        help=f"trials in the study, earlier runs included ({RunSettings.trials})")
     search.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
     search.add_argument("--seed", type=int, help="sampler seed (default: the space's)")
     search.add_argument("--max-drop", help="quality floor below FP32: 0.5%% (relative) or 0.01 (absolute)")
     search.add_argument("--latency-budget", help="latency budget, e.g. 5ms")
     search.add_argument("--size-budget", help="model size budget, e.g. 20MB")
-    search.add_argument("--trial-timeout", type=float, default=600,
-                        help="seconds one trial may take before it fails and the search goes on (600)")
+    search.add_argument("--trial-timeout", type=float, default=RunSettings.trial_timeout,
+                        help="seconds one trial may take before it fails and the search goes on "
+                        f"({RunSettings.trial_timeout:g})")
     search.add_argument("--sampler", help="; ".join(f"{k}: {v.summary}" for k, v in SAMPLERS.items())
                         + " (default: the space's)")
     search.add_argument("--storage", help="a shared study database for several workers, e.g. postgresql://u:pw@host/db")
-    search.add_argument("--study", default="autoq", help="study name in --storage (autoq)")
+    search.add_argument("--study", default=RunSettings.study, help=f"study name in --storage ({RunSettings.study})")
     search.add_argument("--quiet", action="store_true", help="no progress bar")
-    search.add_argument("--recipes", default="auto", choices=("auto", "none"),
+    search.add_argument("--recipes", default=RunSettings.recipes, choices=RECIPE_MODES,
                         help="also measure the backend's one-line recipes beside the front (auto) or not (none)")
     sensitivity = commands.add_parser("sensitivity", help="score every layer at every precision alone")
     _problem_args(sensitivity)
@@ -65,6 +70,12 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("run_dirs", nargs="+")
     compare.add_argument("--out", default="compare.html", help="page to write (compare.html)")
     return parser
+
+
+def _settings(args: argparse.Namespace) -> RunSettings:
+    """The run settings the command line gave (the flags are named as the settings)."""
+    given = {f.name: getattr(args, f.name) for f in fields(RunSettings) if hasattr(args, f.name)}
+    return RunSettings(**given, progress=not getattr(args, "quiet", False))
 
 
 def _summary(result) -> None:
@@ -101,9 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         from autoq import api
 
         if args.command == "sensitivity":
-            table = api.analyse_sensitivity(args.model, args.data, labels=args.labels, metric=args.metric,
-                                            space=args.space, backend=args.backend, method=args.method,
-                                            threads=args.threads, out=args.out)
+            table = api.analyse_sensitivity(args.model, args.data, method=args.method, settings=_settings(args))
             top = table.sort_values("score", ascending=False).head(10)
             shown = list(dict.fromkeys(["layer", "precision", get_method(args.method).column, "latency_saving_ms"]))
             print(top[shown].to_string(index=False))
@@ -123,12 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "compare":
             print(f"compare: {api.compare(args.run_dirs, args.out)}")
             return 0
-        result = api.search(args.model, args.data, labels=args.labels, metric=args.metric, space=args.space,
-                            backend=args.backend, trials=args.trials, timeout=args.timeout, threads=args.threads,
-                            out=args.out, seed=args.seed, progress=not args.quiet,
-                            max_drop=args.max_drop, latency_budget=args.latency_budget, size_budget=args.size_budget,
-                            trial_timeout=args.trial_timeout, sampler=args.sampler, storage=args.storage,
-                            study=args.study, recipes=args.recipes)
+        result = api.search(args.model, args.data, settings=_settings(args))
     except AutoqError as exc:
         print(f"autoq: error: {exc}", file=sys.stderr)
         return 2

@@ -24,7 +24,6 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from autoq.constraints import Constraints
 from autoq.costmodel import Screen, screen_was_wrong
 from autoq.errors import AutoqError
 from autoq.evaluate import CandidateError, Measurement
@@ -32,6 +31,7 @@ from autoq.pareto import DIRECTIONS
 from autoq.precision import Assignment, Precision
 from autoq.progress import SearchProgress, is_measured
 from autoq.samplers import get_sampler
+from autoq.settings import RunSettings
 from autoq.space import SearchSpace
 
 WORKER = f"{socket.gethostname()}:{os.getpid()}"  # who ran a trial, when several workers share a study
@@ -228,25 +228,23 @@ def suggest(trial: optuna.Trial, choices: dict[str, list[str]], options: dict[st
 
 
 def run_search(study: optuna.Study, evaluate: Callable[[Assignment], Measurement], fp32_quality: float,
-               choices: dict[str, list[str]], space: SearchSpace, trials: int, timeout: float | None = None,
-               progress: bool = True, seeds: Sequence[Assignment] = (), constraints: Constraints | None = None,
-               screen: Screen | None = None, created: bool = True, local: bool = True,
-               trial_timeout: float = 600,
+               choices: dict[str, list[str]], space: SearchSpace, settings: RunSettings,
+               seeds: Sequence[Assignment] = (), screen: Screen | None = None, created: bool = True,
                option_kinds: Mapping[str, Collection[str]] | None = None) -> optuna.Study:
-    """Run until `trials` trials have been measured in the study (counting earlier runs and other workers), or
-    `timeout` seconds. `evaluate` measures one assignment (a Worker's, or an Evaluator's); `fp32_quality`
-    anchors --max-drop. A study this call `created` starts with the uniform baselines, then `seeds`
-    (sensitivity-guided assignments). `screen` skips sampled candidates the cost model finds hopeless.
+    """Run until `settings.trials` trials have been measured in the study (counting earlier runs and other
+    workers), or `settings.timeout` seconds. `evaluate` measures one assignment (a Worker's, or an Evaluator's);
+    `fp32_quality` anchors --max-drop. A study this call `created` starts with the uniform baselines, then
+    `seeds` (sensitivity-guided assignments). `screen` skips sampled candidates the cost model finds hopeless.
     `option_kinds` says which precision kinds each option changes: their uniform baselines are also measured with
     the option's other values."""
-    constraints = constraints or Constraints()
+    constraints, trials = settings.constraints, settings.trials
     if created:
         _enqueue_baselines(study, choices, space.options, option_kinds)
         first = {OPTION_PREFIX + k: v[0] for k, v in space.options.items() if len(v) > 1}
         for seed in seeds:  # with the first value of each option, as the baselines they are compared with
             params = {n: p for n, p in seed.layers.items() if len(choices[n]) > 1}
             study.enqueue_trial(params | first, user_attrs={"seeded": True})
-    _recover_interrupted(study, local)
+    _recover_interrupted(study, settings.local)
 
     def measured_pairs(known: dict) -> list[tuple[Assignment, tuple]]:
         return [(Assignment.from_dict(json.loads(attrs["assignment"])), values) for values, attrs in known.values()]
@@ -261,8 +259,8 @@ def run_search(study: optuna.Study, evaluate: Callable[[Assignment], Measurement
         trial.set_user_attr("worker", WORKER)
         trial.set_user_attr("key", key)
         trial.set_user_attr("assignment", json.dumps(assignment.to_dict()))
-        if not local:
-            _wait_for_twin(study, trial, key, trial_timeout)
+        if not settings.local:
+            _wait_for_twin(study, trial, key, settings.trial_timeout)
         known = _measurements(study)
         if key in known:  # same assignment: reuse the measurement, never time it twice
             values, attrs = known[key]
@@ -295,7 +293,7 @@ def run_search(study: optuna.Study, evaluate: Callable[[Assignment], Measurement
 
     if budget_used(study) >= trials:
         return study
-    bar = SearchProgress(study, trials, constraints, fp32_quality, enabled=progress)
+    bar = SearchProgress(study, trials, constraints, fp32_quality, enabled=settings.progress)
 
     def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         bar.update()
@@ -303,7 +301,7 @@ def run_search(study: optuna.Study, evaluate: Callable[[Assignment], Measurement
             study.stop()
 
     with stop_on_ctrl_c() as stopped, bar:
-        study.optimize(objective, timeout=timeout, catch=(CandidateError,), callbacks=[after_trial])
+        study.optimize(objective, timeout=settings.timeout, catch=(CandidateError,), callbacks=[after_trial])
     if stopped[0]:
         raise KeyboardInterrupt
     return study

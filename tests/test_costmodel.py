@@ -14,6 +14,7 @@ from autoq.evaluate import Measurement
 from autoq.pareto import DIRECTIONS
 from autoq.precision import Assignment
 from autoq.search import run_search
+from autoq.settings import RunSettings
 from autoq.space import parse_space
 
 LAYERS = [f"layer{i}" for i in range(12)]
@@ -100,7 +101,7 @@ def test_screened_trials_are_recorded_and_do_not_use_the_budget(tmp_path):
         calls.append(assignment)
         return _measured(assignment)
 
-    run_search(study, evaluate, 1.0, CHOICES, space, trials=40, progress=False,
+    run_search(study, evaluate, 1.0, CHOICES, space, RunSettings(trials=40, progress=False),
                screen=Screen(_sensitivity(), CHOICES))
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state.name == "COMPLETE"]
@@ -123,8 +124,7 @@ def test_other_samplers_run_the_same_study(sampler, tmp_path):
     from autoq.search import make_sampler
 
     study = optuna.create_study(directions=DIRECTIONS, sampler=make_sampler(space, 0))
-    run_search(study, _measured, 1.0,
-               CHOICES, space, trials=14, progress=False)
+    run_search(study, _measured, 1.0, CHOICES, space, RunSettings(trials=14, progress=False))
     assert sum(t.state.name == "COMPLETE" for t in study.trials) == 14
 
 
@@ -141,6 +141,6 @@ def test_seeds_run_with_the_first_value_of_each_option():
         seen.append(assignment)
         return _measured(assignment)
 
-    run_search(study, evaluate, 1.0, CHOICES, space, trials=12, progress=False, seeds=seeds)
+    run_search(study, evaluate, 1.0, CHOICES, space, RunSettings(trials=12, progress=False), seeds=seeds)
     seeded = [a for a in seen if a.layers in [s.layers for s in seeds]]
     assert len(seeded) == 2 and all(a.options == {"float": "bf16", "act": "asym"} for a in seeded)

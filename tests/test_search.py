@@ -18,6 +18,7 @@ from autoq.errors import AutoqError
 from autoq.pareto import front as pareto_front
 from autoq.pareto import pareto_mask
 from autoq.precision import Assignment
+from autoq.settings import RunSettings
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +205,7 @@ def test_each_option_varies_the_uniform_baselines_it_changes():
         return Measurement(1.0 - 0.01 * int8, 0.0, 10.0 - int8, 0.0, 10.0 - int8, 1, 0.0, None, None, 100 - 10 * int8)
 
     study = optuna.create_study(directions=DIRECTIONS, sampler=optuna.samplers.RandomSampler(seed=0))
-    run_search(study, evaluate, 1.0, choices, space, trials=4, progress=False,
+    run_search(study, evaluate, 1.0, choices, space, RunSettings(trials=4, progress=False),
                option_kinds={"inference_precision": ("float",), "bias_correction": ("static",)})
     baselines = [t.user_attrs["baseline"] for t in study.trials if "baseline" in t.user_attrs]
     assert baselines == ["uniform-fp32", "uniform-int8", "uniform-fp32 inference_precision=f32",
