@@ -32,13 +32,14 @@ from autoq.pareto import front as pareto_front
 from autoq.precision import Assignment, calibrations
 from autoq.report import run as run_report
 from autoq.report import trials_frame
-from autoq.search import open_study, run_lock, run_search
+from autoq.search import open_study, option_variants, run_lock, run_search
 from autoq.settings import RunSettings
 from autoq.space import SearchSpace, load_space
 from autoq.torch_input import is_torch_model, to_onnx
 from autoq.worker import Worker, WorkerSpec
 
 REPORTS = Path("reports")
+OPTION_SEEDS = 3  # per alternative value of an option: the fast end's fp32-protected seeds built with it
 DataArg = str | Path | Mapping[str, np.ndarray] | None
 
 
@@ -173,6 +174,8 @@ def search(model: str | Path | object | None = None, data: DataArg = None, *more
             scores = sensitivity_mod.analyse(evaluator, choices, problem.space.sensitivity, run_dir / "cache")
             choices = sensitivity_mod.prune(choices, scores, problem.space.max_layer_drop)
             seeds = sensitivity_mod.greedy_seeds(scores, choices) + sensitivity_mod.fallback_seeds(scores, choices)
+            seeds += option_variants(sensitivity_mod.fallback_seeds(scores, choices, fp32_only=True),
+                                     problem.space.options, evaluator.backend.option_affects, limit=OPTION_SEEDS)
             scores.to_csv(run_dir / "sensitivity.csv", index=False)
         optuna_study, created = open_study(run_dir, problem.space, problem.seed, hardware_key(problem.machine),
                                            problem.config, settings.storage, settings.study)
@@ -185,7 +188,7 @@ def search(model: str | Path | object | None = None, data: DataArg = None, *more
         worker = _worker(evaluator, settings.trial_timeout)
         try:
             run_search(optuna_study, worker.evaluate if worker else evaluator.evaluate, evaluator.fp32_quality(),
-                       choices, problem.space, settings, seeds, screen, created, evaluator.backend.option_kinds)
+                       choices, problem.space, settings, seeds, screen, created, evaluator.backend.option_affects)
             table = trials_frame(optuna_study)
             front = finalize_front(evaluator, pareto_front(table), run_dir)
             recipe_table = None if settings.recipes == "none" else recipes_mod.measure_recipes(

@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -36,6 +36,7 @@ from autoq.space import SearchSpace
 
 WORKER = f"{socket.gethostname()}:{os.getpid()}"  # who ran a trial, when several workers share a study
 OPTION_PREFIX = "option:"
+Affects = Callable[[str, Precision], bool]  # (option, precision) -> whether the option changes how it is built
 LOCATION = "study.json"  # in a run directory whose study lives in a shared database: where it is
 
 
@@ -172,26 +173,38 @@ def _recover_interrupted(study: optuna.Study, local: bool) -> None:
             _retry(study, trial)
 
 
+def _float_only(option: str, precision: Precision) -> bool:
+    return precision.kind == "float"
+
+
+def option_variants(seeds: Sequence[Assignment], options: Mapping[str, Sequence], affects: Affects,
+                    limit: int | None = None) -> list[Assignment]:
+    """Each seed with each other value of every option that changes how one of its layers is built (`affects`),
+    the first `limit` such seeds per value: e.g. ORT's SmoothQuant on the fast end's int8-dyn-pc seeds."""
+    variants = []
+    for key, values in options.items():
+        touched = [seed for seed in seeds if any(affects(key, Precision.parse(p)) for p in set(seed.layers.values()))]
+        variants += [Assignment(seed.layers, {**seed.options, key: value})
+                     for value in values[1:] for seed in touched[:limit]]
+    return variants
+
+
 def _enqueue_baselines(study: optuna.Study, choices: dict[str, list[str]], options: dict[str, list],
-                       option_kinds: Mapping[str, Collection[str]] | None = None) -> None:
+                       affects: Affects) -> None:
     """Every layer at each precision (with the first value of each option), then each of those uniform
-    assignments with each other value of every option that changes how its kind of precision is built
-    (`option_kinds`: option -> precision kinds; None: every option, for fp32 only). So OpenVINO's bf16 gets an
-    all-fp32 baseline, ORT's glue float an all-int8 one, and no option measures FP32 twice."""
+    assignments with each other value of every option that changes how it is built (`affects`). So OpenVINO's
+    bf16 gets an all-fp32 baseline, ORT's glue float an all-int8 one, and no option measures FP32 twice."""
     precisions = sorted({p for c in choices.values() for p in c}, key=lambda p: p != "fp32")
     first = {OPTION_PREFIX + k: v[0] for k, v in options.items() if len(v) > 1}
     uniform = {p: {name: p if p in c else c[0] for name, c in choices.items() if len(c) > 1} for p in precisions}
     for precision, params in uniform.items():
         study.enqueue_trial(params | first, user_attrs={"baseline": f"uniform-{precision}"})
     for precision, params in uniform.items():
-        kind = Precision.parse(precision).kind
         for key, values in options.items():
-            kinds = ("float",) if option_kinds is None else option_kinds.get(key, ())
-            if kind not in kinds:
-                continue
-            for value in values[1:]:
-                study.enqueue_trial(params | first | {OPTION_PREFIX + key: value},
-                                    user_attrs={"baseline": f"uniform-{precision} {key}={value}"})
+            if affects(key, Precision.parse(precision)):
+                for value in values[1:]:
+                    study.enqueue_trial(params | first | {OPTION_PREFIX + key: value},
+                                        user_attrs={"baseline": f"uniform-{precision} {key}={value}"})
 
 
 def budget_used(study: optuna.Study) -> int:
@@ -230,20 +243,21 @@ def suggest(trial: optuna.Trial, choices: dict[str, list[str]], options: dict[st
 def run_search(study: optuna.Study, evaluate: Callable[[Assignment], Measurement], fp32_quality: float,
                choices: dict[str, list[str]], space: SearchSpace, settings: RunSettings,
                seeds: Sequence[Assignment] = (), screen: Screen | None = None, created: bool = True,
-               option_kinds: Mapping[str, Collection[str]] | None = None) -> optuna.Study:
+               affects: Affects = _float_only) -> optuna.Study:
     """Run until `settings.trials` trials have been measured in the study (counting earlier runs and other
     workers), or `settings.timeout` seconds. `evaluate` measures one assignment (a Worker's, or an Evaluator's);
     `fp32_quality` anchors --max-drop. A study this call `created` starts with the uniform baselines, then
-    `seeds` (sensitivity-guided assignments). `screen` skips sampled candidates the cost model finds hopeless.
-    `option_kinds` says which precision kinds each option changes: their uniform baselines are also measured with
-    the option's other values."""
+    `seeds` (sensitivity-guided assignments; an option a seed does not set takes its first value). `screen` skips
+    sampled candidates the cost model finds hopeless. `affects(option, precision)` says whether an option changes
+    how a precision is built: the uniform baselines are also measured with the option's other values."""
     constraints, trials = settings.constraints, settings.trials
     if created:
-        _enqueue_baselines(study, choices, space.options, option_kinds)
+        _enqueue_baselines(study, choices, space.options, affects)
         first = {OPTION_PREFIX + k: v[0] for k, v in space.options.items() if len(v) > 1}
-        for seed in seeds:  # with the first value of each option, as the baselines they are compared with
+        for seed in seeds:  # with the first value of each option it does not set, as the baselines
             params = {n: p for n, p in seed.layers.items() if len(choices[n]) > 1}
-            study.enqueue_trial(params | first, user_attrs={"seeded": True})
+            chosen = {OPTION_PREFIX + k: v for k, v in seed.options.items() if len(space.options.get(k, ())) > 1}
+            study.enqueue_trial(params | first | chosen, user_attrs={"seeded": True})
     _recover_interrupted(study, settings.local)
 
     def measured_pairs(known: dict) -> list[tuple[Assignment, tuple]]:

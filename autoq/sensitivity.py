@@ -192,13 +192,15 @@ def greedy_seeds(table: pd.DataFrame, choices: dict[str, list[str]],
 
 
 def fallback_seeds(table: pd.DataFrame, choices: dict[str, list[str]],
-                   fractions: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75), table_cost: float = 0.02) -> list[Assignment]:
+                   fractions: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75), table_cost: float = 0.02,
+                   fp32_only: bool = False) -> list[Assignment]:
     """The fast end, alone and with its most fragile layers protected. For each of the two precisions that save the
     most latency in total, the top `fractions` of layers (by that precision's score) move to a safer spec: the most
     accurate one that still saves latency, the most accurate one that saves nearly as much (int8-dyn -> its
     per-channel form; the first three fractions), or fp32 (the first two). A layer that does not offer the fast
     precision (an embedding table) takes the spec saving it the most bytes at a latency cost under `table_cost` of
-    the fast precision's total saving. With a menu of specs, random mixes rarely find these."""
+    the fast precision's total saving. With a menu of specs, random mixes rarely find these. `fp32_only`: only the
+    seeds that protect with fp32."""
     rows = table[[p in choices.get(n, []) for n, p in zip(table["layer"], table["precision"], strict=True)]]
     if rows.empty:
         return []
@@ -213,8 +215,10 @@ def fallback_seeds(table: pd.DataFrame, choices: dict[str, list[str]],
         safer = [p for p in accuracy.index if accuracy[p] < accuracy[fast]]
         near = [p for p in safer if saving[p] >= 0.9 * saving[fast]]
         order = list(rows[rows["precision"] == fast].sort_values("score", ascending=False)["layer"])
-        plans = [("fp32", (0.0,) + fractions[:2]), *((safe, fractions) for safe in safer[:1]),
-                 *((safe, fractions[:3]) for safe in near[:1] if safe not in safer[:1])]
+        plans = [("fp32", (0.0,) + fractions[:2])]
+        if not fp32_only:
+            plans += [*((safe, fractions) for safe in safer[:1]),
+                      *((safe, fractions[:3]) for safe in near[:1] if safe not in safer[:1])]
         for safe, cuts in plans:
             for fraction in cuts:
                 protected = set(order[: max(1, round(fraction * len(order)))] if fraction else [])

@@ -84,6 +84,10 @@ class Backend(ABC):
                 raise AutoqError(msg)
         return requested
 
+    def option_affects(self, option: str, precision: Precision) -> bool:
+        """Whether the model-wide `option` changes how a layer in `precision` is built (by default: its kind)."""
+        return precision.kind in self.option_kinds.get(option, ())
+
     def layer_precisions(self, layer: Layer, allowed: list[str]) -> list[str]:
         """The space's precisions for `layer` that this backend can build for that layer (op and shape limits);
         fp32 always stays."""

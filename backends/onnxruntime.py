@@ -71,7 +71,12 @@ class OnnxRuntimeBackend(Backend):
     option_values = {"reduce_range": (False, True), BIAS_CORRECTION: (True, False), GLUE: ("int8", "float"),
                      SMOOTH_QUANT: (False, 0.5, 0.7, 0.85)}
     option_kinds = {"reduce_range": ("static",), BIAS_CORRECTION: ("static",), GLUE: ("static",),
-                    SMOOTH_QUANT: ("dynamic",)}
+                    SMOOTH_QUANT: ("dynamic",)}  # of int8-dyn, only its per-channel form: option_affects
+
+    def option_affects(self, option: str, precision: Precision) -> bool:
+        if option == SMOOTH_QUANT:  # only int8-dyn with per-channel weights is smoothed
+            return precision.kind == "dynamic" and precision.granularity == "channel"
+        return super().option_affects(option, precision)
 
     def unbuildable(self, precision: Precision) -> str | None:
         if precision.kind == "float" and precision.fmt != "fp32":
@@ -165,7 +170,7 @@ class OnnxRuntimeBackend(Backend):
                                dict(np.load(samples_path(calibration))))
         alpha = assignment.options.get(SMOOTH_QUANT, False)
         if alpha:
-            smooth(out, model, [n for n, s in specs.items() if s.kind == "dynamic" and s.granularity == "channel"],
+            smooth(out, model, [n for n, s in specs.items() if self.option_affects(SMOOTH_QUANT, s)],
                    float(alpha), calibration)  # type: ignore[arg-type]
         quantize_dynamic_layers(out, specs)
         quantize_weight_only(out, specs, calibration)

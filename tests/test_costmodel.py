@@ -129,7 +129,8 @@ def test_other_samplers_run_the_same_study(sampler, tmp_path):
 
 
 def test_seeds_run_with_the_first_value_of_each_option():
-    """A seed is compared with the baselines: it takes the options' first values, not a random draw."""
+    """A seed is compared with the baselines: it takes the options' first values (unless it sets one), not a
+    random draw."""
     space = parse_space({"sampler": "random", "sensitivity": "none", "options": {"float": ["bf16", "f32"],
                                                                                  "act": ["asym", "sym"]}})
     study = optuna.create_study(directions=DIRECTIONS, sampler=optuna.samplers.RandomSampler(seed=0))
@@ -141,6 +142,8 @@ def test_seeds_run_with_the_first_value_of_each_option():
         seen.append(assignment)
         return _measured(assignment)
 
+    seeds.append(Assignment(seeds[0].layers, {"act": "sym"}))  # a seed that sets an option keeps it
     run_search(study, evaluate, 1.0, CHOICES, space, RunSettings(trials=12, progress=False), seeds=seeds)
     seeded = [a for a in seen if a.layers in [s.layers for s in seeds]]
-    assert len(seeded) == 2 and all(a.options == {"float": "bf16", "act": "asym"} for a in seeded)
+    assert [a.options for a in seeded] == [{"float": "bf16", "act": "asym"}, {"float": "bf16", "act": "asym"},
+                                           {"float": "bf16", "act": "sym"}]

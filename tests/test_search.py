@@ -205,8 +205,23 @@ def test_each_option_varies_the_uniform_baselines_it_changes():
         return Measurement(1.0 - 0.01 * int8, 0.0, 10.0 - int8, 0.0, 10.0 - int8, 1, 0.0, None, None, 100 - 10 * int8)
 
     study = optuna.create_study(directions=DIRECTIONS, sampler=optuna.samplers.RandomSampler(seed=0))
+    KINDS_OF_OPTIONS = {"inference_precision": "float", "bias_correction": "static"}
     run_search(study, evaluate, 1.0, choices, space, RunSettings(trials=4, progress=False),
-               option_kinds={"inference_precision": ("float",), "bias_correction": ("static",)})
+               affects=lambda option, p: p.kind == KINDS_OF_OPTIONS[option])
     baselines = [t.user_attrs["baseline"] for t in study.trials if "baseline" in t.user_attrs]
     assert baselines == ["uniform-fp32", "uniform-int8", "uniform-fp32 inference_precision=f32",
                          "uniform-int8 bias_correction=False"]
+
+
+def test_option_variants_copy_only_the_seeds_an_option_changes():
+    """ORT's SmoothQuant changes int8-dyn-pc layers only: a per-tensor int8-dyn seed gets no (duplicate) copy."""
+    from autoq.backends import get_backend
+    from autoq.search import option_variants
+
+    seeds = [Assignment({"a": "int8-dyn", "b": "fp32"}), Assignment({"a": "int8-dyn-pc", "b": "fp32"}),
+             Assignment({"a": "int8-dyn-pc", "b": "int8-dyn-pc"}), Assignment({"a": "fp32", "b": "int8-dyn-pc"})]
+    options = {"smooth_quant": [False, 0.5, 0.7], "glue": ["int8"]}
+    variants = option_variants(seeds, options, get_backend("onnxruntime").option_affects, limit=2)
+    assert [(v.layers, v.options) for v in variants] == [
+        (seeds[1].layers, {"smooth_quant": 0.5}), (seeds[2].layers, {"smooth_quant": 0.5}),
+        (seeds[1].layers, {"smooth_quant": 0.7}), (seeds[2].layers, {"smooth_quant": 0.7})]

@@ -204,6 +204,10 @@ def test_fallback_seeds_protect_the_fast_precisions_most_fragile_layers():
     assert any(all(s.layers[n] == "int8-dyn" for n in layers) for s in seeds)  # and the fast end alone
     assert any({p for n, p in s.layers.items() if n != "table"} == {"fp32", "int8-dyn"} for s in seeds)
     assert not any("w4g32" in [p for n, p in s.layers.items() if n != "table"] for s in seeds)  # slower: never fast
+    only_fp32 = sens.fallback_seeds(pd.DataFrame(rows).fillna({"size_saving_bytes": 0}), choices, fractions=(0.1, 0.3),
+                                    fp32_only=True)
+    assert only_fp32 and all(len({s.layers[n] for n in layers} - {"fp32"}) == 1 for s in only_fp32)  # fast + fp32
+    assert {s.key() for s in only_fp32} < {s.key() for s in seeds}
 
 
 def test_fallback_seeds_use_the_nearly_as_fast_spec_and_cheap_tables():
