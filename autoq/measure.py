@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import platform
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from importlib import metadata
 
@@ -97,25 +97,30 @@ def time_runner(run: Runner, reference: Runner | None = None, *, warmup: int = 5
     raise ValueError(msg)
 
 
-def ratio_rounds(runs: Mapping[str, Runner], reference: str, rounds: int = 15, round_size: int = 6,
-                 warmup: int = 3, pause_s: float = 0.02) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def ratio_rounds(runs: Mapping[str, Runner | Sequence[Runner]], reference: str, rounds: int = 15,
+                 round_size: int = 6, warmup: int = 3,
+                 pause_s: float = 0.02) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Several models taking turns with the reference, `rounds` times: per model, (its median ms per round, the
     reference's median ms in the block just before it / its own), so each ratio pairs two adjacent blocks and a
     drifting machine shows in both alike. A short pause after each block lets the threads of a session that spins
-    (ONNX Runtime's default) park before the next session runs."""
-    for run in runs.values():
-        for _ in range(warmup):
-            run()
+    (ONNX Runtime's default) park before the next session runs. A model given as several runners (separately
+    compiled instances) runs instance `round % len(instances)` in each round."""
+    instances = {name: list(run) if isinstance(run, Sequence) else [run] for name, run in runs.items()}
+    for each in instances.values():
+        for run in each:
+            for _ in range(warmup):
+                run()
     medians: dict[str, list[float]] = {name: [] for name in runs}
     ratios: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name, run in runs.items():
+    for index in range(rounds):
+        references = instances[reference]
+        for name, each in instances.items():
             if name == reference:
                 continue
             time.sleep(pause_s)
-            ref = float(np.median(_round(runs[reference], round_size, settle=True)))
+            ref = float(np.median(_round(references[index % len(references)], round_size, settle=True)))
             time.sleep(pause_s)
-            own = float(np.median(_round(run, round_size, settle=True)))
+            own = float(np.median(_round(each[index % len(each)], round_size, settle=True)))
             medians[reference].append(ref)
             medians[name].append(own)
             ratios[name].append(ref / own)
@@ -123,10 +128,19 @@ def ratio_rounds(runs: Mapping[str, Runner], reference: str, rounds: int = 15, r
     return {name: (np.array(medians[name]), np.array(ratios[name])) for name in runs}
 
 
-def interval(values: np.ndarray, level: float = 0.95, draws: int = 2000) -> tuple[float, float, float]:
-    """(median, low, high): the median and its bootstrap percentile confidence interval."""
+def interval(values: np.ndarray, level: float = 0.95, draws: int = 2000,
+             clusters: np.ndarray | None = None) -> tuple[float, float, float]:
+    """(median, low, high): the median and its bootstrap percentile confidence interval. With `clusters` (e.g.
+    which compiled instance each value came from), clusters are resampled first, then values within each, so
+    what differs between instances widens the interval as it should."""
     rng = np.random.default_rng(0)
-    resampled = np.median(rng.choice(values, (draws, len(values))), axis=1)
+    if clusters is None:
+        resampled = np.median(rng.choice(values, (draws, len(values))), axis=1)
+    else:
+        groups = [values[clusters == c] for c in np.unique(clusters)]
+        resampled = np.array([np.median(np.concatenate([rng.choice(groups[g], len(groups[g]))
+                                                        for g in rng.integers(len(groups), size=len(groups))]))
+                              for _ in range(draws)])
     tail = (1 - level) / 2 * 100
     return float(np.median(values)), float(np.percentile(resampled, tail)), float(np.percentile(resampled, 100 - tail))
 

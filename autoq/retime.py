@@ -49,7 +49,8 @@ def _models(run_dir: Path, points: list[int] | None, against: list[Path]) -> dic
 def verify(run_dir: str | Path, points: list[int] | None = None, against: Sequence[str | Path] = (),
            rounds: int = 15) -> pd.DataFrame:
     """One row per model: its median ms, its speed-up over FP32 (median of the per-round ratios) and the 95%
-    confidence interval of that median."""
+    confidence interval of that median. Where the backend's compilations of one model differ (OpenVINO), each
+    model is compiled several times, the rounds take turns among them, and the interval covers that difference."""
     run_dir = Path(run_dir)
     if not (run_dir / "pareto.csv").is_file() or not (run_dir / "run.json").is_file():
         msg = f"{run_dir} holds no finished autoq run (no pareto.csv): give the --out of a search that finished"
@@ -66,13 +67,14 @@ def verify(run_dir: str | Path, points: list[int] | None = None, against: Sequen
         msg = f"{run_dir}/cache has no calibration samples to feed the models: run the search there again"
         raise AutoqError(msg)
     feeds = {k: v[:1] for k, v in np.load(samples[0]).items()}
-    runs: dict[str, Callable[[], object]] = {}
+    runs: dict[str, list[Callable[[], object]]] = {}
     for label, (path, options) in _models(run_dir, points, [Path(p) for p in against]).items():
-        candidate = Candidate(Assignment({}, options), path, path.stat().st_size)
-        runs[label] = partial(backend.deployed_runner(candidate, threads), feeds)
-    timed = ratio_rounds(runs, FP32, rounds=rounds)
+        runs[label] = [partial(backend.deployed_runner(Candidate(Assignment({}, options), path, 0), threads), feeds)
+                       for _ in range(backend.deployed_instances)]
+    instances = backend.deployed_instances
+    timed = ratio_rounds(runs, FP32, rounds=-(-rounds // instances) * instances)  # each instance as often
     rows = []
     for label, (ms, ratios) in timed.items():
-        ratio, low, high = interval(ratios)
+        ratio, low, high = interval(ratios, clusters=np.arange(len(ratios)) % instances)
         rows.append({"model": label, "ms": float(np.median(ms)), "vs FP32": ratio, "95% low": low, "95% high": high})
     return pd.DataFrame(rows)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -32,7 +33,21 @@ class Candidate:
     assignment: Assignment
     path: Path  # the built model file
     size_bytes: int
-    extra: dict = field(default_factory=dict)
+    state: object = None  # the building backend's own record (read with `state_of`)
+
+
+State = TypeVar("State")
+
+
+def state_of(candidate: Candidate, kind: type[State]) -> State:
+    """A backend's own record of `candidate`, of type `kind`; an empty one for a candidate made elsewhere (a
+    recipe, a file named to `autoq verify`)."""
+    if candidate.state is None:
+        candidate.state = kind()
+    if not isinstance(candidate.state, kind):
+        msg = f"a candidate built by another backend ({type(candidate.state).__name__}, not {kind.__name__})"
+        raise TypeError(msg)
+    return candidate.state
 
 
 @dataclass(frozen=True)
@@ -64,6 +79,7 @@ class Backend(ABC):
     deployed_settings = "the runtime's defaults"  # how `deployed_runner` sessions are set up
     option_values: dict[str, tuple] = {}  # the model-wide options it reads -> their allowed values
     option_kinds: dict[str, tuple[str, ...]] = {}  # option -> the precision kinds whose build it changes
+    deployed_instances = 1  # separately compiled instances of each model `autoq verify` times, where they differ
 
     @abstractmethod
     def unbuildable(self, precision: Precision) -> str | None:

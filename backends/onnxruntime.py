@@ -16,6 +16,7 @@ import json
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from autoq.backends.base import Backend, Candidate, Feeds, GlueCheck, Outputs, Recipe
+from autoq.backends.base import Backend, Candidate, Feeds, GlueCheck, Outputs, Recipe, state_of
 from autoq.backends.ort_bias import correct_biases
 from autoq.backends.ort_graph import (
     INTEGER_OPS,
@@ -57,6 +58,15 @@ OPTIMIZED = "optimized.onnx"
 BIAS_CORRECTION = "bias_correction"  # option
 GLUE = "glue"  # option
 SMOOTH_QUANT = "smooth_quant"  # option
+
+
+@dataclass
+class OrtState:
+    """What an ORT candidate keeps from its build: to find each layer's kernel and attribute profiled time."""
+
+    weights: dict[str, str] = field(default_factory=dict)  # layer -> its weight initializer's name
+    regions: Regions | None = None
+    graph: onnx.GraphProto | None = None  # the FP32 model's graph
 
 
 class OnnxRuntimeBackend(Backend):
@@ -174,9 +184,8 @@ class OnnxRuntimeBackend(Backend):
                    float(alpha), calibration)  # type: ignore[arg-type]
         quantize_dynamic_layers(out, specs)
         quantize_weight_only(out, specs, calibration)
-        return Candidate(assignment, out, out.stat().st_size, {
-            "layers": {layer.name: layer.weight for layer in model.layers}, "regions": regions,
-            "graph": model.proto.graph})
+        return Candidate(assignment, out, out.stat().st_size,
+                         OrtState({layer.name: layer.weight for layer in model.layers}, regions, model.proto.graph))
 
     @staticmethod
     def _options(threads: int) -> ort.SessionOptions:
@@ -221,7 +230,7 @@ class OnnxRuntimeBackend(Backend):
             for name in [*node.input, f"@{node.name}"]:
                 consumers.setdefault(name, []).append(node)
         result = {}
-        for layer, weight in candidate.extra["layers"].items():
+        for layer, weight in state_of(candidate, OrtState).weights.items():
             found = [*consumers.get(f"{weight}_quantized", []), *consumers.get(f"{weight}_Q4", []),
                      *consumers.get(f"{weight}_Q8", []), *consumers.get(weight, []), *consumers.get(f"@{layer}", []),
                      *consumers.get(f"@{layer}_Q4", []), *consumers.get(f"@{layer}_Q8", [])]  # GPTQ renames weights
@@ -288,8 +297,8 @@ class OnnxRuntimeBackend(Backend):
             if event.get("cat") == "Node" and name.endswith("_kernel_time"):
                 durations.setdefault(name[: -len("_kernel_time")], []).append((event["ts"], event["dur"]))
         per_node = {n: float(np.mean([d for _, d in sorted(v)[warmup:]])) / 1e3 for n, v in durations.items()}
-        return attribute_profile(candidate.extra["graph"], candidate.extra["regions"], per_node,
-                          list(candidate.extra["layers"]))
+        state = state_of(candidate, OrtState)
+        return attribute_profile(state.graph, state.regions, per_node, list(state.weights))
 
     def recipes(self, model: OnnxModel) -> list[Recipe]:
         from autoq.backends.ort_recipes import recipes

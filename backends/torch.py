@@ -27,15 +27,16 @@ import io
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from autoq.backends.base import Backend, Candidate, Feeds, Outputs, Recipe
+from autoq.backends.base import Backend, Candidate, Feeds, Outputs, Recipe, state_of
 from autoq.calibrate import samples_path
 from autoq.errors import AutoqError
-from autoq.graph import OnnxModel
+from autoq.graph import InputSpec, OnnxModel
 from autoq.precision import Assignment, Precision
 
 
@@ -187,6 +188,17 @@ def _executed_as(module: torch.nn.Module, inputs: tuple) -> str:
     return "bf16" if dtypes == {torch.bfloat16} else "fp32" if dtypes == {torch.float32} else "mixed"
 
 
+@dataclass
+class TorchState:
+    """What a torch candidate keeps: the module in its precisions, and its compiled form where compiled."""
+
+    inputs: list[InputSpec] = field(default_factory=list)  # the model's inputs, in call order
+    module: torch.nn.Module | None = None
+    compiled: Callable | None = None  # the PT2E/inductor graph (compile: true)
+    graph_precisions: dict[str, str] = field(default_factory=dict)  # layer -> its precision in the compiled graph
+    feeds: Feeds | None = None  # the last batch run: what executed() re-runs to see which kernels ran
+
+
 class TorchBackend(Backend):
     name = "torch"
     default_space = "torch-cpu"
@@ -210,7 +222,7 @@ class TorchBackend(Backend):
                 raise AutoqError(f"{precision} (layer {layer}) has a real kernel only {mode} in the torch backend")
         built = apply(model.module, Assignment({n: p for n, p in assignment.layers.items()
                                                 if p not in (PT2E if compiled else ("int8",))}))
-        extra: dict = {"specs": model.inputs, "module": built}
+        state = TorchState(model.inputs, built)
         workdir.mkdir(parents=True, exist_ok=True)
         path = workdir / "model.pt"  # static int8 is re-created by compile_assignment, not stored quantized
         buffer = io.BytesIO()
@@ -219,16 +231,17 @@ class TorchBackend(Backend):
         size = path.stat().st_size
         if compiled:
             samples = dict(np.load(samples_path(calibration)))
-            extra["compiled"], extra["graph_precisions"], size = _compile(
+            state.compiled, state.graph_precisions, size = _compile(
                 built, assignment, samples, [spec.name for spec in model.inputs])
-        return Candidate(assignment, path, size, extra)
+        return Candidate(assignment, path, size, state)
 
     def runner(self, candidate: Candidate, threads: int) -> Callable[[Feeds], Outputs]:
-        module = candidate.extra.get("compiled", candidate.extra["module"])
-        names = [spec.name for spec in candidate.extra["specs"]]
+        state = state_of(candidate, TorchState)
+        module = state.compiled or state.module
+        names = [spec.name for spec in state.inputs]
 
         def run(feeds: Feeds) -> Outputs:
-            candidate.extra["feeds"] = feeds  # what executed() re-runs to see which kernels ran
+            state.feeds = feeds  # what executed() re-runs to see which kernels ran
             torch.set_num_threads(threads)
             with torch.no_grad():  # not inference_mode: compiled graphs with frozen weights reject it
                 out = module(*(torch.from_numpy(feeds[n]) for n in names))
@@ -239,7 +252,7 @@ class TorchBackend(Backend):
 
     def _hooked(self, candidate: Candidate, feeds: Feeds, threads: int, runs: int) -> dict[str, tuple[str, float]]:
         """Layer -> (what ran, mean ms) over `runs` inferences, from forward hooks on each layer's module."""
-        module, handles = candidate.extra["module"], []
+        module, handles = state_of(candidate, TorchState).module, []
         seen: dict[str, list] = {}
         for layer in candidate.assignment.layers:
             target = module.get_submodule(layer.split("#")[0])
@@ -263,11 +276,12 @@ class TorchBackend(Backend):
         return {layer: (kind, total / runs) for layer, (kind, total, *_) in seen.items()}
 
     def executed(self, candidate: Candidate) -> dict[str, str]:
-        feeds = candidate.extra.get("feeds") or {  # not run yet: one sample of zeros shows the kernels as well
-            spec.name: np.zeros([d or 1 for d in spec.shape], dtype=spec.dtype) for spec in candidate.extra["specs"]}
+        state = state_of(candidate, TorchState)
+        feeds = state.feeds or {  # not run yet: one sample of zeros shows the kernels as well
+            spec.name: np.zeros([d or 1 for d in spec.shape], dtype=spec.dtype) for spec in state.inputs}
         feeds = {k: v[:1] for k, v in feeds.items()}
-        if "compiled" in candidate.extra:
-            graph = candidate.extra["graph_precisions"]
+        if state.compiled is not None:
+            graph = state.graph_precisions
             run = self.runner(candidate, 1)
             run(feeds)  # compiled for this shape before the profiled call
             quantized = sum(p in PT2E for p in graph.values())
@@ -278,7 +292,7 @@ class TorchBackend(Backend):
 
     def layer_latency(self, candidate: Candidate, feeds: Feeds, threads: int,
                       runs: int = 20) -> dict[str, float] | None:
-        if "compiled" in candidate.extra:  # inductor fuses across modules: no per-module time to read
+        if state_of(candidate, TorchState).compiled is not None:  # inductor fuses across modules: no per-module time
             return None
         self.runner(candidate, threads)(feeds)  # warm-up
         return {layer: ms for layer, (_, ms) in self._hooked(candidate, feeds, threads, runs).items()}

@@ -4,8 +4,10 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
+from autoq import measure
 from autoq.measure import LoadMeter, fingerprint, time_runner
 
 BUSY = "import time\nend = time.time() + {s}\nwhile time.time() < end: pass\n"
@@ -86,3 +88,26 @@ def test_a_trial_whose_fp32_rounds_drifted_is_timed_again(digits_cnn, digits_npz
     evaluator.close()
     assert drifted.retimed == 1
     assert drifted.latency_ms > 2 * drifted.measured_latency_ms  # still scaled to the study's FP32
+
+
+def test_rounds_take_turns_among_a_models_instances_and_the_interval_covers_them():
+    """Two compiled instances of one model: round r runs instance r % 2 (against the reference's instance r % 2);
+    when the instances differ, the clustered interval is wider than one that treats the rounds as independent."""
+    calls = {"ref0": 0, "ref1": 0, "a0": 0, "a1": 0}
+
+    def counting(name):
+        def run():
+            calls[name] += 1
+        return run
+
+    rounds = measure.ratio_rounds({"ref": [counting("ref0"), counting("ref1")], "a": [counting("a0"), counting("a1")]},
+                                  "ref", rounds=4, round_size=2, warmup=1, pause_s=0)
+    assert len(rounds["a"][1]) == 4
+    assert calls == dict.fromkeys(calls, 1 + 2 * 3)  # warm-up, then 2 rounds x (settle + 2 timed)
+    rng = np.random.default_rng(1)
+    ratios = np.concatenate([1.0 + rng.normal(0, 0.005, 8), 1.1 + rng.normal(0, 0.005, 8)])
+    clusters = np.repeat([0, 1], 8)
+    _, low, high = measure.interval(ratios, clusters=clusters)
+    _, plain_low, plain_high = measure.interval(ratios)
+    assert low < 1.01 and high > 1.09  # either instance could be the one a second run compiles
+    assert high - low > plain_high - plain_low
