@@ -31,7 +31,7 @@ from autoq.measure import fingerprint, time_runner
 from autoq.metrics import get_metric
 
 
-def _ocr_models() -> Path:
+def ocr_models() -> Path:
     spec = importlib.util.find_spec("rapidocr_onnxruntime")  # not imported: it needs OpenCV, we need its files
     if spec is None:
         raise SystemExit("pip install --no-deps rapidocr-onnxruntime==1.4.4 (and pillow) first")
@@ -68,7 +68,7 @@ def text_pages(n: int = 64, size: int = 320, seed: int = 0) -> dict[str, np.ndar
     return {"x": np.stack(pages).transpose(0, 3, 1, 2).astype(np.float32)}
 
 
-def _session(path: Path, threads: int):
+def ort_session(path: Path, threads: int):
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads, options.log_severity_level = threads, 1, 3
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as the search times
@@ -146,12 +146,12 @@ def bench(name: str, source: Path, data: dict[str, np.ndarray], metric: str, tri
     ov_result = autoq.search(source, data, metric=metric, trials=trials, threads=threads, backend="openvino",
                              out=work / f"{name}-openvino", progress=False)
     ov_wall = time.perf_counter() - started - wall
-    ort_runs = {"ORT FP32": _session(source, threads)}
-    ort_runs |= {label: _session(path, threads) for label, path in
+    ort_runs = {"ORT FP32": ort_session(source, threads)}
+    ort_runs |= {label: ort_session(path, threads) for label, path in
                  _recipes(source, splits.calibration.arrays, work / name).items()}
     front = result.front.dropna(subset=["model"]).reset_index(drop=True)
     for _, row in front.iterrows():
-        ort_runs[f"autoq ORT point {int(row['point'])}: {row['summary']}"] = _session(work / name / row["model"],
+        ort_runs[f"autoq ORT point {int(row['point'])}: {row['summary']}"] = ort_session(work / name / row["model"],
                                                                                       threads)
     ov_front = ov_result.front.dropna(subset=["model"]).reset_index(drop=True)
     ov_runs = _openvino(source, splits.calibration.arrays, threads, ov_front, work / f"{name}-openvino",
@@ -212,8 +212,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("reports/int8-regions-runs"))
     parser.add_argument("--out", type=Path, default=Path("reports/benchmarks/int8_regions.md"))
     args = parser.parse_args()
-    models = {"cls": lambda: (_ocr_models() / "ch_ppocr_mobile_v2.0_cls_infer.onnx", text_lines(), "top1"),
-              "det": lambda: (_ocr_models() / "ch_PP-OCRv4_det_infer.onnx", text_pages(), "cosine"),
+    models = {"cls": lambda: (ocr_models() / "ch_ppocr_mobile_v2.0_cls_infer.onnx", text_lines(), "top1"),
+              "det": lambda: (ocr_models() / "ch_PP-OCRv4_det_infer.onnx", text_pages(), "cosine"),
               "minilm": lambda: (demo_files()[0], dict(np.load(demo_files()[1])), "cosine", True)}
     frames = []
     for name in args.models.split(","):

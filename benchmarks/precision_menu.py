@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from int8_regions import _ocr_models, _session, text_pages
+from int8_regions import ocr_models, ort_session, text_pages
 
 import autoq
 from autoq import data as data_mod
@@ -64,7 +64,7 @@ def _ort_recipes(source: Path, calibration: dict[str, np.ndarray], out: Path, th
             paths[label] = path
         except Exception as exc:  # a recipe that fails on this model is a row with its reason
             paths[label] = f"failed: {type(exc).__name__}: {str(exc)[:80]}"
-    return {label: (_session(path, threads), path.stat().st_size) if isinstance(path, Path) else (path, 0)
+    return {label: (ort_session(path, threads), path.stat().st_size) if isinstance(path, Path) else (path, 0)
             for label, path in paths.items()}
 
 
@@ -113,7 +113,7 @@ def _front_runs(result, run: Path, backend: str, threads: int) -> dict[str, Run]
         if options:
             label += " (" + ", ".join(f"{k}={v}" for k, v in options.items()) + ")"
         if backend == "ORT":
-            runs[label] = (_session(path, threads), path.stat().st_size)
+            runs[label] = (ort_session(path, threads), path.stat().st_size)
             continue
         precision = options.get("inference_precision", "f32")
         request = ov.Core().compile_model(str(path), "CPU", {
@@ -239,7 +239,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("reports/benchmarks/precision_menu.md"))
     args = parser.parse_args()
     models = {"minilm": lambda: (demo_files()[0], dict(np.load(demo_files()[1])), "cosine", True),
-              "det": lambda: (_ocr_models() / "ch_PP-OCRv4_det_infer.onnx", text_pages(), "cosine", False)}
+              "det": lambda: (ocr_models() / "ch_PP-OCRv4_det_infer.onnx", text_pages(), "cosine", False)}
     targets = {"minilm": [(0.99, "ORT quantize_dynamic (MatMul/Gemm)"), (0.99, "ORT quantize_dynamic (defaults)"),
                           (0.999, "ORT FP32")],
                "det": [(0.99, "nncf.quantize (OpenVINO default float: bf16)")]}
