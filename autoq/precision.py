@@ -35,8 +35,8 @@ FLOATS = {"fp32": 32, "bf16": 16, "fp16": 16}
 CALIBRATIONS = ("minmax", "entropy", "mse", "percentile")
 ROUNDINGS = ("rtn", "hqq", "gptq", "awq", "se")  # se: NNCF's scale estimation
 KINDS = ("float", "static", "dynamic", "weight-only")
-FORMS = ("fp32|bf16|fp16, int8[-sym][-entropy|-mse|-pct<P>], int8-dyn[-pc], "
-         "w<4|8>[g<N>][-asym][-hqq|-gptq|-awq|-se][-acc<0-4>]")
+FORMS = (f"{'|'.join(FLOATS)}, int8[-sym][-{'|-'.join(c for c in CALIBRATIONS[1:] if c != 'percentile')}|-pct<P>], "
+         f"int8-dyn[-pc], w<4|8>[g<N>][-asym][-{'|-'.join(ROUNDINGS[1:])}][-acc<0-4>]")
 # hue, saturation, value of each kind's base colour (float by width: blue / purple / teal)
 HUES = {("float", 32): (0.60, 0.55, 0.70), ("float", 16): (0.72, 0.40, 0.70), ("static", 8): (0.06, 0.63, 0.87),
         ("dynamic", 8): (0.99, 0.60, 0.77), ("weight-only", 8): (0.37, 0.50, 0.66),
@@ -178,7 +178,7 @@ def _option(token: str, kind: str) -> dict:
         return {"symmetric": False}
     if token == "pc":
         return {"granularity": "channel"}
-    if token in ("minmax", "entropy", "mse"):
+    if token in CALIBRATIONS and token != "percentile":  # a percentile is named by its value: pct99.99
         return {"calibration": token}
     if (found := re.fullmatch(r"pct(\d+(?:\.\d+)?)", token)) is not None:
         return {"calibration": "percentile", "percentile": float(found.group(1))}

@@ -38,6 +38,7 @@ from autoq.backends.ort_quantize import (
     DYNAMIC_LAYERS,
     WEIGHT_ONLY_KERNELS,
     WEIGHT_ONLY_LAYERS,
+    WEIGHT_ROUNDINGS,
     quantize_dynamic_layers,
     quantize_regions,
     quantize_weight_only,
@@ -93,8 +94,9 @@ class OnnxRuntimeBackend(Backend):
             return "ORT's CPU provider runs float layers in fp32 (use the openvino or torch backend for bf16)"
         if precision.kind == "weight-only" and precision.granularity != "group":
             return f"MatMulNBits quantizes in blocks: give a group size (e.g. w{precision.bits}g128)"
-        if precision.rounding in ("awq", "se"):
-            return f"{precision.rounding} is not offered on ORT (its weight-only rounding here: rtn, hqq, gptq)"
+        if precision.rounding not in WEIGHT_ROUNDINGS:
+            offered = ", ".join(WEIGHT_ROUNDINGS)
+            return f"{precision.rounding} is not offered on ORT (its weight-only roundings: {offered})"
         if precision.rounding == "gptq" and precision.bits != 4:
             return "ORT's GPTQ quantizer is 4-bit"
         if precision.rounding == "hqq" and (precision.bits != 4 or find_spec("torch") is None):

@@ -47,6 +47,9 @@ SMOOTH_QUANT = "smooth_quant"  # option: NNCF's SmoothQuant on (its default alph
 SHAPES = "shapes"  # option: `static` compiles for the data's sample shape at batch 1 (larger batches run sample by
 # sample), `dynamic` keeps the model's symbolic dimensions
 
+# weight-only rounding -> the nncf.compress_weights arguments that select it; the backend offers these
+WEIGHT_ROUNDINGS: dict[str, dict[str, bool]] = {"rtn": {}, "awq": {"awq": True}, "se": {"scale_estimation": True},
+                                                "gptq": {"gptq": True}}
 
 @dataclass
 class OpenVinoState:
@@ -80,8 +83,9 @@ class OpenVinoBackend(Backend):
                 "NNCF calibrates and sets activation symmetry per model: use the `activations` option (asym | sym)")
         if precision.kind == "dynamic":
             return "OpenVINO's CPU plugin has no dynamic int8 layer"
-        if precision.rounding == "hqq" or precision.accuracy:
-            return "NNCF weight compression rounds rtn, awq, se (scale estimation) or gptq; accuracy levels are ORT's"
+        if precision.rounding not in WEIGHT_ROUNDINGS or precision.accuracy:
+            return (f"NNCF weight compression rounds {', '.join(WEIGHT_ROUNDINGS)} (se: scale estimation); accuracy "
+                    "levels are ORT's")
         if precision.rounding != "rtn" and precision.bits != 4:
             return "NNCF's AWQ, scale estimation and GPTQ are for 4-bit weights"
         if precision.bits == 8 and precision.granularity != "channel":
@@ -351,8 +355,7 @@ def _compress(ov_model: ov.Model, chosen: dict[str, set[str]], spec: Precision,
     arguments: dict = {"mode": mode}
     if spec.bits == 4:
         arguments |= {"group_size": spec.group or -1, "ratio": 1.0, "all_layers": True,
-                      "backup_mode": nncf.BackupMode.NONE, "awq": spec.rounding == "awq",
-                      "scale_estimation": spec.rounding == "se", "gptq": spec.rounding == "gptq"}
+                      "backup_mode": nncf.BackupMode.NONE, **WEIGHT_ROUNDINGS[spec.rounding]}
     if samples is not None:
         count = len(next(iter(samples.values())))
         arguments["dataset"] = nncf.Dataset([{k: v[i:i + 1] for k, v in samples.items()} for i in range(count)])

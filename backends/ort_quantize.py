@@ -99,6 +99,26 @@ def quantize_dynamic_layers(path: Path, specs: dict[str, Precision]) -> None:
                                  weight_type=QuantType.QInt8, per_channel=per_channel)
 
 
+# weight-only rounding -> how ORT's MatMulNBits quantizer is told (rtn: the default config); the backend offers these
+WEIGHT_ROUNDINGS = ("rtn", "hqq", "gptq")
+
+
+def _rounding_config(spec: Precision, ops: tuple[str, ...], calibration: Path) -> object:
+    from onnxruntime.quantization.matmul_nbits_quantizer import (  # it needs onnx_ir
+        DefaultWeightOnlyQuantConfig,
+        GPTQWeightOnlyQuantConfig,
+        HQQWeightOnlyQuantConfig,
+    )
+
+    if spec.rounding == "hqq":
+        return HQQWeightOnlyQuantConfig(block_size=spec.group, bits=spec.bits, op_types_to_quantize=ops)
+    if spec.rounding == "gptq":
+        samples = CalibrationSamples(samples_path(calibration))
+        return GPTQWeightOnlyQuantConfig(calibration_data_reader=samples, op_types_to_quantize=ops)
+    return DefaultWeightOnlyQuantConfig(block_size=spec.group, is_symmetric=spec.symmetric,
+                                        accuracy_level=spec.accuracy or None, op_types_to_quantize=ops, bits=spec.bits)
+
+
 def quantize_weight_only(path: Path, specs: dict[str, Precision], calibration: Path) -> None:
     """MatMulNBits / GatherBlockQuantized for the layers whose spec is weight-only, in place."""
     groups: dict[Precision, list[str]] = defaultdict(list)
@@ -107,12 +127,7 @@ def quantize_weight_only(path: Path, specs: dict[str, Precision], calibration: P
             groups[spec].append(name)
     if not groups:
         return
-    from onnxruntime.quantization.matmul_nbits_quantizer import (  # it needs onnx_ir
-        DefaultWeightOnlyQuantConfig,
-        GPTQWeightOnlyQuantConfig,
-        HQQWeightOnlyQuantConfig,
-        MatMulNBitsQuantizer,
-    )
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer  # it needs onnx_ir
 
     proto = onnx.load(str(path))
     tables = {n.name for n in proto.graph.node if n.op_type == "Gather"} & {n for c in groups.values() for n in c}
@@ -122,15 +137,7 @@ def quantize_weight_only(path: Path, specs: dict[str, Precision], calibration: P
             proto = onnx.version_converter.convert_version(proto, 21)
     for spec, chosen in groups.items():
         ops = ("MatMul", "Gather") if tables & set(chosen) else ("MatMul",)
-        if spec.rounding == "hqq":
-            config = HQQWeightOnlyQuantConfig(block_size=spec.group, bits=spec.bits, op_types_to_quantize=ops)
-        elif spec.rounding == "gptq":
-            samples = CalibrationSamples(samples_path(calibration))
-            config = GPTQWeightOnlyQuantConfig(calibration_data_reader=samples, op_types_to_quantize=ops)
-        else:
-            config = DefaultWeightOnlyQuantConfig(block_size=spec.group, is_symmetric=spec.symmetric,
-                                                  accuracy_level=spec.accuracy or None, op_types_to_quantize=ops,
-                                                  bits=spec.bits)
+        config = _rounding_config(spec, ops, calibration)
         others = [n.name for n in proto.graph.node if n.name not in set(chosen)]
         with quiet_root_logger():
             quantizer = MatMulNBitsQuantizer(proto, bits=spec.bits, block_size=spec.group,
