@@ -166,7 +166,9 @@ def get_backend(name: str) -> Backend:
     module_name, _, class_name = BACKENDS[name].partition(":")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.split(".")[0] == "autoq":  # autoq's own bug, not a missing install
+            raise
         msg = f"backend '{name}' needs a package that is not installed ({exc.name}): pip install 'autoq[{name}]'"
         raise AutoqError(msg) from exc
     return getattr(module, class_name)()

@@ -95,3 +95,18 @@ def test_third_party_warnings_are_hidden_unless_verbose(verbose, monkeypatch):
     for name, level in levels.items():
         logging.getLogger(name).setLevel(level)
     assert quiet_nncf or verbose
+
+
+def test_a_missing_backend_package_names_the_extra_but_autoqs_own_import_bug_is_not_hidden(monkeypatch):
+    """A backend whose runtime is not installed is a one-line error naming the extra to install; an import error
+    inside autoq itself is a bug and must surface as one, not as advice to install something."""
+    from autoq.backends import base
+    from autoq.errors import AutoqError
+
+    monkeypatch.delitem(sys.modules, "autoq.backends.openvino", raising=False)
+    monkeypatch.setitem(sys.modules, "openvino", None)  # as if not installed
+    with pytest.raises(AutoqError, match=r"needs a package that is not installed \(openvino\).*autoq\[openvino\]"):
+        base.get_backend("openvino")
+    monkeypatch.setitem(base.BACKENDS, "broken", "autoq.backends.no_such_module:Backend")
+    with pytest.raises(ModuleNotFoundError, match="autoq.backends.no_such_module"):
+        base.get_backend("broken")
