@@ -199,8 +199,9 @@ def fallback_seeds(table: pd.DataFrame, choices: dict[str, list[str]],
     accurate one that still saves latency, the most accurate one that saves nearly as much (int8-dyn -> its
     per-channel form; the first three fractions), or fp32 (the first two). A layer that does not offer the fast
     precision (an embedding table) takes the spec saving it the most bytes at a latency cost under `table_cost` of
-    the fast precision's total saving. With a menu of specs, random mixes rarely find these. `fp32_only`: only the
-    seeds that protect with fp32."""
+    the fast precision's total saving, except in the seeds protecting with fp32, which seek quality: there it
+    stays fp32 (MiniLM: int4 word embeddings cost 0.0025 of cosine, more than the four most fragile layers).
+    With a menu of specs, random mixes rarely find these. `fp32_only`: only the seeds that protect with fp32."""
     rows = table[[p in choices.get(n, []) for n, p in zip(table["layer"], table["precision"], strict=True)]]
     if rows.empty:
         return []
@@ -222,8 +223,10 @@ def fallback_seeds(table: pd.DataFrame, choices: dict[str, list[str]],
         for safe, cuts in plans:
             for fraction in cuts:
                 protected = set(order[: max(1, round(fraction * len(order)))] if fraction else [])
+                tables = "fp32" if safe == "fp32" and fraction else None  # protecting with fp32 seeks quality
                 layers = {name: (safe if safe in c else "fp32") if name in protected else
-                          (fast if fast in c else smallest.get(name, "fp32" if "fp32" in c else c[0]))
+                          (fast if fast in c else
+                           (tables if tables in c else smallest.get(name, "fp32" if "fp32" in c else c[0])))
                           for name, c in choices.items()}
                 seed = Assignment(layers)
                 seeds.setdefault(seed.key(), seed)

@@ -186,7 +186,7 @@ def test_greedy_seeds_skip_a_precision_that_makes_the_model_slower(scores):
 def test_fallback_seeds_protect_the_fast_precisions_most_fragile_layers():
     """Ten layers, a fast spec (saves 1 ms each, layer l9 most fragile) and an accurate slower one: the seeds put
     the fast spec everywhere but the most fragile 10% / 30%, which get the accurate spec or fp32; an embedding
-    table that offers only w4g32 (no latency cost) takes it."""
+    table that offers only w4g32 (no latency cost) takes it, but where fp32 protects layers it stays fp32."""
     layers = [f"l{i}" for i in range(10)]
     rows = [{"layer": n, "precision": "int8-dyn", "latency_saving_ms": 1.0, "score": float(i), "macs": 1}
             for i, n in enumerate(layers)]
@@ -197,7 +197,9 @@ def test_fallback_seeds_protect_the_fast_precisions_most_fragile_layers():
               "size_saving_bytes": 1e6}]
     choices = {n: ["fp32", "int8-dyn", "w8g128-acc4", "w4g32"] for n in layers} | {"table": ["fp32", "w4g32"]}
     seeds = sens.fallback_seeds(pd.DataFrame(rows).fillna({"size_saving_bytes": 0}), choices, fractions=(0.1, 0.3))
-    assert all(s.layers["table"] == "w4g32" for s in seeds)  # no fast spec offered: the smallest free one
+    fp32_protected = [s for s in seeds if "fp32" in {s.layers[n] for n in layers}]
+    assert fp32_protected and all(s.layers["table"] == "fp32" for s in fp32_protected)  # they seek quality
+    assert all(s.layers["table"] == "w4g32" for s in seeds if s not in fp32_protected)  # else: the smallest free one
     protected = [{n for n, p in s.layers.items() if p == "w8g128-acc4"} for s in seeds
                  if {s.layers[n] for n in layers} == {"int8-dyn", "w8g128-acc4"}]
     assert {"l9"} in protected and {"l9", "l8", "l7"} in protected
@@ -229,6 +231,6 @@ def test_fallback_seeds_use_the_nearly_as_fast_spec_and_cheap_tables():
     mixes = [{n for n, p in s.layers.items() if p == "int8-dyn-pc"} for s in seeds
              if {s.layers[n] for n in layers} == {"int8-dyn", "int8-dyn-pc"}]
     assert {"l9"} in mixes and {"l9", "l8", "l7", "l6", "l5"} in mixes
-    with_tables = [s for s in seeds if s.layers["l0"] == "int8-dyn"]
+    with_tables = [s for s in seeds if s.layers["l0"] == "int8-dyn" and "fp32" not in {s.layers[n] for n in layers}]
     assert with_tables and all(s.layers["words"] == "w4g32" and s.layers["positions"] == "fp32"
                                for s in with_tables)
