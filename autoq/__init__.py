@@ -3,8 +3,9 @@
 from autoq.api import SearchResult, analyse_sensitivity, apply, compare, export, report, search, verify
 from autoq.errors import AutoqError
 from autoq.precision import Assignment, Precision
+from autoq.settings import RunSettings
 from autoq.space import SearchSpace, load_space
 
 __version__ = "0.1.0"
-__all__ = ["Assignment", "AutoqError", "Precision", "SearchResult", "SearchSpace", "analyse_sensitivity", "apply",
-           "compare", "export", "load_space", "report", "search", "verify"]
+__all__ = ["Assignment", "AutoqError", "Precision", "RunSettings", "SearchResult", "SearchSpace",
+           "analyse_sensitivity", "apply", "compare", "export", "load_space", "report", "search", "verify"]

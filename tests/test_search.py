@@ -225,3 +225,17 @@ def test_option_variants_copy_only_the_seeds_an_option_changes():
     assert [(v.layers, v.options) for v in variants] == [
         (seeds[1].layers, {"smooth_quant": 0.5}), (seeds[2].layers, {"smooth_quant": 0.5}),
         (seeds[1].layers, {"smooth_quant": 0.7}), (seeds[2].layers, {"smooth_quant": 0.7})]
+
+
+def test_settings_are_one_record_checked_when_made(digits_cnn, digits_npz, tmp_path):
+    """A misspelt setting or a bad value is a one-line error before any work; a RunSettings and keywords combine
+    (keywords change the record)."""
+    with pytest.raises(AutoqError, match="unknown setting 'trails'.*trials"):
+        autoq.search(digits_cnn, digits_npz, trails=3)
+    with pytest.raises(AutoqError, match="--trials must be at least 1"):
+        autoq.RunSettings(trials=0)
+    with pytest.raises(AutoqError, match="--latency-budget"):
+        autoq.RunSettings(latency_budget="fast")
+    base = autoq.RunSettings(labels="label", trials=2, progress=False, recipes="none")
+    result = autoq.search(digits_cnn, digits_npz, settings=base, out=tmp_path / "run")
+    assert len(result.trials) == 2 and result.recipes is None and base.out is None  # the record itself unchanged
