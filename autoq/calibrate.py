@@ -44,6 +44,12 @@ def samples_path(ranges: Path) -> Path:
     return ranges.with_suffix(".npz")
 
 
+def cached_samples(cache_dir: Path) -> Path | None:
+    """The calibration samples a run cached beside its min-max ranges (other caches there hold other arrays)."""
+    found = [samples_path(p) for p in sorted(cache_dir.glob("calibration-*-minmax-*.json"))]
+    return next((p for p in found if p.is_file()), None)
+
+
 def resolution_path(ranges: Path) -> Path:
     """Tensor -> SQNR (dB) of its uint8 quantization under its calibrated range."""
     return ranges.with_name(ranges.stem + "-resolution.json")

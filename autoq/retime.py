@@ -14,6 +14,7 @@ import pandas as pd
 
 from autoq.backends import get_backend
 from autoq.backends.base import Candidate
+from autoq.calibrate import cached_samples
 from autoq.errors import AutoqError
 from autoq.measure import interval, ratio_rounds
 from autoq.precision import Assignment
@@ -62,11 +63,11 @@ def verify(run_dir: str | Path, points: list[int] | None = None, against: Sequen
         raise AutoqError(msg)
     meta = json.loads((run_dir / "meta.json").read_text()) if (run_dir / "meta.json").is_file() else {}
     threads = int(meta.get("machine", {}).get("threads", 2))
-    samples = sorted((run_dir / "cache").glob("calibration-*.npz"))
-    if not samples:
+    samples = cached_samples(run_dir / "cache")
+    if samples is None:
         msg = f"{run_dir}/cache has no calibration samples to feed the models: run the search there again"
         raise AutoqError(msg)
-    feeds = {k: v[:1] for k, v in np.load(samples[0]).items()}
+    feeds = {k: v[:1] for k, v in np.load(samples).items()}
     runs: dict[str, list[Callable[[], object]]] = {}
     for label, (path, options) in _models(run_dir, points, [Path(p) for p in against]).items():
         runs[label] = [partial(backend.deployed_runner(Candidate(Assignment({}, options), path, 0), threads), feeds)

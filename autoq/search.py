@@ -234,10 +234,15 @@ def _wait_for_twin(study: optuna.Study, trial: optuna.Trial, key: str, timeout: 
         time.sleep(0.5)
 
 
-def suggest(trial: optuna.Trial, choices: dict[str, list[str]], options: dict[str, list]) -> Assignment:
+def suggest(trial: optuna.Trial, choices: dict[str, list[str]], options: dict[str, list],
+            affects: Affects = _float_only) -> Assignment:
+    """The trial's assignment. An option that changes none of its layers (`affects`) takes its first value, so
+    the same model is never measured twice under two option values that cannot differ (SmoothQuant on a CNN)."""
     layers = {n: trial.suggest_categorical(n, c) if len(c) > 1 else c[0] for n, c in choices.items()}
     chosen = {k: trial.suggest_categorical(OPTION_PREFIX + k, v) if len(v) > 1 else v[0] for k, v in options.items()}
-    return Assignment(layers, chosen)
+    specs = {Precision.parse(p) for p in layers.values()}
+    return Assignment(layers, {k: v if any(affects(k, spec) for spec in specs) else options[k][0]
+                               for k, v in chosen.items()})
 
 
 def run_search(study: optuna.Study, evaluate: Callable[[Assignment], Measurement], fp32_quality: float,
@@ -268,7 +273,7 @@ def run_search(study: optuna.Study, evaluate: Callable[[Assignment], Measurement
             trial.set_user_attr("over_budget", True)
             study.stop()
             raise optuna.TrialPruned("the budget is filled by other workers")
-        assignment = suggest(trial, choices, space.options)
+        assignment = suggest(trial, choices, space.options, affects)
         key = assignment.key()
         trial.set_user_attr("worker", WORKER)
         trial.set_user_attr("key", key)

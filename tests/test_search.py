@@ -239,3 +239,28 @@ def test_settings_are_one_record_checked_when_made(digits_cnn, digits_npz, tmp_p
     base = autoq.RunSettings(labels="label", trials=2, progress=False, recipes="none")
     result = autoq.search(digits_cnn, digits_npz, settings=base, out=tmp_path / "run")
     assert len(result.trials) == 2 and result.recipes is None and base.out is None  # the record itself unchanged
+
+
+def test_an_option_that_changes_no_layer_of_a_trial_takes_its_first_value():
+    """SmoothQuant changes only int8-dyn-pc layers: a sampled trial without one is built and keyed with the
+    option's first value, so the same model is never measured under two values that cannot differ."""
+    from autoq.evaluate import Measurement
+    from autoq.pareto import DIRECTIONS
+    from autoq.search import run_search
+    from autoq.space import parse_space
+
+    space = parse_space({"sampler": "random", "sensitivity": "none", "options": {"smooth_quant": [False, 0.7]}})
+    choices = {"a": ["fp32", "int8", "int8-dyn-pc"], "b": ["fp32", "int8"]}
+    seen: list[Assignment] = []
+
+    def evaluate(assignment: Assignment) -> Measurement:
+        seen.append(assignment)
+        fast = sum(p != "fp32" for p in assignment.layers.values())
+        return Measurement(1.0 - 0.01 * fast, 0.0, 10.0 - fast, 0.0, 10.0 - fast, 1, 0.0, None, None, 100 - fast)
+
+    study = optuna.create_study(directions=DIRECTIONS, sampler=optuna.samplers.RandomSampler(seed=1))
+    run_search(study, evaluate, 1.0, choices, space, RunSettings(trials=6, progress=False),
+               affects=lambda option, p: p.kind == "dynamic")
+    assert any(a.options["smooth_quant"] == 0.7 for a in seen)  # where it applies, both values are tried
+    assert all(a.options["smooth_quant"] is False for a in seen if a.layers["a"] != "int8-dyn-pc")
+    assert len({a.key() for a in seen}) == len(seen)  # and nothing was measured twice
