@@ -128,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
             table = api.verify(args.run_dir, args.point, args.against, args.rounds)
             table["model"] = table["model"].str.ljust(int(table["model"].str.len().max()))
             print(table.to_string(index=False, justify="left", float_format=lambda v: f"{v:.3f}"))
+            if table.attrs["drifted"]:
+                start, end = table.attrs["fp32_ms_start_end"]
+                print(f"autoq: FP32 ran {start:.2f} ms at the start of these rounds and {end:.2f} ms at the end: the "
+                      "machine changed speed while timing, so these ratios may not reproduce; run verify again")
             return 0
         if args.command == "compare":
             print(f"compare: {api.compare(args.run_dirs, args.out)}")

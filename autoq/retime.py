@@ -20,6 +20,7 @@ from autoq.measure import interval, ratio_rounds
 from autoq.precision import Assignment
 
 FP32 = "FP32"
+DRIFT = 0.15  # FP32's own speed moving more than this between the first and last third of the rounds
 
 
 def _models(run_dir: Path, points: list[int] | None, against: list[Path]) -> dict[str, tuple[Path, dict]]:
@@ -51,7 +52,9 @@ def verify(run_dir: str | Path, points: list[int] | None = None, against: Sequen
            rounds: int = 15) -> pd.DataFrame:
     """One row per model: its median ms, its speed-up over FP32 (median of the per-round ratios) and the 95%
     confidence interval of that median. Where the backend's compilations of one model differ (OpenVINO), each
-    model is compiled several times, the rounds take turns among them, and the interval covers that difference."""
+    model is compiled several times, the rounds take turns among them, and the interval covers that difference.
+    `table.attrs`: FP32's median ms in the first and last third of the rounds, and whether it moved by more than
+    DRIFT (the machine changed speed while it was timed: ratios then may not reproduce)."""
     run_dir = Path(run_dir)
     if not (run_dir / "pareto.csv").is_file() or not (run_dir / "run.json").is_file():
         msg = f"{run_dir} holds no finished autoq run (no pareto.csv): give the --out of a search that finished"
@@ -78,4 +81,15 @@ def verify(run_dir: str | Path, points: list[int] | None = None, against: Sequen
     for label, (ms, ratios) in timed.items():
         ratio, low, high = interval(ratios, clusters=np.arange(len(ratios)) % instances)
         rows.append({"model": label, "ms": float(np.median(ms)), "vs FP32": ratio, "95% low": low, "95% high": high})
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    start, end, table.attrs["drifted"] = fp32_drift(timed[FP32][0])
+    table.attrs["fp32_ms_start_end"] = (start, end)
+    return table
+
+
+def fp32_drift(reference_ms: np.ndarray) -> tuple[float, float, bool]:
+    """FP32's median ms over the first and the last third of the rounds (in time order), and whether it moved by
+    more than DRIFT between them."""
+    third = max(1, len(reference_ms) // 3)
+    start, end = float(np.median(reference_ms[:third])), float(np.median(reference_ms[-third:]))
+    return start, end, abs(end / start - 1) > DRIFT

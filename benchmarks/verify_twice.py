@@ -40,8 +40,14 @@ def compare(run: Path, rounds: int) -> list[str]:
                "2nd inside 1st interval"]
     meta = json.loads((run / "meta.json").read_text())
     inside = int(table["2nd inside 1st interval"].sum())
+    drift = "; ".join(f"{which}: FP32 {t.attrs['fp32_ms_start_end'][0]:.2f} ms in the first third of the rounds, "
+                      f"{t.attrs['fp32_ms_start_end'][1]:.2f} ms in the last" + (" (drifted)" * t.attrs["drifted"])
+                      for which, t in (("1st", first), ("2nd", second)))
+    overlap = int(((table["95% low 2nd"] <= table["95% high 1st"])
+                   & (table["95% low 1st"] <= table["95% high 2nd"])).sum())
     return [f"## {run.name} ({meta.get('backend', '?')})", "",
-            f"{inside} of {len(table)} second medians fall inside the first invocation's 95% interval.", "",
+            f"{inside} of {len(table)} second medians fall inside the first invocation's 95% interval; the two "
+            f"intervals overlap for {overlap}. {drift}.", "",
             table[columns].to_markdown(index=False, floatfmt=".3f"), "", *_verdicts(run)]
 
 

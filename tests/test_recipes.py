@@ -77,7 +77,22 @@ def test_a_recipe_that_cannot_build_is_recorded_and_the_run_goes_on(tmp_path, ca
     fp32_ratio = [float(v) for v in rows[0].split()[-3:]]
     assert fp32_ratio == [1.0, 1.0, 1.0]
     # the API function stays the API function once its module has been imported (it is callable twice)
-    assert callable(autoq.verify) and len(autoq.verify(tmp_path / "run", rounds=2)) == len(rows)
+    again = autoq.verify(tmp_path / "run", rounds=2)
+    assert callable(autoq.verify) and len(again) == len(rows)
+    start, end = again.attrs["fp32_ms_start_end"]
+    assert start > 0 and end > 0 and again.attrs["drifted"] == (abs(end / start - 1) > 0.15)
+
+
+def test_verify_says_when_the_machine_changed_speed_while_timing():
+    """FP32's rounds, in time order: steady with noise is not drift; a host that got 40% slower midway is."""
+    from autoq.retime import fp32_drift
+
+    rng = np.random.default_rng(0)
+    steady = 5.0 + rng.normal(0, 0.1, 30)
+    assert fp32_drift(steady)[2] is False
+    slower = np.concatenate([steady[:15], 7.0 + rng.normal(0, 0.1, 15)])
+    start, end, drifted = fp32_drift(slower)
+    assert drifted is True and start < 5.2 and end > 6.8
 
 
 def test_a_point_equal_in_quality_up_to_float_rounding_dominates():
