@@ -20,7 +20,8 @@ from autoq.measure import interval, ratio_rounds
 from autoq.precision import Assignment
 
 FP32 = "FP32"
-DRIFT = 0.15  # FP32's own speed moving more than this between the first and last third of the rounds
+DRIFT = 0.15  # FP32's own speed moving more than this (within one verify, or since the first) makes ratios move
+FIRST = "verify.json"  # in the run directory: FP32's speed at the first verify, what later ones compare with
 
 
 def _models(run_dir: Path, points: list[int] | None, against: list[Path]) -> dict[str, tuple[Path, dict]]:
@@ -53,8 +54,10 @@ def verify(run_dir: str | Path, points: list[int] | None = None, against: Sequen
     """One row per model: its median ms, its speed-up over FP32 (median of the per-round ratios) and the 95%
     confidence interval of that median. Where the backend's compilations of one model differ (OpenVINO), each
     model is compiled several times, the rounds take turns among them, and the interval covers that difference.
-    `table.attrs`: FP32's median ms in the first and last third of the rounds, and whether it moved by more than
-    DRIFT (the machine changed speed while it was timed: ratios then may not reproduce)."""
+    `table.attrs`: FP32's median ms in the first and last third of the rounds and whether it moved by more than
+    DRIFT (the machine changed speed while it was timed), and FP32's ms at the run's first verify (kept in
+    verify.json) and whether today's differs by more than DRIFT (the host is not as loaded as it was then: the
+    ratios are not comparable with that day's; measured here, FP32 22% slower moved MiniLM's ratios 5-10%)."""
     run_dir = Path(run_dir)
     if not (run_dir / "pareto.csv").is_file() or not (run_dir / "run.json").is_file():
         msg = f"{run_dir} holds no finished autoq run (no pareto.csv): give the --out of a search that finished"
@@ -84,6 +87,13 @@ def verify(run_dir: str | Path, points: list[int] | None = None, against: Sequen
     table = pd.DataFrame(rows)
     start, end, table.attrs["drifted"] = fp32_drift(timed[FP32][0])
     table.attrs["fp32_ms_start_end"] = (start, end)
+    now = float(np.median(timed[FP32][0]))
+    first = run_dir / FIRST
+    if not first.is_file():
+        first.write_text(json.dumps({"fp32_ms": now, "threads": threads}))
+    then = float(json.loads(first.read_text())["fp32_ms"])
+    table.attrs["fp32_ms_first_verify"] = then
+    table.attrs["host_changed"] = abs(now / then - 1) > DRIFT
     return table
 
 

@@ -43,6 +43,8 @@ def compare(run: Path, rounds: int) -> list[str]:
     drift = "; ".join(f"{which}: FP32 {t.attrs['fp32_ms_start_end'][0]:.2f} ms in the first third of the rounds, "
                       f"{t.attrs['fp32_ms_start_end'][1]:.2f} ms in the last" + (" (drifted)" * t.attrs["drifted"])
                       for which, t in (("1st", first), ("2nd", second)))
+    drift += (f"; FP32 at the run's first verify {second.attrs['fp32_ms_first_verify']:.2f} ms"
+              + (", the 2nd differs by more than 15% (host changed)" * second.attrs["host_changed"]))
     overlap = int(((table["95% low 2nd"] <= table["95% high 1st"])
                    & (table["95% low 1st"] <= table["95% high 2nd"])).sum())
     return [f"## {run.name} ({meta.get('backend', '?')})", "",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 
@@ -81,6 +83,12 @@ def test_a_recipe_that_cannot_build_is_recorded_and_the_run_goes_on(tmp_path, ca
     assert callable(autoq.verify) and len(again) == len(rows)
     start, end = again.attrs["fp32_ms_start_end"]
     assert start > 0 and end > 0 and again.attrs["drifted"] == (abs(end / start - 1) > 0.15)
+    # the first verify's FP32 speed is kept; a later verify on a host three times faster says so
+    kept = json.loads((tmp_path / "run" / "verify.json").read_text())
+    assert again.attrs["fp32_ms_first_verify"] == kept["fp32_ms"] > 0
+    (tmp_path / "run" / "verify.json").write_text(json.dumps({"fp32_ms": kept["fp32_ms"] * 3, "threads": 2}))
+    assert main(["verify", str(tmp_path / "run"), "--rounds", "2"]) == 0
+    assert "not as loaded as it was then" in capsys.readouterr().out
 
 
 def test_verify_says_when_the_machine_changed_speed_while_timing():
