@@ -3,7 +3,7 @@ every front point, the run's recipes; deployment session settings, alternating r
 speed-up over FP32 with its 95% interval from both, whether the second median falls inside the first interval,
 and the verdicts the search itself gave the recipes (`recipes.csv`).
 
-    python benchmarks/verify_twice.py reports/precision-menu-runs/minilm reports/precision-menu-runs/det-openvino \
+    python benchmarks/verify_twice.py reports/precision-menu-runs4/minilm reports/precision-menu-runs4/det-openvino \
         --out reports/benchmarks/verify.md
 """
 
