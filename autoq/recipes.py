@@ -128,9 +128,15 @@ def _spread(value: Any) -> float:
     return 0.0 if value is None or pd.isna(value) else float(value)
 
 
+def built(recipes: pd.DataFrame) -> pd.DataFrame:
+    """The recipes that built: no error (read back from recipes.csv, an all-empty error column is NaN)."""
+    errors = recipes["error"]
+    return recipes[errors.isna() | (errors.astype(str) == "")]
+
+
 def summary(recipes: pd.DataFrame) -> str:
     """One line: how many recipes the front dominates or matches within noise, and which it does not."""
-    measured = recipes[recipes["error"].fillna("") == ""]
+    measured = built(recipes)
     beaten, matched = measured["dominated_by"].notna(), measured["matched_by"].notna()
     line = f"recipes: the front dominates {int(beaten.sum())} of {len(measured)} measured"
     line += f" and matches {int(matched.sum())} within their measurement spread" if matched.any() else ""

@@ -114,3 +114,19 @@ def test_a_point_equal_in_quality_up_to_float_rounding_dominates():
                             "error": [""], "quality_spread": [0.0], "speedup_spread": [0.03]})
     verdict = verdicts(front, recipes).iloc[0]
     assert verdict["dominated_by"] == 0 and verdict["verdict"].startswith("dominated by point 0")
+
+
+def test_recipes_that_all_built_read_back_without_a_warning(tmp_path):
+    """recipes.csv with no failed recipe has an all-empty error column (read back as NaN floats): the summary
+    and the report treat it as 'no error' and say nothing on the user's terminal (warnings are errors here)."""
+    from autoq.recipes import summary
+    from autoq.report.html import recipe_verdicts_html
+
+    path = tmp_path / "recipes.csv"
+    pd.DataFrame([{"recipe": "r", "val_quality": 0.9, "val_latency_ms": 9.0, "speedup": 1.1, "size_bytes": 20,
+                   "error": "", "verdict": "not dominated", "dominated_by": None, "matched_by": None}]
+                 ).to_csv(path, index=False)
+    table = pd.read_csv(path)
+    assert table["error"].isna().all()
+    assert "NOT dominated: r" in summary(table)
+    assert "does not dominate" in recipe_verdicts_html(table)[0]

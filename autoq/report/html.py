@@ -12,6 +12,7 @@ import plotly.graph_objects as go
 
 from autoq.methods import method_of
 from autoq.precision import Precision
+from autoq.recipes import built
 
 
 def _front_figure(trials: pd.DataFrame, front: pd.DataFrame, metric: str,
@@ -128,10 +129,15 @@ def _weight_figure(layer: str, weight: np.ndarray, axis: int) -> go.Figure:
     return fig
 
 
+def _text(column: pd.Series) -> pd.Series:
+    """A column of optional text as strings, "" where empty (read back from CSV, an all-empty one is NaN floats)."""
+    return column.astype(object).where(column.notna(), "").astype(str)
+
+
 def _trial_counts(trials: pd.DataFrame) -> str:
     """Trials by outcome, with how often the cost model's screen proved wrong when checked."""
     text = f"{len(trials)}: {int((trials['state'] == 'COMPLETE').sum())} measured"
-    screened = trials[trials["screened"].fillna("").astype(str) != ""] if "screened" in trials else trials[:0]
+    screened = trials[_text(trials["screened"]) != ""] if "screened" in trials else trials[:0]
     if len(screened):
         audited = screened[screened["screened"] == "audit"]
         wrong = int(audited["screen_wrong"].fillna(False).astype(bool).sum())
@@ -152,10 +158,10 @@ def _kept_float(kept: dict[str, str] | None) -> str:
 def _region_map(front: pd.DataFrame) -> str:
     """Per front point: the int8 chains (layers running as one integer chain) and where float<->int8
     conversions remain in the runtime's graph (beside the executed check)."""
-    if "glue" not in front or not front["glue"].fillna("").astype(str).str.len().any():
+    if "glue" not in front or not _text(front["glue"]).str.len().any():
         return ""
     rows = []
-    for point, glue in zip(front.get("point", front.index), front["glue"].fillna(""), strict=True):
+    for point, glue in zip(front.get("point", front.index), _text(front["glue"]), strict=True):
         if not glue:
             continue
         found = json.loads(glue)
@@ -172,11 +178,11 @@ def _table(frame: pd.DataFrame) -> str:
     return frame.to_html(index=False, border=0, classes="table", float_format=lambda v: f"{v:.4g}")
 
 
-def _recipes(recipes: pd.DataFrame | None) -> tuple[str, str]:
+def recipe_verdicts_html(recipes: pd.DataFrame | None) -> tuple[str, str]:
     """(the line at the top, the section) on the runtime's one-line recipes against the front."""
     if recipes is None or recipes.empty:
         return "", ""
-    measured = recipes[recipes["error"].fillna("") == ""]
+    measured = built(recipes)
     beaten = measured["dominated_by"].notna() | measured.get("matched_by", measured["dominated_by"]).notna()
     top = (f'<p style="color:#c00;font-weight:bold">The front does not dominate: '
            f'{html.escape(", ".join(measured.loc[~beaten, "recipe"]))}</p>' if (~beaten).any() else
@@ -191,7 +197,7 @@ def write_html(path: Path, trials: pd.DataFrame, front: pd.DataFrame, meta: dict
                scores: pd.DataFrame | None = None, weight: tuple[str, np.ndarray, int] | None = None,
                recipes: pd.DataFrame | None = None) -> Path:
     figures = [_front_figure(trials, front, meta.get("metric", "quality"), recipes)]
-    recipes_top, recipes_section = _recipes(recipes)
+    recipes_top, recipes_section = recipe_verdicts_html(recipes)
     if not front.empty:
         figures.append(_precision_map(front))
         if scores is not None and not scores.empty:
