@@ -134,10 +134,10 @@ def main(argv: list[str] | None = None) -> int:
                       "machine changed speed while timing, so these ratios may not reproduce; run verify again",
                       file=sys.stderr)
             if table.attrs["host_changed"]:
-                now = float(table.loc[table["model"].str.strip() == "FP32", "ms"].iloc[0])
-                print(f"autoq: FP32 runs {now:.2f} ms now and ran {table.attrs['fp32_ms_first_verify']:.2f} ms at this "
-                      "run's first verify: the machine is not as loaded as it was then, so compare these ratios with "
-                      "that day's only as far as FP32 agrees", file=sys.stderr)
+                now, then = table.attrs["fp32_ms"], table.attrs["fp32_ms_first_verify"]
+                print(f"autoq: FP32 runs {now:.2f} ms now and ran {then:.2f} ms at this run's first verify: the "
+                      "machine is not as loaded as it was then, so compare these ratios with that day's only as far "
+                      "as FP32 agrees", file=sys.stderr)
             return 0
         if args.command == "compare":
             print(f"compare: {api.compare(args.run_dirs, args.out)}")

@@ -5,7 +5,7 @@ so a result can be checked on another day or machine."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
@@ -55,9 +55,10 @@ def verify(run_dir: str | Path, points: list[int] | None = None, against: Sequen
     confidence interval of that median. Where the backend's compilations of one model differ (OpenVINO), each
     model is compiled several times, the rounds take turns among them, and the interval covers that difference.
     `table.attrs`: FP32's median ms in the first and last third of the rounds and whether it moved by more than
-    DRIFT (the machine changed speed while it was timed), and FP32's ms at the run's first verify (kept in
-    verify.json) and whether today's differs by more than DRIFT (the host is not as loaded as it was then: the
-    ratios are not comparable with that day's; measured here, FP32 22% slower moved MiniLM's ratios 5-10%)."""
+    DRIFT (the machine changed speed while it was timed), and FP32's ms now and at the run's first verify (kept in
+    verify.json) and whether they differ by more than DRIFT (the host is not as loaded as it was then: the ratios
+    are not comparable with that day's; measured here, with FP32 22% slower MiniLM's OpenVINO ratios were a median
+    12% lower, reports/benchmarks/verify.md)."""
     run_dir = Path(run_dir)
     if not (run_dir / "pareto.csv").is_file() or not (run_dir / "run.json").is_file():
         msg = f"{run_dir} holds no finished autoq run (no pareto.csv): give the --out of a search that finished"
@@ -74,11 +75,10 @@ def verify(run_dir: str | Path, points: list[int] | None = None, against: Sequen
         msg = f"{run_dir}/cache has no calibration samples to feed the models: run the search there again"
         raise AutoqError(msg)
     feeds = {k: v[:1] for k, v in np.load(samples).items()}
-    runs: dict[str, list[Callable[[], object]]] = {}
-    for label, (path, options) in _models(run_dir, points, [Path(p) for p in against]).items():
-        runs[label] = [partial(backend.deployed_runner(Candidate(Assignment({}, options), path, 0), threads), feeds)
-                       for _ in range(backend.deployed_instances)]
     instances = backend.deployed_instances
+    runs = {label: [partial(backend.deployed_runner(Candidate(Assignment({}, options), path, 0), threads), feeds)
+                    for _ in range(instances)]
+            for label, (path, options) in _models(run_dir, points, [Path(p) for p in against]).items()}
     timed = ratio_rounds(runs, FP32, rounds=-(-rounds // instances) * instances)  # each instance as often
     rows = []
     for label, (ms, ratios) in timed.items():
@@ -87,12 +87,11 @@ def verify(run_dir: str | Path, points: list[int] | None = None, against: Sequen
     table = pd.DataFrame(rows)
     start, end, table.attrs["drifted"] = fp32_drift(timed[FP32][0])
     table.attrs["fp32_ms_start_end"] = (start, end)
-    now = float(np.median(timed[FP32][0]))
+    now = table.attrs["fp32_ms"] = float(np.median(timed[FP32][0]))
     first = run_dir / FIRST
     if not first.is_file():
-        first.write_text(json.dumps({"fp32_ms": now, "threads": threads}))
-    then = float(json.loads(first.read_text())["fp32_ms"])
-    table.attrs["fp32_ms_first_verify"] = then
+        first.write_text(json.dumps({"fp32_ms": now}))
+    then = table.attrs["fp32_ms_first_verify"] = float(json.loads(first.read_text())["fp32_ms"])
     table.attrs["host_changed"] = abs(now / then - 1) > DRIFT
     return table
 
