@@ -72,28 +72,31 @@ class _Problem:
 def _problem(model: str | Path | object | None, data: DataArg, example_inputs, settings: RunSettings,
              searching: bool) -> Iterator[_Problem]:
     """Load and validate everything; for a search (`searching`) its run directory is also checked."""
-    backend, metric = settings.backend, settings.metric
-    if model is None and backend == "torch":  # the torch backend needs the module itself
+    backend, metric, labels, space = settings.backend, settings.metric, settings.labels, settings.space
+    stem = None
+    if model is None and backend == "torch" and settings.demo == "minilm":  # the torch backend needs the module
         from autoq.demo import demo_module
 
         model, example_inputs, data = demo_module()
         metric = metric or "cosine"
     elif model is None:
-        from autoq.demo import demo_files
+        from autoq.demo import get_demo
 
-        model, data = demo_files()
-        metric = metric or "cosine"
+        demo = get_demo(settings.demo)
+        model, data = demo.files()
+        metric, labels = metric or demo.metric, labels if labels is not None else demo.labels
+        space, stem = space if space is not None else demo.space, demo.stem
     if data is None:
         raise AutoqError("no data: pass --data DATA.npz with arrays named as the model inputs")
     chosen_backend = get_backend(backend)
-    search_space = load_space(settings.space if settings.space is not None else chosen_backend.default_space)
+    search_space = load_space(space if space is not None else chosen_backend.default_space)
     if settings.sampler is not None:
         search_space = search_space.with_sampler(settings.sampler)
     search_space.options = chosen_backend.options(search_space.options)
     seed = search_space.seed if settings.seed is None else settings.seed
     is_file = isinstance(model, str | Path)
     label = str(model) if is_file else f"{type(model).__name__} (torch module)"
-    stem = Path(model).stem if isinstance(model, str | Path) else type(model).__name__
+    stem = stem or (Path(model).stem if isinstance(model, str | Path) else type(model).__name__)
     run_dir = Path(settings.out) if settings.out else REPORTS / f"{stem}-{backend}"
     try:
         (run_dir / "cache").mkdir(parents=True, exist_ok=True)
@@ -108,7 +111,7 @@ def _problem(model: str | Path | object | None, data: DataArg, example_inputs, s
         raise AutoqError(msg)
     onnx_model = prepare(model, run_dir)
     onnx_model.module = module
-    dataset = data_mod.load(data, settings.labels)
+    dataset = data_mod.load(data, labels)
     data_mod.validate(dataset, onnx_model.inputs)
     splits = data_mod.split(dataset, seed=0)
     metric_name, metric_fn = get_metric(metric, dataset.labels is not None)

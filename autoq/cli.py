@@ -10,7 +10,7 @@ from autoq.errors import AutoqError
 from autoq.methods import METHODS, get_method
 from autoq.quiet import hush, set_verbose
 from autoq.samplers import SAMPLERS
-from autoq.settings import RECIPE_MODES, RunSettings
+from autoq.settings import DEMO_NAMES, RECIPE_MODES, RunSettings
 
 
 def _problem_args(parser: argparse.ArgumentParser) -> None:
@@ -18,12 +18,14 @@ def _problem_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", help="ONNX or torch.export (.pt2) file (default: the MiniLM demo)")
     parser.add_argument("--data", help=".npz with one array per model input (first axis = samples)")
     parser.add_argument("--labels", help="labels: an array name in the data file, or a .npy file")
-    parser.add_argument("--metric", help="cosine | top1 | top5 | sqnr | accuracy (default: accuracy with labels, "
-                                         "else cosine)")
+    parser.add_argument("--metric", help="cosine | top1 | top5 | sqnr | accuracy | ppl_ratio (a language model's "
+                        "FP32 perplexity / its own, labels = next tokens) (default: accuracy with labels, else cosine)")
     parser.add_argument("--space", help="search space: a YAML file or a bundled name (default: the backend's)")
     parser.add_argument("--backend", default=RunSettings.backend, help="onnxruntime (default) | openvino | torch")
     parser.add_argument("--threads", type=int, default=RunSettings.threads,
                         help=f"inference threads for every measurement ({RunSettings.threads})")
+    parser.add_argument("--demo", default=RunSettings.demo, choices=DEMO_NAMES, help="with no model, the embedded "
+                        "demo: minilm (all-MiniLM-L6-v2, the default) | llm (SmolLM2-135M, needs autoq[llm])")
     parser.add_argument("--out", help="run directory (default: reports/<model>-<backend>); rerun to resume")
     parser.add_argument("--verbose", action="store_true", help="also show third-party warnings and progress output")
 

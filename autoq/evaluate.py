@@ -14,9 +14,10 @@ import numpy as np
 
 from autoq.backends.base import Backend, Candidate, GlueCheck
 from autoq.data import Dataset, Splits, batch_size, fingerprint
+from autoq.decoder import timing_feeds
 from autoq.graph import OnnxModel, probe_session
 from autoq.measure import time_runner
-from autoq.metrics import Metric
+from autoq.metrics import Metric, SampleMetric
 from autoq.precision import Assignment
 
 BOOTSTRAP = 30
@@ -93,8 +94,8 @@ class Evaluator:
         fp32 = Assignment.uniform(self.model.layer_names, "fp32")
         self._ref_candidate = self.backend.build(self.model, fp32, self.calibration, self._tmp / "reference")
         self._ref_run = self.backend.runner(self._ref_candidate, self.threads)
-        search = self.splits.search
-        self.latency_feeds = {k: v[: self.latency_batch] for k, v in search.arrays.items()}
+        first = {k: v[: self.latency_batch] for k, v in self.splits.search.arrays.items()}
+        self.latency_feeds = timing_feeds(self._ref_run, first, self.model.inputs, self.model.outputs)
 
     def close(self) -> None:
         shutil.rmtree(self._tmp, ignore_errors=True)
@@ -118,6 +119,9 @@ class Evaluator:
         reference, labels = self.reference(split), getattr(self.splits, split).labels
         rng = np.random.default_rng(0)
         draws = [rng.integers(0, len(reference[0]), len(reference[0])) for _ in range(BOOTSTRAP)]
+        if isinstance(self.metric, SampleMetric):
+            values = self.metric.per_sample(reference, outputs, labels)
+            return float(np.std([self.metric.combine(values[i]) for i in draws]))
         return float(np.std([self.metric([r[i] for r in reference], [o[i] for o in outputs],
                                           None if labels is None else labels[i]) for i in draws]))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -50,7 +51,47 @@ def accuracy(ref: list[np.ndarray], out: list[np.ndarray], labels: np.ndarray | 
     return float(np.mean(_rows(out[0]).argmax(1) == labels.reshape(-1)))
 
 
-METRICS: dict[str, Metric] = {"cosine": cosine, "top1": top1, "top5": top5, "sqnr": sqnr, "accuracy": accuracy}
+@dataclass(frozen=True)
+class SampleMetric:
+    """A metric combined from per-sample values: its bootstrap spread resamples those values, not the outputs
+    (a language model's logits are hundreds of MB; scoring them 30 times would cost more than the trial)."""
+
+    name: str
+    per_sample: Callable[[list[np.ndarray], list[np.ndarray], np.ndarray | None], np.ndarray]
+    combine: Callable[[np.ndarray], float]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "__name__", self.name)  # named like the plain metric functions
+
+    def __call__(self, ref: list[np.ndarray], out: list[np.ndarray], labels: np.ndarray | None = None) -> float:
+        return self.combine(self.per_sample(ref, out, labels))
+
+
+def token_nll(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Mean negative log-likelihood of the label tokens, per sample: logits (samples, tokens, vocabulary)."""
+    logits = logits.astype(np.float32, copy=False)
+    peak = logits.max(axis=-1, keepdims=True)
+    log_norm = np.log(np.exp(logits - peak).sum(axis=-1)) + peak[..., 0]
+    picked = np.take_along_axis(logits, labels[..., None].astype(np.int64), axis=-1)[..., 0]
+    return (log_norm - picked).astype(np.float64).mean(axis=-1)
+
+
+def _nll_pairs(ref: list[np.ndarray], out: list[np.ndarray], labels: np.ndarray | None) -> np.ndarray:
+    if labels is None or labels.ndim != 2:
+        msg = "metric 'ppl_ratio' needs the next token of every input token as labels (samples, tokens): pass --labels"
+        raise AutoqError(msg)
+    return np.stack([token_nll(ref[0], labels), token_nll(out[0], labels)], axis=1)
+
+
+def _perplexity_ratio(pairs: np.ndarray) -> float:
+    return float(np.exp(pairs[:, 0].mean() - pairs[:, 1].mean()))
+
+
+# FP32's perplexity on the label tokens over the candidate's: 1.0 at FP32, 0.95 for a 5% higher perplexity
+ppl_ratio = SampleMetric("ppl_ratio", _nll_pairs, _perplexity_ratio)
+
+METRICS: dict[str, Metric] = {"cosine": cosine, "top1": top1, "top5": top5, "sqnr": sqnr, "accuracy": accuracy,
+                              "ppl_ratio": ppl_ratio}
 
 
 def get_metric(metric: str | Metric | None, has_labels: bool) -> tuple[str, Metric]:

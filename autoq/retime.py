@@ -10,12 +10,15 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pandas as pd
 
 from autoq.backends import get_backend
 from autoq.backends.base import Candidate
 from autoq.calibrate import cached_samples
+from autoq.decoder import timing_feeds
 from autoq.errors import AutoqError
+from autoq.graph import input_specs
 from autoq.measure import interval, ratio_rounds
 from autoq.precision import Assignment
 
@@ -74,11 +77,16 @@ def verify(run_dir: str | Path, points: list[int] | None = None, against: Sequen
     if samples is None:
         msg = f"{run_dir}/cache has no calibration samples to feed the models: run the search there again"
         raise AutoqError(msg)
-    feeds = {k: v[:1] for k, v in np.load(samples).items()}
+    models = _models(run_dir, points, [Path(p) for p in against])
+    fp32_path, fp32_options = models[FP32]
+    proto = onnx.load(str(fp32_path), load_external_data=False)
+    fp32 = backend.deployed_runner(Candidate(Assignment({}, fp32_options), fp32_path, 0), threads)
+    feeds = timing_feeds(fp32, {k: v[:1] for k, v in np.load(samples).items()}, input_specs(proto),
+                         [o.name for o in proto.graph.output])  # a language model: one decode step
     instances = backend.deployed_instances
     runs = {label: [partial(backend.deployed_runner(Candidate(Assignment({}, options), path, 0), threads), feeds)
                     for _ in range(instances)]
-            for label, (path, options) in _models(run_dir, points, [Path(p) for p in against]).items()}
+            for label, (path, options) in models.items()}
     timed = ratio_rounds(runs, FP32, rounds=-(-rounds // instances) * instances)  # each instance as often
     rows = []
     for label, (ms, ratios) in timed.items():

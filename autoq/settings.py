@@ -9,11 +9,13 @@ from typing import Any
 import numpy as np
 
 from autoq.constraints import Constraints
+from autoq.demo import DEMOS
 from autoq.errors import AutoqError
 from autoq.metrics import Metric
 from autoq.space import SearchSpace
 
 RECIPE_MODES = ("auto", "none")
+DEMO_NAMES = tuple(DEMOS)
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class RunSettings:
     storage: str | None = None
     study: str = "autoq"
     recipes: str = "auto"
+    demo: str = "minilm"  # with no model: the embedded demo to search (minilm | llm)
 
     def __post_init__(self) -> None:
         if self.threads < 1:
@@ -51,6 +54,8 @@ class RunSettings:
             raise AutoqError("--trials must be at least 1")
         if self.trial_timeout <= 0:
             raise AutoqError("--trial-timeout must be more than 0 seconds")
+        if self.demo not in DEMO_NAMES:
+            raise AutoqError(f"--demo must be one of {', '.join(DEMO_NAMES)}, not {self.demo!r}")
         if self.recipes not in RECIPE_MODES:
             raise AutoqError(f"--recipes must be {' or '.join(RECIPE_MODES)}, not {self.recipes!r}")
         self.constraints  # noqa: B018 - parsed here so that a bad budget fails before any work

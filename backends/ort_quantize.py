@@ -145,7 +145,18 @@ def quantize_weight_only(path: Path, specs: dict[str, Precision], calibration: P
                                              nodes_to_exclude=others, op_types_to_quantize=ops, algo_config=config)
             quantizer.process()
         proto = quantizer.model.model
+        if spec.rounding == "hqq" and spec.accuracy:  # ORT's HQQ quantizer takes no accuracy level: set it
+            _set_accuracy(proto, set(chosen), spec.accuracy)
     save_onnx(proto, path)
+
+
+def _set_accuracy(proto: onnx.ModelProto, layers: set[str], level: int) -> None:
+    """Give the MatMulNBits kernels made of `layers` (named `<layer>_Q<bits>`) the accuracy level `level`."""
+    for node in proto.graph.node:
+        if node.op_type == "MatMulNBits" and node.name.rsplit("_Q", 1)[0] in layers:
+            kept = [a for a in node.attribute if a.name != "accuracy_level"]
+            del node.attribute[:]
+            node.attribute.extend([*kept, onnx.helper.make_attribute("accuracy_level", level)])
 
 
 class CalibrationSamples:

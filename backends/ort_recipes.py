@@ -1,6 +1,12 @@
 """ONNX Runtime's one-line recipes, measured beside the front: `quantize_static` (U8S8 QDQ, per-channel weights,
 all op types and weight op types only) and `quantize_dynamic` on MatMul/Gemm, each on the run's normalised model
-(BatchNorm folded, as `quant_pre_process` would) and calibrated on the run's cached calibration samples."""
+(BatchNorm folded, as `quant_pre_process` would) and calibrated on the run's cached calibration samples.
+
+A language model's recipes are weight-only: ORT's MatMulNBits quantizer with its defaults (asymmetric, float
+compute) in 8 bits and in 4 bits in blocks of 32 and 128, and, when the model was exported by ONNX Runtime GenAI's
+builder from a folder autoq knows (`autoq.causal_lm.SOURCE` in its metadata), the builder's own int4 for the CPU
+(symmetric blocks of 32, int8 compute) and its llama.cpp-style `k_quant_mixed` (int8 for the LM head and the most
+sensitive layers)."""
 
 from __future__ import annotations
 
@@ -12,12 +18,17 @@ from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, q
 
 from autoq.backends.base import Candidate, Recipe
 from autoq.backends.ort_graph import QUANTIZE
-from autoq.backends.ort_quantize import CalibrationSamples, quiet_root_logger
+from autoq.backends.ort_quantize import WEIGHT_ONLY_KERNELS, CalibrationSamples, quiet_root_logger
 from autoq.calibrate import samples_path
-from autoq.graph import OnnxModel
+from autoq.causal_lm import SOURCE, export_causal_lm
+from autoq.decoder import is_decoder
+from autoq.graph import OnnxModel, save_onnx, stored_bytes
 from autoq.precision import Assignment
 
 WEIGHT_OPS = ("Conv", "MatMul", "Gemm")
+# ONNX Runtime GenAI's builder for the CPU: symmetric blocks of 32, int8 compute (accuracy level 4) by default
+GENAI_RECIPES = (("int8 (CPU)", "int8", {}), ("int4 (CPU)", "int4", {}),
+                 ("int4 k_quant_mixed", "int4", {"algo_config": "k_quant_mixed"}))
 
 
 def _static(model: OnnxModel, calibration: Path, workdir: Path, ops: tuple[str, ...] | None) -> Path:
@@ -36,17 +47,43 @@ def _dynamic(model: OnnxModel, calibration: Path, workdir: Path) -> Path:
     return out
 
 
+def _weight_only(model: OnnxModel, calibration: Path, workdir: Path, bits: int, block: int) -> Path:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer  # it needs onnx_ir
+
+    out = workdir / "model.onnx"
+    with quiet_root_logger():
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(model.path)), bits=bits, block_size=block)
+        quantizer.process()
+    return save_onnx(quantizer.model.model, out)
+
+
+def _genai_builder(model: OnnxModel, calibration: Path, workdir: Path, precision: str, options: dict) -> Path:
+    source = next((p.value for p in model.proto.metadata_props if p.key == SOURCE), None)
+    if source is None or not Path(source).is_dir():
+        msg = "the Hugging Face folder the model was exported from is unknown (export it with autoq.causal_lm)"
+        raise ValueError(msg)
+    return export_causal_lm(Path(source), workdir, workdir / "cache", precision, options)
+
+
 def _built(make, model: OnnxModel, calibration: Path, workdir: Path) -> Candidate:
     """Run a recipe; one that quantizes nothing in this model is a failure with that reason."""
     workdir.mkdir(parents=True, exist_ok=True)
     path = make(model, calibration, workdir)
-    if not any(node.op_type in QUANTIZE for node in onnx.load(str(path), load_external_data=False).graph.node):
+    kernels = QUANTIZE | set(WEIGHT_ONLY_KERNELS)
+    if not any(node.op_type in kernels for node in onnx.load(str(path), load_external_data=False).graph.node):
         msg = "it quantized nothing in this model (none of its op types has a constant weight here)"
         raise ValueError(msg)
-    return Candidate(Assignment.uniform(model.layer_names, "fp32"), path, path.stat().st_size)
+    return Candidate(Assignment.uniform(model.layer_names, "fp32"), path, stored_bytes(path))
 
 
 def recipes(model: OnnxModel) -> list[Recipe]:
+    if is_decoder(model.inputs):
+        return [Recipe(f"ORT MatMulNBits int{bits}{f', block {block}' if bits == 4 else ''}",
+                       partial(_built, partial(_weight_only, bits=bits, block=block)))
+                for bits, block in ((8, 128), (4, 32), (4, 128))] + [
+                Recipe(f"GenAI builder {label}", partial(_built, partial(_genai_builder, precision=precision,
+                                                                           options=options)))
+                for label, precision, options in GENAI_RECIPES]
     return [Recipe("ORT quantize_static U8S8, all ops", partial(_built, partial(_static, ops=None))),
             Recipe("ORT quantize_static U8S8, weight ops", partial(_built, partial(_static, ops=WEIGHT_OPS))),
             Recipe("ORT quantize_dynamic, MatMul/Gemm", partial(_built, _dynamic))]

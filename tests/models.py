@@ -142,3 +142,27 @@ def two_layer_mlp(path: Path, w1: np.ndarray, w2: np.ndarray) -> Path:
         opset_imports=[helper.make_opsetid("", 17)])
     onnx.save(proto, str(path))
     return path
+
+
+def tiny_decoder(folder: Path) -> tuple[Path, Path]:
+    """A randomly initialised two-layer Llama (tied embeddings, grouped-query attention, a byte-level BPE tokenizer
+    trained on docstrings) saved as a Hugging Face folder, and its ONNX export with a KV cache."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from autoq.causal_lm import export_causal_lm
+    from autoq.demo import sentences
+
+    torch.manual_seed(0)
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(sentences(200), trainers.BpeTrainer(vocab_size=512, special_tokens=["<s>", "</s>"]))
+    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, bos_token_id=0, eos_token_id=1)
+    hf_dir = folder / "hf"
+    LlamaForCausalLM(config).eval().save_pretrained(str(hf_dir))
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>").save_pretrained(str(hf_dir))
+    return hf_dir, export_causal_lm(hf_dir, folder / "onnx", folder / "cache")

@@ -10,6 +10,8 @@ import ast
 import os
 import random
 import sysconfig
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -106,3 +108,40 @@ def demo_files() -> tuple[Path, Path]:
         arrays: dict[str, Any] = _tokenize(sentences(), model_dir)
         np.savez(data, **arrays)
     return model, data
+
+
+def llm_demo_files() -> tuple[Path, Path]:
+    """(model.onnx, windows.npz) of the language-model demo (SmolLM2-135M), built in the cache at first use."""
+    from autoq.demo.llm import llm_files
+
+    folder = cache_dir() / "smollm2-135m"
+    folder.mkdir(parents=True, exist_ok=True)
+    return llm_files(folder)
+
+
+@dataclass(frozen=True)
+class Demo:
+    """An embedded model with its data and what a search of it scores: what `autoq search --demo NAME` runs."""
+
+    name: str
+    stem: str  # names the default run directory, reports/<stem>-<backend>
+    summary: str
+    files: Callable[[], tuple[Path, Path]]  # (model, data), built at first use
+    metric: str
+    labels: str | None = None  # the labels' array in the data file
+    space: str | None = None  # None: the backend's default space
+
+
+DEMOS = {demo.name: demo for demo in (
+    Demo("minilm", "all-MiniLM-L6-v2", "all-MiniLM-L6-v2 sentence embeddings, cosine to FP32", demo_files, "cosine"),
+    Demo("llm", "SmolLM2-135M-Instruct",
+         "SmolLM2-135M-Instruct (float from its Q4_1 GGUF), perplexity on docstrings, decode ms/token",
+         llm_demo_files, "ppl_ratio", "labels", "llm-cpu"),
+)}
+
+
+def get_demo(name: str) -> Demo:
+    if name not in DEMOS:
+        msg = f"unknown demo '{name}' (demos: {', '.join(DEMOS)})"
+        raise AutoqError(msg)
+    return DEMOS[name]

@@ -1,0 +1,50 @@
+"""Decoder language models with a KV cache, as ONNX Runtime GenAI's model builder and Optimum export them (inputs
+`input_ids`, `attention_mask`, `past_key_values.N.key|value`; outputs `logits`, `present.N.key|value`).
+
+What such a model is deployed for is generation, one token at a time: its latency is one decode step after a
+prompt (memory-bound: every weight is read once per token), not the prompt's prefill (compute-bound). The step
+is built from a real prefill of the first sample by the FP32 model, so the cache holds real keys and values.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import numpy as np
+
+from autoq.graph import InputSpec
+
+PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)")
+Feeds = dict[str, np.ndarray]
+
+
+def is_decoder(inputs: list[InputSpec]) -> bool:
+    """Whether the model takes token ids and a KV cache."""
+    names = {spec.name for spec in inputs}
+    return "input_ids" in names and any(PAST.fullmatch(name) for name in names)
+
+
+def decode_step(run: Callable[[Feeds], list[np.ndarray]], prompt: Feeds, outputs: list[str]) -> Feeds:
+    """The feeds of the step that generates the token after `prompt` (one sample, empty cache): the cache of
+    `run`'s prefill, the greedy next token, the mask (and positions) one longer."""
+    values = dict(zip(outputs, run(prompt), strict=True))
+    length = prompt["input_ids"].shape[1] + next(
+        (v.shape[2] for k, v in prompt.items() if PAST.fullmatch(k)), 0)
+    step: Feeds = {}
+    for name in prompt:
+        found = PAST.fullmatch(name)
+        if found:
+            step[name] = values[f"present.{found.group(1)}.{found.group(2)}"]
+    step["input_ids"] = values["logits"][:, -1:].argmax(-1).astype(prompt["input_ids"].dtype)
+    if "attention_mask" in prompt:
+        step["attention_mask"] = np.ones((1, length + 1), prompt["attention_mask"].dtype)
+    if "position_ids" in prompt:
+        step["position_ids"] = np.full((1, 1), length, prompt["position_ids"].dtype)
+    return step
+
+
+def timing_feeds(run: Callable[[Feeds], list[np.ndarray]], sample: Feeds, inputs: list[InputSpec],
+                 outputs: list[str]) -> Feeds:
+    """What a model's latency is timed on: a decoder's decode step after `sample`, else `sample` itself."""
+    return decode_step(run, sample, outputs) if is_decoder(inputs) else sample

@@ -1,0 +1,136 @@
+"""Language models: a tiny randomly initialised decoder exported with a KV cache by ONNX Runtime GenAI's builder,
+scored by perplexity, timed on a decode step, built per layer in 4 and 8 bits."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from autoq import data, graph
+from autoq.backends import get_backend
+from autoq.calibrate import calibrate
+from autoq.causal_lm import LABELS, token_windows
+from autoq.decoder import decode_step, is_decoder
+from autoq.errors import AutoqError
+from autoq.metrics import ppl_ratio, token_nll
+from autoq.precision import Assignment
+from tests.models import tiny_decoder
+
+WINDOW = 32
+
+
+@pytest.fixture(scope="module")
+def decoder(tmp_path_factory):
+    """(Hugging Face folder, ONNX model, windows .npz) of the tiny decoder, on docstring text."""
+    pytest.importorskip("onnxruntime_genai", reason="the decoder is exported by ONNX Runtime GenAI's builder")
+    from tokenizers import Tokenizer
+
+    from autoq.demo import sentences
+
+    folder = tmp_path_factory.mktemp("decoder")
+    hf_dir, model = tiny_decoder(folder)
+    tokenizer = Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
+    tokens = np.array([t for line in sentences(300, seed=2) for t in tokenizer.encode(line + "\n").ids])
+    windows = folder / "windows.npz"
+    np.savez(windows, **token_windows(tokens, WINDOW, 12, model))
+    return hf_dir, model, windows
+
+
+def _session(path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _inputs(windows, rows=slice(None)) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    arrays = dict(np.load(windows))
+    labels = arrays.pop(LABELS)
+    return {k: v[rows] for k, v in arrays.items()}, labels[rows]
+
+
+def test_ppl_ratio_is_one_at_fp32_and_falls_with_noise():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(4, 8, 50)).astype(np.float32)
+    labels = logits.argmax(-1)  # the reference is confident in the labels: noise can only cost perplexity
+    assert ppl_ratio([logits], [logits], labels) == pytest.approx(1.0)
+    noisy = logits + rng.normal(scale=2.0, size=logits.shape).astype(np.float32)
+    assert ppl_ratio([logits], [noisy], labels) < 0.9
+    with pytest.raises(AutoqError, match="next token"):
+        ppl_ratio([logits], [logits], None)
+
+
+def test_fp32_export_has_the_torch_models_perplexity(decoder):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hf_dir, model, windows = decoder
+    feeds, labels = _inputs(windows)
+    onnx_logits = _session(model).run(["logits"], feeds)[0]
+    with torch.no_grad():
+        torch_logits = AutoModelForCausalLM.from_pretrained(str(hf_dir)).eval()(
+            torch.from_numpy(feeds["input_ids"])).logits.numpy()
+    assert np.exp(token_nll(onnx_logits, labels).mean()) == pytest.approx(
+        np.exp(token_nll(torch_logits, labels).mean()), rel=1e-4)
+
+
+def test_a_decode_step_continues_the_prefill(decoder):
+    """The step autoq times is real generation: its logits after a 16-token prompt are the logits a 17-token
+    prefill gives at its last position, and the cache grows by one."""
+    _, model, windows = decoder
+    session = _session(model)
+    outputs = [o.name for o in session.get_outputs()]
+    feeds, _ = _inputs(windows, slice(0, 1))
+    assert is_decoder(graph.input_specs(graph.load_onnx(model)))
+    prompt = {k: (v[:, :16] if k in ("input_ids", "attention_mask") else v) for k, v in feeds.items()}
+    step = decode_step(lambda f: session.run(None, f), prompt, outputs)
+    assert step["past_key_values.0.key"].shape[2] == 16 and step["attention_mask"].shape == (1, 17)
+    step["input_ids"] = feeds["input_ids"][:, 16:17]
+    longer = {k: (v[:, :17] if k in ("input_ids", "attention_mask") else v) for k, v in feeds.items()}
+    stepped = session.run(None, step)
+    np.testing.assert_allclose(stepped[0][0, -1], session.run(["logits"], longer)[0][0, -1], atol=1e-4)
+    assert stepped[outputs.index("present.0.key")].shape[2] == 17
+
+
+def test_layers_take_4_and_8_bits_each_and_run_them(decoder, tmp_path):
+    """A per-layer assignment (int4 and int8 Linear layers, fp32 ones, an int4 embedding) builds; every layer's
+    kernel is read back with its bits, block and compute; the candidate generates with its KV cache."""
+    _, model_path, windows = decoder
+    model = graph.prepare(model_path, tmp_path)
+    splits = data.split(data.load(windows, LABELS))
+    calibration = calibrate(model, splits.calibration, tmp_path / "cache")
+    menu = ["w4g32-acc4", "w8g128-acc4", "fp32", "w4g64-asym-acc4"]
+    layers = {la.name: ("w4g32" if la.op_type == "Gather" else menu[i % len(menu)])
+              for i, la in enumerate(model.layers)}
+    assert {la.op_type for la in model.layers} == {"MatMul", "Gather"} and len(model.layers) == 2 * 5 + 2  # qkv, o, gate, up, down; LM head
+    backend = get_backend("onnxruntime")
+    candidate = backend.build(model, Assignment(layers), calibration, tmp_path / "mixed")
+    run = backend.runner(candidate, 1)
+    assert backend.executed(candidate) == Assignment(layers).layers
+    feeds = {k: v[:1] for k, v in splits.search.arrays.items()}
+    step = decode_step(run, feeds, model.outputs)
+    logits = run(step)[0]
+    assert logits.shape == (1, 1, 512) and np.isfinite(logits).all()
+
+
+def test_windows_need_enough_tokens(decoder):
+    _, model, _ = decoder
+    with pytest.raises(AutoqError, match="too few"):
+        token_windows(np.arange(100), WINDOW, 12, model)
+
+
+@pytest.mark.slow
+def test_search_of_a_decoder_against_its_recipes(decoder, tmp_path):
+    """A search of the decoder: perplexity ratio as quality, the decode step timed, every layer executed as
+    assigned, and the weight-only recipes (ORT's quantizer, the GenAI builder's) measured beside the front."""
+    import autoq
+
+    _, model, windows = decoder
+    result = autoq.search(model, windows, labels=LABELS, metric="ppl_ratio", space="llm-cpu", trials=8,
+                          out=tmp_path / "run", progress=False)
+    assert result.front["val_executed_ok"].all() and result.trials["executed_ok"].all()
+    recipes = result.recipes.set_index("recipe")
+    assert len(recipes) == 6 and (recipes["error"] == "").all()  # the builder's too: the model names its source
+    assert recipes["verdict"].str.len().gt(0).all() and recipes["speedup"].gt(0).all()
+    fp32 = graph.stored_bytes(tmp_path / "run" / "model.onnx")
+    assert recipes.loc["GenAI builder int4 (CPU)", "size_bytes"] < fp32 / 3  # int4 weights, for real
