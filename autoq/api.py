@@ -96,6 +96,7 @@ def _problem(model: str | Path | object | None, data: DataArg, example_inputs, s
     seed = search_space.seed if settings.seed is None else settings.seed
     is_file = isinstance(model, str | Path)
     label = str(model) if is_file else f"{type(model).__name__} (torch module)"
+    label = f"{stem}: {demo.summary}" if stem else label  # a demo says what its reference is
     stem = stem or (Path(model).stem if isinstance(model, str | Path) else type(model).__name__)
     run_dir = Path(settings.out) if settings.out else REPORTS / f"{stem}-{backend}"
     try:
@@ -206,7 +207,8 @@ def search(model: str | Path | object | None = None, data: DataArg = None, *more
         recipe_table.to_csv(run_dir / run_report.RECIPES, index=False)
     meta = {"model": problem.model_name, "backend": settings.backend, "metric": problem.metric,
             "machine": problem.machine,
-            "wall_s": time.perf_counter() - started, "search_settings": problem.evaluator.backend.search_settings,
+            "wall_s": time.perf_counter() - started, "timed": problem.evaluator.timed,
+            "search_settings": problem.evaluator.backend.search_settings,
             "deployed_settings": problem.evaluator.backend.deployed_settings,
             "glue_kept_float": dict(regions.kept_float) if regions is not None else None}
     (run_dir / run_report.META).write_text(json.dumps(meta, indent=2))

@@ -48,3 +48,11 @@ def timing_feeds(run: Callable[[Feeds], list[np.ndarray]], sample: Feeds, inputs
                  outputs: list[str]) -> Feeds:
     """What a model's latency is timed on: a decoder's decode step after `sample`, else `sample` itself."""
     return decode_step(run, sample, outputs) if is_decoder(inputs) else sample
+
+
+def describe_timing(inputs: list[InputSpec], sample: Feeds) -> str:
+    """What `timing_feeds` times, in words for the report."""
+    if is_decoder(inputs):
+        return (f"one decode step after a {sample['input_ids'].shape[1]}-token prompt, with its KV cache "
+                "(tokens/s = 1000 / ms)")
+    return f"one forward pass of the first search sample (batch {len(next(iter(sample.values())))})"

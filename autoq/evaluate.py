@@ -14,7 +14,7 @@ import numpy as np
 
 from autoq.backends.base import Backend, Candidate, GlueCheck
 from autoq.data import Dataset, Splits, batch_size, fingerprint
-from autoq.decoder import timing_feeds
+from autoq.decoder import describe_timing, timing_feeds
 from autoq.graph import OnnxModel, probe_session
 from autoq.measure import time_runner
 from autoq.metrics import Metric, SampleMetric
@@ -96,6 +96,7 @@ class Evaluator:
         self._ref_run = self.backend.runner(self._ref_candidate, self.threads)
         first = {k: v[: self.latency_batch] for k, v in self.splits.search.arrays.items()}
         self.latency_feeds = timing_feeds(self._ref_run, first, self.model.inputs, self.model.outputs)
+        self.timed = describe_timing(self.model.inputs, first)
 
     def close(self) -> None:
         shutil.rmtree(self._tmp, ignore_errors=True)

@@ -4,9 +4,12 @@ workers inherit) shows them."""
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 
 VERBOSE_ENV = "AUTOQ_VERBOSE"
 NOISY_LOGGERS = ("torch", "torchao", "nncf", "onnxruntime", "openvino", "optuna", "transformers", "onnxscript")
@@ -29,3 +32,14 @@ def hush() -> None:
 def set_verbose(verbose: bool) -> None:
     if verbose:
         os.environ[VERBOSE_ENV] = "1"
+
+
+@contextmanager
+def captured() -> Iterator[None]:
+    """Keep what a third-party call prints (progress bars, advice) off the terminal, unless verbose."""
+    if os.environ.get(VERBOSE_ENV):
+        yield
+        return
+    with warnings.catch_warnings(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield

@@ -105,15 +105,15 @@ class OnnxRuntimeBackend(Backend):
 
     def fits(self, layer: Layer, precision: Precision) -> bool:
         """No integer ConvTranspose on ORT's CPU provider (its QDQ would run as float); int8-dyn on MatMul;
-        weight-only on 2-D MatMul weights (4/8 bits) and embedding tables (4 bits, rounded to nearest, no accuracy
-        level)."""
+        weight-only on 2-D MatMul weights (4/8 bits, any input width: SmolLM2's 576 takes blocks of 128) and
+        embedding tables (4 bits, rows a whole number of blocks, rounded to nearest, no accuracy level)."""
         if precision.kind == "static":
             return layer.op_type not in ("ConvTranspose", "Gather")
         if precision.kind == "dynamic":
             return layer.op_type in DYNAMIC_LAYERS
-        if precision.kind == "weight-only":  # blocks tile a MatMul's input dimension, a table's rows
+        if precision.kind == "weight-only":  # MatMulNBits pads its input dimension to whole blocks; a table's rows
             return (len(layer.weight_shape) == 2 and precision.bits in WEIGHT_ONLY_LAYERS.get(layer.op_type, ())
-                    and layer.weight_shape[0 if layer.op_type == "MatMul" else 1] % precision.group == 0
+                    and (layer.op_type == "MatMul" or layer.weight_shape[1] % precision.group == 0)
                     and not (layer.op_type == "Gather" and (precision.rounding != "rtn" or precision.accuracy)))
         return precision.fmt == "fp32"
 

@@ -27,7 +27,7 @@ from autoq.precision import Assignment
 
 WEIGHT_OPS = ("Conv", "MatMul", "Gemm")
 # ONNX Runtime GenAI's builder for the CPU: symmetric blocks of 32, int8 compute (accuracy level 4) by default
-GENAI_RECIPES = (("int8 (CPU)", "int8", {}), ("int4 (CPU)", "int4", {}),
+GENAI_RECIPES: tuple[tuple[str, str, dict[str, str]], ...] = (("int8 (CPU)", "int8", {}), ("int4 (CPU)", "int4", {}),
                  ("int4 k_quant_mixed", "int4", {"algo_config": "k_quant_mixed"}))
 
 

@@ -52,6 +52,29 @@ def _prefill(run_dir: Path, models: dict[str, Path], windows: Path, threads: int
     return {label: interval(ratios) for label, (_, ratios) in timed.items() if label != "FP32"}
 
 
+def _priors(run_dir: Path) -> list[str]:
+    """How well the sensitivity table's per-layer priors rank the measured trials: decode latency predicted as
+    FP32's minus the profiled savings of each layer's precision (decode-step profiles), quality loss as the sum of
+    each layer's SQNR noise power; Spearman rank correlation with the measured values over the trials."""
+    from scipy.stats import spearmanr
+
+    table = pd.read_csv(run_dir / "sensitivity.csv").set_index(["layer", "precision"])
+    trials = pd.read_csv(run_dir / "trials.csv")
+    trials = trials[(trials["state"] == "COMPLETE") & trials["screened"].isna()]
+    fp32 = float(trials["fp32_latency_ms"].median())
+    predicted_ms, noise = [], []
+    for text in trials["assignment"]:
+        pairs = [(n, p) for n, p in json.loads(text)["layers"].items() if p != "fp32"]
+        predicted_ms.append(fp32 - sum(table.loc[pair, "latency_saving_ms"] for pair in pairs))
+        noise.append(sum(10 ** (-table.loc[pair, "sqnr_db"] / 10) for pair in pairs))
+    latency = spearmanr(predicted_ms, trials["latency_ms"]).statistic
+    quality = spearmanr(noise, -trials["quality"]).statistic
+    error = np.median(np.abs(np.array(predicted_ms) / trials["latency_ms"].to_numpy() - 1))
+    return [f"- decode latency from the per-layer profiles of one decode step (FP32 - savings): Spearman "
+            f"{latency:.2f} over {len(trials)} measured trials, median error {error:.0%}",
+            f"- perplexity loss from the summed per-layer SQNR noise power: Spearman {quality:.2f}"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=60)
@@ -94,6 +117,8 @@ def main() -> None:
              table.to_markdown(index=False, floatfmt=".3f"), "",
              "Verdicts (the run's own, quality / decode speed-up / size):", "",
              *[f"- {r.recipe}: {r.verdict if not r.error else 'failed: ' + r.error}" for r in recipes.itertuples()],
+             "", "The priors the search is seeded and screened with, against its measured trials:", "",
+             *_priors(run_dir),
              "", f"Run settings: {json.dumps(fp32_ms.get('search_settings'))}; front as deployed: "
              f"{json.dumps(fp32_ms.get('deployed_settings'))}"]
     Path(args.out).write_text("\n".join(lines) + "\n")

@@ -67,3 +67,22 @@ def test_corrupt_files_are_clear_errors(tmp_path, content):
     path.write_bytes(content)
     with pytest.raises(AutoqError, match="bad.onnx"):
         graph.prepare(path, tmp_path / "run")
+
+
+@pytest.mark.parametrize(("op", "loads"), [("SimplifiedLayerNormalization", True), ("NoSuchOp", False)])
+def test_onnx_runtime_ops_pass_the_check_unknown_ops_do_not(tmp_path, op, loads):
+    """Exported language models use ONNX Runtime's own ops in the default domain (unknown to the ONNX checker):
+    a model ONNX Runtime loads is accepted; an op nobody knows is still a one-line error."""
+    weight = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    scale = numpy_helper.from_array(np.ones(4, np.float32), "s")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="fc"),
+             helper.make_node(op, ["h", "s"], ["y"], name="norm", axis=-1, epsilon=1e-5)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])], [weight, scale])
+    path = tmp_path / "contrib.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    if loads:
+        assert [layer.name for layer in graph.prepare(path, tmp_path / "run").layers] == ["fc"]
+    else:
+        with pytest.raises(AutoqError, match="fails the ONNX checker: No Op registered for NoSuchOp"):
+            graph.prepare(path, tmp_path / "run")

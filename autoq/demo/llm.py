@@ -16,6 +16,7 @@ import numpy as np
 
 from autoq.causal_lm import LABELS, export_causal_lm, token_windows
 from autoq.errors import AutoqError
+from autoq.quiet import captured
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WINDOW, WINDOWS = 64, 48  # tokens per scored window, windows (split 12 calibration / 24 search / 12 validation)
@@ -68,7 +69,8 @@ def llm_files(folder: Path) -> tuple[Path, Path]:
         print(f"autoq: exporting SmolLM2-135M-Instruct ({REFERENCE}) to {model.parent} (first use only)")
         hf_dir = folder / "hf"
         if not (hf_dir / "config.json").is_file():
-            save_float(_gguf(), hf_dir)
+            with captured():  # the GGUF reader's progress bars
+                save_float(_gguf(), hf_dir)
         export_causal_lm(hf_dir, model.parent, folder / "builder-cache")
     if not data.is_file():
         tokens = text_tokens(model.parent / "tokenizer.json", WINDOWS * WINDOW + 1)

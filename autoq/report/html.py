@@ -222,6 +222,7 @@ def write_html(path: Path, trials: pd.DataFrame, front: pd.DataFrame, meta: dict
              "median load of other processes (cores)": f"{trials['load'].median():.2f}" if len(trials) else "",
              "trials re-timed because FP32 drifted more than 20% from the study's": (
                  int((trials["retimed"].fillna(0) > 0).sum()) if "retimed" in trials.columns else 0),
+             "latency is": meta.get("timed", "?"),
              "timing settings": f"search: {meta.get('search_settings', '?')}; front also re-timed as deployed: "
                                 f"{meta.get('deployed_settings', '?')}" + (
                                     f" (the two disagree beyond their spread on points {disagree})" if disagree else
