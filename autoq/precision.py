@@ -33,7 +33,8 @@ from autoq.errors import AutoqError
 
 FLOATS = {"fp32": 32, "bf16": 16, "fp16": 16}
 CALIBRATIONS = ("minmax", "entropy", "mse", "percentile")
-ROUNDINGS = ("rtn", "hqq", "gptq", "awq", "se")  # se: NNCF's scale estimation
+ROUNDINGS = ("rtn", "hqq", "gptq", "awq", "se", "kquant")  # se: NNCF's scale estimation; kquant: llama.cpp's k-quants
+ZERO_POINTED = ("hqq", "kquant")  # roundings that fit a zero point per group: asymmetric by themselves
 KINDS = ("float", "static", "dynamic", "weight-only")
 FORMS = (f"{'|'.join(FLOATS)}, int8[-sym][-{'|-'.join(c for c in CALIBRATIONS[1:] if c != 'percentile')}|-pct<P>], "
          f"int8-dyn[-pc], w<4|8>[g<N>][-asym][-{'|-'.join(ROUNDINGS[1:])}][-acc<0-4>]")
@@ -55,7 +56,7 @@ class Precision:
     group: int = 0  # weights per scale when granularity is group
     calibration: str = "minmax"  # static only: how activation ranges are set
     percentile: float = 0.0  # with calibration percentile
-    rounding: str = "rtn"  # weight-only: rtn | hqq | gptq | awq | se
+    rounding: str = "rtn"  # weight-only: rtn | hqq | gptq | awq | se | kquant
     accuracy: int = 0  # weight-only: ONNX Runtime MatMulNBits accuracy_level (0: the runtime's default)
 
     def __post_init__(self) -> None:
@@ -88,8 +89,8 @@ class Precision:
             return "rounding and accuracy level are for weight-only precisions"
         if self.rounding not in ROUNDINGS or self.accuracy not in range(5):
             return f"rounding is one of {', '.join(ROUNDINGS)}; accuracy level 0-4"
-        if self.rounding == "hqq" and self.symmetric:
-            return "HQQ fits a zero point per group (it is asymmetric)"
+        if self.rounding in ZERO_POINTED and self.symmetric:
+            return f"{self.rounding} fits a zero point per group (it is asymmetric)"
         if self.kind == "dynamic" and self.symmetric:
             return "int8-dyn activations are asymmetric"
         return None
@@ -118,8 +119,8 @@ class Precision:
                 raise ValueError(f"unknown form '{head}'")
             for token in rest:
                 fields.update(_option(token, fields["kind"]))
-            if fields.get("rounding") == "hqq" and "sym" not in rest:
-                fields["symmetric"] = False  # HQQ's zero points: asymmetric without saying so
+            if fields.get("rounding") in ZERO_POINTED and "sym" not in rest:
+                fields["symmetric"] = False  # its zero points: asymmetric without saying so
             return cls(**fields)
         except (ValueError, TypeError, AutoqError) as exc:
             msg = f"precision '{text}': {exc} (forms: {FORMS})"
@@ -135,7 +136,7 @@ class Precision:
             tokens.append({"minmax": "", "percentile": f"pct{self.percentile:g}"}.get(self.calibration,
                                                                                      self.calibration))
         else:
-            asym = not self.symmetric and self.rounding != "hqq"  # HQQ is asymmetric by itself
+            asym = not self.symmetric and self.rounding not in ZERO_POINTED  # asymmetric by itself
             tokens = [f"w{self.bits}" + (f"g{self.group}" if self.group else ""), "asym" if asym else "",
                       "" if self.rounding == "rtn" else self.rounding, f"acc{self.accuracy}" if self.accuracy else ""]
         return "-".join(t for t in tokens if t)

@@ -105,16 +105,20 @@ class OnnxRuntimeBackend(Backend):
 
     def fits(self, layer: Layer, precision: Precision) -> bool:
         """No integer ConvTranspose on ORT's CPU provider (its QDQ would run as float); int8-dyn on MatMul;
-        weight-only on 2-D MatMul weights (4/8 bits, any input width: SmolLM2's 576 takes blocks of 128) and
-        embedding tables (4 bits, rows a whole number of blocks, rounded to nearest, no accuracy level)."""
+        weight-only on 2-D MatMul weights (4/8 bits, any input width: SmolLM2's 576 takes blocks of 128; 4-bit
+        k-quants an even number of blocks) and embedding tables (4 bits, rows a whole number of blocks, rounded to
+        nearest, no accuracy level)."""
         if precision.kind == "static":
             return layer.op_type not in ("ConvTranspose", "Gather")
         if precision.kind == "dynamic":
             return layer.op_type in DYNAMIC_LAYERS
         if precision.kind == "weight-only":  # MatMulNBits pads its input dimension to whole blocks; a table's rows
+            blocks = -(-layer.weight_shape[0] // precision.group)  # a MatMul's, along its inputs
             return (len(layer.weight_shape) == 2 and precision.bits in WEIGHT_ONLY_LAYERS.get(layer.op_type, ())
                     and (layer.op_type == "MatMul" or layer.weight_shape[1] % precision.group == 0)
-                    and not (layer.op_type == "Gather" and (precision.rounding != "rtn" or precision.accuracy)))
+                    and not (layer.op_type == "Gather" and (precision.rounding != "rtn" or precision.accuracy))
+                    # the k-quant packer stores two 4-bit zero points per byte along the blocks
+                    and not (precision.rounding == "kquant" and precision.bits == 4 and blocks % 2))
         return precision.fmt == "fp32"
 
     def regions(self, model: OnnxModel, calibration: Path) -> Regions:

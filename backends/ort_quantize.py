@@ -5,8 +5,9 @@
   the first in graph order sets it.
 - int8-dyn (`quantize_dynamic`, MatMul): one call per weight granularity (per tensor, per channel).
 - weight-only (`MatMulNBitsQuantizer`): MatMul -> MatMulNBits (4 or 8 bits, block size, symmetric or not,
-  accuracy_level; rounded to nearest, by HQQ, or by GPTQ (4 bits, ORT's vendored Neural Compressor code) on the
-  cached calibration samples), Gather -> GatherBlockQuantized (4 bits); one call per distinct spec.
+  accuracy_level; rounded to nearest, by HQQ, by llama.cpp's k-quant search of scales and minimums, or by GPTQ (4
+  bits; ORT's vendored Neural Compressor code) on the cached calibration samples), Gather -> GatherBlockQuantized
+  (4 bits); one call per distinct spec.
 """
 
 from __future__ import annotations
@@ -100,16 +101,20 @@ def quantize_dynamic_layers(path: Path, specs: dict[str, Precision]) -> None:
 
 
 # weight-only rounding -> how ORT's MatMulNBits quantizer is told (rtn: the default config); the backend offers these
-WEIGHT_ROUNDINGS = ("rtn", "hqq", "gptq")
+WEIGHT_ROUNDINGS = ("rtn", "hqq", "gptq", "kquant")
 
 
-def _rounding_config(spec: Precision, ops: tuple[str, ...], calibration: Path) -> object:
+def _rounding_config(spec: Precision, ops: tuple[str, ...], calibration: Path, chosen: list[str]) -> object:
     from onnxruntime.quantization.matmul_nbits_quantizer import (  # it needs onnx_ir
         DefaultWeightOnlyQuantConfig,
         GPTQWeightOnlyQuantConfig,
         HQQWeightOnlyQuantConfig,
+        KQuantWeightOnlyQuantConfig,
     )
 
+    if spec.rounding == "kquant":  # ORT's vendored Neural Compressor k-quant: 4 bits unless told per node
+        return KQuantWeightOnlyQuantConfig(op_types_to_quantize=ops,
+                                           customized_weight_config={n: {"bits": spec.bits} for n in chosen})
     if spec.rounding == "hqq":
         return HQQWeightOnlyQuantConfig(block_size=spec.group, bits=spec.bits, op_types_to_quantize=ops)
     if spec.rounding == "gptq":
@@ -137,7 +142,7 @@ def quantize_weight_only(path: Path, specs: dict[str, Precision], calibration: P
             proto = onnx.version_converter.convert_version(proto, 21)
     for spec, chosen in groups.items():
         ops = ("MatMul", "Gather") if tables & set(chosen) else ("MatMul",)
-        config = _rounding_config(spec, ops, calibration)
+        config = _rounding_config(spec, ops, calibration, chosen)
         others = [n.name for n in proto.graph.node if n.name not in set(chosen)]
         with quiet_root_logger():
             quantizer = MatMulNBitsQuantizer(proto, bits=spec.bits, block_size=spec.group,

