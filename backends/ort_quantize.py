@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
+from autoq.backends.ort_tied import share_tables, tied_pairs
 from autoq.calibrate import method_path, samples_path
 from autoq.graph import save_onnx
 from autoq.precision import Precision
@@ -124,17 +125,19 @@ def _rounding_config(spec: Precision, ops: tuple[str, ...], calibration: Path, c
                                         accuracy_level=spec.accuracy or None, op_types_to_quantize=ops, bits=spec.bits)
 
 
-def quantize_weight_only(path: Path, specs: dict[str, Precision], calibration: Path) -> None:
-    """MatMulNBits / GatherBlockQuantized for the layers whose spec is weight-only, in place."""
+def quantize_weight_only(path: Path, specs: dict[str, Precision], calibration: Path, tie: bool = True) -> None:
+    """MatMulNBits / GatherBlockQuantized for the layers whose spec is weight-only, in place; an embedding tied to
+    the LM head with the same spec reads the head's weights (`autoq.backends.ort_tied`) unless `tie` is off."""
+    proto = onnx.load(str(path))
+    ties = tied_pairs(proto, specs) if tie else {}
     groups: dict[Precision, list[str]] = defaultdict(list)
     for name, spec in specs.items():
-        if spec.kind == "weight-only":
+        if spec.kind == "weight-only" and name not in ties:
             groups[spec].append(name)
     if not groups:
         return
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer  # it needs onnx_ir
 
-    proto = onnx.load(str(path))
     tables = {n.name for n in proto.graph.node if n.op_type == "Gather"} & {n for c in groups.values() for n in c}
     if tables:  # int4 tables need opset 21: convert the model properly (ORT's quantizer only relabels it)
         default = next(o for o in proto.opset_import if o.domain in ("", "ai.onnx"))
@@ -152,6 +155,7 @@ def quantize_weight_only(path: Path, specs: dict[str, Precision], calibration: P
         proto = quantizer.model.model
         if spec.rounding == "hqq" and spec.accuracy:  # ORT's HQQ quantizer takes no accuracy level: set it
             _set_accuracy(proto, set(chosen), spec.accuracy)
+    share_tables(proto, ties, specs)
     save_onnx(proto, path)
 
 
@@ -186,7 +190,7 @@ def weight_only_spec(node: onnx.NodeProto, graph: onnx.GraphProto, asked: Precis
     graph, is the one asked for)."""
     attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     symmetric = len(node.input) <= 3 or not node.input[3]  # both kernels take zero points as input 3
-    if node.op_type == "MatMulNBits":
+    if node.op_type == "MatMulNBits" or "bits" in attributes:  # a tied table's uint8 data says its bits
         bits = int(attributes.get("bits", 4))
     else:
         data = next((t for t in graph.initializer if t.name == node.input[0]), None)

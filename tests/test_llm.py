@@ -138,3 +138,32 @@ def test_search_of_a_decoder_against_its_recipes(decoder, tmp_path):
     table = autoq.verify(tmp_path / "run", rounds=3)  # re-timed as deployed, on the decode step
     assert len(table) == 1 + len(result.front) + len(recipes)
     assert (table["95% low"] <= table["vs FP32"]).all() and (table["vs FP32"] <= table["95% high"]).all()
+
+
+def test_a_tied_embedding_is_stored_once_with_the_same_values(decoder, tmp_path):
+    """The tiny decoder ties its embedding to its LM head: with the same spec on both, the table is read from the
+    head's int4 weights (no table left in the file, smaller by the table's int4 bytes), it executes as asked, and
+    the model computes what the separately quantized table computes."""
+    import onnx
+
+    from autoq.backends.ort_quantize import quantize_weight_only
+    from autoq.precision import Precision
+
+    _, model_path, windows = decoder
+    model = graph.prepare(model_path, tmp_path)
+    splits = data.split(data.load(windows, LABELS))
+    calibration = calibrate(model, splits.calibration, tmp_path / "cache")
+    layers = {la.name: "w4g32" if la.op_type == "Gather" else "w4g32-acc4" for la in model.layers}
+    backend = get_backend("onnxruntime")
+    tied = backend.build(model, Assignment(layers), calibration, tmp_path / "tied")
+    assert backend.executed(tied) == Assignment(layers).layers
+    table = next(la for la in model.layers if la.op_type == "Gather")
+    proto = onnx.load(str(tied.path))
+    assert table.weight not in {t.name for t in proto.graph.initializer}
+    apart = tmp_path / "apart.onnx"
+    onnx.save(onnx.load(str(model.path)), str(apart))
+    quantize_weight_only(apart, {n: Precision.parse(p) for n, p in layers.items()}, calibration, tie=False)
+    assert tied.size_bytes < graph.stored_bytes(apart) - 0.9 * table.params / 2  # the int4 table, stored once
+    feeds = {k: v[:2] for k, v in splits.validation.arrays.items()}
+    np.testing.assert_allclose(backend.runner(tied, 1)(feeds)[0], _session(apart).run(["logits"], feeds)[0],
+                               atol=1e-4)
