@@ -9,12 +9,13 @@ zero point) whose rounding does not line up with Q4_1's, and the report says whi
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from autoq.causal_lm import LABELS, export_causal_lm, token_windows
+from autoq.causal_lm import export_causal_lm, token_windows
 from autoq.errors import AutoqError
 from autoq.quiet import captured
 
@@ -51,7 +52,7 @@ def save_float(gguf: Path, hf_dir: Path) -> Path:
 
 
 def text_tokens(tokenizer_file: Path, count: int) -> np.ndarray:
-    """At least `count` tokens of standard-library docstrings' first sentences, one per line, in a fixed order."""
+    """The first `count` tokens of standard-library docstrings' first sentences, one per line, in a fixed order."""
     from tokenizers import Tokenizer
 
     from autoq.demo import sentences
@@ -63,20 +64,21 @@ def text_tokens(tokenizer_file: Path, count: int) -> np.ndarray:
 
 
 def llm_files(folder: Path) -> tuple[Path, Path]:
-    """(model.onnx, windows.npz) of the LLM demo, built in `folder` at first use."""
+    """(model.onnx, windows.npz) of the LLM demo, built in `folder` at first use (an interrupted export leaves
+    nothing half-written behind)."""
     model, data = folder / "onnx" / "model.onnx", folder / f"docstrings-{WINDOWS}x{WINDOW}.npz"
     if not model.is_file():
+        gguf, hf_dir, staging = _gguf(), folder / "hf", folder / "onnx.partial"
         print(f"autoq: exporting SmolLM2-135M-Instruct ({REFERENCE}) to {model.parent} (first use only)")
-        hf_dir = folder / "hf"
         if not (hf_dir / "config.json").is_file():
             with captured():  # the GGUF reader's progress bars
-                save_float(_gguf(), hf_dir)
-        export_causal_lm(hf_dir, model.parent, folder / "builder-cache")
+                save_float(gguf, folder / "hf.partial").replace(hf_dir)
+        shutil.rmtree(staging, ignore_errors=True)
+        export_causal_lm(hf_dir, staging, folder / "builder-cache")
+        shutil.rmtree(model.parent, ignore_errors=True)
+        staging.replace(model.parent)
     if not data.is_file():
-        tokens = text_tokens(model.parent / "tokenizer.json", WINDOWS * WINDOW + 1)
-        arrays: dict[str, Any] = token_windows(tokens, WINDOW, WINDOWS, model)
+        arrays: dict[str, Any] = token_windows(text_tokens(model.parent / "tokenizer.json", WINDOWS * WINDOW + 1),
+                                               WINDOW, WINDOWS, model)
         np.savez(data, **arrays)
     return model, data
-
-
-__all__ = ["LABELS", "REFERENCE", "llm_files"]
