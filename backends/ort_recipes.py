@@ -3,10 +3,11 @@ all op types and weight op types only) and `quantize_dynamic` on MatMul/Gemm, ea
 (BatchNorm folded, as `quant_pre_process` would) and calibrated on the run's cached calibration samples.
 
 A language model's recipes are weight-only: ORT's MatMulNBits quantizer with its defaults (asymmetric, float
-compute) in 8 bits and in 4 bits in blocks of 32 and 128, and, when the model was exported by ONNX Runtime GenAI's
-builder from a folder autoq knows (`autoq.causal_lm.SOURCE` in its metadata), the builder's own int4 for the CPU
-(symmetric blocks of 32, int8 compute) and its llama.cpp-style `k_quant_mixed` (int8 for the LM head and the most
-sensitive layers)."""
+compute) in 8 bits and in 4 bits in blocks of 32 and 128; when the model was exported by ONNX Runtime GenAI's
+builder from a folder autoq knows (`autoq.causal_lm.SOURCE` in its metadata), the builder's own int8 and int4 for
+the CPU (symmetric blocks of 32, int8 compute) and its llama.cpp-style `k_quant_mixed` (int8 for the LM head and
+the most sensitive layers); and NNCF's `compress_weights` on the ONNX model at int4 ratios 0.6, 0.8 and 1.0 (its
+default ranking by weight error), run by ORT as the DequantizeLinear graph NNCF writes."""
 
 from __future__ import annotations
 
@@ -24,8 +25,10 @@ from autoq.causal_lm import SOURCE, export_causal_lm
 from autoq.decoder import is_decoder
 from autoq.graph import OnnxModel, save_onnx, stored_bytes
 from autoq.precision import Assignment
+from autoq.quiet import captured
 
 WEIGHT_OPS = ("Conv", "MatMul", "Gemm")
+NNCF_RATIOS = (0.6, 0.8, 1.0)  # compress_weights: the fraction of layers in int4, the rest int8
 # ONNX Runtime GenAI's builder for the CPU: symmetric blocks of 32, int8 compute (accuracy level 4) by default
 GENAI_RECIPES: tuple[tuple[str, str, dict[str, str]], ...] = (("int8 (CPU)", "int8", {}), ("int4 (CPU)", "int4", {}),
                  ("int4 k_quant_mixed", "int4", {"algo_config": "k_quant_mixed"}))
@@ -57,6 +60,20 @@ def _weight_only(model: OnnxModel, calibration: Path, workdir: Path, bits: int, 
     return save_onnx(quantizer.model.model, out)
 
 
+def _nncf_weights(model: OnnxModel, calibration: Path, workdir: Path, ratio: float) -> Path:
+    """NNCF's `compress_weights` on the ONNX model with its defaults (int4 symmetric in groups of 128, the rest and
+    the embedding / LM head in int8) at `ratio` of the layers in int4, by its own weight-error ranking, written as
+    blockwise DequantizeLinear in front of each MatMul. A layer whose inputs 128 does not divide takes the
+    largest group that does (NNCF's `ADJUST` fallback, which its error message recommends)."""
+    import nncf  # the openvino extra's; missing, the recipe fails with that reason
+
+    fallback = nncf.AdvancedCompressionParameters(group_size_fallback_mode=nncf.GroupSizeFallbackMode.ADJUST)
+    with captured():
+        compressed = nncf.compress_weights(onnx.load(str(model.path)), mode=nncf.CompressWeightsMode.INT4_SYM,
+                                           ratio=ratio, advanced_parameters=fallback)
+    return save_onnx(compressed, workdir / "model.onnx")
+
+
 def _genai_builder(model: OnnxModel, calibration: Path, workdir: Path, precision: str, options: dict) -> Path:
     source = next((p.value for p in model.proto.metadata_props if p.key == SOURCE), None)
     if source is None or not Path(source).is_dir():
@@ -69,7 +86,7 @@ def _built(make, model: OnnxModel, calibration: Path, workdir: Path) -> Candidat
     """Run a recipe; one that quantizes nothing in this model is a failure with that reason."""
     workdir.mkdir(parents=True, exist_ok=True)
     path = make(model, calibration, workdir)
-    kernels = QUANTIZE | set(WEIGHT_ONLY_KERNELS)
+    kernels = QUANTIZE | set(WEIGHT_ONLY_KERNELS) | {"DequantizeLinear"}
     if not any(node.op_type in kernels for node in onnx.load(str(path), load_external_data=False).graph.node):
         msg = "it quantized nothing in this model (none of its op types has a constant weight here)"
         raise ValueError(msg)
@@ -83,7 +100,10 @@ def recipes(model: OnnxModel) -> list[Recipe]:
                 for bits, block in ((8, 128), (4, 32), (4, 128))] + [
                 Recipe(f"GenAI builder {label}", partial(_built, partial(_genai_builder, precision=precision,
                                                                            options=options)))
-                for label, precision, options in GENAI_RECIPES]
+                for label, precision, options in GENAI_RECIPES] + [
+                Recipe(f"NNCF compress_weights int4, ratio {ratio:g}", partial(_built, partial(_nncf_weights,
+                                                                                        ratio=ratio)))
+                for ratio in NNCF_RATIOS]
     return [Recipe("ORT quantize_static U8S8, all ops", partial(_built, partial(_static, ops=None))),
             Recipe("ORT quantize_static U8S8, weight ops", partial(_built, partial(_static, ops=WEIGHT_OPS))),
             Recipe("ORT quantize_dynamic, MatMul/Gemm", partial(_built, _dynamic))]

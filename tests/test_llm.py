@@ -131,7 +131,7 @@ def test_search_of_a_decoder_against_its_recipes(decoder, tmp_path):
                           out=tmp_path / "run", progress=False)
     assert result.front["val_executed_ok"].all() and result.trials["executed_ok"].all()
     recipes = result.recipes.set_index("recipe")
-    assert len(recipes) == 6 and (recipes["error"] == "").all()  # the builder's too: the model names its source
+    assert len(recipes) == 9 and (recipes["error"] == "").all()  # the builder's too: the model names its source
     assert recipes["verdict"].str.len().gt(0).all() and recipes["speedup"].gt(0).all()
     fp32 = graph.stored_bytes(tmp_path / "run" / "model.onnx")
     assert recipes.loc["GenAI builder int4 (CPU)", "size_bytes"] < fp32 / 3  # int4 weights, for real
