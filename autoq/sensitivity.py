@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -232,3 +233,22 @@ def fallback_seeds(table: pd.DataFrame, choices: dict[str, list[str]],
                 seed = Assignment(layers)
                 seeds.setdefault(seed.key(), seed)
     return list(seeds.values())
+
+
+def follow_ties(seeds: list[Assignment], ties: dict[str, str], choices: dict[str, list[str]]) -> list[Assignment]:
+    """Each seed with every weight-only tied table (`Backend.tied_tables`) in its head's spec where the table offers
+    it (the head's accuracy level aside): the backend then stores the table once, in the head's weights (SmolLM2:
+    16 MB of int4 table saved). Seeds rank tables by their own bytes and cannot see that saving."""
+    followed: dict[str, Assignment] = {}
+    for seed in seeds:
+        layers = dict(seed.layers)
+        for table, head in ties.items():
+            if table not in layers or head not in layers or Precision.parse(layers[table]).kind != "weight-only":
+                continue
+            spec = Precision.parse(layers[head])
+            same = str(replace(spec, accuracy=0)) if spec.kind == "weight-only" else None
+            if same in choices.get(table, []):
+                layers[table] = same
+        moved = Assignment(layers, dict(seed.options))
+        followed.setdefault(moved.key(), moved)
+    return list(followed.values())

@@ -135,6 +135,11 @@ class Backend(ABC):
         profiler; None where the backend has no per-node profile."""
         return None
 
+    def tied_tables(self, model: OnnxModel) -> dict[str, str]:
+        """Embedding table layer -> the LM head layer it is tied to, where the backend stores a tied table once when
+        both take the same spec (none by default)."""
+        return {}
+
     def regions(self, model: OnnxModel, calibration: Path) -> Regions | None:
         """The glue each layer takes along when int8 (`autoq.regions`); None where the backend's own quantizer
         places quantizers (NNCF, PT2E)."""

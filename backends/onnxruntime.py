@@ -45,6 +45,7 @@ from autoq.backends.ort_quantize import (
     weight_only_spec,
 )
 from autoq.backends.ort_smooth import smooth
+from autoq.backends.ort_tied import tied_tables
 from autoq.calibrate import resolution, samples_path
 from autoq.fold import KEEP_LAYER_NAMES, constant_divisor, div_as_mul
 from autoq.graph import Layer, OnnxModel, save_onnx
@@ -120,6 +121,9 @@ class OnnxRuntimeBackend(Backend):
                     # the k-quant packer stores two 4-bit zero points per byte along the blocks
                     and not (precision.rounding == "kquant" and precision.bits == 4 and blocks % 2))
         return precision.fmt == "fp32"
+
+    def tied_tables(self, model: OnnxModel) -> dict[str, str]:
+        return tied_tables(model.proto)
 
     def regions(self, model: OnnxModel, calibration: Path) -> Regions:
         """The model's regions on ORT (computed once per model and calibration in each process)."""

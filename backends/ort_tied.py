@@ -15,30 +15,34 @@ from onnx import helper, numpy_helper
 from autoq.precision import Precision
 
 
-def tied_pairs(proto: onnx.ModelProto, specs: dict[str, Precision]) -> dict[str, str]:
-    """Embedding layer -> the LM head layer whose weight is its table transposed and whose spec it shares; only
-    where the head's zero points (if any) are whole bytes (8 bits), as GatherBlockQuantized reads them."""
+def tied_tables(proto: onnx.ModelProto) -> dict[str, str]:
+    """Embedding table (Gather) -> the MatMul whose constant weight is that table transposed."""
     weights = {t.name: t for t in proto.graph.initializer}
-    nodes = {n.name: n for n in proto.graph.node if n.name in specs}
-    pairs: dict[str, str] = {}
-    for name, spec in specs.items():
-        gather = nodes.get(name)
-        if gather is None or gather.op_type != "Gather" or spec.kind != "weight-only" or gather.input[0] not in weights:
-            continue
-        if not (spec.symmetric or spec.bits == 8):
-            continue
+    gathers = [n for n in proto.graph.node if n.op_type == "Gather" and n.input[0] in weights]
+    heads = [n for n in proto.graph.node if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in weights]
+    ties: dict[str, str] = {}
+    for gather in gathers:
         table = weights[gather.input[0]]
-        for head_name, head_spec in specs.items():
-            head = nodes.get(head_name)
-            if head is None or head.op_type != "MatMul" or head.input[1] not in weights or (
-                    replace(head_spec, accuracy=0) != spec):
-                continue
+        for head in heads:
             weight = weights[head.input[1]]
             if tuple(weight.dims) == tuple(reversed(table.dims)) and np.array_equal(
                     numpy_helper.to_array(weight).T, numpy_helper.to_array(table)):
-                pairs[name] = head_name
+                ties[gather.name] = head.name
                 break
-    return pairs
+    return ties
+
+
+def shares(table: Precision, head: Precision) -> bool:
+    """Whether a table in spec `table` can read the weights of a tied head in spec `head`: the same weight spec
+    (the head's accuracy level is a runtime knob of its matrix product), zero points (if any) whole bytes."""
+    return (table.kind == "weight-only" and replace(head, accuracy=0) == table
+            and (table.symmetric or table.bits == 8))
+
+
+def tied_pairs(proto: onnx.ModelProto, specs: dict[str, Precision]) -> dict[str, str]:
+    """The tied tables of `proto` whose spec the head's shares (`shares`): table layer -> head layer."""
+    return {table: head for table, head in tied_tables(proto).items()
+            if table in specs and head in specs and shares(specs[table], specs[head])}
 
 
 def share_tables(proto: onnx.ModelProto, pairs: dict[str, str], specs: dict[str, Precision]) -> None:

@@ -113,7 +113,7 @@ def main() -> None:
              f"Reference: {REFERENCE}. FP32 perplexity on the validation windows: {ppl:.2f}; FP32 decode "
              f"{decode_fp32:.2f} ms/token ({1000 / decode_fp32:.1f} tokens/s) in the front's re-measurement.",
              f"Search: {args.trials} trials, wall time {wall / 60:.1f} min (export, calibration, sensitivity, trials, "
-             "front re-measurement and the six recipes).", "",
+             "front re-measurement and the recipes).", "",
              table.to_markdown(index=False, floatfmt=".3f"), "",
              "Verdicts (the run's own, quality / decode speed-up / size):", "",
              *[f"- {r.recipe}: {r.verdict if not r.error else 'failed: ' + r.error}" for r in recipes.itertuples()],

@@ -3,6 +3,8 @@ scored by perplexity, timed on a decode step, built per layer in 4 and 8 bits.""
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -131,8 +133,11 @@ def test_search_of_a_decoder_against_its_recipes(decoder, tmp_path):
                           out=tmp_path / "run", progress=False)
     assert result.front["val_executed_ok"].all() and result.trials["executed_ok"].all()
     recipes = result.recipes.set_index("recipe")
-    assert len(recipes) == 9 and (recipes["error"] == "").all()  # the builder's too: the model names its source
-    assert recipes["verdict"].str.len().gt(0).all() and recipes["speedup"].gt(0).all()
+    assert len(recipes) == 9  # ORT's quantizer x3, the GenAI builder's x3 (the model names its source), NNCF's x3
+    failed = recipes.index[recipes["error"] != ""]
+    assert failed.empty if importlib.util.find_spec("nncf") else failed.str.startswith("NNCF").all()
+    built = recipes[recipes["error"] == ""]
+    assert built["verdict"].str.len().gt(0).all() and built["speedup"].gt(0).all()
     fp32 = graph.stored_bytes(tmp_path / "run" / "model.onnx")
     assert recipes.loc["GenAI builder int4 (CPU)", "size_bytes"] < fp32 / 3  # int4 weights, for real
     table = autoq.verify(tmp_path / "run", rounds=3)  # re-timed as deployed, on the decode step
@@ -167,3 +172,22 @@ def test_a_tied_embedding_is_stored_once_with_the_same_values(decoder, tmp_path)
     feeds = {k: v[:2] for k, v in splits.validation.arrays.items()}
     np.testing.assert_allclose(backend.runner(tied, 1)(feeds)[0], _session(apart).run(["logits"], feeds)[0],
                                atol=1e-4)
+
+
+def test_seeds_put_a_tied_table_in_its_heads_spec(decoder, tmp_path):
+    """The seeds rank a table by its own bytes; where it is tied to the LM head, they give it the head's spec (when
+    the table offers it), so the backend stores it once."""
+    from autoq.sensitivity import follow_ties
+
+    _, model_path, _ = decoder
+    model = graph.prepare(model_path, tmp_path)
+    ties = get_backend("onnxruntime").tied_tables(model)
+    (table, head), = ties.items()
+    assert table == "/model/embed_tokens/Gather" and head == "/lm_head/MatMul"
+    choices = {la.name: ["fp32", "w4g32", "w4g128"] if la.op_type == "Gather" else ["fp32", "w4g32-acc4", "w8g32"]
+               for la in model.layers}
+    seeds = [Assignment({**dict.fromkeys(choices, "w4g32-acc4"), table: "w4g128"}),
+             Assignment({**dict.fromkeys(choices, "w8g32"), table: "w4g128"}),
+             Assignment({**dict.fromkeys(choices, "w4g32-acc4"), table: "fp32"})]
+    followed = follow_ties(seeds, ties, choices)
+    assert [s.layers[table] for s in followed] == ["w4g32", "w4g128", "fp32"]  # w8g32 is no table's; fp32 kept
