@@ -19,6 +19,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -189,6 +190,15 @@ def option_variants(seeds: Sequence[Assignment], options: Mapping[str, Sequence]
     return variants
 
 
+def _weights_only_form(precision: str, allowed: list[str]) -> str:
+    """For a layer that does not offer `precision`: its weight format without the runtime knob (`w4g32-acc4` ->
+    `w4g32` for an embedding table, which has no matrix product to set an accuracy level on), else the layer's
+    first choice. A tied table then shares its head's weights in the uniform baselines too."""
+    spec = Precision.parse(precision)
+    plain = str(replace(spec, accuracy=0)) if spec.kind == "weight-only" else None
+    return plain if plain in allowed else allowed[0]
+
+
 def _enqueue_baselines(study: optuna.Study, choices: dict[str, list[str]], options: dict[str, list],
                        affects: Affects) -> None:
     """Every layer at each precision (with the first value of each option), then each of those uniform
@@ -196,7 +206,8 @@ def _enqueue_baselines(study: optuna.Study, choices: dict[str, list[str]], optio
     bf16 gets an all-fp32 baseline, ORT's glue float an all-int8 one, and no option measures FP32 twice."""
     precisions = sorted({p for c in choices.values() for p in c}, key=lambda p: p != "fp32")
     first = {OPTION_PREFIX + k: v[0] for k, v in options.items() if len(v) > 1}
-    uniform = {p: {name: p if p in c else c[0] for name, c in choices.items() if len(c) > 1} for p in precisions}
+    uniform = {p: {name: p if p in c else _weights_only_form(p, c) for name, c in choices.items() if len(c) > 1}
+               for p in precisions}
     for precision, params in uniform.items():
         study.enqueue_trial(params | first, user_attrs={"baseline": f"uniform-{precision}"})
     for precision, params in uniform.items():

@@ -11,6 +11,7 @@ default ranking by weight error), run by ORT as the DequantizeLinear graph NNCF 
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 from pathlib import Path
 
@@ -67,6 +68,7 @@ def _nncf_weights(model: OnnxModel, calibration: Path, workdir: Path, ratio: flo
     largest group that does (NNCF's `ADJUST` fallback, which its error message recommends)."""
     import nncf  # the openvino extra's; missing, the recipe fails with that reason
 
+    logging.getLogger("nncf").setLevel(logging.ERROR)  # NNCF resets its logger on import; it logs a table per call
     fallback = nncf.AdvancedCompressionParameters(group_size_fallback_mode=nncf.GroupSizeFallbackMode.ADJUST)
     with captured():
         compressed = nncf.compress_weights(onnx.load(str(model.path)), mode=nncf.CompressWeightsMode.INT4_SYM,

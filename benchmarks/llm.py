@@ -104,7 +104,7 @@ def main() -> None:
                            "tokens/s": 1000 / decode_fp32 * row["decode x FP32"],
                            "prefill x FP32": prefill[row["model"]][0],
                            "prefill 95%": f"{prefill[row['model']][1]:.2f}-{prefill[row['model']][2]:.2f}"}
-                          for row in rows])
+                          for row in rows]).fillna({"verdict": ""})
     machine = fingerprint(args.threads)
     lines = [f"# SmolLM2-135M-Instruct: per-layer weight-only front vs one-line recipes ({time.strftime('%Y-%m-%d')})",
              "", f"Machine: {machine['cpu']}, {machine['cores']} cores, {args.threads} threads; flags "

@@ -264,3 +264,15 @@ def test_an_option_that_changes_no_layer_of_a_trial_takes_its_first_value():
     assert any(a.options["smooth_quant"] == 0.7 for a in seen)  # where it applies, both values are tried
     assert all(a.options["smooth_quant"] is False for a in seen if a.layers["a"] != "int8-dyn-pc")
     assert len({a.key() for a in seen}) == len(seen)  # and nothing was measured twice
+
+
+def test_a_uniform_baseline_gives_a_table_the_weight_format_without_runtime_knobs():
+    """`uniform-w4g32-acc4` puts an embedding table, which offers no accuracy level, in `w4g32` (the same weights:
+    a tied table then shares its head's); a layer offering neither stays at its first choice."""
+    from autoq.search import _enqueue_baselines
+
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    choices = {"fc": ["fp32", "w4g32-acc4"], "table": ["fp32", "w4g32"], "conv": ["fp32", "int8"]}
+    _enqueue_baselines(study, choices, {}, lambda option, precision: False)
+    enqueued = {t.user_attrs["baseline"]: t.params for t in study.get_trials(deepcopy=False)}
+    assert enqueued["uniform-w4g32-acc4"] == {"fc": "w4g32-acc4", "table": "w4g32", "conv": "fp32"}
