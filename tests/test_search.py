@@ -274,5 +274,5 @@ def test_a_uniform_baseline_gives_a_table_the_weight_format_without_runtime_knob
     study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
     choices = {"fc": ["fp32", "w4g32-acc4"], "table": ["fp32", "w4g32"], "conv": ["fp32", "int8"]}
     _enqueue_baselines(study, choices, {}, lambda option, precision: False)
-    enqueued = {t.user_attrs["baseline"]: t.params for t in study.get_trials(deepcopy=False)}
+    enqueued = {t.user_attrs["baseline"]: t.system_attrs["fixed_params"] for t in study.get_trials(deepcopy=False)}
     assert enqueued["uniform-w4g32-acc4"] == {"fc": "w4g32-acc4", "table": "w4g32", "conv": "fp32"}
