@@ -128,6 +128,8 @@ def _rounding_config(spec: Precision, ops: tuple[str, ...], calibration: Path, c
 def quantize_weight_only(path: Path, specs: dict[str, Precision], calibration: Path, tie: bool = True) -> None:
     """MatMulNBits / GatherBlockQuantized for the layers whose spec is weight-only, in place; an embedding tied to
     the LM head with the same spec reads the head's weights (`autoq.backends.ort_tied`) unless `tie` is off."""
+    if not any(spec.kind == "weight-only" for spec in specs.values()):
+        return
     proto = onnx.load(str(path))
     ties = tied_pairs(proto, specs) if tie else {}
     groups: dict[Precision, list[str]] = defaultdict(list)
