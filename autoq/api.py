@@ -73,19 +73,19 @@ def _problem(model: str | Path | object | None, data: DataArg, example_inputs, s
              searching: bool) -> Iterator[_Problem]:
     """Load and validate everything; for a search (`searching`) its run directory is also checked."""
     backend, metric, labels, space = settings.backend, settings.metric, settings.labels, settings.space
-    stem = None
+    stem = label = None
     if model is None and backend == "torch" and settings.demo == "minilm":  # the torch backend needs the module
         from autoq.demo import demo_module
 
         model, example_inputs, data = demo_module()
         metric = metric or "cosine"
     elif model is None:
-        from autoq.demo import get_demo
+        from autoq.demo import DEMOS
 
-        demo = get_demo(settings.demo)
+        demo = DEMOS[settings.demo]  # a known name: RunSettings checks it
         model, data = demo.files()
         metric, labels = metric or demo.metric, labels if labels is not None else demo.labels
-        space, stem = space if space is not None else demo.space, demo.stem
+        space, stem, label = space if space is not None else demo.space, demo.stem, f"{demo.stem}: {demo.summary}"
     if data is None:
         raise AutoqError("no data: pass --data DATA.npz with arrays named as the model inputs")
     chosen_backend = get_backend(backend)
@@ -95,8 +95,7 @@ def _problem(model: str | Path | object | None, data: DataArg, example_inputs, s
     search_space.options = chosen_backend.options(search_space.options)
     seed = search_space.seed if settings.seed is None else settings.seed
     is_file = isinstance(model, str | Path)
-    label = str(model) if is_file else f"{type(model).__name__} (torch module)"
-    label = f"{stem}: {demo.summary}" if stem else label  # a demo says what its reference is
+    label = label or (str(model) if is_file else f"{type(model).__name__} (torch module)")  # a demo says its reference
     stem = stem or (Path(model).stem if isinstance(model, str | Path) else type(model).__name__)
     run_dir = Path(settings.out) if settings.out else REPORTS / f"{stem}-{backend}"
     try:

@@ -2,7 +2,8 @@
 the token windows a search scores it on.
 
 Why the builder and not `torch.onnx.export`: it writes the graph ONNX Runtime runs generation with (fused
-GroupQueryAttention with a KV cache, rotary embeddings, SimplifiedLayerNormalization; SmolLM2-135M in about 10 s),
+GroupQueryAttention with a KV cache, rotary embeddings, SimplifiedLayerNormalization; reading SmolLM2-135M's
+GGUF, saving it as float and exporting it took 27 s here),
 and names each Linear after its module (`/model/layers.0/attn/o_proj/MatMul`; q, k and v fused into `qkv_proj`).
 The torch exporters need the cache classes of each transformers version traced by hand and give graphs ONNX
 Runtime runs slower.
@@ -20,7 +21,7 @@ import onnx
 
 from autoq.decoder import PAST
 from autoq.errors import AutoqError
-from autoq.graph import input_specs
+from autoq.graph import InputSpec, input_specs
 
 LABELS = "labels"  # the array of next tokens in a windows file
 SOURCE = "autoq.hf_source"  # model metadata: the Hugging Face folder the builder exported it from
@@ -52,10 +53,9 @@ def export_causal_lm(hf_dir: Path, out_dir: Path, cache_dir: Path, precision: st
     return model
 
 
-def cache_shape(model_path: Path) -> tuple[int, int]:
-    """(key/value heads, head size) of a decoder's cache: from its inputs, or the builder's genai_config.json."""
-    specs = input_specs(onnx.load(str(model_path), load_external_data=False))
-    shape = next((s.shape for s in specs if PAST.fullmatch(s.name)), None)
+def cache_shape(model_path: Path, inputs: list[InputSpec]) -> tuple[int, int]:
+    """(key/value heads, head size) of a decoder's cache: from its `inputs`, or the builder's genai_config.json."""
+    shape = next((s.shape for s in inputs if PAST.fullmatch(s.name)), None)
     if shape is None:
         msg = f"{model_path} takes no past_key_values.N.key/value inputs: it is not a decoder with a KV cache"
         raise AutoqError(msg)
@@ -73,8 +73,8 @@ def token_windows(tokens: np.ndarray, length: int, count: int, model_path: Path)
     """`count` consecutive windows of `length` tokens from the 1-D `tokens`, as the decoder `model_path`'s inputs
     with an empty cache, and their next tokens as `labels`: what `autoq search` scores a language model on
     (metric ppl_ratio)."""
-    heads, size = cache_shape(model_path)
     inputs = input_specs(onnx.load(str(model_path), load_external_data=False))
+    heads, size = cache_shape(model_path, inputs)
     if len(tokens) < count * length + 1:
         msg = f"{len(tokens)} tokens are too few for {count} windows of {length}: give more text"
         raise AutoqError(msg)

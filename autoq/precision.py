@@ -23,7 +23,7 @@ import hashlib
 import json
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +144,11 @@ class Precision:
     @property
     def name(self) -> str:
         return str(self)
+
+    def weight_format(self) -> Precision | None:
+        """The weights as stored, without runtime knobs (`w4g32-acc4` -> `w4g32`: an embedding table has no matrix
+        product to set an accuracy level on); None for a spec whose weights are not stored quantized on their own."""
+        return replace(self, accuracy=0) if self.kind == "weight-only" else None
 
     @property
     def calibration_key(self) -> str:

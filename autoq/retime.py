@@ -78,15 +78,13 @@ def verify(run_dir: str | Path, points: list[int] | None = None, against: Sequen
         msg = f"{run_dir}/cache has no calibration samples to feed the models: run the search there again"
         raise AutoqError(msg)
     models = _models(run_dir, points, [Path(p) for p in against])
-    fp32_path, fp32_options = models[FP32]
-    proto = onnx.load(str(fp32_path), load_external_data=False)
-    fp32 = backend.deployed_runner(Candidate(Assignment({}, fp32_options), fp32_path, 0), threads)
-    feeds = timing_feeds(fp32, {k: v[:1] for k, v in np.load(samples).items()}, input_specs(proto),
-                         [o.name for o in proto.graph.output])  # a language model: one decode step
     instances = backend.deployed_instances
-    runs = {label: [partial(backend.deployed_runner(Candidate(Assignment({}, options), path, 0), threads), feeds)
-                    for _ in range(instances)]
-            for label, (path, options) in models.items()}
+    runners = {label: [backend.deployed_runner(Candidate(Assignment({}, options), path, 0), threads)
+                       for _ in range(instances)] for label, (path, options) in models.items()}
+    proto = onnx.load(str(models[FP32][0]), load_external_data=False)
+    feeds = timing_feeds(runners[FP32][0], {k: v[:1] for k, v in np.load(samples).items()}, input_specs(proto),
+                         [o.name for o in proto.graph.output])  # a language model: one decode step
+    runs = {label: [partial(run, feeds) for run in each] for label, each in runners.items()}
     timed = ratio_rounds(runs, FP32, rounds=-(-rounds // instances) * instances)  # each instance as often
     rows = []
     for label, (ms, ratios) in timed.items():

@@ -19,7 +19,6 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -191,12 +190,11 @@ def option_variants(seeds: Sequence[Assignment], options: Mapping[str, Sequence]
 
 
 def _weights_only_form(precision: str, allowed: list[str]) -> str:
-    """For a layer that does not offer `precision`: its weight format without the runtime knob (`w4g32-acc4` ->
-    `w4g32` for an embedding table, which has no matrix product to set an accuracy level on), else the layer's
-    first choice. A tied table then shares its head's weights in the uniform baselines too."""
-    spec = Precision.parse(precision)
-    plain = str(replace(spec, accuracy=0)) if spec.kind == "weight-only" else None
-    return plain if plain in allowed else allowed[0]
+    """For a layer that does not offer `precision`: its weight format (`Precision.weight_format`) where the layer
+    offers that, else the layer's first choice. A tied table then shares its head's weights in the uniform
+    baselines too."""
+    plain = Precision.parse(precision).weight_format()
+    return str(plain) if plain is not None and str(plain) in allowed else allowed[0]
 
 
 def _enqueue_baselines(study: optuna.Study, choices: dict[str, list[str]], options: dict[str, list],

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -245,10 +244,9 @@ def follow_ties(seeds: list[Assignment], ties: dict[str, str], choices: dict[str
         for table, head in ties.items():
             if table not in layers or head not in layers or Precision.parse(layers[table]).kind != "weight-only":
                 continue
-            spec = Precision.parse(layers[head])
-            same = str(replace(spec, accuracy=0)) if spec.kind == "weight-only" else None
-            if same in choices.get(table, []):
-                layers[table] = same
+            same = Precision.parse(layers[head]).weight_format()
+            if same is not None and str(same) in choices.get(table, []):
+                layers[table] = str(same)
         moved = Assignment(layers, dict(seed.options))
         followed.setdefault(moved.key(), moved)
     return list(followed.values())

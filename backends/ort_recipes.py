@@ -31,8 +31,9 @@ from autoq.quiet import captured
 WEIGHT_OPS = ("Conv", "MatMul", "Gemm")
 NNCF_RATIOS = (0.6, 0.8, 1.0)  # compress_weights: the fraction of layers in int4, the rest int8
 # ONNX Runtime GenAI's builder for the CPU: symmetric blocks of 32, int8 compute (accuracy level 4) by default
-GENAI_RECIPES: tuple[tuple[str, str, dict[str, str]], ...] = (("int8 (CPU)", "int8", {}), ("int4 (CPU)", "int4", {}),
-                 ("int4 k_quant_mixed", "int4", {"algo_config": "k_quant_mixed"}))
+GENAI_RECIPES: tuple[tuple[str, str, dict[str, str]], ...] = (
+    ("int8 (CPU)", "int8", {}), ("int4 (CPU)", "int4", {}),
+    ("int4 k_quant_mixed", "int4", {"algo_config": "k_quant_mixed"}))
 
 
 def _static(model: OnnxModel, calibration: Path, workdir: Path, ops: tuple[str, ...] | None) -> Path:

@@ -6,8 +6,6 @@ weights and scales, as ONNX Runtime GenAI's builder writes it: the same rounding
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
@@ -35,7 +33,7 @@ def tied_tables(proto: onnx.ModelProto) -> dict[str, str]:
 def shares(table: Precision, head: Precision) -> bool:
     """Whether a table in spec `table` can read the weights of a tied head in spec `head`: the same weight spec
     (the head's accuracy level is a runtime knob of its matrix product), zero points (if any) whole bytes."""
-    return (table.kind == "weight-only" and replace(head, accuracy=0) == table
+    return (table.kind == "weight-only" and head.weight_format() == table
             and (table.symmetric or table.bits == 8))
 
 

@@ -90,7 +90,7 @@ def main() -> None:
 
     windows = llm_demo_files()[1]
     ppl = _fp32_perplexity(run_dir, windows)
-    fp32_ms = json.loads((run_dir / "meta.json").read_text())
+    meta = json.loads((run_dir / "meta.json").read_text())
     front, recipes = result.front, result.recipes
     decode_fp32 = float(front["val_fp32_latency_ms"].median())
     rows = [{"model": f"point {r.point}: {r.summary}", "ppl": ppl / r.val_quality,
@@ -119,8 +119,8 @@ def main() -> None:
              *[f"- {r.recipe}: {r.verdict if not r.error else 'failed: ' + r.error}" for r in recipes.itertuples()],
              "", "The priors the search is seeded and screened with, against its measured trials:", "",
              *_priors(run_dir),
-             "", f"Run settings: {json.dumps(fp32_ms.get('search_settings'))}; front as deployed: "
-             f"{json.dumps(fp32_ms.get('deployed_settings'))}"]
+             "", f"Run settings: {json.dumps(meta.get('search_settings'))}; front as deployed: "
+             f"{json.dumps(meta.get('deployed_settings'))}"]
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

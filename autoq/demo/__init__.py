@@ -139,9 +139,3 @@ DEMOS = {demo.name: demo for demo in (
          llm_demo_files, "ppl_ratio", "labels", "llm-cpu"),
 )}
 
-
-def get_demo(name: str) -> Demo:
-    if name not in DEMOS:
-        msg = f"unknown demo '{name}' (demos: {', '.join(DEMOS)})"
-        raise AutoqError(msg)
-    return DEMOS[name]
