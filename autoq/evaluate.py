@@ -101,13 +101,14 @@ class Evaluator:
     def close(self) -> None:
         shutil.rmtree(self._tmp, ignore_errors=True)
 
-    def _outputs(self, run, dataset: Dataset) -> list[np.ndarray]:
+    def outputs(self, run: Callable, dataset: Dataset) -> list[np.ndarray]:
+        """The model's outputs over `dataset` from `run` (feeds -> outputs), concatenated over its batches."""
         parts = [run(feeds) for feeds in dataset.batches(batch_size(self.model.inputs))]
         return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
 
     def reference(self, split: str) -> list[np.ndarray]:
         if split not in self._reference:
-            self._reference[split] = self._outputs(self._ref_run, getattr(self.splits, split))
+            self._reference[split] = self.outputs(self._ref_run, getattr(self.splits, split))
         return self._reference[split]
 
     def fp32_quality(self, split: str = "search") -> float:
@@ -156,7 +157,7 @@ class Evaluator:
         """Quality of a built candidate on `split`, its outputs, and its runner."""
         try:
             run = self.backend.runner(candidate, self.threads)
-            outputs = self._outputs(run, getattr(self.splits, split))
+            outputs = self.outputs(run, getattr(self.splits, split))
         except Exception as exc:
             msg = f"run failed: {type(exc).__name__}: {exc}"
             raise CandidateError(msg) from exc

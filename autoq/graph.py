@@ -222,6 +222,17 @@ def weight_array(model: onnx.ModelProto, name: str) -> np.ndarray:
     return numpy_helper.to_array(tensor)
 
 
+def weights_as_inputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of `model` whose initializers `names` are graph inputs instead, so one session runs any value of them."""
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model)
+    moved = [t for t in proto.graph.initializer if t.name in set(names)]
+    for tensor in moved:
+        proto.graph.initializer.remove(tensor)
+        proto.graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    return proto
+
+
 def probe_session(model: onnx.ModelProto, tensors: list[str]):
     """A CPU ONNX Runtime session of (a copy of) `model` that can also return the internal `tensors`."""
     import onnxruntime as ort

@@ -68,6 +68,10 @@ register_method(SensitivityMethod(
     "sqnr_db", "SQNR of this layer alone, dB (lower = more sensitive)",
     lambda t: 10 ** (-t["sqnr_db"].to_numpy(float) / 10)))  # the noise power shapes the quality loss
 register_method(SensitivityMethod(
+    "calibrated", "SQNR noise scaled per layer by one simulated, measured quality drop (a minute)",
+    "autoq.sensitivity:calibrated_rows", "estimated_drop", "estimated quality drop, this layer alone",
+    lambda t: t["estimated_drop"].to_numpy(float)))
+register_method(SensitivityMethod(
     "hessian", "HAWQ-V2 Hessian trace x weight perturbation (torch modules)", "autoq.hessian:hessian_rows",
     "score", "Hessian trace x squared weight perturbation", lambda t: t["score"].to_numpy(float),
     needs_module=True))

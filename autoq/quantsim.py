@@ -31,8 +31,10 @@ def _round_channels(w: np.ndarray, axis: int, bits: int, symmetric: bool, group:
     """Integer rounding with one scale per channel along `axis` (per `group` consecutive inputs of each channel
     of a 2-D weight when `group`)."""
     channels = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1).astype(np.float64)
-    if group and channels.shape[1] % group == 0:
-        blocks = channels.reshape(channels.shape[0], -1, group)
+    width = channels.shape[1]
+    if group:  # the last block padded with zeros, as MatMulNBits pads it (SmolLM2's 576 inputs in blocks of 128)
+        padded = np.pad(channels, ((0, 0), (0, -width % group)))
+        blocks = padded.reshape(channels.shape[0], -1, group)
     else:
         blocks = channels[:, None, :]
     if symmetric:
@@ -45,6 +47,7 @@ def _round_channels(w: np.ndarray, axis: int, bits: int, symmetric: bool, group:
         zero = np.round(-low / scale)
         rounded = (np.clip(np.round(blocks / scale) + zero, 0, 2 ** bits - 1) - zero) * scale
     moved = np.moveaxis(w, axis, 0)
+    rounded = rounded.reshape(channels.shape[0], -1)[:, :width]
     return np.moveaxis(rounded.reshape(moved.shape), 0, axis).astype(w.dtype)
 
 

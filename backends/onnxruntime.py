@@ -36,6 +36,7 @@ from autoq.backends.ort_graph import (
 )
 from autoq.backends.ort_quantize import (
     DYNAMIC_LAYERS,
+    TABLE_ROUNDINGS,
     WEIGHT_ONLY_KERNELS,
     WEIGHT_ONLY_LAYERS,
     WEIGHT_ROUNDINGS,
@@ -45,7 +46,7 @@ from autoq.backends.ort_quantize import (
     weight_only_spec,
 )
 from autoq.backends.ort_smooth import smooth
-from autoq.backends.ort_tied import tied_tables
+from autoq.backends.ort_tied import shares, tied_tables
 from autoq.calibrate import resolution, samples_path
 from autoq.fold import KEEP_LAYER_NAMES, constant_divisor, div_as_mul
 from autoq.graph import Layer, OnnxModel, save_onnx
@@ -107,17 +108,18 @@ class OnnxRuntimeBackend(Backend):
     def fits(self, layer: Layer, precision: Precision) -> bool:
         """No integer ConvTranspose on ORT's CPU provider (its QDQ would run as float); int8-dyn on MatMul;
         weight-only on 2-D MatMul weights (4/8 bits, any input width: SmolLM2's 576 takes blocks of 128; 4-bit
-        k-quants an even number of blocks) and embedding tables (4 bits, rows a whole number of blocks, rounded to
-        nearest, no accuracy level)."""
+        k-quants an even number of blocks) and embedding tables (rounded without activations, in a spec a MatMul's
+        weights can be gathered from: `ort_tied.shares`)."""
         if precision.kind == "static":
             return layer.op_type not in ("ConvTranspose", "Gather")
         if precision.kind == "dynamic":
             return layer.op_type in DYNAMIC_LAYERS
-        if precision.kind == "weight-only":  # MatMulNBits pads its input dimension to whole blocks; a table's rows
-            blocks = -(-layer.weight_shape[0] // precision.group)  # a MatMul's, along its inputs
+        if precision.kind == "weight-only":  # MatMulNBits pads its inputs to whole blocks (a table's columns: it
+            inputs = layer.weight_shape[1 if layer.op_type == "Gather" else 0]  # is rounded as its transpose)
+            blocks = -(-inputs // precision.group)
             return (len(layer.weight_shape) == 2 and precision.bits in WEIGHT_ONLY_LAYERS.get(layer.op_type, ())
-                    and (layer.op_type == "MatMul" or layer.weight_shape[1] % precision.group == 0)
-                    and not (layer.op_type == "Gather" and (precision.rounding != "rtn" or precision.accuracy))
+                    and not (layer.op_type == "Gather" and (precision.rounding not in TABLE_ROUNDINGS
+                                                            or not shares(precision, precision)))
                     # the k-quant packer stores two 4-bit zero points per byte along the blocks
                     and not (precision.rounding == "kquant" and precision.bits == 4 and blocks % 2))
         return precision.fmt == "fp32"

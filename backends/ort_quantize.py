@@ -6,8 +6,8 @@
 - int8-dyn (`quantize_dynamic`, MatMul): one call per weight granularity (per tensor, per channel).
 - weight-only (`MatMulNBitsQuantizer`): MatMul -> MatMulNBits (4 or 8 bits, block size, symmetric or not,
   accuracy_level; rounded to nearest, by HQQ, by llama.cpp's k-quant search of scales and minimums, or by GPTQ (4
-  bits; ORT's vendored Neural Compressor code) on the cached calibration samples), Gather -> GatherBlockQuantized
-  (4 bits); one call per distinct spec.
+  bits; ORT's vendored Neural Compressor code) on the cached calibration samples), one call per distinct spec;
+  Gather -> GatherBlockQuantized (4 or 8 bits) of a stand-in MatMul's weights or of its tied LM head's.
 """
 
 from __future__ import annotations
@@ -24,14 +24,15 @@ import numpy as np
 import onnx
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
-from autoq.backends.ort_tied import share_tables, tied_pairs
+from autoq.backends.ort_tied import add_stand_in, share_tables, tied_pairs
 from autoq.calibrate import method_path, samples_path
 from autoq.graph import save_onnx
 from autoq.precision import Precision
 from autoq.regions import REMOVABLE
 
 DYNAMIC_LAYERS = ("MatMul",)  # ORT's dynamic quantizer has no Gemm
-WEIGHT_ONLY_LAYERS = {"MatMul": (4, 8), "Gather": (4,)}  # op -> the bits ORT's weight-only quantizer builds
+WEIGHT_ONLY_LAYERS = {"MatMul": (4, 8), "Gather": (4, 8)}  # op -> the bits autoq builds with ORT's quantizer
+TABLE_ROUNDINGS = ("rtn", "kquant")  # an embedding table is rounded without calibration activations
 WEIGHT_ONLY_KERNELS = ("MatMulNBits", "GatherBlockQuantized")
 
 
@@ -105,7 +106,7 @@ def quantize_dynamic_layers(path: Path, specs: dict[str, Precision]) -> None:
 WEIGHT_ROUNDINGS = ("rtn", "hqq", "gptq", "kquant")
 
 
-def _rounding_config(spec: Precision, ops: tuple[str, ...], calibration: Path, chosen: list[str]) -> object:
+def _rounding_config(spec: Precision, calibration: Path, chosen: list[str]) -> object:
     from onnxruntime.quantization.matmul_nbits_quantizer import (  # it needs onnx_ir
         DefaultWeightOnlyQuantConfig,
         GPTQWeightOnlyQuantConfig,
@@ -113,6 +114,7 @@ def _rounding_config(spec: Precision, ops: tuple[str, ...], calibration: Path, c
         KQuantWeightOnlyQuantConfig,
     )
 
+    ops = ("MatMul",)
     if spec.rounding == "kquant":  # ORT's vendored Neural Compressor k-quant: 4 bits unless told per node
         return KQuantWeightOnlyQuantConfig(op_types_to_quantize=ops,
                                            customized_weight_config={n: {"bits": spec.bits} for n in chosen})
@@ -126,33 +128,37 @@ def _rounding_config(spec: Precision, ops: tuple[str, ...], calibration: Path, c
 
 
 def quantize_weight_only(path: Path, specs: dict[str, Precision], calibration: Path, tie: bool = True) -> None:
-    """MatMulNBits / GatherBlockQuantized for the layers whose spec is weight-only, in place; an embedding tied to
-    the LM head with the same spec reads the head's weights (`autoq.backends.ort_tied`) unless `tie` is off."""
+    """MatMulNBits / GatherBlockQuantized for the layers whose spec is weight-only, in place. An embedding table is
+    rounded as a MatMul of its transpose would be (any bits and rounding the MatMul quantizer has) and gathered from
+    those weights; a table tied to the LM head with the head's weight format reads the head's weights instead
+    (`autoq.backends.ort_tied`) unless `tie` is off."""
     if not any(spec.kind == "weight-only" for spec in specs.values()):
         return
     proto = onnx.load(str(path))
     ties = tied_pairs(proto, specs) if tie else {}
+    kinds = {n.name: n.op_type for n in proto.graph.node}
+    for name, spec in specs.items():
+        if spec.kind == "weight-only" and kinds.get(name) == "Gather" and name not in ties:
+            ties[name] = add_stand_in(proto, name)
     groups: dict[Precision, list[str]] = defaultdict(list)
     for name, spec in specs.items():
         if spec.kind == "weight-only" and name not in ties:
             groups[spec].append(name)
+    for name, stand_in in ties.items():
+        if stand_in not in specs:
+            groups[specs[name]].append(stand_in)
     if not groups:
         return
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer  # it needs onnx_ir
 
-    tables = {n.name for n in proto.graph.node if n.op_type == "Gather"} & {n for c in groups.values() for n in c}
-    if tables:  # int4 tables need opset 21: convert the model properly (ORT's quantizer only relabels it)
-        default = next(o for o in proto.opset_import if o.domain in ("", "ai.onnx"))
-        if default.version < 21:
-            proto = onnx.version_converter.convert_version(proto, 21)
     for spec, chosen in groups.items():
-        ops = ("MatMul", "Gather") if tables & set(chosen) else ("MatMul",)
-        config = _rounding_config(spec, ops, calibration, chosen)
+        config = _rounding_config(spec, calibration, chosen)
         others = [n.name for n in proto.graph.node if n.name not in set(chosen)]
         with quiet_root_logger():
             quantizer = MatMulNBitsQuantizer(proto, bits=spec.bits, block_size=spec.group,
                                              is_symmetric=spec.symmetric, accuracy_level=spec.accuracy or None,
-                                             nodes_to_exclude=others, op_types_to_quantize=ops, algo_config=config)
+                                             nodes_to_exclude=others, op_types_to_quantize=("MatMul",),
+                                             algo_config=config)
             quantizer.process()
         proto = quantizer.model.model
         if spec.rounding == "hqq" and spec.accuracy:  # ORT's HQQ quantizer takes no accuracy level: set it

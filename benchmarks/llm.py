@@ -55,24 +55,32 @@ def _prefill(run_dir: Path, models: dict[str, Path], windows: Path, threads: int
 def _priors(run_dir: Path) -> list[str]:
     """How well the sensitivity table's per-layer priors rank the measured trials: decode latency predicted as
     FP32's minus the profiled savings of each layer's precision (decode-step profiles), quality loss as the sum of
-    each layer's SQNR noise power; Spearman rank correlation with the measured values over the trials."""
+    each layer's drop by the run's sensitivity method and by SQNR noise power alone; Spearman rank correlations
+    with the measured values over the trials."""
     from scipy.stats import spearmanr
 
-    table = pd.read_csv(run_dir / "sensitivity.csv").set_index(["layer", "precision"])
+    from autoq.methods import method_of
+
+    table = pd.read_csv(run_dir / "sensitivity.csv")
+    method = method_of(table)
+    table = table.assign(drop=method.drop(table), noise=10 ** (-table["sqnr_db"] / 10)).set_index(
+        ["layer", "precision"])
     trials = pd.read_csv(run_dir / "trials.csv")
     trials = trials[(trials["state"] == "COMPLETE") & trials["screened"].isna()]
     fp32 = float(trials["fp32_latency_ms"].median())
-    predicted_ms, noise = [], []
+    predicted_ms, drops, noise = [], [], []
     for text in trials["assignment"]:
         pairs = [(n, p) for n, p in json.loads(text)["layers"].items() if p != "fp32"]
         predicted_ms.append(fp32 - sum(table.loc[pair, "latency_saving_ms"] for pair in pairs))
-        noise.append(sum(10 ** (-table.loc[pair, "sqnr_db"] / 10) for pair in pairs))
+        drops.append(sum(table.loc[pair, "drop"] for pair in pairs))
+        noise.append(sum(table.loc[pair, "noise"] for pair in pairs))
     latency = spearmanr(predicted_ms, trials["latency_ms"]).statistic
-    quality = spearmanr(noise, -trials["quality"]).statistic
     error = np.median(np.abs(np.array(predicted_ms) / trials["latency_ms"].to_numpy() - 1))
     return [f"- decode latency from the per-layer profiles of one decode step (FP32 - savings): Spearman "
             f"{latency:.2f} over {len(trials)} measured trials, median error {error:.0%}",
-            f"- perplexity loss from the summed per-layer SQNR noise power: Spearman {quality:.2f}"]
+            f"- perplexity loss from the summed per-layer drops of the `{method.name}` sensitivity: Spearman "
+            f"{spearmanr(drops, -trials['quality']).statistic:.2f}; from the summed SQNR noise power alone: "
+            f"{spearmanr(noise, -trials['quality']).statistic:.2f}"]
 
 
 def main() -> None:

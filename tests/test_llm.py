@@ -174,6 +174,76 @@ def test_a_tied_embedding_is_stored_once_with_the_same_values(decoder, tmp_path)
                                atol=1e-4)
 
 
+def test_8_bit_tables_tied_or_alone(decoder, tmp_path):
+    """An embedding table takes 8 bits (k-quant or nearest) like a MatMul: tied to an 8-bit head it is stored once
+    in the head's weights, alone it is gathered from its own; both run as asked, no stand-in is left in the graph,
+    and the embeddings stay within 8-bit rounding of fp32."""
+    import onnx
+
+    _, model_path, windows = decoder
+    model = graph.prepare(model_path, tmp_path)
+    splits = data.split(data.load(windows, LABELS))
+    calibration = calibrate(model, splits.calibration, tmp_path / "cache")
+    backend = get_backend("onnxruntime")
+    table = next(la for la in model.layers if la.op_type == "Gather")
+    head = backend.tied_tables(model)[table.name]
+    fp32 = backend.build(model, Assignment.uniform(model.layer_names, "fp32"), calibration, tmp_path / "fp32")
+    feeds = {k: v[:2] for k, v in splits.validation.arrays.items()}
+    expected = backend.runner(fp32, 1)(feeds)[0]
+    sizes = {}
+    cases = [("tied", "w8g32-kquant-acc4", "w8g32-kquant", 0.02), ("alone", "fp32", "w8g32", 0.02),
+             ("padded", "w8g128-acc4", "w8g128", 0.02),  # 64 columns: one padded block of 128
+             ("untied", "w8g32-kquant-acc4", "w4g32", 0.2)]  # relative error bounds: 8-bit, and a 4-bit table
+    for name, head_spec, table_spec, bound in cases:
+        layers = {**dict.fromkeys(model.layer_names, "fp32"), head: head_spec, table.name: table_spec}
+        built = backend.build(model, Assignment(layers), calibration, tmp_path / name)
+        assert backend.executed(built) == Assignment(layers).layers
+        proto = onnx.load(str(built.path))
+        assert table.weight not in {t.name for t in proto.graph.initializer}
+        assert not [n.name for n in proto.graph.node if "stand_in" in n.name]
+        logits = backend.runner(built, 1)(feeds)[0]
+        assert np.linalg.norm(logits - expected) < bound * np.linalg.norm(expected)
+        sizes[name] = built.size_bytes
+    assert sizes["tied"] < sizes["untied"] - 0.9 * table.params / 2  # the table's int4 bytes: stored once
+
+
+def test_calibrated_sensitivity_is_the_drop_of_the_rounded_layer(decoder, tmp_path):
+    """`calibrated` measures each layer's noisiest spec in one shared session: that estimate is the perplexity
+    ratio drop of a model file with only that weight rounded, and the layer's other specs scale it by their SQNR
+    noise power."""
+    import onnx
+    from onnx import numpy_helper
+
+    from autoq.evaluate import Evaluator
+    from autoq.precision import Precision
+    from autoq.quantsim import round_weight
+    from autoq.sensitivity import PROBE_SAMPLES, analyse
+
+    _, model_path, windows = decoder
+    model = graph.prepare(model_path, tmp_path)
+    splits = data.split(data.load(windows, LABELS))
+    calibration = calibrate(model, splits.calibration, tmp_path / "cache")
+    evaluator = Evaluator(get_backend("onnxruntime"), model, calibration, splits, ppl_ratio, 1)
+    choices = {la.name: ["fp32", "w4g32-acc4", "w8g32-acc4"] if la.op_type == "MatMul" else ["fp32", "w4g32"]
+               for la in model.layers}
+    table = analyse(evaluator, choices, "calibrated").set_index(["layer", "precision"])
+    evaluator.close()
+    assert (table["score"] == table["estimated_drop"]).all() and (table["estimated_drop"] >= 0).all()
+    ratio = table["estimated_drop"] / 10 ** (-table["sqnr_db"] / 10)  # one gain per layer
+    assert np.allclose(ratio.groupby(level=0).min(), ratio.groupby(level=0).max())
+    head = next(la for la in model.layers if la.name == "/lm_head/MatMul")
+    proto = onnx.load(str(model.path))
+    weight = next(t for t in proto.graph.initializer if t.name == head.weight)
+    rounded = round_weight(numpy_helper.to_array(weight), head.channel_axis, Precision.parse("w4g32-acc4"))
+    weight.CopyFrom(numpy_helper.from_array(rounded, head.weight))
+    onnx.save(proto, str(tmp_path / "rounded.onnx"))
+    rows = splits.search.subset(np.arange(min(PROBE_SAMPLES, len(splits.search))))  # what the method reads
+    fp32, low = (np.concatenate([_session(p).run(["logits"], {k: rows.arrays[k][i:i + 1] for k in rows.arrays})[0]
+                                 for i in range(len(rows))]) for p in (model.path, tmp_path / "rounded.onnx"))
+    drop = 1.0 - ppl_ratio([fp32], [low], rows.labels)
+    assert drop > 0 and table.loc[(head.name, "w4g32-acc4"), "estimated_drop"] == pytest.approx(drop, rel=1e-3)
+
+
 def test_seeds_put_a_tied_table_in_its_heads_spec(decoder, tmp_path):
     """The seeds rank a table by its own bytes; where it is tied to the LM head, they give it the head's spec (when
     the table offers it), so the backend stores it once."""
