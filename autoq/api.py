@@ -83,9 +83,13 @@ def _problem(model: str | Path | object | None, data: DataArg, example_inputs, s
         from autoq.demo import DEMOS
 
         demo = DEMOS[settings.demo]  # a known name: RunSettings checks it
-        model, data = demo.files()
+        if demo.spaces and backend not in demo.spaces:
+            msg = f"the {demo.name} demo runs on {' or '.join(demo.spaces)}, not {backend}"
+            raise AutoqError(msg)
+        model, data = demo.files(backend)
         metric, labels = metric or demo.metric, labels if labels is not None else demo.labels
-        space, stem, label = space if space is not None else demo.space, demo.stem, f"{demo.stem}: {demo.summary}"
+        space = space if space is not None else demo.spaces.get(backend)
+        stem, label = demo.stem, f"{demo.stem}: {demo.summary}"
     if data is None:
         raise AutoqError("no data: pass --data DATA.npz with arrays named as the model inputs")
     chosen_backend = get_backend(backend)
@@ -249,12 +253,16 @@ def export(run_dir: str | Path, point: int, to: str | Path) -> list[Path]:
 
 
 def verify(run_dir: str | Path, points: list[int] | None = None, against: Sequence[str | Path] = (),
-           rounds: int = 15) -> pd.DataFrame:
+           rounds: int = 15, passes: int = 3, pass_pause_s: float | None = None) -> pd.DataFrame:
     """Re-time a finished run's front points (all, or `points`), FP32, its recipes and the files `against` in
-    alternating rounds with deployment session settings: one row per model, ratio to FP32 and its 95% interval."""
+    alternating rounds with deployment session settings, spread over `passes` passes: one row per model, ratio to
+    FP32 and its 95% interval, and (after the first verify) the first verify's ratio and whether today's falls
+    inside its interval."""
+    from autoq.retime import PASS_PAUSE_S
     from autoq.retime import verify as verify_run
 
-    return verify_run(run_dir, points, against, rounds)
+    return verify_run(run_dir, points, against, rounds, passes,
+                      PASS_PAUSE_S if pass_pause_s is None else pass_pause_s)
 
 
 def compare(run_dirs: list[str | Path], out: str | Path = "compare.html") -> Path:

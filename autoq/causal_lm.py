@@ -1,12 +1,14 @@
-"""A Hugging Face causal language model to ONNX with a KV cache, by ONNX Runtime GenAI's model builder, and text to
-the token windows a search scores it on.
+"""A Hugging Face causal language model to ONNX with a KV cache, and text to the token windows a search scores it on.
 
-Why the builder and not `torch.onnx.export`: it writes the graph ONNX Runtime runs generation with (fused
-GroupQueryAttention with a KV cache, rotary embeddings, SimplifiedLayerNormalization; reading SmolLM2-135M's
-GGUF, saving it as float and exporting it took 27 s here),
-and names each Linear after its module (`/model/layers.0/attn/o_proj/MatMul`; q, k and v fused into `qkv_proj`).
-The torch exporters need the cache classes of each transformers version traced by hand and give graphs ONNX
-Runtime runs slower.
+Two exporters (`EXPORTERS`), one graph each runtime runs generation with:
+- `genai`, ONNX Runtime GenAI's model builder, for ONNX Runtime: fused GroupQueryAttention with a KV cache, rotary
+  embeddings, SimplifiedLayerNormalization (reading SmolLM2-135M's GGUF, saving it as float and exporting it took
+  27 s here); each Linear named after its module (`/model/layers.0/attn/o_proj/MatMul`; q, k and v fused into
+  `qkv_proj`).
+- `torch`, `torch.onnx.export` (TorchScript) of the model behind a wrapper that takes the cache as tensors, for
+  OpenVINO: standard ONNX ops only. OpenVINO reads the builder's GroupQueryAttention as an internal op it cannot
+  save as IR, and NNCF refuses that graph's dynamic-typed constants. Layers are named after their modules
+  (`/model/layers.0/self_attn/q_proj/MatMul`).
 """
 
 from __future__ import annotations
@@ -21,18 +23,32 @@ import onnx
 
 from autoq.decoder import PAST
 from autoq.errors import AutoqError
-from autoq.graph import InputSpec, input_specs
+from autoq.graph import InputSpec, input_specs, save_onnx
+from autoq.quiet import captured
 
 LABELS = "labels"  # the array of next tokens in a windows file
 SOURCE = "autoq.hf_source"  # model metadata: the Hugging Face folder the builder exported it from
 
 
 def export_causal_lm(hf_dir: Path, out_dir: Path, cache_dir: Path, precision: str = "fp32",
-                     options: dict[str, str] | None = None) -> Path:
-    """`hf_dir` (a `save_pretrained` folder) as an ONNX model for the CPU with a KV cache in `out_dir`, its weights in
-    `precision` (fp32; int4 is the builder's own weight-only quantization, with its `--extra_options`). The model's
-    metadata names `hf_dir` (SOURCE), so a run can build the builder's recipes from the same weights."""
+                     options: dict[str, str] | None = None, exporter: str = "genai") -> Path:
+    """`hf_dir` (a `save_pretrained` folder) as `out_dir`/model.onnx with a KV cache, by `exporter` (see the module
+    docstring), its weights in `precision` (fp32; the builder also has int8/int4 weight-only quantization, with its
+    `--extra_options`). The model's metadata names `hf_dir` (SOURCE), so a run can build the builder's recipes from
+    the same weights."""
+    if exporter not in EXPORTERS:
+        msg = f"unknown exporter '{exporter}' (exporters: {', '.join(EXPORTERS)})"
+        raise AutoqError(msg)
     out_dir.mkdir(parents=True, exist_ok=True)
+    model = EXPORTERS[exporter](hf_dir, out_dir, cache_dir, precision, options or {})
+    proto = onnx.load(str(model), load_external_data=False)  # the weights stay where the exporter put them
+    onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props},
+                                        SOURCE: str(hf_dir.resolve())})
+    onnx.save(proto, str(model))
+    return model
+
+
+def _builder_export(hf_dir: Path, out_dir: Path, cache_dir: Path, precision: str, options: dict[str, str]) -> Path:
     command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", str(hf_dir), "-i", str(hf_dir),
                "-o", str(out_dir), "-p", precision, "-e", "cpu", "-c", str(cache_dir)]
     if options:
@@ -46,11 +62,68 @@ def export_causal_lm(hf_dir: Path, out_dir: Path, cache_dir: Path, precision: st
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         msg = f"the ONNX Runtime GenAI builder could not export {hf_dir}: {last}"
         raise AutoqError(msg)
-    proto = onnx.load(str(model), load_external_data=False)  # the weights stay where the builder put them
-    onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props},
-                                        SOURCE: str(hf_dir.resolve())})
-    onnx.save(proto, str(model))
     return model
+
+
+def _torch_export(hf_dir: Path, out_dir: Path, cache_dir: Path, precision: str, options: dict[str, str]) -> Path:
+    """The model in float32 with eager attention, traced for a 3-token step after a 2-token cache; the batch, the
+    step and the cache lengths dynamic."""
+    if precision != "fp32" or options:
+        msg = "the torch exporter writes fp32 only (quantization is autoq's job)"
+        raise AutoqError(msg)
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM
+    except ImportError as exc:
+        msg = "exporting a language model with torch needs torch and transformers: pip install 'autoq[llm,torch]'"
+        raise AutoqError(msg) from exc
+    with captured():
+        model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32,
+                                                     attn_implementation="eager").eval()
+    config = model.config
+    layers, heads = config.num_hidden_layers, config.num_key_value_heads
+    size = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    past = [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    present = [name.replace("past_key_values", "present") for name in past]
+    inputs = ["input_ids", "attention_mask", "position_ids", *past]
+    axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total"},
+            "position_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"},
+            **{name: {0: "batch", 2: "past"} for name in past}, **{name: {0: "batch", 2: "total"} for name in present}}
+    example = (torch.zeros((1, 3), dtype=torch.int64), torch.ones((1, 5), dtype=torch.int64),
+               torch.arange(2, 5)[None], *(torch.zeros((1, heads, 2, size)) for _ in past))
+    path = out_dir / "model.onnx"
+    with captured(), torch.no_grad():
+        torch.onnx.export(_cache_as_tensors(model), example, str(path), input_names=inputs,
+                          output_names=["logits", *present], dynamic_axes=axes, opset_version=17, dynamo=False)
+    proto = onnx.load(str(path))
+    for node in proto.graph.node:  # the wrapper's attribute is not a module of the model
+        node.name = node.name.removeprefix("/wrapped")
+    save_onnx(proto, path)
+    return path
+
+
+def _cache_as_tensors(model):
+    """`model` taking its cache as `past_key_values.N.key|value` tensors and returning `present.N.key|value`."""
+    import torch
+    from transformers import DynamicCache
+
+    class CacheAsTensors(torch.nn.Module):
+        def __init__(self, wrapped: torch.nn.Module) -> None:
+            super().__init__()
+            self.wrapped = wrapped
+
+        def forward(self, input_ids, attention_mask, position_ids, *past):
+            cache = DynamicCache()
+            for index in range(len(past) // 2):
+                cache.update(past[2 * index], past[2 * index + 1], index)
+            out = self.wrapped(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               past_key_values=cache, use_cache=True)
+            return out.logits, *(t for layer in out.past_key_values.layers for t in (layer.keys, layer.values))
+
+    return CacheAsTensors(model)
+
+
+EXPORTERS = {"genai": _builder_export, "torch": _torch_export}
 
 
 def cache_shape(model_path: Path, inputs: list[InputSpec]) -> tuple[int, int]:

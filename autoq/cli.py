@@ -68,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--point", type=int, action="append", help="only this front point (repeatable)")
     verify.add_argument("--against", action="append", default=[], help="also time this model file (repeatable)")
     verify.add_argument("--rounds", type=int, default=15, help="alternating rounds (15)")
+    verify.add_argument("--passes", type=int, default=3,
+                        help="passes the rounds are spread over, 20 s apart; the interval resamples passes (3)")
     compare = commands.add_parser("compare", help="overlay the fronts of several runs in one page")
     compare.add_argument("run_dirs", nargs="+")
     compare.add_argument("--out", default="compare.html", help="page to write (compare.html)")
@@ -127,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(path)
             return 0
         if args.command == "verify":
-            table = api.verify(args.run_dir, args.point, args.against, args.rounds)
+            table = api.verify(args.run_dir, args.point, args.against, args.rounds, args.passes)
             table["model"] = table["model"].str.ljust(int(table["model"].str.len().max()))
             print(table.to_string(index=False, justify="left", float_format=lambda v: f"{v:.3f}"))
             if table.attrs["drifted"]:
@@ -135,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"autoq: FP32 ran {start:.2f} ms at the start of these rounds and {end:.2f} ms at the end: the "
                       "machine changed speed while timing, so these ratios may not reproduce; run verify again",
                       file=sys.stderr)
+            if "inside first" in table:
+                compared = table["inside first"].dropna()
+                print(f"autoq: {int(compared.sum())} of {len(compared)} ratios fall inside the 95% intervals of this "
+                      "run's first verify", file=sys.stderr)
             if table.attrs["host_changed"]:
                 now, then = table.attrs["fp32_ms"], table.attrs["fp32_ms_first_verify"]
                 print(f"autoq: FP32 runs {now:.2f} ms now and ran {then:.2f} ms at this run's first verify: the "

@@ -5,6 +5,7 @@ so a result can be checked on another day or machine."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -24,10 +25,12 @@ from autoq.precision import Assignment
 
 FP32 = "FP32"
 DRIFT = 0.15  # FP32's own speed moving more than this (within one verify, or since the first) makes ratios move
-FIRST = "verify.json"  # in the run directory: FP32's speed at the first verify, what later ones compare with
+FIRST = "verify.json"  # in the run directory: FP32's speed and ratios at the first verify, for later ones to compare
+PASS_PAUSE_S = 20.0  # between verify's passes
 
 
-def _models(run_dir: Path, points: list[int] | None, against: list[Path]) -> dict[str, tuple[Path, dict]]:
+def run_models(run_dir: Path, points: list[int] | None = None,
+               against: Sequence[Path] = ()) -> dict[str, tuple[Path, dict]]:
     """Label -> (model file, model-wide options) of everything to time; FP32 first."""
     models: dict[str, tuple[Path, dict]] = {FP32: (run_dir / "model.onnx", {})}
     front = pd.read_csv(run_dir / "pareto.csv")
@@ -53,19 +56,28 @@ def _models(run_dir: Path, points: list[int] | None, against: list[Path]) -> dic
 
 
 def verify(run_dir: str | Path, points: list[int] | None = None, against: Sequence[str | Path] = (),
-           rounds: int = 15) -> pd.DataFrame:
+           rounds: int = 15, passes: int = 3, pass_pause_s: float = PASS_PAUSE_S) -> pd.DataFrame:
     """One row per model: its median ms, its speed-up over FP32 (median of the per-round ratios) and the 95%
-    confidence interval of that median. Where the backend's compilations of one model differ (OpenVINO), each
-    model is compiled several times, the rounds take turns among them, and the interval covers that difference.
+    confidence interval of that median. The rounds are timed in `passes` passes `pass_pause_s` apart, and the
+    interval resamples passes first: a shared host changes pace over minutes, and one burst of rounds would give an
+    interval narrower than what the next invocation sees. Where the backend's compilations of one model differ
+    (OpenVINO), each model is compiled several times, the rounds take turns among them, and the interval covers
+    that difference too.
+    The first verify of a run keeps its table (verify.json); a later one adds each model's ratio then and whether
+    today's median falls inside that interval (`inside first`).
     `table.attrs`: FP32's median ms in the first and last third of the rounds and whether it moved by more than
-    DRIFT (the machine changed speed while it was timed), and FP32's ms now and at the run's first verify (kept in
-    verify.json) and whether they differ by more than DRIFT (the host is not as loaded as it was then: the ratios
-    are not comparable with that day's; measured here, with FP32 22% slower MiniLM's OpenVINO ratios were a median
-    12% lower, reports/benchmarks/verify.md)."""
+    DRIFT (the machine changed speed while it was timed), and FP32's ms now and at the run's first verify and
+    whether they differ by more than DRIFT (the host is not as loaded as it was then: the ratios are not comparable
+    with that day's; measured here, with FP32 22% slower MiniLM's OpenVINO ratios were a median 12% lower,
+    reports/benchmarks/verify.md)."""
     run_dir = Path(run_dir)
     if not (run_dir / "pareto.csv").is_file() or not (run_dir / "run.json").is_file():
         msg = f"{run_dir} holds no finished autoq run (no pareto.csv): give the --out of a search that finished"
         raise AutoqError(msg)
+    if passes < 1 or rounds < 1:
+        msg = f"verify needs at least one pass and one round (got {passes} passes, {rounds} rounds)"
+        raise AutoqError(msg)
+    passes = min(passes, rounds)
     backend = get_backend(json.loads((run_dir / "run.json").read_text())["backend"])
     if backend.name == "torch":
         msg = ("autoq verify re-times model files; a torch run's points are state dicts of your module: rebuild "
@@ -77,7 +89,7 @@ def verify(run_dir: str | Path, points: list[int] | None = None, against: Sequen
     if samples is None:
         msg = f"{run_dir}/cache has no calibration samples to feed the models: run the search there again"
         raise AutoqError(msg)
-    models = _models(run_dir, points, [Path(p) for p in against])
+    models = run_models(run_dir, points, [Path(p) for p in against])
     instances = backend.deployed_instances
     runners = {label: [backend.deployed_runner(Candidate(Assignment({}, options), path, 0), threads)
                        for _ in range(instances)] for label, (path, options) in models.items()}
@@ -85,20 +97,44 @@ def verify(run_dir: str | Path, points: list[int] | None = None, against: Sequen
     feeds = timing_feeds(runners[FP32][0], {k: v[:1] for k, v in np.load(samples).items()}, input_specs(proto),
                          [o.name for o in proto.graph.output])  # a language model: one decode step
     runs = {label: [partial(run, feeds) for run in each] for label, each in runners.items()}
-    timed = ratio_rounds(runs, FP32, rounds=-(-rounds // instances) * instances)  # each instance as often
+    per_pass = -(-rounds // (passes * instances)) * instances  # each instance as often in every pass
+    timed: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for index in range(passes):
+        if index:
+            time.sleep(pass_pause_s)
+        for label, (ms, ratios) in ratio_rounds(runs, FP32, rounds=per_pass).items():
+            before = timed.get(label, (np.empty(0), np.empty(0)))
+            timed[label] = (np.concatenate([before[0], ms]), np.concatenate([before[1], ratios]))
     rows = []
     for label, (ms, ratios) in timed.items():
-        ratio, low, high = interval(ratios, clusters=np.arange(len(ratios)) % instances)
+        size = len(ratios) // passes  # FP32's own ratios (1.0) come once per model and round
+        entry = np.arange(len(ratios))
+        rounds_of = entry % size * per_pass // size  # each value's round within its pass
+        ratio, low, high = interval(ratios, clusters=entry // size * instances + rounds_of % instances)
         rows.append({"model": label, "ms": float(np.median(ms)), "vs FP32": ratio, "95% low": low, "95% high": high})
     table = pd.DataFrame(rows)
     start, end, table.attrs["drifted"] = fp32_drift(timed[FP32][0])
     table.attrs["fp32_ms_start_end"] = (start, end)
     now = table.attrs["fp32_ms"] = float(np.median(timed[FP32][0]))
-    first = run_dir / FIRST
+    return _against_first(table, run_dir / FIRST, now)
+
+
+def _against_first(table: pd.DataFrame, first: Path, now: float) -> pd.DataFrame:
+    """Keep the first verify's FP32 speed and ratios in `first`; on a later one, add each model's ratio then and
+    whether today's median falls inside that interval, and say whether FP32 itself moved by more than DRIFT."""
     if not first.is_file():
-        first.write_text(json.dumps({"fp32_ms": now}))
-    then = table.attrs["fp32_ms_first_verify"] = float(json.loads(first.read_text())["fp32_ms"])
+        columns = zip(table["model"], table["vs FP32"], table["95% low"], table["95% high"], strict=True)
+        first.write_text(json.dumps({"fp32_ms": now, "ratios": {m: [r, lo, hi] for m, r, lo, hi in columns}}))
+        table.attrs["fp32_ms_first_verify"], table.attrs["host_changed"] = now, False
+        return table
+    kept = json.loads(first.read_text())
+    then = table.attrs["fp32_ms_first_verify"] = float(kept["fp32_ms"])
     table.attrs["host_changed"] = abs(now / then - 1) > DRIFT
+    earlier = kept.get("ratios", {})
+    if earlier:
+        table["first"] = [earlier.get(model, [np.nan])[0] for model in table["model"]]
+        table["inside first"] = [earlier[m][1] <= r <= earlier[m][2] if m in earlier else None
+                                 for m, r in zip(table["model"], table["vs FP32"], strict=True)]
     return table
 
 

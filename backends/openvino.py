@@ -37,6 +37,7 @@ from autoq.precision import Assignment, Precision
 FLOAT_OPTION = "inference_precision"
 KERNELS = {"FullyConnected", "MatMul", "Convolution", "GroupConvolution", "Deconvolution", "Gemm"}
 FOLDED = ("Mul", "Add", "BatchNormalization")  # per-channel ops with constants OpenVINO folds into a kernel
+COMPRESSIBLE = KERNELS | {"Gather"}  # ov.Model ops NNCF compresses weights of (an embedding table: Gather)
 MODEL_KERNELS = KERNELS | {"ConvolutionBackpropData", "GroupConvolutionBackpropData"}  # their ov.Model types
 MODEL_KERNELS_ONNX = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # the ONNX layers OpenVINO runs as kernels
 RUNTIME_PRECISION = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
@@ -103,12 +104,13 @@ class OpenVinoBackend(Backend):
         return {**requested, FLOAT_OPTION: kept}
 
     def fits(self, layer: Layer, precision: Precision) -> bool:
-        """Weight-only on 2-D MatMul/Gemm weights, its groups dividing the input channels (a Gemm's may be
-        either dimension); int8 on every weighted op but tables."""
+        """Weight-only on 2-D MatMul/Gemm weights and embedding tables, its groups dividing the input channels (a
+        Gemm's may be either dimension, a table's are its columns); int8 on every weighted op but tables."""
         if precision.kind != "weight-only":
             return super().fits(layer, precision)
-        inputs = layer.weight_shape[:1] if layer.op_type == "MatMul" else layer.weight_shape
-        return layer.op_type in ("MatMul", "Gemm") and len(layer.weight_shape) == 2 and all(
+        inputs = {"MatMul": layer.weight_shape[:1], "Gather": layer.weight_shape[1:]}.get(layer.op_type,
+                                                                                            layer.weight_shape)
+        return layer.op_type in ("MatMul", "Gemm", "Gather") and len(layer.weight_shape) == 2 and all(
             d % (precision.group or 1) == 0 for d in inputs)
 
     def expected(self, assignment: Assignment) -> dict[str, str]:
@@ -195,8 +197,9 @@ class OpenVinoBackend(Backend):
             ran = {precision for _, precision, original in kernels if _owns(layer, names, original)}
             found = ran.pop() if len(ran) == 1 else ("/".join(sorted(ran)) or "not found")
             spec = asked.get(layer)
-            if layer in state.tables:  # an embedding Gather: no weighted kernel, the model's float
-                found = self.expected(candidate.assignment)[layer]
+            if layer in state.tables:  # an embedding Gather: its weight's type, else the model's float
+                found = _table_type(self._any_compiled(candidate), layer, names) or self.expected(
+                    candidate.assignment)[layer]
             weight_bits = spec is not None and spec.kind == "weight-only" and found == f"w{spec.bits}"
             result[layer] = str(spec) if weight_bits else found  # groups and rounding are not kernel properties
         return result
@@ -343,7 +346,7 @@ def _compress(ov_model: ov.Model, chosen: dict[str, set[str]], spec: Precision,
               samples: dict[str, np.ndarray] | None) -> ov.Model:
     """NNCF weight-only compression of the `chosen` layers' weights alone (every other weighted op ignored) at
     `spec`'s bits, symmetry and group size; AWQ / scale estimation / GPTQ on the calibration `samples`."""
-    weighted = [op.get_friendly_name() for op in ov_model.get_ordered_ops() if op.get_type_name() in KERNELS]
+    weighted = [op.get_friendly_name() for op in ov_model.get_ordered_ops() if op.get_type_name() in COMPRESSIBLE]
     targets = {name for name in weighted for layer, names in chosen.items() if _owns(layer, names, {name})}
     missing = [layer for layer, names in chosen.items() if not any(_owns(layer, names, {t}) for t in targets)]
     if missing:
@@ -362,6 +365,17 @@ def _compress(ov_model: ov.Model, chosen: dict[str, set[str]], spec: Precision,
         arguments["subset_size"] = count
     with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):  # NNCF's progress bars
         return nncf.compress_weights(ov_model, ignored_scope=ignored, **arguments)
+
+
+def _table_type(compiled: ov.CompiledModel, layer: str, names: set[str]) -> str | None:
+    """`w8` / `w4` where the runtime Gather of table `layer` reads integer weights (NNCF compressed it), else None."""
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        if str(info["layerType"].astype(str)) == "Gather" and _owns(
+                layer, names, set(info["originalLayersNames"].astype(str).split(","))):
+            weights = op.input(0).get_source_output().get_element_type().get_type_name()
+            return "w4" if weights in FOUR_BIT else "w8" if weights in INTEGER else None
+    return None
 
 
 def _owns(layer: str, names: set[str], original: set[str]) -> bool:

@@ -1,6 +1,9 @@
-"""OpenVINO's one-line recipes, measured beside the front: the model in f32, in bf16 where the CPU has it
-natively, and `nncf.quantize` with its defaults (and its transformer preset where the model has attention
-MatMuls) compiled with OpenVINO's default float precision for this CPU, calibrated on the run's cached samples."""
+"""OpenVINO's one-line recipes, measured beside the front, compiled with OpenVINO's default float precision for
+this CPU: the model in f32, in bf16 where the CPU has it natively, and `nncf.quantize` with its defaults (and its
+transformer preset where the model has attention MatMuls) calibrated on the run's cached samples; for a language
+model with a KV cache, NNCF's `compress_weights` instead: its default (int8), int4 in groups of 128 and of 32, and
+int4 at ratios 0.8 and 0.6 of the layers by its own data-free ranking (the rest and, as always, the embedding and
+the LM head in int8); a group that does not divide a layer's inputs is adjusted (NNCF's ADJUST fallback)."""
 
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import openvino as ov
 from autoq.backends.base import Backend, Candidate, Recipe
 from autoq.backends.openvino import FLOAT_OPTION, has_attention
 from autoq.calibrate import samples_path
+from autoq.decoder import is_decoder
 from autoq.graph import OnnxModel
 from autoq.precision import Assignment
 
@@ -34,17 +38,40 @@ def _nncf(default_float: str, model_type, model: OnnxModel, calibration: Path, w
     with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):  # NNCF's progress bars
         quantized = nncf.quantize(ov.convert_model(str(model.path)), dataset, subset_size=count,
                                   model_type=model_type)
+    return _saved(quantized, model, default_float, workdir)
+
+
+def _compressed(default_float: str, arguments: dict, model: OnnxModel, calibration: Path,
+                workdir: Path) -> Candidate:
+    fallback = nncf.AdvancedCompressionParameters(group_size_fallback_mode=nncf.GroupSizeFallbackMode.ADJUST)
+    logging.getLogger("nncf").setLevel(logging.ERROR)
+    with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):  # NNCF's progress bars and tables
+        compressed = nncf.compress_weights(ov.convert_model(str(model.path)), advanced_parameters=fallback,
+                                           **arguments)
+    return _saved(compressed, model, default_float, workdir)
+
+
+def _saved(ov_model: ov.Model, model: OnnxModel, default_float: str, workdir: Path) -> Candidate:
     workdir.mkdir(parents=True, exist_ok=True)
     xml = workdir / "model.xml"
-    ov.save_model(quantized, str(xml), compress_to_fp16=False)
+    ov.save_model(ov_model, str(xml), compress_to_fp16=False)
     return Candidate(Assignment.uniform(model.layer_names, "fp32", {FLOAT_OPTION: default_float}), xml,
                      xml.stat().st_size + xml.with_suffix(".bin").stat().st_size)
+
+
+INT4 = nncf.CompressWeightsMode.INT4_SYM  # its defaults: groups of 128, every layer but the first and last
+DECODER_RECIPES = [("int8, its default", {}), ("int4, group 128", {"mode": INT4}),
+                   ("int4, group 32", {"mode": INT4, "group_size": 32}),
+                   ("int4, ratio 0.8", {"mode": INT4, "ratio": 0.8}), ("int4, ratio 0.6", {"mode": INT4, "ratio": 0.6})]
 
 
 def recipes(backend: Backend, model: OnnxModel, native_bf16: bool, default_float: str) -> list[Recipe]:
     made = [Recipe("OpenVINO f32", partial(_float, backend, "f32"))]
     if native_bf16:
         made.append(Recipe("OpenVINO bf16", partial(_float, backend, "bf16")))
+    if is_decoder(model.inputs):
+        return made + [Recipe(f"NNCF compress_weights {label} ({default_float})",
+                              partial(_compressed, default_float, arguments)) for label, arguments in DECODER_RECIPES]
     made.append(Recipe(f"nncf.quantize ({default_float})", partial(_nncf, default_float, None)))
     if has_attention(model):
         made.append(Recipe(f"nncf.quantize, transformer preset ({default_float})",

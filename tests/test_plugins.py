@@ -59,7 +59,8 @@ def test_a_registered_sampler_is_a_space_s_sampler(plugins):
 def test_unknown_plugins_are_errors_listing_the_registered_ones():
     with pytest.raises(AutoqError, match=r"unknown sampler 'annealing' \(registered: nsga2, tpe, gp, random\)"):
         parse_space({"sampler": "annealing"})
-    with pytest.raises(AutoqError, match=r"unknown method 'fisher' \(registered: measured, sqnr, calibrated, hessian, none\)"):
+    with pytest.raises(AutoqError,
+                       match=r"unknown method 'fisher' \(registered: measured, sqnr, calibrated, hessian, none\)"):
         parse_space({"sensitivity": "fisher"})
 
 

@@ -33,8 +33,8 @@ def test_verdicts_name_the_dominating_point_that_saves_the_most_latency():
     assert abs(table.loc["dyn", "latency_saved"] - (1 - 1.25 / 2.0)) < 1e-9
     assert table.loc["dyn", "verdict"].startswith("dominated by point 0: 38% less latency")
     assert pd.isna(table.loc["static", "dominated_by"])
-    assert table.loc["static", "verdict"] == ("not dominated; the fastest point at >= its quality and <= its size, "
-                                              "point 2, runs at 0.50x its speed")
+    assert table.loc["static", "verdict"] == ("not dominated; the fastest point at about its quality and no larger, "
+                                              "point 2: 0.50x its speed (+-0.00)")
     # FP32 itself, timed 3% faster as a recipe: point 2 is within that recipe's speed spread, so it matches
     assert pd.isna(table.loc["twin", "dominated_by"]) and table.loc["twin", "matched_by"] == 2
     assert table.loc["twin", "verdict"].startswith("matched within its measurement spread by point 2")
@@ -42,6 +42,27 @@ def test_verdicts_name_the_dominating_point_that_saves_the_most_latency():
     line = summary(table.reset_index())
     assert line == ("recipes: the front dominates 1 of 3 measured and matches 1 within their measurement spread; "
                     "NOT dominated: static; 1 failed to build (see recipes.csv)")
+
+
+def test_verdicts_read_the_points_timed_side_by_side_with_the_recipe():
+    """Stored speed-ups measured minutes apart say point 1 (as good, smaller) is slower than the recipe; timed
+    against it in one set of rounds it is 1.1x faster: dominated. Only points at the recipe's quality (within its
+    spread) and size are timed, the fastest first; an interval reaching 1 is a match, below 1 not dominated."""
+    recipes = pd.DataFrame([{"recipe": "r", "val_quality": 0.985, "val_latency_ms": 5.0, "speedup": 2.0,
+                             "size_bytes": 100, "error": "", "quality_spread": 0.0, "speedup_spread": 0.0}])
+    asked = []
+    for timed, verdict in [({1: (1.1, 1.05, 1.2), 2: (0.6, 0.55, 0.65)}, "dominated by point 1: 9% less latency"),
+                           ({1: (0.97, 0.9, 1.02), 2: (0.6, 0.55, 0.65)}, "matched within its measurement spread "
+                                                                            "by point 1"),
+                           ({1: (0.9, 0.85, 0.95), 2: (0.6, 0.55, 0.65)}, "not dominated; the fastest point at about "
+                                                                            "its quality and no larger, point 1")]:
+        def side_by_side(points, row, timed=timed):
+            asked.append(points)
+            return {p: timed[p] for p in points}
+
+        text = verdicts(_front(), recipes, side_by_side)["verdict"].iloc[0]
+        assert text.startswith(verdict) and "timed side by side" in text
+    assert asked[0] == [1, 2]  # point 0 (quality 0.96 < 0.985) is not timed; the fastest by stored speed first
 
 
 def test_a_point_larger_than_the_recipe_does_not_dominate_it():
@@ -67,7 +88,7 @@ def test_a_recipe_that_cannot_build_is_recorded_and_the_run_goes_on(tmp_path, ca
     # it feeds the cached calibration samples, not another cache beside them (SmoothQuant's channel maxima)
     ranges = next((tmp_path / "run" / "cache").glob("calibration-*-minmax-*[0-9a-f].json"))
     np.savez(ranges.with_name(ranges.stem + "-channel-max.npz"), **{"not_an_input": np.zeros(3)})
-    assert main(["verify", str(tmp_path / "run"), "--rounds", "5"]) == 0
+    assert main(["verify", str(tmp_path / "run"), "--rounds", "5", "--passes", "1"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     header, rows = lines[0].split(), lines[1:]
     assert header[:2] == ["model", "ms"] and "low" in header and "high" in header
@@ -79,16 +100,22 @@ def test_a_recipe_that_cannot_build_is_recorded_and_the_run_goes_on(tmp_path, ca
     fp32_ratio = [float(v) for v in rows[0].split()[-3:]]
     assert fp32_ratio == [1.0, 1.0, 1.0]
     # the API function stays the API function once its module has been imported (it is callable twice)
-    again = autoq.verify(tmp_path / "run", rounds=2)
+    again = autoq.verify(tmp_path / "run", rounds=4, passes=2, pass_pause_s=0)
     assert callable(autoq.verify) and len(again) == len(rows)
+    # a later verify sets each ratio beside the first verify's (kept in verify.json) and says whether it falls
+    # inside that interval
+    kept = json.loads((tmp_path / "run" / "verify.json").read_text())
+    for row in again.itertuples(index=False):
+        ratio, low, high = kept["ratios"][row.model]
+        assert row.first == ratio and row[-1] == (low <= row[2] <= high)
     start, end = again.attrs["fp32_ms_start_end"]
     assert start > 0 and end > 0 and again.attrs["drifted"] == (abs(end / start - 1) > 0.15)
     # the first verify's FP32 speed is kept; a later verify on a host three times faster says so
-    kept = json.loads((tmp_path / "run" / "verify.json").read_text())
     assert again.attrs["fp32_ms_first_verify"] == kept["fp32_ms"] > 0
-    (tmp_path / "run" / "verify.json").write_text(json.dumps({"fp32_ms": kept["fp32_ms"] * 3}))
-    assert main(["verify", str(tmp_path / "run"), "--rounds", "2"]) == 0
-    assert "not as loaded as it was then" in capsys.readouterr().err  # a note beside the table, not a row
+    (tmp_path / "run" / "verify.json").write_text(json.dumps({**kept, "fp32_ms": kept["fp32_ms"] * 3}))
+    assert main(["verify", str(tmp_path / "run"), "--rounds", "2", "--passes", "1"]) == 0
+    err = capsys.readouterr().err  # notes beside the table, not rows
+    assert "not as loaded as it was then" in err and "fall inside the 95% intervals of this run's first verify" in err
 
 
 def test_verify_says_when_the_machine_changed_speed_while_timing():

@@ -11,7 +11,7 @@ import os
 import random
 import sysconfig
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -110,13 +110,15 @@ def demo_files() -> tuple[Path, Path]:
     return model, data
 
 
-def llm_demo_files() -> tuple[Path, Path]:
-    """(model.onnx, windows.npz) of the language-model demo (SmolLM2-135M), built in the cache at first use."""
+def llm_demo_files(backend: str = "onnxruntime") -> tuple[Path, Path]:
+    """(model.onnx, windows.npz) of the language-model demo (SmolLM2-135M) for `backend`, built in the cache at
+    first use: ONNX Runtime GenAI's builder's graph for ONNX Runtime, standard ONNX ops (torch's exporter) for
+    OpenVINO."""
     from autoq.demo.llm import llm_files
 
     folder = cache_dir() / "smollm2-135m"
     folder.mkdir(parents=True, exist_ok=True)
-    return llm_files(folder)
+    return llm_files(folder, "torch" if backend == "openvino" else "genai")
 
 
 @dataclass(frozen=True)
@@ -126,16 +128,16 @@ class Demo:
     name: str
     stem: str  # names the default run directory, reports/<stem>-<backend>
     summary: str
-    files: Callable[[], tuple[Path, Path]]  # (model, data), built at first use
+    files: Callable[[str], tuple[Path, Path]]  # backend -> (model, data), built at first use
     metric: str
     labels: str | None = None  # the labels' array in the data file
-    space: str | None = None  # None: the backend's default space
+    spaces: dict[str, str] = field(default_factory=dict)  # backend -> its space (else the backend's default)
 
 
 DEMOS = {demo.name: demo for demo in (
-    Demo("minilm", "all-MiniLM-L6-v2", "all-MiniLM-L6-v2 sentence embeddings, cosine to FP32", demo_files, "cosine"),
+    Demo("minilm", "all-MiniLM-L6-v2", "all-MiniLM-L6-v2 sentence embeddings, cosine to FP32",
+         lambda backend: demo_files(), "cosine"),
     Demo("llm", "SmolLM2-135M-Instruct",
          "SmolLM2-135M-Instruct (float from its Q4_1 GGUF), perplexity on docstrings, decode ms/token",
-         llm_demo_files, "ppl_ratio", "labels", "llm-cpu"),
+         llm_demo_files, "ppl_ratio", "labels", {"onnxruntime": "llm-cpu", "openvino": "llm-openvino"}),
 )}
-

@@ -63,22 +63,24 @@ def text_tokens(tokenizer_file: Path, count: int) -> np.ndarray:
     return np.array(tokens[:count], dtype=np.int64)
 
 
-def llm_files(folder: Path) -> tuple[Path, Path]:
-    """(model.onnx, windows.npz) of the LLM demo, built in `folder` at first use (an interrupted export leaves
-    nothing half-written behind)."""
-    model, data = folder / "onnx" / "model.onnx", folder / f"docstrings-{WINDOWS}x{WINDOW}.npz"
+def llm_files(folder: Path, exporter: str = "genai") -> tuple[Path, Path]:
+    """(model.onnx, windows.npz) of the LLM demo as `exporter` writes it (`autoq.causal_lm.EXPORTERS`), built in
+    `folder` at first use (an interrupted export leaves nothing half-written behind)."""
+    suffix = "" if exporter == "genai" else f"-{exporter}"
+    model, data = folder / f"onnx{suffix}" / "model.onnx", folder / f"docstrings-{WINDOWS}x{WINDOW}{suffix}.npz"
     if not model.is_file():
-        gguf, hf_dir, staging = _gguf(), folder / "hf", folder / "onnx.partial"
+        gguf, hf_dir, staging = _gguf(), folder / "hf", folder / f"onnx{suffix}.partial"
         print(f"autoq: exporting SmolLM2-135M-Instruct ({REFERENCE}) to {model.parent} (first use only)")
         if not (hf_dir / "config.json").is_file():
             with captured():  # the GGUF reader's progress bars
                 save_float(gguf, folder / "hf.partial").replace(hf_dir)
         shutil.rmtree(staging, ignore_errors=True)
-        export_causal_lm(hf_dir, staging, folder / "builder-cache")
+        export_causal_lm(hf_dir, staging, folder / "builder-cache", exporter=exporter)
         shutil.rmtree(model.parent, ignore_errors=True)
         staging.replace(model.parent)
     if not data.is_file():
-        arrays: dict[str, Any] = token_windows(text_tokens(model.parent / "tokenizer.json", WINDOWS * WINDOW + 1),
-                                               WINDOW, WINDOWS, model)
+        tokens = text_tokens(folder / "hf" / "tokenizer.json", WINDOWS * WINDOW + 1)  # the float model's folder
+        arrays: dict[str, Any] = token_windows(tokens, WINDOW, WINDOWS, model)
         np.savez(data, **arrays)
     return model, data
+
