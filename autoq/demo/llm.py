@@ -69,11 +69,11 @@ def llm_files(folder: Path, exporter: str = "genai") -> tuple[Path, Path]:
     suffix = "" if exporter == "genai" else f"-{exporter}"
     model, data = folder / f"onnx{suffix}" / "model.onnx", folder / f"docstrings-{WINDOWS}x{WINDOW}{suffix}.npz"
     if not model.is_file():
-        gguf, hf_dir, staging = _gguf(), folder / "hf", folder / f"onnx{suffix}.partial"
+        hf_dir, staging = folder / "hf", folder / f"onnx{suffix}.partial"
         print(f"autoq: exporting SmolLM2-135M-Instruct ({REFERENCE}) to {model.parent} (first use only)")
         if not (hf_dir / "config.json").is_file():
             with captured():  # the GGUF reader's progress bars
-                save_float(gguf, folder / "hf.partial").replace(hf_dir)
+                save_float(_gguf(), folder / "hf.partial").replace(hf_dir)
         shutil.rmtree(staging, ignore_errors=True)
         export_causal_lm(hf_dir, staging, folder / "builder-cache", exporter=exporter)
         shutil.rmtree(model.parent, ignore_errors=True)

