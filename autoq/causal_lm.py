@@ -72,14 +72,15 @@ def _torch_export(hf_dir: Path, out_dir: Path, cache_dir: Path, precision: str, 
         msg = "the torch exporter writes fp32 only (quantization is autoq's job)"
         raise AutoqError(msg)
     try:
-        import torch
-        from transformers import AutoModelForCausalLM
+        with captured():  # torch's and torchao's import-time warnings
+            import torch
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32,
+                                                         attn_implementation="eager").eval()
     except ImportError as exc:
         msg = "exporting a language model with torch needs torch and transformers: pip install 'autoq[llm,torch]'"
         raise AutoqError(msg) from exc
-    with captured():
-        model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32,
-                                                     attn_implementation="eager").eval()
     config = model.config
     layers, heads = config.num_hidden_layers, config.num_key_value_heads
     size = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

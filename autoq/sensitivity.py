@@ -237,7 +237,7 @@ def greedy_seeds(table: pd.DataFrame, choices: dict[str, list[str]],
 
 def fallback_seeds(table: pd.DataFrame, choices: dict[str, list[str]],
                    fractions: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75), table_cost: float = 0.02,
-                   fp32_only: bool = False) -> list[Assignment]:
+                   fp32_only: bool = False, fine: tuple[float, ...] = (0.01, 0.03)) -> list[Assignment]:
     """The fast end, alone and with its most fragile layers protected. For each of the two precisions that save the
     most latency in total, the top `fractions` of layers (by that precision's score) move to a safer spec: the most
     accurate one that still saves latency, the most accurate one that saves nearly as much (int8-dyn -> its
@@ -246,6 +246,9 @@ def fallback_seeds(table: pd.DataFrame, choices: dict[str, list[str]],
     the fast precision's total saving, except in the seeds protecting with fp32, which seek quality: there it
     stays fp32 (MiniLM: int4 word and token-type tables cost 0.003 of cosine, 0.9935 -> 0.9904, more than fp32
     on the four most fragile MatMuls regains under SmoothQuant, 0.0019).
+    The safest spec also protects the `fine` fractions, a layer or a few of a large model: a language model's LM
+    head (and the table tied to it) in 8 bits and the rest in 4 is the size class of NNCF's and the GenAI builder's
+    int4 recipes (SmolLM2 on OpenVINO: nothing between 78 and 104 MB without them).
     With a menu of specs, random mixes rarely find these. `fp32_only`: only the seeds that protect with fp32."""
     rows = table[[p in choices.get(n, []) for n, p in zip(table["layer"], table["precision"], strict=True)]]
     if rows.empty:
@@ -263,7 +266,7 @@ def fallback_seeds(table: pd.DataFrame, choices: dict[str, list[str]],
         order = list(rows[rows["precision"] == fast].sort_values("score", ascending=False)["layer"])
         plans = [("fp32", (0.0,) + fractions[:2])]
         if not fp32_only:
-            plans += [*((safe, fractions) for safe in safer[:1]),
+            plans += [*((safe, fine + fractions) for safe in safer[:1]),
                       *((safe, fractions[:3]) for safe in near[:1] if safe not in safer[:1])]
         for safe, cuts in plans:
             for fraction in cuts:

@@ -212,6 +212,21 @@ def test_fallback_seeds_protect_the_fast_precisions_most_fragile_layers():
     assert {s.key() for s in only_fp32} < {s.key() for s in seeds}
 
 
+def test_fallback_seeds_protect_a_few_layers_of_a_large_model_with_the_safest_spec():
+    """Of 200 layers, the 1% and 3% most fragile (2 and 6) take the safest spec that saves latency, the rest the
+    fast one: the int4-body, 8-bit-head size class a language model's recipes sit in. fp32 protects no such few."""
+    layers = [f"l{i}" for i in range(200)]
+    rows = [{"layer": n, "precision": "w4g32-acc4", "latency_saving_ms": 1.0, "score": float(i)}
+            for i, n in enumerate(layers)]
+    rows += [{"layer": n, "precision": "w8g32-acc4", "latency_saving_ms": 0.6, "score": float(i) - 500}
+             for i, n in enumerate(layers)]
+    choices = {n: ["fp32", "w4g32-acc4", "w8g32-acc4"] for n in layers}
+    seeds = sens.fallback_seeds(pd.DataFrame(rows).assign(size_saving_bytes=0.0), choices)
+    safe = [{n for n, p in s.layers.items() if p == "w8g32-acc4"} for s in seeds]
+    assert {"l199", "l198"} in safe and {f"l{i}" for i in range(194, 200)} in safe
+    assert not any(len({n for n, p in s.layers.items() if p == "fp32"}) in (2, 6) for s in seeds)
+
+
 def test_fallback_seeds_use_the_nearly_as_fast_spec_and_cheap_tables():
     """int8-dyn-pc saves nearly what int8-dyn saves and is more accurate: seeds protect int8-dyn's fragile layers
     with it (up to half of them). A big table whose int4 form costs 1% of the saving takes it; a small one whose
