@@ -88,11 +88,13 @@ def measure_recipes(evaluator: Evaluator, run_dir: Path, front: pd.DataFrame,
 def _side_by_side(evaluator: Evaluator, run_dir: Path, front: pd.DataFrame, points: list[int],
                   recipe: Any) -> dict[int, tuple[float, float, float]]:
     """Each front point's speed-up over the recipe, from their exported models timed against it in one set of
-    alternating rounds (the search's session settings, its latency feeds): (median, 95% low, 95% high)."""
+    alternating rounds with the session settings a user deploys with (as `autoq verify` times them; they write
+    nothing beside the models) on the search's latency feeds: (median, 95% low, 95% high)."""
     backend, feeds = evaluator.backend, evaluator.latency_feeds
 
     def timed(path: Path, options: dict) -> Callable[[], Any]:
-        return partial(backend.runner(Candidate(Assignment({}, options), path, 0), evaluator.threads), feeds)
+        run = backend.deployed_runner(Candidate(Assignment({}, options), path, 0), evaluator.threads)
+        return partial(run, feeds)
 
     runs = {"recipe": timed(run_dir / recipe.model, json.loads(recipe.options or "{}"))}
     models = front.set_index("point")["model"]

@@ -326,7 +326,8 @@ def _quantize(ov_model: ov.Model, floating: dict[str, set[str]], samples: dict[s
     calibrated on the run's cached calibration samples, with the options' activation symmetry and SmoothQuant."""
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
 
-    weighted = [op.get_friendly_name() for op in ov_model.get_ordered_ops() if op.get_type_name() in MODEL_KERNELS]
+    weighted = [op.get_friendly_name() for op in ov_model.get_ordered_ops()  # tables too: NNCF would quantize an
+                if op.get_type_name() in MODEL_KERNELS | COMPRESSIBLE]  # embedding's weights (seen on a Gather)
     ignored = [name for name in weighted if any(_owns(layer, names, {name}) for layer, names in floating.items())]
     count = len(next(iter(samples.values())))
     dataset = nncf.Dataset([{k: v[i:i + 1] for k, v in samples.items()} for i in range(count)])
