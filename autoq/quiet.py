@@ -13,6 +13,8 @@ from contextlib import contextmanager, redirect_stderr, redirect_stdout
 
 VERBOSE_ENV = "AUTOQ_VERBOSE"
 NOISY_LOGGERS = ("torch", "torchao", "nncf", "onnxruntime", "openvino", "optuna", "transformers", "onnxscript")
+OWN_LOGGER_CLASS = ("nncf",)  # installs its Logger subclass at import and calls its methods (`info_once`): a plain
+# logger of that name made before the import breaks every compress_weights call
 
 
 def hush() -> None:
@@ -23,6 +25,8 @@ def hush() -> None:
     warnings.filterwarnings("ignore")
     warnings.filterwarnings("default", module=r"autoq(\.|$)")  # autoq's own warnings still show
     for name in ("", *NOISY_LOGGERS):
+        if name in OWN_LOGGER_CLASS and name not in logging.root.manager.loggerDict:
+            continue  # made now, it would be a plain Logger: autoq hushes it where it imports the library
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

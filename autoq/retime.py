@@ -98,24 +98,24 @@ def verify(run_dir: str | Path, points: list[int] | None = None, against: Sequen
                          [o.name for o in proto.graph.output])  # a language model: one decode step
     runs = {label: [partial(run, feeds) for run in each] for label, each in runners.items()}
     per_pass = -(-rounds // (passes * instances)) * instances  # each instance as often in every pass
-    timed: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    passes_timed = []
     for index in range(passes):
         if index:
             time.sleep(pass_pause_s)
-        for label, (ms, ratios) in ratio_rounds(runs, FP32, rounds=per_pass).items():
-            before = timed.get(label, (np.empty(0), np.empty(0)))
-            timed[label] = (np.concatenate([before[0], ms]), np.concatenate([before[1], ratios]))
+        passes_timed.append(ratio_rounds(runs, FP32, rounds=per_pass))
     rows = []
-    for label, (ms, ratios) in timed.items():
-        size = len(ratios) // passes  # FP32's own ratios (1.0) come once per model and round
-        entry = np.arange(len(ratios))
-        rounds_of = entry % size * per_pass // size  # each value's round within its pass
-        ratio, low, high = interval(ratios, clusters=entry // size * instances + rounds_of % instances)
+    for label in runs:
+        ms = np.concatenate([timed[label][0] for timed in passes_timed])
+        ratios = [timed[label][1] for timed in passes_timed]  # FP32's (all 1.0): one per model and round
+        clusters = [index * instances + np.arange(len(r)) * per_pass // len(r) % instances  # pass, then instance
+                    for index, r in enumerate(ratios)]
+        ratio, low, high = interval(np.concatenate(ratios), clusters=np.concatenate(clusters))
         rows.append({"model": label, "ms": float(np.median(ms)), "vs FP32": ratio, "95% low": low, "95% high": high})
     table = pd.DataFrame(rows)
-    start, end, table.attrs["drifted"] = fp32_drift(timed[FP32][0])
+    fp32_ms = np.concatenate([timed[FP32][0] for timed in passes_timed])
+    start, end, table.attrs["drifted"] = fp32_drift(fp32_ms)
     table.attrs["fp32_ms_start_end"] = (start, end)
-    now = table.attrs["fp32_ms"] = float(np.median(timed[FP32][0]))
+    now = table.attrs["fp32_ms"] = float(np.median(fp32_ms))
     return _against_first(table, run_dir / FIRST, now)
 
 

@@ -144,9 +144,9 @@ def quantize_weight_only(path: Path, specs: dict[str, Precision], calibration: P
     for name, spec in specs.items():
         if spec.kind == "weight-only" and name not in ties:
             groups[spec].append(name)
-    for name, stand_in in ties.items():
-        if stand_in not in specs:
-            groups[specs[name]].append(stand_in)
+    for name, source in ties.items():
+        if source not in specs:  # a stand-in is rounded in its table's spec (a tied head is rounded in its own)
+            groups[specs[name]].append(source)
     if not groups:
         return
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer  # it needs onnx_ir
