@@ -183,8 +183,10 @@ def search(model: str | Path | object | None = None, data: DataArg = None, *more
             seeds = sensitivity_mod.greedy_seeds(scores, choices) + sensitivity_mod.fallback_seeds(scores, choices)
             seeds += option_variants(sensitivity_mod.fallback_seeds(scores, choices, fp32_only=True),
                                      problem.space.options, evaluator.backend.option_affects, limit=OPTION_SEEDS)
-            seeds = sensitivity_mod.follow_ties(seeds, evaluator.backend.tied_tables(evaluator.model), choices)
             scores.to_csv(run_dir / "sensitivity.csv", index=False)
+        recipe_layers = [r.layers(evaluator.model) for r in evaluator.backend.recipes(evaluator.model) if r.layers]
+        seeds = sensitivity_mod.recipe_seeds(recipe_layers, scores, choices) + seeds
+        seeds = sensitivity_mod.follow_ties(seeds, evaluator.backend.tied_tables(evaluator.model), choices)
         optuna_study, created = open_study(run_dir, problem.space, problem.seed, hardware_key(problem.machine),
                                            problem.config, settings.storage, settings.study)
         if "fp32_latency_ms" not in optuna_study.user_attrs:

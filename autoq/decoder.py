@@ -13,9 +13,10 @@ from collections.abc import Callable
 
 import numpy as np
 
-from autoq.graph import InputSpec
+from autoq.graph import InputSpec, Layer
 
 PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)")
+BLOCK = re.compile(r"layers\.(\d+)[./]")
 Feeds = dict[str, np.ndarray]
 
 
@@ -23,6 +24,17 @@ def is_decoder(inputs: list[InputSpec]) -> bool:
     """Whether the model takes token ids and a KV cache."""
     names = {spec.name for spec in inputs}
     return "input_ids" in names and any(PAST.fullmatch(name) for name in names)
+
+
+def lm_head(layers: list[Layer]) -> str | None:
+    """The LM head: the model's last MatMul layer (what NNCF calls its last layer)."""
+    return next((layer.name for layer in reversed(layers) if layer.op_type == "MatMul"), None)
+
+
+def block_of(name: str) -> int | None:
+    """The decoder block a layer is in, from its name (`/model/layers.12/mlp/down_proj/MatMul` -> 12)."""
+    found = BLOCK.search(name)
+    return int(found.group(1)) if found else None
 
 
 def decode_step(run: Callable[[Feeds], list[np.ndarray]], prompt: Feeds, outputs: list[str]) -> Feeds:

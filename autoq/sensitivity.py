@@ -281,6 +281,36 @@ def fallback_seeds(table: pd.DataFrame, choices: dict[str, list[str]],
     return list(seeds.values())
 
 
+def recipe_seeds(recipes: list[dict[str, str]], table: pd.DataFrame | None, choices: dict[str, list[str]],
+                 fractions: tuple[float, ...] = (0.2, 0.4)) -> list[Assignment]:
+    """The backend's recipes the space can express (`Recipe.layers`), as they are and, with a sensitivity `table`,
+    rebalanced: the recipe's most accurate spec on as many layers, and on `fractions` of them, picked as the most
+    fragile under their other spec (the recipe's own, or its most common one) by the sensitivity instead of by the
+    recipe's rule (llama.cpp's blocks for k_quant_mixed; NNCF's last layer). The search then starts where the
+    runtime's one-line recipes are, and from the same mixes placed by measurement."""
+    seeds: dict[str, Assignment] = {}
+    for layers in recipes:
+        if any(spec not in choices.get(name, []) for name, spec in layers.items()):
+            continue  # a spec the space leaves out (e.g. float compute): not this space's to start from
+        seed = Assignment({name: layers.get(name, "fp32" if "fp32" in c else c[0]) for name, c in choices.items()})
+        seeds.setdefault(seed.key(), seed)
+        specs = pd.Series(list(layers.values())).value_counts()
+        if table is None or specs.index.isin(table["precision"]).sum() < 2:
+            continue  # one scored spec (fp32 has no score): nothing to rebalance
+        specs = specs[specs.index.isin(table["precision"])]
+        scores = table.set_index(["layer", "precision"])["score"]
+        safest = min(specs.index, key=lambda spec: scores.xs(spec, level="precision").mean())
+        base = next(spec for spec in specs.index if spec != safest)
+        lower = {name: base if spec == safest else spec for name, spec in layers.items()}
+        offering = [n for n in layers if safest in choices[n] and lower[n] in choices[n] and (n, lower[n]) in scores]
+        order = sorted(offering, key=lambda n: scores[(n, lower[n])], reverse=True)
+        for count in (sum(layers[n] == safest for n in offering), *(round(f * len(offering)) for f in fractions)):
+            rebalanced = Assignment({**seed.layers, **{n: safest if i < count else lower[n]
+                                                       for i, n in enumerate(order)}})
+            seeds.setdefault(rebalanced.key(), rebalanced)
+    return list(seeds.values())
+
+
 def follow_ties(seeds: list[Assignment], ties: dict[str, str], choices: dict[str, list[str]]) -> list[Assignment]:
     """Each seed with every weight-only tied table (`Backend.tied_tables`) in its head's spec where the table offers
     it (the head's accuracy level aside): the backend then stores the table once, in the head's weights (SmolLM2:

@@ -57,6 +57,9 @@ class Recipe:
 
     label: str
     build: Callable[[OnnxModel, Path, Path], Candidate]
+    # the recipe in autoq's specs, layer -> spec, where the backend's build of that assignment is the recipe's own
+    # model (same rounding, kernels and stored weights): the search starts from it and from it rebalanced
+    layers: Callable[[OnnxModel], dict[str, str]] | None = None
 
 
 @dataclass

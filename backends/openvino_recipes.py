@@ -20,7 +20,7 @@ import openvino as ov
 from autoq.backends.base import Backend, Candidate, Recipe
 from autoq.backends.openvino import FLOAT_OPTION, has_attention
 from autoq.calibrate import samples_path
-from autoq.decoder import is_decoder
+from autoq.decoder import is_decoder, lm_head
 from autoq.graph import OnnxModel
 from autoq.precision import Assignment
 
@@ -59,10 +59,28 @@ def _saved(ov_model: ov.Model, model: OnnxModel, default_float: str, workdir: Pa
                      xml.stat().st_size + xml.with_suffix(".bin").stat().st_size)
 
 
+def _compressed_layers(group: int | None, model: OnnxModel) -> dict[str, str]:
+    """A `compress_weights` recipe in autoq's specs: int8 asymmetric per channel everywhere (`group` None), or int4
+    symmetric in groups of `group` (halved until it divides a layer's inputs: the ADJUST fallback) but the
+    embedding table and the LM head in int8 asymmetric."""
+    head = lm_head(model.layers)
+
+    def int4(inputs: int) -> str:
+        size = group or 0
+        while size > 16 and inputs % size:
+            size //= 2
+        return f"w4g{size}"
+
+    return {layer.name: "w8-asym" if group is None or layer.op_type != "MatMul" or layer.name == head else
+            int4(layer.weight_shape[0]) for layer in model.layers if layer.op_type in ("MatMul", "Gather")}
+
+
 INT4 = nncf.CompressWeightsMode.INT4_SYM  # its defaults: groups of 128, every layer but the first and last
-DECODER_RECIPES = [("int8, its default", {}), ("int4, group 128", {"mode": INT4}),
-                   ("int4, group 32", {"mode": INT4, "group_size": 32}),
-                   ("int4, ratio 0.8", {"mode": INT4, "ratio": 0.8}), ("int4, ratio 0.6", {"mode": INT4, "ratio": 0.6})]
+DECODER_RECIPES = [("int8, its default", {}, partial(_compressed_layers, None)),
+                   ("int4, group 128", {"mode": INT4}, partial(_compressed_layers, 128)),
+                   ("int4, group 32", {"mode": INT4, "group_size": 32}, partial(_compressed_layers, 32)),
+                   ("int4, ratio 0.8", {"mode": INT4, "ratio": 0.8}, None),  # its own ranking of the layers
+                   ("int4, ratio 0.6", {"mode": INT4, "ratio": 0.6}, None)]
 
 
 def recipes(backend: Backend, model: OnnxModel, native_bf16: bool, default_float: str) -> list[Recipe]:
@@ -71,7 +89,8 @@ def recipes(backend: Backend, model: OnnxModel, native_bf16: bool, default_float
         made.append(Recipe("OpenVINO bf16", partial(_float, backend, "bf16")))
     if is_decoder(model.inputs):
         return made + [Recipe(f"NNCF compress_weights {label} ({default_float})",
-                              partial(_compressed, default_float, arguments)) for label, arguments in DECODER_RECIPES]
+                              partial(_compressed, default_float, arguments), layers)
+                       for label, arguments, layers in DECODER_RECIPES]
     made.append(Recipe(f"nncf.quantize ({default_float})", partial(_nncf, default_float, None)))
     if has_attention(model):
         made.append(Recipe(f"nncf.quantize, transformer preset ({default_float})",

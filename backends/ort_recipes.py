@@ -12,6 +12,7 @@ default ranking by weight error), run by ORT as the DequantizeLinear graph NNCF 
 from __future__ import annotations
 
 import logging
+import re
 from functools import partial
 from pathlib import Path
 
@@ -23,17 +24,39 @@ from autoq.backends.ort_graph import QUANTIZE
 from autoq.backends.ort_quantize import WEIGHT_ONLY_KERNELS, CalibrationSamples, quiet_root_logger
 from autoq.calibrate import samples_path
 from autoq.causal_lm import SOURCE, export_causal_lm
-from autoq.decoder import is_decoder
+from autoq.decoder import block_of, is_decoder, lm_head
 from autoq.graph import OnnxModel, save_onnx, stored_bytes
 from autoq.precision import Assignment
 from autoq.quiet import captured
 
 WEIGHT_OPS = ("Conv", "MatMul", "Gemm")
 NNCF_RATIOS = (0.6, 0.8, 1.0)  # compress_weights: the fraction of layers in int4, the rest int8
-# ONNX Runtime GenAI's builder for the CPU: symmetric blocks of 32, int8 compute (accuracy level 4) by default
-GENAI_RECIPES: tuple[tuple[str, str, dict[str, str]], ...] = (
-    ("int8 (CPU)", "int8", {}), ("int4 (CPU)", "int4", {}),
-    ("int4 k_quant_mixed", "int4", {"algo_config": "k_quant_mixed"}))
+# ONNX Runtime GenAI's builder for the CPU: symmetric blocks of 32, int8 compute (accuracy level 4) by default;
+# each with its layers in autoq's specs (MatMul, embedding table; k_quant_mixed's int8 layers: `_llama_cpp_mixed`)
+GENAI_RECIPES: tuple[tuple[str, str, dict[str, str], tuple[str, str]], ...] = (
+    ("int8 (CPU)", "int8", {}, ("w8g32-acc4", "fp32")), ("int4 (CPU)", "int4", {}, ("w4g32-acc4", "w4g32")),
+    ("int4 k_quant_mixed", "int4", {"algo_config": "k_quant_mixed"}, ("w4g32-kquant-acc4", "w8g32-kquant")))
+K_QUANT_UPGRADE = "w8g32-kquant-acc4"  # k_quant_mixed's LM head and "most sensitive" layers: int8 k-quant, g32
+
+
+def _layers(matmul: str, table: str, model: OnnxModel) -> dict[str, str]:
+    """Every MatMul layer in `matmul`, every embedding table in `table`."""
+    return {layer.name: matmul if layer.op_type == "MatMul" else table for layer in model.layers
+            if layer.op_type in ("MatMul", "Gather")}
+
+
+def _llama_cpp_mixed(matmul: str, table: str, model: OnnxModel) -> dict[str, str]:
+    """GenAI's k_quant_mixed placement (llama.cpp's Q4_K_M rule, `make_matmul_mixed_precision`): int8 for the LM
+    head and, in the first and last eighth of the blocks and every third block between, for the attention's
+    QKV / V projection and the MLP's down projection; the rest `matmul`."""
+    layers = _layers(matmul, table, model)
+    blocks = 1 + max((b for b in map(block_of, layers) if b is not None), default=-1)
+    upgraded = {i for i in range(blocks) if i < blocks / 8 or i >= 7 * blocks / 8 or (i - round(blocks / 8)) % 3 == 2}
+    for name in layers:
+        if name == lm_head(model.layers) or (block_of(name) in upgraded and re.search(
+                r"/(qkv_proj|v_proj|down_proj)/MatMul$", name)):
+            layers[name] = K_QUANT_UPGRADE
+    return layers
 
 
 def _static(model: OnnxModel, calibration: Path, workdir: Path, ops: tuple[str, ...] | None) -> Path:
@@ -99,11 +122,13 @@ def _built(make, model: OnnxModel, calibration: Path, workdir: Path) -> Candidat
 def recipes(model: OnnxModel) -> list[Recipe]:
     if is_decoder(model.inputs):
         return [Recipe(f"ORT MatMulNBits int{bits}{f', block {block}' if bits == 4 else ''}",
-                       partial(_built, partial(_weight_only, bits=bits, block=block)))
+                       partial(_built, partial(_weight_only, bits=bits, block=block)),
+                       partial(_layers, f"w{bits}g{block}-asym", "fp32"))
                 for bits, block in ((8, 128), (4, 32), (4, 128))] + [
                 Recipe(f"GenAI builder {label}", partial(_built, partial(_genai_builder, precision=precision,
-                                                                           options=options)))
-                for label, precision, options in GENAI_RECIPES] + [
+                                                                           options=options)),
+                       partial(_llama_cpp_mixed if "mixed" in label else _layers, *specs))
+                for label, precision, options, specs in GENAI_RECIPES] + [
                 Recipe(f"NNCF compress_weights int4, ratio {ratio:g}", partial(_built, partial(_nncf_weights,
                                                                                         ratio=ratio)))
                 for ratio in NNCF_RATIOS]

@@ -261,3 +261,58 @@ def test_seeds_put_a_tied_table_in_its_heads_spec(decoder, tmp_path):
              Assignment({**dict.fromkeys(choices, "w4g32-acc4"), table: "fp32"})]
     followed = follow_ties(seeds, ties, choices)
     assert [s.layers[table] for s in followed] == ["w4g32", "w4g128", "fp32"]  # w8g32 is no table's; fp32 kept
+
+
+def _kernels(path) -> dict[str, tuple]:
+    """Each weighted node's kernel as stored: layer name -> (op, bits, block, accuracy level, inputs)."""
+    import onnx
+    from onnx import helper
+
+    kernels = {}
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        if node.op_type in ("MatMulNBits", "GatherBlockQuantized", "MatMul", "Gather"):
+            attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            name = node.name.removesuffix("_Q4").removesuffix("_Q8").replace("GatherBlockQuantized", "Gather")
+            kernels[name] = (node.op_type, *(attributes.get(k) for k in ("bits", "block_size", "accuracy_level")),
+                             len(node.input))
+    return kernels
+
+
+def test_the_genai_recipes_are_assignments_autoq_builds_to_the_same_model(decoder, tmp_path):
+    """Each GenAI builder recipe's `layers` (int4 k_quant_mixed: llama.cpp's placement of its int8 layers), built
+    by autoq, is the builder's model: the same kernel for every layer and the same logits, so the search can start
+    from each recipe."""
+    _, model_path, windows = decoder
+    model = graph.prepare(model_path, tmp_path)
+    calibration = calibrate(model, data.split(data.load(windows, LABELS)).calibration, tmp_path / "cache")
+    backend = get_backend("onnxruntime")
+    feeds = {k: v[:2] for k, v in _inputs(windows)[0].items()}
+    genai = [r for r in backend.recipes(model) if r.label.startswith("GenAI")]
+    assert len(genai) == 3 and all(r.layers for r in genai)
+    for recipe in genai:
+        theirs = recipe.build(model, calibration, tmp_path / f"recipe-{genai.index(recipe)}")
+        layers = recipe.layers(model)
+        ours = backend.build(model, Assignment(layers), calibration, tmp_path / f"ours-{genai.index(recipe)}")
+        assert _kernels(ours.path) == _kernels(theirs.path), recipe.label
+        assert backend.executed(ours) == layers
+        logits = _session(theirs.path).run(["logits"], feeds)[0]
+        np.testing.assert_array_equal(backend.runner(ours, 1)(feeds)[0], logits)
+
+
+def test_k_quant_mixed_places_int8_by_llama_cpps_rule():
+    """SmolLM2's 30 blocks: int8 for QKV and down in blocks 0-3 and 27-29, every third block from 6 to 24, and the
+    LM head (as the builder's k_quant_mixed model has them: 29 int8 MatMuls); the rest k-quant int4."""
+    from types import SimpleNamespace
+
+    names = [f"/model/layers.{b}/{m}/MatMul" for b in range(30)
+             for m in ("attn/qkv_proj", "attn/o_proj", "mlp/gate_proj", "mlp/up_proj", "mlp/down_proj")]
+    layers = [graph.Layer("/model/embed_tokens/Gather", "Gather", "t", (512, 64), 0, 0)] + [
+        graph.Layer(name, "MatMul", name, (64, 64), 0, 0) for name in [*names, "/lm_head/MatMul"]]
+    inputs = [graph.InputSpec(n, (1, None), np.dtype("int64")) for n in ("input_ids", "past_key_values.0.key")]
+    model = SimpleNamespace(layers=layers, inputs=inputs)
+    mixed = next(r for r in get_backend("onnxruntime").recipes(model) if "k_quant_mixed" in r.label).layers(model)
+    upgraded = sorted({int(n.split(".")[1].split("/")[0]) for n, s in mixed.items() if "layers" in n and "w8" in s})
+    assert upgraded == [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29]
+    assert all(("qkv" in n or "down" in n) for n, s in mixed.items() if "layers" in n and "w8" in s)
+    assert mixed["/lm_head/MatMul"] == "w8g32-kquant-acc4" and mixed["/model/embed_tokens/Gather"] == "w8g32-kquant"
+    assert sum(s == "w8g32-kquant-acc4" for s in mixed.values()) == 29

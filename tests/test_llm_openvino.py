@@ -113,3 +113,26 @@ def test_openvino_search_of_a_decoder_against_nncf_recipes(plain_decoder, tmp_pa
     assert int4 < int8 < 0.6 * graph.stored_bytes(tmp_path / "run" / "model.onnx")  # compressed for real
     table = autoq.verify(tmp_path / "run", rounds=3, passes=1)
     assert len(table) == 1 + len(result.front) + len(recipes)
+
+
+def test_nncf_recipes_are_assignments_autoq_builds_to_the_same_model(plain_decoder, tmp_path):
+    """NNCF's int8 default and int4 group 128 / 32 (the embedding and the LM head in int8, a group that does not
+    divide a layer's inputs halved), as autoq's per-layer specs, build to NNCF's own model: the same logits and
+    size; the ratio recipes rank layers by NNCF's own criterion and have no such form."""
+    from autoq.backends import get_backend
+    from autoq.backends.base import Candidate
+
+    model, splits, calibration = _setup(plain_decoder, tmp_path)
+    backend = get_backend("openvino")
+    recipes = [r for r in backend.recipes(model) if r.label.startswith("NNCF")]
+    assert [r.layers is not None for r in recipes] == [True, True, True, False, False]
+    feeds = {k: v[:2] for k, v in splits.search.arrays.items()}
+    for i, recipe in enumerate(recipes[:3]):
+        theirs = recipe.build(model, calibration, tmp_path / f"recipe-{i}")
+        options = dict(theirs.assignment.options)
+        ours = backend.build(model, Assignment(recipe.layers(model), options), calibration, tmp_path / f"ours-{i}")
+        assert backend.executed(ours) == recipe.layers(model)
+        assert ours.size_bytes == pytest.approx(theirs.size_bytes, rel=0.01), recipe.label
+        logits = [backend.deployed_runner(Candidate(Assignment({}, options), c.path, 0), 1)(feeds)[0]
+                  for c in (ours, theirs)]
+        np.testing.assert_allclose(*logits, atol=1e-5, err_msg=recipe.label)

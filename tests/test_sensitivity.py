@@ -249,3 +249,24 @@ def test_fallback_seeds_use_the_nearly_as_fast_spec_and_cheap_tables():
     with_tables = [s for s in seeds if s.layers["l0"] == "int8-dyn" and "fp32" not in {s.layers[n] for n in layers}]
     assert with_tables and all(s.layers["words"] == "w4g32" and s.layers["positions"] == "fp32"
                                for s in with_tables)
+
+
+def test_recipe_seeds_start_at_each_recipe_and_at_its_mix_placed_by_sensitivity():
+    """Ten blocks of a w4 body with a w8 head (NNCF's int4 shape; l9 is most fragile under w4, the head l0 is not):
+    the recipe as it is, then w8 on 1 layer (l9, not the head), on 20% and 40% (l9..l8, l9..l6), the others' w4
+    group kept. A recipe with a spec the space leaves out is no seed; without a table, only the recipes."""
+    layers = [f"l{i}" for i in range(10)]
+    rows = [{"layer": n, "precision": "w4g64" if i % 2 else "w4g128", "score": float(i)} for i, n in enumerate(layers)]
+    rows += [{"layer": n, "precision": "w4g64", "score": float(i)} for i, n in enumerate(layers) if i % 2 == 0]
+    rows += [{"layer": n, "precision": "w8-asym", "score": -100.0 + i} for i, n in enumerate(layers)]
+    choices = {n: ["fp32", "w4g64", "w4g128", "w8-asym"] for n in layers} | {"table": ["fp32", "w8-asym"]}
+    recipe = {"l0": "w8-asym", "table": "w8-asym"} | {n: "w4g64" if i % 2 else "w4g128"
+                                                       for i, n in enumerate(layers) if i}
+    unexpressible = dict.fromkeys(layers, "w4g32")
+    seeds = sens.recipe_seeds([recipe, unexpressible], pd.DataFrame(rows), choices)
+    assert seeds[0].layers == recipe
+    eights = [{n for n in layers if s.layers[n] == "w8-asym"} for s in seeds[1:]]
+    assert eights == [{"l9"}, {"l9", "l8"}, {"l9", "l8", "l7", "l6"}]
+    assert all(s.layers["l0"] == "w4g64" and s.layers["l2"] == "w4g128" and s.layers["table"] == "w8-asym"
+               for s in seeds[1:])  # the head leaves w8 for the recipe's most common spec
+    assert [s.layers for s in sens.recipe_seeds([recipe, unexpressible], None, choices)] == [recipe]
