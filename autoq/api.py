@@ -185,8 +185,9 @@ def search(model: str | Path | object | None = None, data: DataArg = None, *more
                                      problem.space.options, evaluator.backend.option_affects, limit=OPTION_SEEDS)
             scores.to_csv(run_dir / "sensitivity.csv", index=False)
         recipe_layers = [r.layers(evaluator.model) for r in evaluator.backend.recipes(evaluator.model) if r.layers]
-        seeds = sensitivity_mod.recipe_seeds(recipe_layers, scores, choices) + seeds
-        seeds = sensitivity_mod.follow_ties(seeds, evaluator.backend.tied_tables(evaluator.model), choices)
+        ties = evaluator.backend.tied_tables(evaluator.model)
+        seeds = sensitivity_mod.recipe_seeds(recipe_layers, scores, choices, keep=frozenset(ties.values())) + seeds
+        seeds = sensitivity_mod.follow_ties(seeds, ties, choices)
         optuna_study, created = open_study(run_dir, problem.space, problem.seed, hardware_key(problem.machine),
                                            problem.config, settings.storage, settings.study)
         if "fp32_latency_ms" not in optuna_study.user_attrs:

@@ -282,18 +282,22 @@ def fallback_seeds(table: pd.DataFrame, choices: dict[str, list[str]],
 
 
 def recipe_seeds(recipes: list[dict[str, str]], table: pd.DataFrame | None, choices: dict[str, list[str]],
-                 fractions: tuple[float, ...] = (0.2, 0.4)) -> list[Assignment]:
+                 fractions: tuple[float, ...] = (0.2, 0.4), keep: frozenset[str] = frozenset()) -> list[Assignment]:
     """The backend's recipes the space can express (`Recipe.layers`), as they are and, with a sensitivity `table`,
-    rebalanced: the recipe's most accurate spec on as many layers, and on `fractions` of them, picked as the most
-    fragile under their other spec (the recipe's own, or its most common one) by the sensitivity instead of by the
-    recipe's rule (llama.cpp's blocks for k_quant_mixed; NNCF's last layer). The search then starts where the
-    runtime's one-line recipes are, and from the same mixes placed by measurement."""
+    rebalanced two ways. The recipe's most accurate spec on as many layers, and on `fractions` of them, picked as
+    the most fragile under their other spec (the recipe's own, or its most common one) by the sensitivity instead
+    of by the recipe's rule (llama.cpp's blocks for k_quant_mixed; NNCF's last layer). And at the recipe's size
+    (`at_size`). The search then starts where the runtime's one-line recipes are, and from their bytes placed by
+    measurement. `keep`: layers left as the recipe has them (a tied LM head: its table's bytes ride on it)."""
     seeds: dict[str, Assignment] = {}
     for layers in recipes:
         if any(spec not in choices.get(name, []) for name, spec in layers.items()):
             continue  # a spec the space leaves out (e.g. float compute): not this space's to start from
         seed = Assignment({name: layers.get(name, "fp32" if "fp32" in c else c[0]) for name, c in choices.items()})
         seeds.setdefault(seed.key(), seed)
+        if table is not None:
+            resized = at_size(seed, table, choices, keep)
+            seeds.setdefault(resized.key(), resized)
         specs = pd.Series(list(layers.values())).value_counts()
         if table is None or specs.index.isin(table["precision"]).sum() < 2:
             continue  # one scored spec (fp32 has no score): nothing to rebalance
@@ -309,6 +313,30 @@ def recipe_seeds(recipes: list[dict[str, str]], table: pd.DataFrame | None, choi
                                                        for i, n in enumerate(order)}})
             seeds.setdefault(rebalanced.key(), rebalanced)
     return list(seeds.values())
+
+
+def at_size(seed: Assignment, table: pd.DataFrame, choices: dict[str, list[str]], keep: frozenset[str] = frozenset(),
+            relax: float = 0.5) -> Assignment:
+    """`seed` at its own size with its bytes placed by sensitivity: the `relax` share of its layers that lose the
+    least in their fastest spec no larger than theirs take it (SmolLM2: int4 in blocks of 128 for blocks of 32),
+    and the bytes that frees go, most fragile layer first, to each layer's most accurate spec that saves latency."""
+    rows = table.set_index(["layer", "precision"])
+    score, saved = rows["score"], rows["size_saving_bytes"]
+    faster = rows["latency_saving_ms"].fillna(0)
+    layers = dict(seed.layers)
+    movable = [n for n, p in layers.items() if n not in keep and (n, p) in score.index]
+    own = {n: [p for p in choices[n] if (n, p) in score.index] for n in movable}
+    fast = {n: max((p for p in own[n] if saved[(n, p)] >= saved[(n, layers[n])]), key=lambda p: faster[(n, p)])
+            for n in movable}
+    for n in sorted(movable, key=lambda n: score[(n, fast[n])])[: round(relax * len(movable))]:
+        layers[n] = fast[n]
+    budget = sum(saved[(n, layers[n])] - saved[(n, seed.layers[n])] for n in movable)
+    for n in sorted(movable, key=lambda n: score[(n, layers[n])], reverse=True):
+        safe = min((p for p in own[n] if faster[(n, p)] > 0), key=lambda p: score[(n, p)], default=layers[n])
+        cost = saved[(n, layers[n])] - saved[(n, safe)]
+        if layers[n] == seed.layers[n] and 0 < cost <= budget:
+            layers[n], budget = safe, budget - cost
+    return Assignment(layers, dict(seed.options))
 
 
 def follow_ties(seeds: list[Assignment], ties: dict[str, str], choices: dict[str, list[str]]) -> list[Assignment]:

@@ -30,3 +30,15 @@ def test_normalised_hypervolume_rewards_the_better_front():
     volumes = normalised_hypervolume({"worse": worse, "better": better})
     assert volumes["better"] > volumes["worse"] > 0
     assert len(front(better)) == 3
+
+
+def test_a_point_beaten_in_quality_within_its_spread_stays_on_the_front():
+    """b is faster and smaller than a, and better in quality by 0.006: it dominates a outright, but not when their
+    quality spreads are 0.012 (the search split cannot rank them); c, better by 0.05, dominates a either way."""
+    trials = pd.DataFrame({"state": "COMPLETE", "key": ["a", "b", "c"], "quality": [0.883, 0.889, 0.933],
+                           "latency_ms": [6.2, 5.9, 7.0], "size_bytes": [114.0, 111.0, 140.0],
+                           "quality_spread": [0.012, 0.011, 0.012]})
+    assert sorted(front(trials)["key"]) == ["a", "b", "c"]
+    assert sorted(front(trials, noise=None)["key"]) == ["b", "c"]
+    assert sorted(front(trials.assign(latency_ms=[7.5, 5.9, 7.0], size_bytes=[150.0, 111.0, 140.0]))["key"]) == [
+        "b", "c"]

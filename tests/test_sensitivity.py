@@ -19,6 +19,7 @@ from autoq.calibrate import calibrate
 from autoq.errors import AutoqError
 from autoq.evaluate import Evaluator
 from autoq.metrics import accuracy
+from autoq.precision import Assignment
 
 
 @pytest.fixture(scope="module")
@@ -263,10 +264,29 @@ def test_recipe_seeds_start_at_each_recipe_and_at_its_mix_placed_by_sensitivity(
     recipe = {"l0": "w8-asym", "table": "w8-asym"} | {n: "w4g64" if i % 2 else "w4g128"
                                                        for i, n in enumerate(layers) if i}
     unexpressible = dict.fromkeys(layers, "w4g32")
-    seeds = sens.recipe_seeds([recipe, unexpressible], pd.DataFrame(rows), choices)
+    table = pd.DataFrame(rows).assign(latency_saving_ms=1.0, size_saving_bytes=0.0)
+    seeds = sens.recipe_seeds([recipe, unexpressible], table, choices)
     assert seeds[0].layers == recipe
-    eights = [{n for n in layers if s.layers[n] == "w8-asym"} for s in seeds[1:]]
+    rebalanced = [s for s in seeds if s.layers["l0"] == "w4g64" and s.layers["l2"] == "w4g128"
+                  and s.layers["table"] == "w8-asym"]  # the head leaves w8 for the recipe's most common spec
+    eights = [{n for n in layers if s.layers[n] == "w8-asym"} for s in rebalanced]
     assert eights == [{"l9"}, {"l9", "l8"}, {"l9", "l8", "l7", "l6"}]
-    assert all(s.layers["l0"] == "w4g64" and s.layers["l2"] == "w4g128" and s.layers["table"] == "w8-asym"
-               for s in seeds[1:])  # the head leaves w8 for the recipe's most common spec
     assert [s.layers for s in sens.recipe_seeds([recipe, unexpressible], None, choices)] == [recipe]
+    assert len(seeds) == 1 + 3 + 1  # the recipe, rebalanced thrice, and at its size (`at_size`)
+
+
+def test_at_size_moves_bytes_from_robust_layers_to_fragile_ones_at_the_same_size():
+    """All-w4g32 (100 bytes saved per layer): the robust half takes w4g128 (faster, 10 bytes smaller each), and the
+    50 bytes freed buy w8 (40 bytes larger) for the most fragile layer, l9, and no more; a kept layer (a tied head)
+    is not moved, so the next most fragile gets the bytes (40, from 4 of the 9 others)."""
+    layers = [f"l{i}" for i in range(10)]
+    rows = [{"layer": n, "precision": p, "score": score, "latency_saving_ms": fast, "size_saving_bytes": saved}
+            for i, n in enumerate(layers)
+            for p, score, fast, saved in (("w4g32", i - 0.5, 0.8, 100.0), ("w4g128", float(i), 1.0, 110.0),
+                                          ("w8", -100.0 + i, 0.5, 60.0))]
+    choices = {n: ["fp32", "w4g32", "w4g128", "w8"] for n in layers}
+    seed = Assignment(dict.fromkeys(layers, "w4g32"))
+    resized = sens.at_size(seed, pd.DataFrame(rows), choices)
+    assert resized.layers == {**dict.fromkeys(layers[:5], "w4g128"), **dict.fromkeys(layers[5:9], "w4g32"), "l9": "w8"}
+    kept = sens.at_size(seed, pd.DataFrame(rows), choices, keep=frozenset({"l9"}))
+    assert kept.layers["l9"] == "w4g32" and kept.layers["l8"] == "w8"
