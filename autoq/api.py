@@ -186,7 +186,8 @@ def search(model: str | Path | object | None = None, data: DataArg = None, *more
             scores.to_csv(run_dir / "sensitivity.csv", index=False)
         recipe_layers = [r.layers(evaluator.model) for r in evaluator.backend.recipes(evaluator.model) if r.layers]
         ties = evaluator.backend.tied_tables(evaluator.model)
-        seeds = sensitivity_mod.recipe_seeds(recipe_layers, scores, choices, keep=frozenset(ties.values())) + seeds
+        tied = frozenset(ties) | set(ties.values())
+        seeds = sensitivity_mod.recipe_seeds(recipe_layers, scores, choices, keep=tied) + seeds
         seeds = sensitivity_mod.follow_ties(seeds, ties, choices)
         optuna_study, created = open_study(run_dir, problem.space, problem.seed, hardware_key(problem.machine),
                                            problem.config, settings.storage, settings.study)

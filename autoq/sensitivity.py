@@ -288,7 +288,7 @@ def recipe_seeds(recipes: list[dict[str, str]], table: pd.DataFrame | None, choi
     the most fragile under their other spec (the recipe's own, or its most common one) by the sensitivity instead
     of by the recipe's rule (llama.cpp's blocks for k_quant_mixed; NNCF's last layer). And at the recipe's size
     (`at_size`). The search then starts where the runtime's one-line recipes are, and from their bytes placed by
-    measurement. `keep`: layers left as the recipe has them (a tied LM head: its table's bytes ride on it)."""
+    measurement. `keep`: layers left as the recipe has them (a tied table and LM head: stored once)."""
     seeds: dict[str, Assignment] = {}
     for layers in recipes:
         if any(spec not in choices.get(name, []) for name, spec in layers.items()):

@@ -49,12 +49,11 @@ def _llama_cpp_mixed(matmul: str, table: str, model: OnnxModel) -> dict[str, str
     """GenAI's k_quant_mixed placement (llama.cpp's Q4_K_M rule, `make_matmul_mixed_precision`): int8 for the LM
     head and, in the first and last eighth of the blocks and every third block between, for the attention's
     QKV / V projection and the MLP's down projection; the rest `matmul`."""
-    layers = _layers(matmul, table, model)
+    layers, head = _layers(matmul, table, model), lm_head(model.layers)
     blocks = 1 + max((b for b in map(block_of, layers) if b is not None), default=-1)
     upgraded = {i for i in range(blocks) if i < blocks / 8 or i >= 7 * blocks / 8 or (i - round(blocks / 8)) % 3 == 2}
     for name in layers:
-        if name == lm_head(model.layers) or (block_of(name) in upgraded and re.search(
-                r"/(qkv_proj|v_proj|down_proj)/MatMul$", name)):
+        if name == head or (block_of(name) in upgraded and re.search(r"/(qkv_proj|v_proj|down_proj)/MatMul$", name)):
             layers[name] = K_QUANT_UPGRADE
     return layers
 

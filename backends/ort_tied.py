@@ -12,24 +12,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from autoq.graph import tied_tables
 from autoq.precision import Precision
-
-
-def tied_tables(proto: onnx.ModelProto) -> dict[str, str]:
-    """Embedding table (Gather) -> the MatMul whose constant weight is that table transposed."""
-    weights = {t.name: t for t in proto.graph.initializer}
-    gathers = [n for n in proto.graph.node if n.op_type == "Gather" and n.input[0] in weights]
-    heads = [n for n in proto.graph.node if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in weights]
-    ties: dict[str, str] = {}
-    for gather in gathers:
-        table = weights[gather.input[0]]
-        for head in heads:
-            weight = weights[head.input[1]]
-            if tuple(weight.dims) == tuple(reversed(table.dims)) and np.array_equal(
-                    numpy_helper.to_array(weight).T, numpy_helper.to_array(table)):
-                ties[gather.name] = head.name
-                break
-    return ties
 
 
 def shares(table: Precision, head: Precision) -> bool:

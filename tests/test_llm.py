@@ -278,21 +278,21 @@ def _kernels(path) -> dict[str, tuple]:
     return kernels
 
 
-def test_the_genai_recipes_are_assignments_autoq_builds_to_the_same_model(decoder, tmp_path):
-    """Each GenAI builder recipe's `layers` (int4 k_quant_mixed: llama.cpp's placement of its int8 layers), built
-    by autoq, is the builder's model: the same kernel for every layer and the same logits, so the search can start
-    from each recipe."""
+def test_the_weight_only_recipes_are_assignments_autoq_builds_to_the_same_model(decoder, tmp_path):
+    """Each GenAI builder recipe's `layers` (int4 k_quant_mixed: llama.cpp's placement of its int8 layers) and each
+    of ORT's MatMulNBits quantizer's, built by autoq, is the recipe's model: the same kernel for every layer and the
+    same logits, so the search can start from each recipe."""
     _, model_path, windows = decoder
     model = graph.prepare(model_path, tmp_path)
     calibration = calibrate(model, data.split(data.load(windows, LABELS)).calibration, tmp_path / "cache")
     backend = get_backend("onnxruntime")
     feeds = {k: v[:2] for k, v in _inputs(windows)[0].items()}
-    genai = [r for r in backend.recipes(model) if r.label.startswith("GenAI")]
-    assert len(genai) == 3 and all(r.layers for r in genai)
-    for recipe in genai:
-        theirs = recipe.build(model, calibration, tmp_path / f"recipe-{genai.index(recipe)}")
+    weight_only = [r for r in backend.recipes(model) if r.label.startswith(("GenAI", "ORT MatMulNBits"))]
+    assert len(weight_only) == 6 and all(r.layers for r in weight_only)
+    for recipe in weight_only:
+        theirs = recipe.build(model, calibration, tmp_path / f"recipe-{weight_only.index(recipe)}")
         layers = recipe.layers(model)
-        ours = backend.build(model, Assignment(layers), calibration, tmp_path / f"ours-{genai.index(recipe)}")
+        ours = backend.build(model, Assignment(layers), calibration, tmp_path / f"ours-{weight_only.index(recipe)}")
         assert _kernels(ours.path) == _kernels(theirs.path), recipe.label
         assert backend.executed(ours) == layers
         logits = _session(theirs.path).run(["logits"], feeds)[0]

@@ -136,3 +136,20 @@ def test_nncf_recipes_are_assignments_autoq_builds_to_the_same_model(plain_decod
         logits = [backend.deployed_runner(Candidate(Assignment({}, options), c.path, 0), 1)(feeds)[0]
                   for c in (ours, theirs)]
         np.testing.assert_allclose(*logits, atol=1e-5, err_msg=recipe.label)
+
+
+def test_openvino_stores_a_tied_table_once_in_its_heads_spec(plain_decoder, tmp_path):
+    """The tiny decoder's table is its LM head's weight transposed: OpenVINO keeps one constant for both while they
+    take the same spec, and stores the table again (one byte per weight in 8 bits) when they differ."""
+    from autoq.backends import get_backend
+
+    model, _, calibration = _setup(plain_decoder, tmp_path)
+    backend = get_backend("openvino")
+    (table, head), = backend.tied_tables(model).items()
+    assert (table, head) == ("/model/embed_tokens/Gather", "/lm_head/MatMul")
+    layers = {la.name: "w8-asym" for la in model.layers}
+    options = {"inference_precision": "f32"}
+    same = backend.build(model, Assignment(layers, options), calibration, tmp_path / "same")
+    apart = backend.build(model, Assignment({**layers, table: "w8"}, options), calibration, tmp_path / "apart")
+    weights = next(la.params for la in model.layers if la.name == table)
+    assert 0.9 * weights <= apart.size_bytes - same.size_bytes <= 1.2 * weights

@@ -38,7 +38,8 @@ def test_front_is_non_dominated_and_holds_or_beats_the_baselines(run):
     done = result.trials[result.trials["state"] == "COMPLETE"]
     objectives = ["quality", "latency_ms", "size_bytes"]
     values = np.vstack([result.front[objectives].to_numpy(), done[objectives].to_numpy()])
-    assert pareto_mask(values, [True, False, False])[: len(result.front)].all()
+    noise = np.concatenate([result.front["quality_spread"].to_numpy(), done["quality_spread"].to_numpy()])
+    assert pareto_mask(values, [True, False, False], noise)[: len(result.front)].all()  # beaten only within noise
     front = result.front[objectives].to_numpy()
     for _, baseline in done[done["baseline"] != ""].iterrows():
         b = baseline[objectives].to_numpy(dtype=float)
