@@ -46,10 +46,10 @@ from autoq.backends.ort_quantize import (
     weight_only_spec,
 )
 from autoq.backends.ort_smooth import smooth
-from autoq.backends.ort_tied import shares, tied_tables
+from autoq.backends.ort_tied import shares
 from autoq.calibrate import resolution, samples_path
 from autoq.fold import KEEP_LAYER_NAMES, constant_divisor, div_as_mul
-from autoq.graph import Layer, OnnxModel, save_onnx
+from autoq.graph import Layer, OnnxModel, save_onnx, tied_tables
 from autoq.precision import Assignment, Precision
 from autoq.regions import REMOVABLE, Regions, find_regions
 
