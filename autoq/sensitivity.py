@@ -290,6 +290,7 @@ def recipe_seeds(recipes: list[dict[str, str]], table: pd.DataFrame | None, choi
     (`at_size`). The search then starts where the runtime's one-line recipes are, and from their bytes placed by
     measurement. `keep`: layers left as the recipe has them (a tied table and LM head: stored once)."""
     seeds: dict[str, Assignment] = {}
+    scores = None if table is None else table.set_index(["layer", "precision"])["score"]
     for layers in recipes:
         if any(spec not in choices.get(name, []) for name, spec in layers.items()):
             continue  # a spec the space leaves out (e.g. float compute): not this space's to start from
@@ -299,14 +300,14 @@ def recipe_seeds(recipes: list[dict[str, str]], table: pd.DataFrame | None, choi
             resized = at_size(seed, table, choices, keep)
             seeds.setdefault(resized.key(), resized)
         specs = pd.Series(list(layers.values())).value_counts()
-        if table is None or specs.index.isin(table["precision"]).sum() < 2:
+        if table is None or scores is None or specs.index.isin(table["precision"]).sum() < 2:
             continue  # one scored spec (fp32 has no score): nothing to rebalance
         specs = specs[specs.index.isin(table["precision"])]
-        scores = table.set_index(["layer", "precision"])["score"]
         safest = min(specs.index, key=lambda spec: scores.xs(spec, level="precision").mean())
         base = next(spec for spec in specs.index if spec != safest)
         lower = {name: base if spec == safest else spec for name, spec in layers.items()}
-        offering = [n for n in layers if safest in choices[n] and lower[n] in choices[n] and (n, lower[n]) in scores]
+        offering = [n for n in layers if n not in keep and safest in choices[n] and lower[n] in choices[n]
+                    and (n, lower[n]) in scores]
         order = sorted(offering, key=lambda n: scores[(n, lower[n])], reverse=True)
         for count in (sum(layers[n] == safest for n in offering), *(round(f * len(offering)) for f in fractions)):
             rebalanced = Assignment({**seed.layers, **{n: safest if i < count else lower[n]

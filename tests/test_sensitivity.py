@@ -273,6 +273,8 @@ def test_recipe_seeds_start_at_each_recipe_and_at_its_mix_placed_by_sensitivity(
     assert eights == [{"l9"}, {"l9", "l8"}, {"l9", "l8", "l7", "l6"}]
     assert [s.layers for s in sens.recipe_seeds([recipe, unexpressible], None, choices)] == [recipe]
     assert len(seeds) == 1 + 3 + 1  # the recipe, rebalanced thrice, and at its size (`at_size`)
+    kept = sens.recipe_seeds([recipe], table, choices, keep=frozenset({"l9"}))
+    assert all(s.layers["l9"] == "w4g64" for s in kept) and any(s.layers["l8"] == "w8-asym" for s in kept)
 
 
 def test_at_size_moves_bytes_from_robust_layers_to_fragile_ones_at_the_same_size():
