@@ -87,10 +87,11 @@ class Evaluator:
     threads: int = 2
     latency_batch: int = 1
     fp32_latency_ms: float | None = None  # the study's FP32 latency: latencies are reported relative to it
+    workdir: Path | None = None  # where its files go (a fresh temporary folder inside; default: the system's)
     _reference: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        self._tmp = Path(tempfile.mkdtemp(prefix="autoq-"))
+        self._tmp = Path(tempfile.mkdtemp(prefix="autoq-", dir=self.workdir))
         fp32 = Assignment.uniform(self.model.layer_names, "fp32")
         self._ref_candidate = self.backend.build(self.model, fp32, self.calibration, self._tmp / "reference")
         self._ref_run = self.backend.runner(self._ref_candidate, self.threads)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import multiprocessing
 import pickle
+import shutil
 import signal
+import tempfile
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -48,13 +50,14 @@ def _serve(conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     hush()
     spec = pickle.loads(conn.recv_bytes())
+    workdir = Path(conn.recv())
     from autoq.backends import get_backend
     from autoq.graph import opened
 
     model = opened(spec.model_path)
     model.module = spec.module
     evaluator = Evaluator(get_backend(spec.backend), model, spec.calibration, spec.splits, spec.metric,
-                          spec.threads, fp32_latency_ms=spec.fp32_latency_ms)
+                          spec.threads, fp32_latency_ms=spec.fp32_latency_ms, workdir=workdir)
     conn.send(("ready", None))
     try:
         while (request := conn.recv()) is not None:
@@ -72,7 +75,7 @@ def _serve(conn: Connection) -> None:
 
 class Worker:
     """`evaluate(assignment)` like an Evaluator's (and `measure_recipe`), in a separate process, within `timeout`
-    seconds."""
+    seconds. Its files live in a folder the parent removes, so a worker killed mid-trial leaves none behind."""
 
     def __init__(self, spec: WorkerSpec, timeout: float) -> None:
         self.spec, self.timeout = spec, timeout
@@ -80,16 +83,19 @@ class Worker:
         # starting (a script without a __main__ guard) leaves spawn's own pipe full and the parent blocked
         self._process: BaseProcess | None = None
         self._conn: Connection | None = None
+        self._workdir: Path | None = None
 
     def _start(self) -> None:
         context = multiprocessing.get_context("spawn")
         conn, child = context.Pipe()
         process = context.Process(target=_serve, args=(child,), daemon=True)
         self._conn, self._process = conn, process
+        self._workdir = Path(tempfile.mkdtemp(prefix="autoq-worker-"))
         process.start()
         child.close()
         try:  # a worker that cannot even start is the setup's problem, not a candidate's
             conn.send_bytes(self._payload)
+            conn.send(str(self._workdir))
             if not conn.poll(self.timeout):
                 raise EOFError
             conn.recv()
@@ -107,7 +113,9 @@ class Worker:
             self._process.kill()
         if self._process is not None:
             self._process.join()
-        self._process = self._conn = None
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+        self._process = self._conn = self._workdir = None
 
     def evaluate(self, assignment: Assignment) -> Evaluation:
         return self._ask(("trial", assignment.to_dict()))

@@ -114,10 +114,11 @@ def main() -> None:
     rows += [{"model": f"recipe: {r.recipe}", "ppl": ppl / r.val_quality, "decode x FP32": r.speedup,
               "size MB": r.size_bytes / 1e6, "verdict": r.verdict} for r in recipes.itertuples() if not r.error]
     prefill = _prefill(run_dir, args.backend, windows, args.threads)
+    missing = (float("nan"),) * 3  # a point or recipe whose model was not exported (its error is in the run)
     table = pd.DataFrame([{**row,
                            "tokens/s": 1000 / decode_fp32 * row["decode x FP32"],
-                           "prefill x FP32": prefill[row["model"]][0],
-                           "prefill 95%": f"{prefill[row['model']][1]:.2f}-{prefill[row['model']][2]:.2f}"}
+                           "prefill x FP32": prefill.get(row["model"], missing)[0],
+                           "prefill 95%": "{:.2f}-{:.2f}".format(*prefill.get(row["model"], missing)[1:])}
                           for row in rows]).fillna({"verdict": ""})
     machine = fingerprint(args.threads)
     lines = [f"# SmolLM2-135M-Instruct on {args.backend}: per-layer weight-only front vs one-line recipes "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tempfile
+
 import numpy as np
 
 import autoq
@@ -27,10 +29,15 @@ def test_a_crashing_candidate_fails_its_trial_and_the_search_goes_on(digits_cnn,
     assert result.report.is_file()
 
 
-def test_a_hanging_candidate_times_out(digits_cnn, digits_npz, tmp_path):
+def test_a_hanging_candidate_times_out_and_its_killed_worker_leaves_no_files(digits_cnn, digits_npz, tmp_path,
+                                                                              monkeypatch):
+    (temp := tmp_path / "temp").mkdir()
+    monkeypatch.setenv("TMPDIR", str(temp))  # the worker process's temporary folder too
+    monkeypatch.setattr(tempfile, "tempdir", None)  # read again from TMPDIR
     trials = _run(digits_cnn, digits_npz, tmp_path / "hang", hang_unless_fp32, trials=2, timeout=8).trials
     assert list(trials["state"]) == ["COMPLETE", "FAIL"]
     assert "timed out after 8 s" in trials["error"][1]
+    assert list(temp.glob("autoq-*")) == []  # the killed worker's models (and the search's own) are gone
 
 
 def test_a_metric_that_cannot_go_to_a_worker_runs_in_process(digits_cnn, digits_npz, tmp_path, capfd):
