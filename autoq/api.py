@@ -302,7 +302,10 @@ def finalize_front(evaluator: Evaluator, front: pd.DataFrame, run_dir: Path) -> 
         try:
             candidate = evaluator.build(assignment, point_dir / "build")
             measured = evaluator.evaluate(assignment, "validation", candidate, min_runs=20, max_runs=80)
-            deployed, deployed_spread = evaluator.deployed_speedup(candidate, min_runs=20, max_runs=60)
+            if evaluator.backend.deployed_settings == evaluator.backend.search_settings:  # the same sessions
+                deployed, deployed_spread = measured.speedup or 0.0, measured.speedup_spread
+            else:
+                deployed, deployed_spread = evaluator.deployed_speedup(candidate, min_runs=20, max_runs=60)
             model_path = evaluator.backend.export(candidate, point_dir / "model.onnx")
             disagree = abs(deployed - (measured.speedup or 0.0)) > max(measured.speedup_spread, deployed_spread)
             extra |= {"val_quality": measured.quality, "val_quality_spread": measured.quality_spread,

@@ -153,3 +153,29 @@ def test_openvino_stores_a_tied_table_once_in_its_heads_spec(plain_decoder, tmp_
     apart = backend.build(model, Assignment({**layers, table: "w8"}, options), calibration, tmp_path / "apart")
     weights = next(la.params for la in model.layers if la.name == table)
     assert 0.9 * weights <= apart.size_bytes - same.size_bytes <= 1.2 * weights
+
+
+def test_builds_start_from_one_read_of_the_model_and_never_change_it(plain_decoder, tmp_path):
+    """The backend converts the model once and builds each candidate from a copy sharing its weights: NNCF's
+    data-aware roundings (AWQ, scale estimation, GPTQ) leave those weights as they were, so an fp32 build after
+    them still computes the model itself, and a repeated build computes what the first one did."""
+    from autoq.backends import get_backend
+
+    model, splits, calibration = _setup(plain_decoder, tmp_path)
+    backend = get_backend("openvino")
+    feeds = {k: v[:2] for k, v in splits.search.arrays.items()}
+
+    def logits(layers: dict[str, str], name: str) -> np.ndarray:
+        candidate = backend.build(model, Assignment(layers, {"inference_precision": "f32"}), calibration,
+                                  tmp_path / name)
+        return backend.runner(candidate, 1)(feeds)[0]
+
+    fp32 = {la.name: "fp32" for la in model.layers}
+    first = {n: "w4g32-gptq" if la.op_type == "MatMul" else "w8" for la in model.layers for n in [la.name]}
+    reference = ort.InferenceSession(str(model.path), providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
+    np.testing.assert_allclose(logits(fp32, "before"), reference, atol=1e-4)
+    built = logits(first, "first")
+    for rounding in ("awq", "se"):
+        logits({n: f"w4g32-{rounding}" if p != "w8" else p for n, p in first.items()}, rounding)
+    np.testing.assert_allclose(logits(fp32, "after"), reference, atol=1e-4)
+    np.testing.assert_array_equal(logits(first, "again"), built)
