@@ -171,7 +171,7 @@ def test_builds_start_from_one_read_of_the_model_and_never_change_it(plain_decod
         return backend.runner(candidate, 1)(feeds)[0]
 
     fp32 = {la.name: "fp32" for la in model.layers}
-    first = {n: "w4g32-gptq" if la.op_type == "MatMul" else "w8" for la in model.layers for n in [la.name]}
+    first = {la.name: "w4g32-gptq" if la.op_type == "MatMul" else "w8" for la in model.layers}
     reference = ort.InferenceSession(str(model.path), providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
     np.testing.assert_allclose(logits(fp32, "before"), reference, atol=1e-4)
     built = logits(first, "first")
