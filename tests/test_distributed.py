@@ -62,6 +62,7 @@ def _worker(digits_cnn, digits_npz, url, out, trials=14, *extra) -> subprocess.P
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_study(digits_cnn, digits_npz, postgres_url, tmp_path):
     workers = [_worker(digits_cnn, digits_npz, postgres_url, tmp_path / f"worker{i}") for i in range(2)]
     for worker in workers:

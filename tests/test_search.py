@@ -107,6 +107,7 @@ def _states(db) -> list[str]:
         return []
 
 
+@pytest.mark.slow
 def test_kill_9_mid_run_then_resume_loses_nothing(digits_cnn, digits_npz, tmp_path):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "autoq", "search", str(digits_cnn), "--data", str(digits_npz), "--labels",
@@ -142,6 +143,7 @@ def test_kill_9_mid_run_then_resume_loses_nothing(digits_cnn, digits_npz, tmp_pa
     assert set(finished) <= set(trials["trial"])
 
 
+@pytest.mark.slow
 def test_ctrl_c_finishes_the_running_trial_then_stops_and_resumes(digits_cnn, digits_npz, tmp_path):
     out = tmp_path / "interrupted"
     cmd = [sys.executable, "-m", "autoq", "search", str(digits_cnn), "--data", str(digits_npz), "--labels",
