@@ -16,41 +16,38 @@ runtime graph (`runtimePrecision` of the kernels that carry the layer's name).
 
 from __future__ import annotations
 
-import io
-import logging
 import shutil
 import sys
 from collections.abc import Callable
-from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import nncf
 import numpy as np
 import openvino as ov
 
 from autoq.backends.base import Backend, Candidate, Feeds, GlueCheck, Outputs, Recipe, state_of
+from autoq.backends.openvino_nncf import (
+    KERNELS,
+    PRESET,
+    SMOOTH_QUANT,
+    WEIGHT_ROUNDINGS,
+    compress_layers,
+    has_attention,
+    owns,
+    quantize_int8,
+)
 from autoq.calibrate import samples_path
 from autoq.graph import Layer, OnnxModel, tied_tables
 from autoq.precision import Assignment, Precision
 
 FLOAT_OPTION = "inference_precision"
-KERNELS = {"FullyConnected", "MatMul", "Convolution", "GroupConvolution", "Deconvolution", "Gemm"}
 FOLDED = ("Mul", "Add", "BatchNormalization")  # per-channel ops with constants OpenVINO folds into a kernel
-COMPRESSIBLE = KERNELS | {"Gather"}  # ov.Model ops NNCF compresses weights of (an embedding table: Gather)
-MODEL_KERNELS = KERNELS | {"ConvolutionBackpropData", "GroupConvolutionBackpropData"}  # their ov.Model types
 MODEL_KERNELS_ONNX = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # the ONNX layers OpenVINO runs as kernels
 RUNTIME_PRECISION = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
 INTEGER = {"u8", "i8"}
 FOUR_BIT = {"u4", "i4", "nf4"}
-PRESET = "activations"  # option: NNCF's int8 activations, `asym` (its MIXED preset) or `sym` (PERFORMANCE)
-SMOOTH_QUANT = "smooth_quant"  # option: NNCF's SmoothQuant on (its default alpha for the model type) or off
 SHAPES = "shapes"  # option: `static` compiles for the data's sample shape at batch 1 (larger batches run sample by
 # sample), `dynamic` keeps the model's symbolic dimensions
-
-# weight-only rounding -> the nncf.compress_weights arguments that select it; the backend offers these
-WEIGHT_ROUNDINGS: dict[str, dict[str, bool]] = {"rtn": {}, "awq": {"awq": True}, "se": {"scale_estimation": True},
-                                                "gptq": {"gptq": True}}
 
 @dataclass
 class OpenVinoState:
@@ -140,12 +137,12 @@ class OpenVinoBackend(Backend):
         names = _layer_names(model)
         if "int8" in assignment.layers.values():
             floating = {n: names[n] for n, p in assignment.layers.items() if p != "int8"}
-            ov_model = _quantize(ov_model, floating, dict(np.load(samples_path(calibration))), has_attention(model),
-                                 assignment.options)
+            ov_model = quantize_int8(ov_model, floating, dict(np.load(samples_path(calibration))),
+                                     has_attention(model), assignment.options)
         for spec in dict.fromkeys(s for s in assignment.specs().values() if s.kind == "weight-only"):
             chosen = [n for n, s in assignment.specs().items() if s == spec]
             dataset = dict(np.load(samples_path(calibration))) if spec.rounding != "rtn" else None
-            ov_model = _compress(ov_model, {n: names[n] for n in chosen}, spec, dataset)
+            ov_model = compress_layers(ov_model, {n: names[n] for n in chosen}, spec, dataset)
         xml = workdir / "model.xml"
         workdir.mkdir(parents=True, exist_ok=True)
         ov.save_model(ov_model, str(xml), compress_to_fp16=False)
@@ -210,7 +207,7 @@ class OpenVinoBackend(Backend):
         result = {}
         state = state_of(candidate, OpenVinoState)
         for layer, names in state.names.items():
-            ran = {precision for _, precision, original in kernels if _owns(layer, names, original)}
+            ran = {precision for _, precision, original in kernels if owns(layer, names, original)}
             found = ran.pop() if len(ran) == 1 else ("/".join(sorted(ran)) or "not found")
             spec = asked.get(layer)
             if layer in state.tables:  # an embedding Gather: its weight's type, else the model's float
@@ -257,7 +254,7 @@ class OpenVinoBackend(Backend):
         groups: dict[str, list[str]] = {}
         int8_kernels = [(op, original) for op, precision, original in self._kernels(compiled) if precision == "int8"]
         for layer, names in state_of(candidate, OpenVinoState).names.items():
-            kernels = [op for op, original in int8_kernels if _owns(layer, names, original)]
+            kernels = [op for op, original in int8_kernels if owns(layer, names, original)]
             if kernels:
                 groups.setdefault(root(kernels[0]), []).append(layer)
         return GlueCheck(conversions, list(groups.values()))
@@ -274,7 +271,7 @@ class OpenVinoBackend(Backend):
                 totals[info.node_name] = totals.get(info.node_name, 0.0) + info.real_time.total_seconds() * 1e3 / runs
         kernels = self._kernels(compiled)
         return {layer: float(np.sum([totals.get(op, 0.0) for op, _, original in kernels
-                                     if _owns(layer, names, original)]))
+                                     if owns(layer, names, original)]))
                 for layer, names in state_of(candidate, OpenVinoState).names.items()}
 
     def recipes(self, model: OnnxModel) -> list[Recipe]:
@@ -330,72 +327,14 @@ def _sample_shapes(ov_model: ov.Model, samples: Path) -> dict[str, list[int]]:
     return shapes
 
 
-def has_attention(model: OnnxModel) -> bool:
-    """Whether the model multiplies two activations (attention): NNCF's transformer preset then fits."""
-    constants = {t.name for t in model.proto.graph.initializer}
-    return any(n.op_type == "MatMul" and not set(n.input) & constants for n in model.proto.graph.node)
-
-
-def _quantize(ov_model: ov.Model, floating: dict[str, set[str]], samples: dict[str, np.ndarray],
-              transformer: bool, options: dict) -> ov.Model:
-    """NNCF static int8 of every weighted op but the `floating` layers' (ignored: no quantizer on their inputs),
-    calibrated on the run's cached calibration samples, with the options' activation symmetry and SmoothQuant."""
-    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
-
-    weighted = [op.get_friendly_name() for op in ov_model.get_ordered_ops()  # tables too: NNCF would quantize an
-                if op.get_type_name() in MODEL_KERNELS | COMPRESSIBLE]  # embedding's weights (seen on a Gather)
-    ignored = [name for name in weighted if any(_owns(layer, names, {name}) for layer, names in floating.items())]
-    count = len(next(iter(samples.values())))
-    dataset = nncf.Dataset([{k: v[i:i + 1] for k, v in samples.items()} for i in range(count)])
-    logging.getLogger("nncf").setLevel(logging.ERROR)
-    with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):  # NNCF's progress bars
-        preset = {"sym": nncf.QuantizationPreset.PERFORMANCE, "asym": nncf.QuantizationPreset.MIXED}.get(
-            str(options.get(PRESET)))
-        smooth = options.get(SMOOTH_QUANT)
-        advanced = None if smooth in (None, "default") else AdvancedQuantizationParameters(
-            smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=0.95 if smooth in (True, "on") else -1))
-        return nncf.quantize(ov_model, dataset, subset_size=count, ignored_scope=nncf.IgnoredScope(names=ignored),
-                             model_type=nncf.ModelType.TRANSFORMER if transformer else None, preset=preset,
-                             advanced_parameters=advanced)
-
-
-def _compress(ov_model: ov.Model, chosen: dict[str, set[str]], spec: Precision,
-              samples: dict[str, np.ndarray] | None) -> ov.Model:
-    """NNCF weight-only compression of the `chosen` layers' weights alone (every other weighted op ignored) at
-    `spec`'s bits, symmetry and group size; AWQ / scale estimation / GPTQ on the calibration `samples`."""
-    weighted = [op.get_friendly_name() for op in ov_model.get_ordered_ops() if op.get_type_name() in COMPRESSIBLE]
-    targets = {name for name in weighted for layer, names in chosen.items() if _owns(layer, names, {name})}
-    missing = [layer for layer, names in chosen.items() if not any(_owns(layer, names, {t}) for t in targets)]
-    if missing:
-        msg = f"OpenVINO has no weighted op for layer {missing[0]} to compress"
-        raise ValueError(msg)
-    logging.getLogger("nncf").setLevel(logging.ERROR)  # NNCF prints a statistics table per call
-    ignored = nncf.IgnoredScope(names=[n for n in weighted if n not in targets])
-    mode = getattr(nncf.CompressWeightsMode, f"INT{spec.bits}_{'SYM' if spec.symmetric else 'ASYM'}")
-    arguments: dict = {"mode": mode}
-    if spec.bits == 4:
-        arguments |= {"group_size": spec.group or -1, "ratio": 1.0, "all_layers": True,
-                      "backup_mode": nncf.BackupMode.NONE, **WEIGHT_ROUNDINGS[spec.rounding]}
-    if samples is not None:
-        count = len(next(iter(samples.values())))
-        arguments["dataset"] = nncf.Dataset([{k: v[i:i + 1] for k, v in samples.items()} for i in range(count)])
-        arguments["subset_size"] = count
-    with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):  # NNCF's progress bars
-        return nncf.compress_weights(ov_model, ignored_scope=ignored, **arguments)
 
 
 def _table_type(compiled: ov.CompiledModel, layer: str, names: set[str]) -> str | None:
     """`w8` / `w4` where the runtime Gather of table `layer` reads integer weights (NNCF compressed it), else None."""
     for op in compiled.get_runtime_model().get_ordered_ops():
         info = op.get_rt_info()
-        if str(info["layerType"].astype(str)) == "Gather" and _owns(
+        if str(info["layerType"].astype(str)) == "Gather" and owns(
                 layer, names, set(info["originalLayersNames"].astype(str).split(","))):
             weights = op.input(0).get_source_output().get_element_type().get_type_name()
             return "w4" if weights in FOUR_BIT else "w8" if weights in INTEGER else None
     return None
-
-
-def _owns(layer: str, names: set[str], original: set[str]) -> bool:
-    """Whether a kernel whose original ONNX names are `original` computes `layer` (OpenVINO also derives names
-    such as '<layer>/WithoutBiases/DequantizationMultiply')."""
-    return bool(original & names) or any(o.startswith(layer + "/") for o in original)
