@@ -29,7 +29,9 @@ from autoq.graph import prepare
 from autoq.measure import fingerprint, hardware_key
 from autoq.metrics import get_metric
 from autoq.pareto import front as pareto_front
-from autoq.precision import Assignment, calibrations
+from autoq.precision import Assignment, Precision, calibrations
+from autoq.progress import PhaseProgress
+from autoq.recovery import rounding
 from autoq.report import run as run_report
 from autoq.report import trials_frame
 from autoq.search import open_study, option_variants, run_lock, run_search
@@ -94,6 +96,8 @@ def _problem(model: str | Path | object | None, data: DataArg, example_inputs, s
         raise AutoqError("no data: pass --data DATA.npz with arrays named as the model inputs")
     chosen_backend = get_backend(backend)
     search_space = load_space(space if space is not None else chosen_backend.default_space)
+    if space is None and chosen_backend.default_space_note and searching:
+        print(f"autoq: {chosen_backend.default_space_note}", file=sys.stderr)
     if settings.sampler is not None:
         search_space = search_space.with_sampler(settings.sampler)
     search_space.options = chosen_backend.options(search_space.options)
@@ -153,6 +157,18 @@ def _check_run(run_dir: Path, config: dict) -> None:
         path.write_text(json.dumps(config, indent=2))
 
 
+def fit_learned_rounding(evaluator: Evaluator, choices: dict[str, list[str]], progress: bool) -> None:
+    """The one-time learned-rounding pass (`autoq.recovery.rounding`) for every layer a learned spec is offered to:
+    cached in the run directory, so trials that pick one build as fast as round-to-nearest."""
+    layers = {layer.name: layer for layer in evaluator.model.layers}
+    pairs = rounding.missing(evaluator.calibration, [(layers[name], Precision.parse(p))
+                                                      for name, allowed in choices.items() for p in allowed])
+    if not pairs:
+        return
+    with PhaseProgress("learned rounding", len(pairs), progress) as bar:
+        rounding.prepare(evaluator.model, evaluator.calibration, pairs, lambda done, _: bar.advance(done))
+
+
 def search(model: str | Path | object | None = None, data: DataArg = None, *more: DataArg,
            example_inputs=None, settings: RunSettings | None = None, **changes: Any) -> SearchResult:
     """Search per-layer precisions of `model` and write the run (trials, front, models, report) to its `out`.
@@ -177,6 +193,7 @@ def search(model: str | Path | object | None = None, data: DataArg = None, *more
     with _problem(model, data, example_inputs, settings, searching=True) as problem:
         run_dir, evaluator, choices = problem.run_dir, problem.evaluator, problem.choices
         scores, seeds = None, []
+        fit_learned_rounding(evaluator, choices, settings.progress)
         if problem.space.sensitivity != "none":
             scores = sensitivity_mod.analyse(evaluator, choices, problem.space.sensitivity, run_dir / "cache")
             choices = sensitivity_mod.prune(choices, scores, problem.space.max_layer_drop)

@@ -5,8 +5,9 @@ The string form: the base first, then options joined by `-` in any order (the ca
 drops defaults):
 
     fp32 | bf16 | fp16                                  float, the whole layer in that format
-    int8[-sym][-entropy|-mse|-pct<P>]                   static: calibrated activations (asymmetric unless `sym`,
+    int8[-sym][-entropy|-mse|-pct<P>][-adaround]        static: calibrated activations (asymmetric unless `sym`,
                                                         min-max ranges unless named), per-channel int8 weights
+                                                        rounded to nearest, or learned (`adaround`)
     int8-dyn[-pc]                                       int8 weights (per tensor, `pc` per channel), activations
                                                         quantized at run time
     w<4|8>[g<N>][-asym][-hqq|-gptq|-awq|-se][-acc<L>]   weight-only: symmetric unless `asym`, per channel unless
@@ -33,10 +34,13 @@ from autoq.errors import AutoqError
 
 FLOATS = {"fp32": 32, "bf16": 16, "fp16": 16}
 CALIBRATIONS = ("minmax", "entropy", "mse", "percentile")
-ROUNDINGS = ("rtn", "hqq", "gptq", "awq", "se", "kquant")  # se: NNCF's scale estimation; kquant: llama.cpp's k-quants
+ROUNDINGS = ("rtn", "hqq", "gptq", "awq", "se", "kquant", "adaround")  # se: NNCF's scale estimation; kquant:
+# llama.cpp's k-quants; adaround: learned per weight against the layer's FP32 outputs (autoq.recovery.rounding)
+STATIC_ROUNDINGS = ("rtn", "adaround")
 ZERO_POINTED = ("hqq", "kquant")  # roundings that fit a zero point per group: asymmetric by themselves
 KINDS = ("float", "static", "dynamic", "weight-only")
-FORMS = (f"{'|'.join(FLOATS)}, int8[-sym][-{'|-'.join(c for c in CALIBRATIONS[1:] if c != 'percentile')}|-pct<P>], "
+FORMS = (f"{'|'.join(FLOATS)}, int8[-sym][-{'|-'.join(c for c in CALIBRATIONS[1:] if c != 'percentile')}|-pct<P>]"
+         "[-adaround], "
          f"int8-dyn[-pc], w<4|8>[g<N>][-asym][-{'|-'.join(ROUNDINGS[1:])}][-acc<0-4>]")
 # hue, saturation, value of each kind's base colour (float by width: blue / purple / teal)
 HUES = {("float", 32): (0.60, 0.55, 0.70), ("float", 16): (0.72, 0.40, 0.70), ("static", 8): (0.06, 0.63, 0.87),
@@ -85,8 +89,10 @@ class Precision:
             return "calibration is for static int8 (weight-only and dynamic have no activation ranges)"
         if self.calibration not in CALIBRATIONS or (self.calibration == "percentile") != (0 < self.percentile < 100):
             return f"calibration is one of {', '.join(CALIBRATIONS)} (percentile with a value in (0, 100))"
-        if self.kind != "weight-only" and (self.rounding != "rtn" or self.accuracy):
-            return "rounding and accuracy level are for weight-only precisions"
+        if self.kind == "static" and self.rounding not in STATIC_ROUNDINGS:
+            return f"static int8 weights are rounded by one of {', '.join(STATIC_ROUNDINGS)}"
+        if self.kind != "weight-only" and ((self.rounding != "rtn" and self.kind != "static") or self.accuracy):
+            return "rounding and accuracy level are for weight-only and static int8 precisions"
         if self.rounding not in ROUNDINGS or self.accuracy not in range(5):
             return f"rounding is one of {', '.join(ROUNDINGS)}; accuracy level 0-4"
         if self.rounding in ZERO_POINTED and self.symmetric:
@@ -135,6 +141,7 @@ class Precision:
             tokens = ["int8", "sym" if self.symmetric else ""]
             tokens.append({"minmax": "", "percentile": f"pct{self.percentile:g}"}.get(self.calibration,
                                                                                      self.calibration))
+            tokens.append("" if self.rounding == "rtn" else self.rounding)
         else:
             asym = not self.symmetric and self.rounding not in ZERO_POINTED  # asymmetric by itself
             tokens = [f"w{self.bits}" + (f"g{self.group}" if self.group else ""), "asym" if asym else "",

@@ -83,3 +83,32 @@ class SearchProgress:
             self.bar.reset(self.task, total=self.total, completed=done, status=text)
             self._started = True
         self.bar.update(self.task, completed=min(done, self.total), status=text)
+
+
+class PhaseProgress:
+    """Progress of a phase longer than a few seconds (learned rounding, ...): a bar on a terminal, elsewhere a plain
+    `autoq:` line every PLAIN_SECONDS and one at the end."""
+
+    def __init__(self, label: str, total: int, enabled: bool = True) -> None:
+        self.label, self.total = label, total
+        console = Console()
+        self.plain = enabled and not console.is_terminal
+        self.bar = Progress(TextColumn(f"autoq: {label}"), BarColumn(bar_width=16), MofNCompleteColumn(),
+                            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(compact=True),
+                            console=console, disable=not enabled or self.plain, transient=False)
+        self.task = self.bar.add_task(label, total=total)
+        self._t0 = self._said = time.monotonic()
+
+    def __enter__(self) -> PhaseProgress:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.__exit__(*exc)
+
+    def advance(self, done: int) -> None:
+        self.bar.update(self.task, completed=done)
+        now = time.monotonic()
+        if self.plain and (now - self._said >= PLAIN_SECONDS or done >= self.total):
+            print(f"autoq: {self.label} {done}/{self.total}, {now - self._t0:.0f} s", flush=True)
+            self._said = now

@@ -47,3 +47,20 @@ def captured() -> Iterator[None]:
     with warnings.catch_warnings(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
         yield
+
+
+@contextmanager
+def native_stderr_hushed() -> Iterator[None]:
+    """Keep what native code writes straight to file descriptor 2 off the terminal, unless verbose: torch's
+    profiler announces every start and stop there (`USDT: ... profiler_start`), out of Python's reach."""
+    if os.environ.get(VERBOSE_ENV):
+        yield
+        return
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)

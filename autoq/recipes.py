@@ -148,18 +148,24 @@ def verdicts(front: pd.DataFrame, recipes: pd.DataFrame, side_by_side: SideBySid
             gain = {i: r[0] for i, r in ratios.items()}
             notes = {i: f"timed side by side: {r[0]:.2f}x its speed, 95% {r[1]:.2f}-{r[2]:.2f}"
                      for i, r in ratios.items()}
-            better = [i for i in contenders if as_good[i] and gain[i] >= 1]
+            # dominated: as good and faster beyond the interval, or better beyond the quality's spread and no slower
+            better = [i for i in contenders if as_good[i] and (ratios[i][1] >= 1 or (
+                quality[i] > row.val_quality + quality_spread and ratios[i][2] >= 1))]
             tied = [i for i in contenders if ratios[i][2] >= 1]
         else:
             gain = (speedup / row.speedup).to_dict()
             notes = {i: f"{g:.2f}x its speed (+-{speedup_spread / row.speedup:.2f})" for i, g in gain.items()}
-            better = [i for i in gain if as_good[i] and speedup[i] >= row.speedup]
+            better = [i for i in gain if as_good[i] and (speedup[i] >= row.speedup + speedup_spread or (
+                quality[i] > row.val_quality + quality_spread and speedup[i] >= row.speedup - speedup_spread))]
             tied = [i for i in gain if close[i] and speedup[i] >= row.speedup - speedup_spread]
-        if better:
-            best = max(better, key=gain.__getitem__)
-            dominated_by[-1], saved[-1] = int(front.loc[best, "point"]), 1 - 1 / gain[best]
-            text.append(f"dominated by point {dominated_by[-1]}: {saved[-1]:.0%} less latency at "
-                        f"quality {quality[best]:.4f} >= {row.val_quality:.4f} ({notes[best]})")
+        if better:  # the largest margin: the most speed, then the most quality
+            best = max(better, key=lambda i: (gain[i], quality[i]))
+            less = 1 - 1 / gain[best]
+            dominated_by[-1], saved[-1] = int(front.loc[best, "point"]), less
+            how = (f"{less:.0%} less latency at quality {quality[best]:.4f} >= {row.val_quality:.4f}"
+                   if less > 0 else f"quality {quality[best]:.4f} > {row.val_quality:.4f} beyond its spread "
+                   f"(+-{quality_spread:.4f}) at its speed")
+            text.append(f"dominated by point {dominated_by[-1]}: {how} ({notes[best]})")
         elif tied:
             best = max(tied, key=gain.__getitem__)
             matched_by[-1] = int(front.loc[best, "point"])

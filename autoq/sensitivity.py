@@ -33,6 +33,7 @@ from autoq.graph import TABLE_OPS, Layer, save_onnx, weight_array, weights_as_in
 from autoq.methods import get_method
 from autoq.precision import Assignment, Precision
 from autoq.quantsim import noise_ratio, round_activation, round_weight
+from autoq.recovery import rounding
 
 PROBE_SAMPLES = 8  # search samples the calibrated method measures each layer on
 COLUMNS = ["layer", "op_type", "params", "macs", "precision", "method", "quality_drop", "drop_spread", "sqnr_db",
@@ -132,6 +133,9 @@ def sqnr_rows(evaluator: Evaluator, pairs: list[tuple[Layer, str]]) -> list[dict
         known = ranges.get(spec.calibration_key, {})
         noise = _layer_noise(spec, weight_array(proto, layer.weight), layer.channel_axis, x, rows_axis, y,
                              [known.get(t) for t in (node.input[0], node.output[0])])
+        fitted = rounding.load(evaluator.calibration, layer.name, spec) if rounding.is_learned(spec) else None
+        if fitted is not None:  # round-to-nearest's noise, scaled by how much the learned rounding lowered it
+            noise *= fitted.learned_error / max(fitted.rtn_error, 1e-20)
         sqnr = -10 * np.log10(max(noise, 1e-20))
         rows.append({**_base(layer, precision), "sqnr_db": sqnr, "score": -sqnr})
     return rows

@@ -24,6 +24,7 @@ import onnx
 
 from autoq.errors import AutoqError
 from autoq.graph import find_layers, normalise, save_onnx, weight_array
+from autoq.quiet import captured
 
 OPSET = 17
 
@@ -126,8 +127,9 @@ def _export_module(module, example_inputs, path: Path) -> None:
         outputs = module(*args)
     count = len(outputs) if isinstance(outputs, tuple | list) else 1
     output_names = [f"output_{i}" for i in range(count)] if count > 1 else ["output"]
-    torch.onnx.export(module, args, str(path), dynamo=False, input_names=names, output_names=output_names,
-                      dynamic_axes={n: {0: "batch"} for n in names + output_names}, opset_version=OPSET)
+    with captured():  # torch.onnx's deprecation notice for the TorchScript exporter, tracer warnings
+        torch.onnx.export(module, args, str(path), dynamo=False, input_names=names, output_names=output_names,
+                          dynamic_axes={n: {0: "batch"} for n in names + output_names}, opset_version=OPSET)
 
 
 def _digest(array: np.ndarray) -> str:

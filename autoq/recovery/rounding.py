@@ -1,0 +1,253 @@
+"""Learned rounding (AdaRound, Nagel et al. 2020): each weight of a static int8 layer rounds up or down by a
+learned soft mask, fitted to minimise the layer's output error against FP32 on the calibration inputs (its input
+fake-quantized with the layer's calibrated uint8 range, as the int8 kernel will see it). Fitted once per
+(layer, spec) and cached in the run directory, so a trial that picks it costs what round-to-nearest costs.
+
+The learned weights are cached as float weights that lie exactly on the layer's int8 grid (one scale per output
+channel, max|w| / 127: the symmetric per-channel weights ONNX Runtime and NNCF make, the channel's largest weight
+kept where it was). A backend's own round-to-nearest quantizer then reproduces the learned integers exactly from
+them: `substitute` puts them in the float model before the backend quantizes, and the kernels, the executed check
+and the deployed files are those of round-to-nearest. Torch's PT2E observer spreads weights over 127.5 levels, so
+its grid differs and the torch backend does not offer learned rounding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from autoq.calibrate import method_path, samples_path
+from autoq.data import Dataset, batch_size
+from autoq.errors import AutoqError
+from autoq.graph import Layer, OnnxModel, probe_session, weight_array
+from autoq.precision import Precision
+from autoq.quantsim import round_activation
+
+VERSION = 3  # 3: FP32 inputs, a held-out share judging the fit
+LEARNED = ("adaround",)  # the roundings fitted here (Precision.rounding)
+LEVELS = 127  # symmetric int8 weights: [-127, 127]
+ITERATIONS, BATCH, MAX_SAMPLES, LR = 500, 16, 256, 1e-2
+HELD_OUT = 5  # one sample in HELD_OUT is kept out of the fit to judge it
+ZETA, GAMMA, REG, WARMUP, BETA = 1.1, -0.1, 0.01, 0.2, (20.0, 2.0)  # AdaRound's stretch, regulariser, annealing
+FITTED_OPS = ("Conv", "Gemm", "MatMul")
+
+
+def is_learned(spec: Precision) -> bool:
+    return spec.rounding in LEARNED
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """One layer's learned weights (float, on its int8 grid) and its output error before and after."""
+
+    weight: np.ndarray
+    rtn_error: float  # relative output MSE of round-to-nearest against FP32, on held-out calibration samples
+    learned_error: float
+    seconds: float
+
+
+def cache_file(calibration: Path, layer: str, spec: Precision) -> Path:
+    """Where the learned weights of (`layer`, `spec`) are kept: beside the calibration they were fitted on."""
+    key = json.dumps([VERSION, calibration.name, layer, str(spec)])
+    return calibration.parent / "rounding" / f"{hashlib.sha1(key.encode()).hexdigest()[:20]}.npz"
+
+
+def load(calibration: Path, layer: str, spec: Precision) -> Fitted | None:
+    path = cache_file(calibration, layer, spec)
+    if not path.is_file():
+        return None
+    with np.load(path) as stored:
+        return Fitted(stored["weight"], float(stored["rtn_error"]), float(stored["learned_error"]),
+                      float(stored["seconds"]))
+
+
+def _save(path: Path, fitted: Fitted) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial.npz")  # atomic: workers may fit the same layer at once
+    np.savez(partial, weight=fitted.weight, rtn_error=fitted.rtn_error, learned_error=fitted.learned_error,
+             seconds=fitted.seconds)
+    partial.replace(path)
+
+
+def missing(calibration: Path, pairs: list[tuple[Layer, Precision]]) -> list[tuple[Layer, Precision]]:
+    return [(layer, spec) for layer, spec in pairs
+            if is_learned(spec) and not cache_file(calibration, layer.name, spec).is_file()]
+
+
+def prepare(model: OnnxModel, calibration: Path, pairs: list[tuple[Layer, Precision]],
+            report: Callable[[int, int], None] | None = None) -> dict[tuple[str, str], Fitted]:
+    """Fit every learned (layer, spec) of `pairs` not cached yet, a few layers' inputs in memory at a time.
+
+    Each layer is fitted on its FP32 input, fake-quantized with the uint8 range its spec's calibration gives that
+    input (what its int8 kernel will see, but for the other layers' errors): a fit that does not depend on the
+    other layers' specs, so one cache entry serves every assignment. (Fitting on the all-int8 model's inputs, with
+    the earlier layers' errors in them, measured worse end to end on PaddleOCR's classifier once every layer
+    took its learned weights: each had learned to undo errors the others no longer made.)"""
+    todo = missing(calibration, pairs)
+    if not todo:
+        return {}
+    samples = Dataset(dict(np.load(samples_path(calibration))))
+    samples = samples.subset(np.arange(min(MAX_SAMPLES, len(samples))))
+    nodes = {node.name: node for node in model.proto.graph.node}
+    done: dict[tuple[str, str], Fitted] = {}
+    for start in range(0, len(todo), 8):
+        chunk = todo[start:start + 8]
+        tensors = sorted({nodes[layer.name].input[0] for layer, _ in chunk})
+        session = probe_session(model.proto, tensors)
+        parts = [session.run(tensors, feeds) for feeds in samples.batches(batch_size(model.inputs))]
+        inputs = {t: np.concatenate([p[i] for p in parts]) for i, t in enumerate(tensors)}
+        for index, (layer, spec) in enumerate(chunk):
+            node = nodes[layer.name]
+            x = inputs[node.input[0]]
+            low, high = _input_range(calibration, node, spec)
+            fitted = fit(node, model.proto, layer, x, round_activation(x, low, high, spec.symmetric).astype(np.float32))
+            _save(cache_file(calibration, layer.name, spec), fitted)
+            done[(layer.name, str(spec))] = fitted
+            if report:
+                report(start + index + 1, len(todo))
+    return done
+
+
+def _input_range(calibration: Path, node: onnx.NodeProto, spec: Precision) -> tuple[float, float]:
+    """The calibrated range of the layer's input under its spec's calibration."""
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    known = load_tensors_data(method_path(calibration, spec.calibration_key)).data.get(node.input[0])
+    if known is None:
+        known = load_tensors_data(calibration).data[node.input[0]]
+    low, high = (float(np.asarray(v).ravel()[0]) for v in known.range_value)
+    return low, high
+
+
+def substitute(proto: onnx.ModelProto, model: OnnxModel, specs: dict[str, Precision], calibration: Path) -> int:
+    """Put the learned weights of the layers whose spec is learned into `proto` (a copy of `model`'s), in place;
+    fits what is not cached yet. Returns how many layers were substituted."""
+    layers = [layer for layer in model.layers if layer.name in specs and is_learned(specs[layer.name])]
+    if not layers:
+        return 0
+    pairs = [(layer, specs[layer.name]) for layer in layers]
+    prepare(model, calibration, pairs)
+    stored = {t.name: t for t in proto.graph.initializer}
+    for layer, spec in pairs:
+        fitted = load(calibration, layer.name, spec)
+        if fitted is None or layer.weight not in stored:
+            raise AutoqError(f"no learned weights for {layer.name} ({spec})")
+        stored[layer.weight].CopyFrom(numpy_helper.from_array(fitted.weight.astype(np.float32), layer.weight))
+    return len(pairs)
+
+
+def grid(w: np.ndarray, axis: int) -> np.ndarray:
+    """The per-channel int8 scale along `axis`, broadcastable against `w`."""
+    reduce = tuple(i for i in range(w.ndim) if i != axis)
+    return np.maximum(np.abs(w).max(axis=reduce, keepdims=True), 1e-12) / LEVELS
+
+
+def _forward(node: onnx.NodeProto, bias: np.ndarray | None, rank: int) -> Callable:
+    """The layer as a torch function of (input, weight)."""
+    import torch
+    import torch.nn.functional as F
+
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    b = None if bias is None else torch.from_numpy(bias.astype(np.float32))
+    if node.op_type == "Conv":
+        if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            raise AutoqError(f"learned rounding: {node.name} uses auto_pad, which it does not fit")
+        spatial = rank - 2
+        pads = list(attrs.get("pads", [0] * 2 * spatial))
+        conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[spatial]
+        padding = [p for i in reversed(range(spatial)) for p in (pads[i], pads[i + spatial])]
+
+        def run_conv(x, w):
+            return conv(F.pad(x, padding), w, b, attrs.get("strides", 1), 0, attrs.get("dilations", 1),
+                        attrs.get("group", 1))
+        return run_conv
+    if node.op_type == "Gemm":
+        alpha, beta = attrs.get("alpha", 1.0), attrs.get("beta", 1.0)
+
+        if attrs.get("transA", 0):
+            raise AutoqError(f"learned rounding: {node.name} transposes its input (transA), which it does not fit")
+
+        def run_gemm(x, w):
+            y = alpha * (x @ (w.T if attrs.get("transB", 0) else w))
+            return y if b is None else y + beta * b
+        return run_gemm
+    return lambda x, w: x @ w
+
+
+def fit(node: onnx.NodeProto, proto: onnx.ModelProto, layer: Layer, x: np.ndarray, x_int8: np.ndarray) -> Fitted:
+    """AdaRound of one layer: its int8 weights' rounding fitted so that, on its int8 input `x_int8`, it computes
+    what FP32 computes on the FP32 input `x` (both over all calibration samples)."""
+    import torch
+
+    if layer.op_type not in FITTED_OPS:
+        raise AutoqError(f"learned rounding fits {', '.join(FITTED_OPS)} layers, not {layer.op_type} ({layer.name})")
+    started = time.perf_counter()
+    w = weight_array(proto, layer.weight).astype(np.float32)
+    bias = weight_array(proto, node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    forward = _forward(node, bias, x.ndim)
+    scale = grid(w, layer.channel_axis)
+    floor = np.floor(w / scale)
+    rest = np.clip(w / scale - floor, 1e-4, 1 - 1e-4)
+    keep = _largest(w, layer.channel_axis)  # each channel's largest weight stays on its grid point (it sets the scale)
+    x_t, x_q = (torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for a in (x, x_int8))
+    if x.ndim >= 3 and node.op_type == "MatMul":  # tokens are samples too
+        x_t, x_q = x_t.reshape(-1, x.shape[-1]), x_q.reshape(-1, x.shape[-1])
+    w_t, s_t, floor_t = (torch.from_numpy(a.astype(np.float32)) for a in (w, scale, floor))
+    keep_t = torch.from_numpy(keep)
+    rtn = torch.from_numpy(np.clip(np.round(w / scale), -LEVELS, LEVELS).astype(np.float32))
+    with torch.no_grad():
+        target = forward(x_t, w_t)
+    rest_t = torch.from_numpy(rest.astype(np.float32))
+    alpha = torch.log((rest_t - GAMMA) / (ZETA - rest_t)).requires_grad_(True)  # the soft mask starts at `rest`
+
+    def soft() -> torch.Tensor:
+        return torch.clamp(torch.sigmoid(alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
+
+    def weight(h: torch.Tensor) -> torch.Tensor:
+        return torch.where(keep_t, rtn, torch.clamp(floor_t + h, -LEVELS, LEVELS)) * s_t
+
+    generator = torch.Generator().manual_seed(0)
+    order = torch.randperm(x_t.shape[0], generator=generator)
+    held = order[:len(order) // HELD_OUT] if len(order) >= 2 * HELD_OUT else order  # judges the fit, unseen by it
+    fitted_on = order[len(held):] if len(held) < len(order) else order
+
+    def error(q_weight: torch.Tensor) -> float:
+        with torch.no_grad():
+            out, wanted = forward(x_q[held], q_weight), target[held]
+            return float(((out - wanted) ** 2).sum() / (wanted ** 2).sum().clamp_min(1e-20))
+
+    optimizer = torch.optim.Adam([alpha], lr=LR)
+    batch = min(len(fitted_on), BATCH if x.ndim > 2 or node.op_type != "MatMul" else 256)
+    for step_index in range(ITERATIONS):
+        index = fitted_on[torch.randint(0, len(fitted_on), (batch,), generator=generator)]
+        h = soft()
+        loss = ((forward(x_q[index], weight(h)) - target[index]) ** 2).sum(1).mean()  # AdaRound's: summed over
+        progress = (step_index / ITERATIONS - WARMUP) / (1 - WARMUP)  # channels, averaged over the rest
+        if progress > 0:
+            beta = BETA[1] + (BETA[0] - BETA[1]) * (1 - progress)
+            loss = loss + REG * (1 - (2 * h - 1).abs().pow(beta)).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        learned = weight((soft() >= 0.5).float())
+    rtn_error, learned_error = error(rtn * s_t), error(learned)
+    if learned_error >= rtn_error:  # overfitted (few samples for many weights): round-to-nearest stays
+        learned, learned_error = rtn * s_t, rtn_error
+    return Fitted(learned.numpy().astype(np.float32), rtn_error, learned_error, time.perf_counter() - started)
+
+
+def _largest(w: np.ndarray, axis: int) -> np.ndarray:
+    """A mask of each output channel's largest-magnitude weight."""
+    moved = np.moveaxis(np.abs(w), axis, 0).reshape(w.shape[axis], -1)
+    mask = np.zeros_like(moved, dtype=bool)
+    mask[np.arange(moved.shape[0]), moved.argmax(1)] = True
+    return np.moveaxis(mask.reshape(np.moveaxis(w, axis, 0).shape), 0, axis)

@@ -1,0 +1,137 @@
+"""Learned rounding (AdaRound) on a real trained CNN, built by the real ONNX Runtime and OpenVINO backends."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from autoq import data, graph
+from autoq.backends import get_backend
+from autoq.calibrate import calibrate, samples_path
+from autoq.errors import AutoqError
+from autoq.precision import Assignment, Precision
+from autoq.recovery import rounding
+from tests.models import digits_data
+
+pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def fitted(digits_cnn, tmp_path_factory):
+    """The digits CNN, its calibration, and every layer's learned rounding fitted once (the cache filled)."""
+    workdir = tmp_path_factory.mktemp("rounding")
+    model = graph.prepare(digits_cnn, workdir)
+    images, labels = digits_data()  # all of them: a Linear of 512 inputs needs hundreds of calibration samples
+    splits = data.split(data.Dataset({"image": images}, labels))
+    calibration = calibrate(model, splits.calibration, workdir / "cache")
+    spec = Precision.parse("int8-adaround")
+    rounding.prepare(model, calibration, [(layer, spec) for layer in model.layers])
+    return model, splits, calibration, workdir
+
+
+def _int8_weights(path, model) -> dict[str, np.ndarray]:
+    """Each layer's int8 weights as the built QDQ model stores them, de-quantized."""
+    built = onnx.load(str(path))
+    stored = {t.name: numpy_helper.to_array(t) for t in built.graph.initializer}
+    producer = {out: node for node in built.graph.node for out in node.output}
+    nodes = {node.name: node for node in built.graph.node}
+    weights = {}
+    for layer in model.layers:
+        dequantize = producer[nodes[layer.name].input[1]]
+        assert dequantize.op_type == "DequantizeLinear"
+        q, scale = stored[dequantize.input[0]], stored[dequantize.input[1]]
+        shape = [1] * q.ndim
+        shape[layer.channel_axis] = -1
+        weights[layer.name] = q.astype(np.float32) * scale.reshape(shape)
+    return weights
+
+
+def test_learned_rounding_lowers_each_layers_output_error_on_unseen_data(fitted, tmp_path):
+    """In the model built by ONNX Runtime with every layer int8 to nearest, each layer computes closer to FP32 with
+    the int8 weights of the learned build than with its own, on search samples the rounding never saw (the layer's
+    input as that int8 model gives it, its target FP32's output); the integers ORT stores are the learned ones (its
+    own quantizer reproduces them from the cached grid weights)."""
+    import torch
+
+    model, splits, calibration, _ = fitted
+    backend = get_backend("onnxruntime")
+    options = {"bias_correction": False}
+    built = {spec: backend.build(model, Assignment.uniform(model.layer_names, spec, options), calibration,
+                                 tmp_path / spec) for spec in ("int8", "int8-adaround")}
+    rtn_w, learned_w = (_int8_weights(built[spec].path, model) for spec in ("int8", "int8-adaround"))
+    nodes = {node.name: node for node in model.proto.graph.node}
+    feeds = {k: v[:300] for k, v in splits.search.arrays.items()}
+    fp32_inputs = [nodes[name].input[0] for name in model.layer_names]
+    fp32 = graph.probe_session(model.proto, fp32_inputs).run(fp32_inputs, feeds)
+    quantized = onnx.load(str(built["int8"].path))
+    int8_inputs = [next(n.input[0] for n in quantized.graph.node if n.name == name) for name in model.layer_names]
+    int8 = graph.probe_session(quantized, int8_inputs).run(int8_inputs, feeds)
+    for layer, x, x_int8 in zip(model.layers, fp32, int8, strict=True):
+        node = nodes[layer.name]
+        forward = rounding._forward(node, graph.weight_array(model.proto, node.input[2]), x.ndim)
+        with torch.no_grad():
+            target = forward(torch.from_numpy(x), torch.from_numpy(np.array(graph.weight_array(model.proto,
+                                                                                              layer.weight))))
+            errors = [float(((forward(torch.from_numpy(x_int8), torch.from_numpy(w[layer.name])) - target) ** 2).sum()
+                            / (target ** 2).sum()) for w in (rtn_w, learned_w)]
+        cached = rounding.load(calibration, layer.name, Precision.parse("int8-adaround"))
+        np.testing.assert_allclose(learned_w[layer.name], cached.weight, rtol=1e-5, atol=1e-7)
+        assert not np.allclose(learned_w[layer.name], rtn_w[layer.name])  # it did learn something
+        assert errors[1] < errors[0], layer.name
+        assert cached.learned_error < cached.rtn_error
+
+
+@pytest.mark.parametrize("text", ["int8-adaround", "int8-mse-adaround", "int8-sym-pct99.9-adaround"])
+def test_a_learned_spec_round_trips_and_says_its_rounding(text):
+    spec = Precision.parse(text)
+    assert str(spec) == text and Precision.parse(str(spec)) == spec
+    assert spec.kind == "static" and spec.rounding == "adaround" and rounding.is_learned(spec)
+    assert Precision.parse(text.replace("-adaround", "")).rounding == "rtn"
+    with pytest.raises(AutoqError, match="static int8 weights are rounded by one of rtn, adaround"):
+        Precision.parse("int8-gptq")
+
+
+def test_a_second_build_reads_the_cache_and_fits_nothing(fitted, tmp_path, monkeypatch):
+    model, _, calibration, _ = fitted
+    files = sorted((calibration.parent / "rounding").glob("*.npz"))
+    assert len(files) == len(model.layers)
+    stamps = [f.stat().st_mtime_ns for f in files]
+
+    def refit(*args, **kwargs):
+        raise AssertionError("fitted again")
+
+    monkeypatch.setattr(rounding, "fit", refit)
+    backend = get_backend("onnxruntime")
+    assignment = Assignment({n: "int8-adaround" if i % 2 else "int8" for i, n in enumerate(model.layer_names)})
+    candidate = backend.build(model, assignment, calibration, tmp_path / "again")
+    assert backend.executed(candidate) == assignment.layers  # the int8 kernel, with the learned weights
+    assert [f.stat().st_mtime_ns for f in sorted((calibration.parent / "rounding").glob("*.npz"))] == stamps
+
+
+def test_openvino_runs_the_learned_weights_in_its_int8_kernels(fitted, tmp_path):
+    """OpenVINO quantizes the learned grid weights with NNCF into its own int8 kernels: executed as asked, and the
+    predictions of the learned point agree with ORT's build of the same assignment."""
+    pytest.importorskip("openvino")
+    model, splits, calibration, _ = fitted
+    backend = get_backend("openvino")
+    assignment = Assignment.uniform(model.layer_names, "int8-adaround", {"inference_precision": "f32"})
+    candidate = backend.build(model, assignment, calibration, tmp_path / "ov")
+    outputs = backend.runner(candidate, 1)(splits.search.arrays)[0]
+    assert backend.executed(candidate) == assignment.layers
+    ort = get_backend("onnxruntime")
+    built = ort.build(model, Assignment(assignment.layers, {"bias_correction": False}), calibration, tmp_path / "ort")
+    reference = ort.runner(built, 1)(splits.search.arrays)[0]
+    assert (outputs.argmax(1) == reference.argmax(1)).mean() > 0.97
+
+
+def test_learned_rounding_of_an_unsupported_layer_is_a_clear_error(fitted):
+    model, _, calibration, _ = fitted
+    node = next(n for n in model.proto.graph.node if n.op_type == "Conv")
+    layer = next(la for la in model.layers if la.name == node.name)
+    odd = onnx.helper.make_node("Conv", list(node.input), list(node.output), name=node.name, auto_pad="SAME_UPPER")
+    x = np.zeros((2, *[d or 1 for d in model.inputs[0].shape[1:]]), np.float32)
+    with pytest.raises(AutoqError, match="auto_pad"):
+        rounding.fit(odd, model.proto, layer, x, x)
+    assert samples_path(calibration).is_file()
