@@ -25,7 +25,7 @@ from autoq.calibrate import calibrate
 from autoq.costmodel import Screen
 from autoq.errors import AutoqError
 from autoq.evaluate import CandidateError, Evaluator
-from autoq.graph import prepare
+from autoq.graph import first_run, prepare
 from autoq.measure import fingerprint, hardware_key
 from autoq.metrics import get_metric
 from autoq.pareto import front as pareto_front
@@ -121,6 +121,7 @@ def _problem(model: str | Path | object | None, data: DataArg, example_inputs, s
     onnx_model.module = module
     dataset = data_mod.load(data, labels)
     data_mod.validate(dataset, onnx_model.inputs)
+    first_run(onnx_model, next(dataset.batches(2)))
     splits = data_mod.split(dataset, seed=0)
     metric_name, metric_fn = get_metric(metric, dataset.labels is not None)
     choices = search_space.choices(onnx_model.layers, chosen_backend.unbuildable)
@@ -195,7 +196,9 @@ def search(model: str | Path | object | None = None, data: DataArg = None, *more
         scores, seeds = None, []
         fit_learned_rounding(evaluator, choices, settings.progress)
         if problem.space.sensitivity != "none":
-            scores = sensitivity_mod.analyse(evaluator, choices, problem.space.sensitivity, run_dir / "cache")
+            with PhaseProgress(f"sensitivity ({problem.space.sensitivity})", 1, settings.progress) as bar:
+                scores = sensitivity_mod.analyse(evaluator, choices, problem.space.sensitivity, run_dir / "cache")
+                bar.advance(1)
             choices = sensitivity_mod.prune(choices, scores, problem.space.max_layer_drop)
             seeds = sensitivity_mod.greedy_seeds(scores, choices) + sensitivity_mod.fallback_seeds(scores, choices)
             seeds += option_variants(sensitivity_mod.fallback_seeds(scores, choices, fp32_only=True),
@@ -204,7 +207,10 @@ def search(model: str | Path | object | None = None, data: DataArg = None, *more
         recipe_layers = [r.layers(evaluator.model) for r in evaluator.backend.recipes(evaluator.model) if r.layers]
         ties = evaluator.backend.tied_tables(evaluator.model)
         tied = frozenset(ties) | set(ties.values())
-        seeds = sensitivity_mod.recipe_seeds(recipe_layers, scores, choices, keep=tied) + seeds
+        from_recipes = sensitivity_mod.recipe_seeds(recipe_layers, scores, choices, keep=tied)
+        as_they_are = sensitivity_mod.recipe_seeds(recipe_layers, None, choices)  # with each other option value too
+        seeds = from_recipes + option_variants(as_they_are, problem.space.options,
+                                               evaluator.backend.option_affects) + seeds
         seeds = sensitivity_mod.follow_ties(seeds, ties, choices)
         optuna_study, created = open_study(run_dir, problem.space, problem.seed, hardware_key(problem.machine),
                                            problem.config, settings.storage, settings.study)
@@ -219,9 +225,10 @@ def search(model: str | Path | object | None = None, data: DataArg = None, *more
             run_search(optuna_study, worker.evaluate if worker else evaluator.evaluate, evaluator.fp32_quality(),
                        choices, problem.space, settings, seeds, screen, created, evaluator.backend.option_affects)
             table = trials_frame(optuna_study)
-            front = finalize_front(evaluator, pareto_front(table), run_dir)
+            front = finalize_front(evaluator, pareto_front(table), run_dir, settings.progress)
             recipe_table = None if settings.recipes == "none" else recipes_mod.measure_recipes(
-                evaluator, run_dir, front, worker.measure_recipe if worker else None)
+                evaluator, run_dir, front, worker.measure_recipe if worker else None, settings.progress,
+                settings.constraints.quality_floor)
         finally:
             if worker:
                 worker.close()
@@ -307,33 +314,40 @@ def analyse_sensitivity(model: str | Path | object | None = None, data: DataArg 
     return table
 
 
-def finalize_front(evaluator: Evaluator, front: pd.DataFrame, run_dir: Path) -> pd.DataFrame:
+def finalize_front(evaluator: Evaluator, front: pd.DataFrame, run_dir: Path, progress: bool = False) -> pd.DataFrame:
     """Re-measure every front point on the validation split with more runs, and export it."""
     rows = []
-    for index, row in front.iterrows():
-        point_dir = run_dir / "front" / f"point-{index}"
-        point_dir.mkdir(parents=True, exist_ok=True)
-        assignment = Assignment.from_dict(json.loads(row["assignment"]))
-        assignment.save(point_dir / "assignment.yaml")
-        extra = {"point": index}
-        try:
-            candidate = evaluator.build(assignment, point_dir / "build")
-            measured = evaluator.evaluate(assignment, "validation", candidate, min_runs=20, max_runs=80)
-            if evaluator.backend.deployed_settings == evaluator.backend.search_settings:  # the same sessions
-                deployed, deployed_spread = measured.speedup or 0.0, measured.speedup_spread
-            else:
-                deployed, deployed_spread = evaluator.deployed_speedup(candidate, min_runs=20, max_runs=60)
-            model_path = evaluator.backend.export(candidate, point_dir / "model.onnx")
-            disagree = abs(deployed - (measured.speedup or 0.0)) > max(measured.speedup_spread, deployed_spread)
-            extra |= {"val_quality": measured.quality, "val_quality_spread": measured.quality_spread,
-                      "val_latency_ms": measured.latency_ms, "val_measured_latency_ms": measured.measured_latency_ms,
-                      "val_latency_spread_ms": measured.latency_spread_ms, "val_load": measured.load,
-                      "val_fp32_latency_ms": measured.fp32_latency_ms, "val_executed_ok": measured.executed_ok,
-                      "val_deployed_speedup": deployed, "val_deployed_spread": deployed_spread,
-                      "settings_disagree": disagree, "model": str(model_path.relative_to(run_dir))}
-        except CandidateError as exc:
-            extra |= {"error": f"re-measure failed: {exc}"}
-        finally:
-            shutil.rmtree(point_dir / "build", ignore_errors=True)
-        rows.append({**row.to_dict(), **extra})
+    with PhaseProgress("re-measuring the front on the validation split", len(front), progress) as bar:
+        for index, row in front.iterrows():
+            rows.append(_finalize_point(evaluator, index, row, run_dir))
+            bar.advance(len(rows))
     return pd.DataFrame(rows)
+
+
+def _finalize_point(evaluator: Evaluator, index: Any, row: pd.Series, run_dir: Path) -> dict:
+    """One front point re-measured on the validation split and exported: its row with the validation columns."""
+    point_dir = run_dir / "front" / f"point-{index}"
+    point_dir.mkdir(parents=True, exist_ok=True)
+    assignment = Assignment.from_dict(json.loads(row["assignment"]))
+    assignment.save(point_dir / "assignment.yaml")
+    extra = {"point": index}
+    try:
+        candidate = evaluator.build(assignment, point_dir / "build")
+        measured = evaluator.evaluate(assignment, "validation", candidate, min_runs=20, max_runs=80)
+        if evaluator.backend.deployed_settings == evaluator.backend.search_settings:  # the same sessions
+            deployed, deployed_spread = measured.speedup or 0.0, measured.speedup_spread
+        else:
+            deployed, deployed_spread = evaluator.deployed_speedup(candidate, min_runs=20, max_runs=60)
+        model_path = evaluator.backend.export(candidate, point_dir / "model.onnx")
+        disagree = abs(deployed - (measured.speedup or 0.0)) > max(measured.speedup_spread, deployed_spread)
+        extra |= {"val_quality": measured.quality, "val_quality_spread": measured.quality_spread,
+                  "val_latency_ms": measured.latency_ms, "val_measured_latency_ms": measured.measured_latency_ms,
+                  "val_latency_spread_ms": measured.latency_spread_ms, "val_load": measured.load,
+                  "val_fp32_latency_ms": measured.fp32_latency_ms, "val_executed_ok": measured.executed_ok,
+                  "val_deployed_speedup": deployed, "val_deployed_spread": deployed_spread,
+                  "settings_disagree": disagree, "model": str(model_path.relative_to(run_dir))}
+    except CandidateError as exc:
+        extra |= {"error": f"re-measure failed: {exc}"}
+    finally:
+        shutil.rmtree(point_dir / "build", ignore_errors=True)
+    return {**row.to_dict(), **extra}

@@ -52,12 +52,16 @@ class Constraints:
         """Optuna's convention: one value per constraint, <= 0 when it is met; `values` are the objectives
         (quality, latency ms, size bytes)."""
         quality, latency_ms, size_bytes = values
-        floor = None
-        if self.max_drop is not None:
-            floor = fp32_quality * (1 - self.max_drop) if self.relative else fp32_quality - self.max_drop
+        floor = self.quality_floor(fp32_quality)
         return [0.0 if floor is None else floor - quality,
                 0.0 if self.latency_budget_ms is None else latency_ms - self.latency_budget_ms,
                 0.0 if self.size_budget_bytes is None else size_bytes - self.size_budget_bytes]
+
+    def quality_floor(self, fp32_quality: float) -> float | None:
+        """The lowest quality --max-drop allows, or None without one."""
+        if self.max_drop is None:
+            return None
+        return fp32_quality * (1 - self.max_drop) if self.relative else fp32_quality - self.max_drop
 
     def feasible(self, values: Sequence[float], fp32_quality: float) -> bool:
         return all(v <= 0 for v in self.violations(values, fp32_quality))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -244,6 +245,28 @@ def probe_session(model: onnx.ModelProto, tensors: list[str]):
     options = ort.SessionOptions()
     options.log_severity_level = 3
     return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def first_run(model: OnnxModel, feeds: dict[str, np.ndarray]) -> None:
+    """Run the FP32 model once on the user's data with ONNX Runtime (what calibration does next), turning anything
+    the runtime rejects into one line: what failed, in the runtime's words, and what to check."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # the error is said once, below, not logged by ORT too
+    try:
+        ort.InferenceSession(model.proto.SerializeToString(), options,
+                             providers=["CPUExecutionProvider"]).run(None, feeds)
+    except Exception as exc:  # noqa: BLE001 - every runtime failure here is the user's model or data
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        # ORT's "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : " prefix
+        text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : [A-Z_]+ : ", "", text).strip()
+        hint = ("the model uses an op ONNX Runtime does not know: export it with standard ONNX ops"
+                if "not a registered function/op" in text or "No Op registered" in text else
+                "check the data: its arrays' names, shapes, dtypes and value ranges (e.g. token ids within the "
+                "vocabulary) must be what the model takes")
+        msg = f"the FP32 model does not run on this data with ONNX Runtime ({text}): {hint}"
+        raise AutoqError(msg) from None
 
 
 def tied_tables(proto: onnx.ModelProto) -> dict[str, str]:

@@ -101,6 +101,8 @@ class PhaseProgress:
 
     def __enter__(self) -> PhaseProgress:
         self.bar.__enter__()
+        if self.plain:
+            print(f"autoq: {self.label} ...", flush=True)
         return self
 
     def __exit__(self, *exc) -> None:

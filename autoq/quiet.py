@@ -28,6 +28,9 @@ def hush() -> None:
         if name in OWN_LOGGER_CLASS and name not in logging.root.manager.loggerDict:
             continue  # made now, it would be a plain Logger: autoq hushes it where it imports the library
         logging.getLogger(name).setLevel(logging.ERROR)
+    # torch sets its loggers' levels when it is imported, after this (its _pytree warnings at torchao's import):
+    # records below ERROR are dropped whatever a library sets later
+    logging.disable(logging.WARNING)
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")

@@ -23,12 +23,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from autoq.backends.base import Candidate
 from autoq.evaluate import CandidateError, Evaluator, Measurement
 from autoq.measure import interval, ratio_rounds
 from autoq.precision import Assignment
+from autoq.progress import PhaseProgress
 
 SideBySide = Callable[[list[int], Any], dict[int, tuple[float, float, float]]]  # points, recipe row -> each
 # point's speed-up over the recipe, timed against it in alternating rounds: (median, 95% low, 95% high)
@@ -66,23 +68,49 @@ def measure_recipe(evaluator: Evaluator, label: str, workdir: Path) -> RecipeMea
 
 
 def measure_recipes(evaluator: Evaluator, run_dir: Path, front: pd.DataFrame,
-                    measure: Callable[[str, Path], RecipeMeasurement] | None = None) -> pd.DataFrame:
+                    measure: Callable[[str, Path], RecipeMeasurement] | None = None,
+                    progress: bool = False, max_drop: Callable[[float], float | None] | None = None) -> pd.DataFrame:
     """Every recipe of the evaluator's backend measured by `measure(label, workdir)` (the trial worker's, so a
     recipe that crashes or hangs fails alone; else in this process); then the verdicts against `front`."""
     measure = measure or (lambda label, workdir: measure_recipe(evaluator, label, workdir))
-    rows = []
-    for recipe in evaluator.backend.recipes(evaluator.model):
-        try:
-            built = measure(recipe.label, run_dir / "recipes" / _slug(recipe.label))
-        except CandidateError as exc:
-            rows.append({"recipe": recipe.label, "error": str(exc)})
-            continue
-        measured = built.measurement
-        rows.append({"recipe": recipe.label, "val_quality": measured.quality, "val_latency_ms": measured.latency_ms,
-                     "speedup": measured.speedup, "size_bytes": measured.size_bytes,
-                     "model": str(built.path.relative_to(run_dir)), "options": json.dumps(built.options), "error": "",
-                     "quality_spread": measured.quality_spread, "speedup_spread": measured.speedup_spread})
-    return verdicts(front, pd.DataFrame(rows, columns=COLUMNS[:10]), partial(_side_by_side, evaluator, run_dir, front))
+    rows: list[dict] = []
+    recipes = evaluator.backend.recipes(evaluator.model)
+    with PhaseProgress("measuring the runtime's recipes", len(recipes), progress) as bar:
+        for recipe in recipes:
+            rows.append(_recipe_row(recipe.label, measure, run_dir))
+            bar.advance(len(rows))
+    with PhaseProgress("timing the recipes beside the front", 1, progress) as bar:
+        table = verdicts(front, pd.DataFrame(rows, columns=COLUMNS[:10]),
+                         partial(_side_by_side, evaluator, run_dir, front), usable_floor(evaluator, max_drop))
+        bar.advance(1)
+    return table
+
+
+def usable_floor(evaluator: Evaluator,
+                 max_drop: Callable[[float], float | None] | None = None) -> tuple[float, str]:
+    """The lowest validation quality worth comparing against: the search's --max-drop floor (`max_drop` maps the
+    FP32 quality to it), and at least what a model that ignores its input scores (the FP32 outputs of other
+    samples, shuffled: the metric's chance level on this data)."""
+    reference = evaluator.reference("validation")
+    labels = evaluator.splits.validation.labels
+    order = np.roll(np.arange(len(reference[0])), 1)
+    chance = float(evaluator.metric(reference, [r[order] for r in reference], labels))
+    fp32 = evaluator.fp32_quality("validation")
+    floor = (max_drop(fp32) if max_drop is not None else None) or -np.inf
+    return (floor, "below --max-drop") if floor > chance else (chance, f"no better than a model that ignores its "
+                                                                      f"input: {chance:.4f}")
+
+
+def _recipe_row(label: str, measure: Callable[[str, Path], RecipeMeasurement], run_dir: Path) -> dict:
+    try:
+        built = measure(label, run_dir / "recipes" / _slug(label))
+    except CandidateError as exc:
+        return {"recipe": label, "error": str(exc)}
+    measured = built.measurement
+    return {"recipe": label, "val_quality": measured.quality, "val_latency_ms": measured.latency_ms,
+            "speedup": measured.speedup, "size_bytes": measured.size_bytes,
+            "model": str(built.path.relative_to(run_dir)), "options": json.dumps(built.options), "error": "",
+            "quality_spread": measured.quality_spread, "speedup_spread": measured.speedup_spread}
 
 
 def _side_by_side(evaluator: Evaluator, run_dir: Path, front: pd.DataFrame, points: list[int],
@@ -112,11 +140,13 @@ def _front_speedup(front: pd.DataFrame) -> pd.Series:
     return front["speedup"]
 
 
-def verdicts(front: pd.DataFrame, recipes: pd.DataFrame, side_by_side: SideBySide | None = None) -> pd.DataFrame:
+def verdicts(front: pd.DataFrame, recipes: pd.DataFrame, side_by_side: SideBySide | None = None,
+             usable: tuple[float, str] | None = None) -> pd.DataFrame:
     """Add to each measured recipe the front point dominating it that saves the most latency, and a verdict. With
     `side_by_side`, the points at least as good and as small (or within the recipe's quality spread) are timed
     against the recipe in one set of alternating rounds and the verdict reads those ratios: a shared host's pace
-    moves between two measurements minutes apart by more than a point and a recipe may differ."""
+    moves between two measurements minutes apart by more than a point and a recipe may differ. A recipe below
+    `usable` (the lowest quality the search treats as usable, and why) is `unusable`: no point needs to beat it."""
     quality = front["val_quality"] if "val_quality" in front.columns else front["quality"]
     quality = quality.fillna(front["quality"])
     speedup = _front_speedup(front)
@@ -130,6 +160,9 @@ def verdicts(front: pd.DataFrame, recipes: pd.DataFrame, side_by_side: SideBySid
         saved.append(None)
         if row.error or pd.isna(row.val_quality):
             text.append(f"failed: {row.error}")
+            continue
+        if usable is not None and row.val_quality < usable[0]:
+            text.append(f"unusable: quality {row.val_quality:.4f} ({usable[1]})")
             continue
         smaller = front["size_bytes"] <= row.size_bytes * 1.01
         # within the recipe's own measurement noise (bootstrap spread of its quality, spread of its speed-up)
@@ -194,10 +227,12 @@ def built(recipes: pd.DataFrame) -> pd.DataFrame:
 def summary(recipes: pd.DataFrame) -> str:
     """One line: how many recipes the front dominates or matches within noise, and which it does not."""
     measured = built(recipes)
+    unusable = measured["verdict"].astype(str).str.startswith("unusable")
     beaten, matched = measured["dominated_by"].notna(), measured["matched_by"].notna()
     line = f"recipes: the front dominates {int(beaten.sum())} of {len(measured)} measured"
     line += f" and matches {int(matched.sum())} within their measurement spread" if matched.any() else ""
-    if (~beaten & ~matched).any():
-        line += "; NOT dominated: " + ", ".join(measured.loc[~beaten & ~matched, "recipe"])
+    line += f"; {int(unusable.sum())} unusable (quality below the usable floor)" if unusable.any() else ""
+    if (~beaten & ~matched & ~unusable).any():
+        line += "; NOT dominated: " + ", ".join(measured.loc[~beaten & ~matched & ~unusable, "recipe"])
     failed = len(recipes) - len(measured)
     return line + (f"; {failed} failed to build (see recipes.csv)" if failed else "")

@@ -51,7 +51,7 @@ from autoq.calibrate import resolution, samples_path
 from autoq.fold import KEEP_LAYER_NAMES, constant_divisor, div_as_mul
 from autoq.graph import Layer, OnnxModel, save_onnx, tied_tables
 from autoq.precision import Assignment, Precision
-from autoq.recovery.rounding import is_learned, substitute
+from autoq.recovery.rounding import check_built, is_learned, substitute
 from autoq.regions import REMOVABLE, Regions, find_regions
 
 # Glue ORT's CPU provider runs on int8 (its QDQ selectors): integer kernels, and ops that pass int8 through.
@@ -190,6 +190,8 @@ class OnnxRuntimeBackend(Backend):
             source = save_onnx(div_as_mul(proto, nodes), workdir / "source.onnx")
             quantize_regions(source, out, nodes, specs, calibration, bool(assignment.options.get("reduce_range")))
             source.unlink()
+            if any(is_learned(spec) for spec in specs.values()):
+                check_built(onnx.load(str(out)), model, specs, calibration)
             keep_float(out, [name for name, spec in specs.items() if spec.kind != "static"])
             if assignment.options.get(BIAS_CORRECTION):
                 correct_biases(out, model, [n for n, s in specs.items() if s.kind == "static"],

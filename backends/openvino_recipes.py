@@ -94,7 +94,14 @@ def recipes(backend: Backend, model: OnnxModel, native_bf16: bool) -> list[Recip
         return made + [Recipe(f"NNCF compress_weights {label} ({floating})",
                               partial(_compressed, floating, arguments), layers)
                        for label, arguments, layers in DECODER_RECIPES for floating in floats]
-    presets = [("nncf.quantize", None)] + ([("nncf.quantize, transformer preset", nncf.ModelType.TRANSFORMER)]
-                                            if has_attention(model) else [])
-    return made + [Recipe(f"{label} ({floating})", partial(_nncf, floating, model_type))
-                   for label, model_type in presets for floating in floats]
+    attention = has_attention(model)  # autoq's int8 is NNCF's with its transformer preset where there is attention
+    presets = [("nncf.quantize", None, None if attention else _int8_layers)] + (
+        [("nncf.quantize, transformer preset", nncf.ModelType.TRANSFORMER, _int8_layers)] if attention else [])
+    return made + [Recipe(f"{label} ({floating})", partial(_nncf, floating, model_type), layers)
+                   for label, model_type, layers in presets for floating in floats]
+
+
+def _int8_layers(model: OnnxModel) -> dict[str, str]:
+    """`nncf.quantize` in autoq's specs: every weighted layer int8, an embedding table's weights in 8 bits
+    (asymmetric, NNCF's choice for embeddings): the search starts from the recipe's layout and size."""
+    return {layer.name: "w8-asym" if layer.op_type == "Gather" else "int8" for layer in model.layers}

@@ -27,6 +27,21 @@ def inputs(tmp_path_factory, digits_npz):
     nan[3, 0, 2, 2] = np.nan
     np.savez(folder / "nan.npz", image=nan)
     np.savez(folder / "empty.npz", image=images[:0])
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    from tests.models import embedding_mlp
+
+    _, ids = embedding_mlp(folder)  # embedding_mlp.onnx, ids.npz
+    np.savez(folder / "far_ids.npz", ids=np.load(ids)["ids"] + 1000)  # beyond its 512-row table
+    custom = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"], name="fc"),
+         helper.make_node("Frobnicate", ["h"], ["y"], domain="com.example", name="custom")], "custom",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
+        [numpy_helper.from_array(np.ones((64, 4), np.float32), "w")])
+    save(helper.make_model(custom, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)]),
+         folder / "custom.onnx")
+    np.savez(folder / "flat.npz", x=images.reshape(len(images), 64))
     return folder
 
 
@@ -45,6 +60,8 @@ CASES = {
     "backend": (["{cnn}", "--data", "{npz}", "--backend", "tensorrt"], "unknown backend 'tensorrt'"),
     "labels": (["{cnn}", "--data", "{npz}", "--labels", "nolabels"], "labels 'nolabels'"),
     "budget": (["{cnn}", "--data", "{npz}", "--labels", "label", "--latency-budget", "fast"], "--latency-budget"),
+    "unknown op": (["{f}/custom.onnx", "--data", "{f}/flat.npz"], "com.example:Frobnicate(-1) is not a registered"),
+    "ids beyond the table": (["{f}/embedding_mlp.onnx", "--data", "{f}/far_ids.npz"], "indices element out of data"),
 }
 
 
@@ -97,7 +114,19 @@ def test_third_party_warnings_are_hidden_unless_verbose(verbose, monkeypatch):
     quiet_nncf = logging.getLogger("nncf").getEffectiveLevel() >= logging.ERROR
     for name, level in levels.items():
         logging.getLogger(name).setLevel(level)
+    logging.disable(logging.NOTSET)
     assert quiet_nncf or verbose
+
+
+def test_a_library_that_sets_its_loggers_levels_at_import_stays_quiet():
+    """torch sets its own loggers' levels when imported, after the CLI hushed them: torchao's import still must not
+    print torch's `_pytree` warnings (they reached every torch run's terminal)."""
+    pytest.importorskip("torchao", reason="the torch extra is not installed")
+    code = "from autoq.quiet import hush; hush(); import torchao.quantization.pt2e; print('done')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "_pytree" not in done.stderr and done.stdout.strip().endswith("done")
+    loud = subprocess.run([sys.executable, "-c", code.replace("hush(); ", "")], capture_output=True, text=True)
+    assert "_pytree" in loud.stderr  # what hush() keeps off the terminal
 
 
 def test_hushing_before_nncf_is_imported_leaves_nncf_its_own_logger():

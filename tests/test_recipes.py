@@ -179,3 +179,17 @@ def test_a_tie_is_a_match_and_the_point_better_beyond_the_spread_dominates():
     assert both["dominated_by"] == 1 and both["verdict"].startswith("dominated by point 1: quality 0.9940 > 0.9700")
     slower = verdicts(front, pd.DataFrame([recipe]), timed({0: (1.02, 0.98, 1.14), 1: (0.9, 0.85, 0.95)})).iloc[0]
     assert pd.isna(slower["dominated_by"]) and slower["matched_by"] == 0
+
+
+def test_a_recipe_below_the_usable_floor_is_unusable_not_undominated():
+    """A recipe whose quality is under the search's floor (--max-drop, or a model that ignores its input) is
+    'unusable' with its quality, and the summary does not list it as NOT dominated."""
+    recipes = pd.DataFrame([
+        {"recipe": "all ops", "val_quality": 0.36, "val_latency_ms": 3.0, "speedup": 3.3, "size_bytes": 10,
+         "error": ""},
+        {"recipe": "dyn", "val_quality": 0.95, "val_latency_ms": 7.0, "speedup": 1.25, "size_bytes": 30, "error": ""}])
+    table = verdicts(_front(), recipes, usable=(0.4, "no better than a model that ignores its input: 0.4000"))
+    assert table["verdict"].iloc[0] == "unusable: quality 0.3600 (no better than a model that ignores its input: 0.4000)"
+    assert pd.isna(table["dominated_by"].iloc[0]) and table["dominated_by"].iloc[1] == 0
+    assert summary(table) == ("recipes: the front dominates 1 of 2 measured; 1 unusable (quality below the usable "
+                              "floor)")

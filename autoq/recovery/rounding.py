@@ -36,6 +36,7 @@ LEARNED = ("adaround",)  # the roundings fitted here (Precision.rounding)
 LEVELS = 127  # symmetric int8 weights: [-127, 127]
 ITERATIONS, BATCH, MAX_SAMPLES, LR = 500, 16, 256, 1e-2
 HELD_OUT = 5  # one sample in HELD_OUT is kept out of the fit to judge it
+KEEP = 0.95  # the learned weights are kept where they lower the held-out error by 5% or more
 ZETA, GAMMA, REG, WARMUP, BETA = 1.1, -0.1, 0.01, 0.2, (20.0, 2.0)  # AdaRound's stretch, regulariser, annealing
 FITTED_OPS = ("Conv", "Gemm", "MatMul")
 
@@ -144,6 +145,28 @@ def substitute(proto: onnx.ModelProto, model: OnnxModel, specs: dict[str, Precis
     return len(pairs)
 
 
+def check_built(proto: onnx.ModelProto, model: OnnxModel, specs: dict[str, Precision], calibration: Path) -> None:
+    """Raise unless each learned layer of a built QDQ model stores the learned integers (its DequantizeLinear's
+    weights times scales equal the cached grid weights): a quantizer that picked other scales would otherwise run
+    round-to-nearest of the learned weights under the learned spec's name."""
+    stored = {t.name: t for t in proto.graph.initializer}
+    producer = {out: node for node in proto.graph.node for out in node.output}
+    nodes = {node.name: node for node in proto.graph.node}
+    for layer in model.layers:
+        spec = specs.get(layer.name)
+        if spec is None or not is_learned(spec):
+            continue
+        fitted = load(calibration, layer.name, spec)
+        dequantize = producer.get(nodes[layer.name].input[1]) if layer.name in nodes else None
+        if fitted is None or dequantize is None or dequantize.input[0] not in stored:
+            raise AutoqError(f"{layer.name} ({spec}): its int8 weights are not in the built model")
+        q, scale = (numpy_helper.to_array(stored[name]) for name in dequantize.input[:2])
+        shape = [1] * q.ndim
+        shape[layer.channel_axis] = -1
+        if not np.allclose(q.astype(np.float32) * scale.reshape(shape), fitted.weight, rtol=1e-5, atol=1e-7):
+            raise AutoqError(f"{layer.name} ({spec}): the quantizer did not keep the learned integers")
+
+
 def grid(w: np.ndarray, axis: int) -> np.ndarray:
     """The per-channel int8 scale along `axis`, broadcastable against `w`."""
     reduce = tuple(i for i in range(w.ndim) if i != axis)
@@ -240,7 +263,7 @@ def fit(node: onnx.NodeProto, proto: onnx.ModelProto, layer: Layer, x: np.ndarra
     with torch.no_grad():
         learned = weight((soft() >= 0.5).float())
     rtn_error, learned_error = error(rtn * s_t), error(learned)
-    if learned_error >= rtn_error:  # overfitted (few samples for many weights): round-to-nearest stays
+    if learned_error >= KEEP * rtn_error:  # overfitted (few samples for many weights): round-to-nearest stays
         learned, learned_error = rtn * s_t, rtn_error
     return Fitted(learned.numpy().astype(np.float32), rtn_error, learned_error, time.perf_counter() - started)
 

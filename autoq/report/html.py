@@ -183,11 +183,12 @@ def recipe_verdicts_html(recipes: pd.DataFrame | None) -> tuple[str, str]:
     if recipes is None or recipes.empty:
         return "", ""
     measured = built(recipes)
-    beaten = measured["dominated_by"].notna() | measured.get("matched_by", measured["dominated_by"]).notna()
+    beaten = (measured["dominated_by"].notna() | measured.get("matched_by", measured["dominated_by"]).notna()
+              | measured["verdict"].astype(str).str.startswith("unusable"))
     top = (f'<p style="color:#c00;font-weight:bold">The front does not dominate: '
            f'{html.escape(", ".join(measured.loc[~beaten, "recipe"]))}</p>' if (~beaten).any() else
            f"<p><b>The front dominates (or matches within the measurement spread) all {len(measured)} measured "
-           "one-line recipes of this runtime.</b></p>")
+           "one-line recipes of this runtime that keep a usable quality.</b></p>")
     columns = ["recipe", "val_quality", "val_latency_ms", "speedup", "size_bytes", "verdict"]
     return top, ("<h2>The runtime's one-line recipes, measured in this run (validation split, latency in the "
                  "study's FP32 scale)</h2>" + _table(recipes[columns]))
