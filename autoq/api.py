@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -207,11 +208,11 @@ def search(model: str | Path | object | None = None, data: DataArg = None, *more
         recipe_layers = [r.layers(evaluator.model) for r in evaluator.backend.recipes(evaluator.model) if r.layers]
         ties = evaluator.backend.tied_tables(evaluator.model)
         tied = frozenset(ties) | set(ties.values())
-        from_recipes = sensitivity_mod.recipe_seeds(recipe_layers, scores, choices, keep=tied)
-        as_they_are = sensitivity_mod.recipe_seeds(recipe_layers, None, choices)  # with each other option value too
-        seeds = from_recipes + option_variants(as_they_are, problem.space.options,
-                                               evaluator.backend.option_affects) + seeds
+        seeds = sensitivity_mod.recipe_seeds(recipe_layers, scores, choices, keep=tied) + seeds
         seeds = sensitivity_mod.follow_ties(seeds, ties, choices)
+        as_they_are = sensitivity_mod.recipe_seeds(recipe_layers, None, choices)  # with each other option value too
+        recipe_first = as_they_are + option_variants(as_they_are, problem.space.options,
+                                                     evaluator.backend.option_affects)
         optuna_study, created = open_study(run_dir, problem.space, problem.seed, hardware_key(problem.machine),
                                            problem.config, settings.storage, settings.study)
         if "fp32_latency_ms" not in optuna_study.user_attrs:
@@ -223,7 +224,8 @@ def search(model: str | Path | object | None = None, data: DataArg = None, *more
         worker = _worker(evaluator, settings.trial_timeout)
         try:
             run_search(optuna_study, worker.evaluate if worker else evaluator.evaluate, evaluator.fp32_quality(),
-                       choices, problem.space, settings, seeds, screen, created, evaluator.backend.option_affects)
+                       choices, problem.space, settings, seeds, screen, created, evaluator.backend.option_affects,
+                       recipe_first)
             table = trials_frame(optuna_study)
             front = finalize_front(evaluator, pareto_front(table), run_dir, settings.progress)
             recipe_table = None if settings.recipes == "none" else recipes_mod.measure_recipes(
@@ -268,6 +270,31 @@ def apply(module, assignment: Assignment | str | Path):
     if not isinstance(assignment, Assignment):
         assignment = Assignment.load(Path(assignment))
     return apply_to_module(module, assignment)
+
+
+def finetune(run_dir: str | Path, point: int, data: DataArg, labels: str | Path | np.ndarray | None = None,
+             epochs: int = 20, minutes: float | None = None, progress: bool = True) -> pd.DataFrame:
+    """Quantization-aware training of front point `point` of a finished run (`autoq.recovery.finetune`), on the
+    run's own data (`data`, `labels`: as given to its search); adds the result to the run's front and returns it.
+    Interrupted, the same call resumes from the last finished epoch."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "run.json").is_file() or not (run_dir / "pareto.csv").is_file():
+        raise AutoqError(f"{run_dir} holds no finished search (run.json and pareto.csv): run autoq search first")
+    if find_spec("torch") is None:
+        raise AutoqError("fine-tuning trains in torch: pip install 'autoq[torch]'")
+    from autoq.recovery.finetune import finetune_point
+
+    config = json.loads((run_dir / "run.json").read_text())
+    settings = RunSettings(backend=config["backend"], metric=config["metric"], labels=labels, out=str(run_dir),
+                           progress=progress)
+    if data is None:
+        raise AutoqError("give the run's data (--data), as given to its search")
+    with _problem(run_dir / "model.onnx", data, None, settings, searching=False) as problem:
+        if data_mod.fingerprint(data_mod.load(data, labels)) != config["data"]:
+            raise AutoqError(f"this is not the data {run_dir} was searched with: give the same --data (and --labels)")
+        front = finetune_point(problem.evaluator, run_dir, point, epochs, minutes, progress)
+    run_report.regenerate(run_dir)
+    return front
 
 
 def report(run_dir: str | Path) -> Path:

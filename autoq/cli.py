@@ -70,6 +70,16 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--rounds", type=int, default=15, help="alternating rounds (15)")
     verify.add_argument("--passes", type=int, default=3,
                         help="passes the rounds are spread over, 20 s apart; the interval resamples passes (3)")
+    finetune = commands.add_parser("finetune", help="quantization-aware training of a front point's assignment, "
+                                                    "distilled from FP32; adds the result to the run's front")
+    finetune.add_argument("run_dir")
+    finetune.add_argument("--point", type=int, required=True, help="front point number (pareto.csv 'point')")
+    finetune.add_argument("--data", required=True, help="the run's data (.npz), as given to its search")
+    finetune.add_argument("--labels", help="the run's labels, as given to its search")
+    finetune.add_argument("--epochs", type=int, default=20, help="at most this many epochs (20); fewer when the "
+                          "search split stops improving")
+    finetune.add_argument("--minutes", type=float, help="stop after the epoch that passes this many minutes")
+    finetune.add_argument("--quiet", action="store_true", help="no progress bar")
     compare = commands.add_parser("compare", help="overlay the fronts of several runs in one page")
     compare.add_argument("run_dirs", nargs="+")
     compare.add_argument("--out", default="compare.html", help="page to write (compare.html)")
@@ -149,6 +159,16 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "compare":
             print(f"compare: {api.compare(args.run_dirs, args.out)}")
+            return 0
+        if args.command == "finetune":
+            front = api.finetune(args.run_dir, args.point, args.data, labels=args.labels, epochs=args.epochs,
+                                 minutes=args.minutes, progress=not args.quiet)
+            row = front.iloc[-1]
+            print(f"point {int(row['point'])} (fine-tuned from point {args.point}): quality "
+                  f"{row['quality_before']:.4f} -> {row['val_quality']:.4f} (validation), speed vs point "
+                  f"{args.point} {row['speed_vs_before']}, "
+                  f"executed as assigned: {'yes' if row['val_executed_ok'] else 'NO'}")
+            print(f"report: {api.report(args.run_dir)}")
             return 0
         result = api.search(args.model, args.data, settings=_settings(args))
     except AutoqError as exc:

@@ -198,16 +198,18 @@ def _weights_only_form(precision: str, allowed: list[str]) -> str:
 
 
 def _enqueue_baselines(study: optuna.Study, choices: dict[str, list[str]], options: dict[str, list],
-                       affects: Affects) -> None:
-    """Every layer at each precision (with the first value of each option), then each of those uniform
-    assignments with each other value of every option that changes how it is built (`affects`). So OpenVINO's
-    bf16 gets an all-fp32 baseline, ORT's glue float an all-int8 one, and no option measures FP32 twice."""
+                       affects: Affects, between: Callable[[], None] = lambda: None) -> None:
+    """Every layer at each precision (with the first value of each option), then (after `between`: the runtime's
+    recipes) each of those uniform assignments with each other value of every option that changes how it is
+    built (`affects`). So OpenVINO's bf16 gets an all-fp32 baseline, ORT's glue float an all-int8 one, and no
+    option measures FP32 twice."""
     precisions = sorted({p for c in choices.values() for p in c}, key=lambda p: p != "fp32")
     first = {OPTION_PREFIX + k: v[0] for k, v in options.items() if len(v) > 1}
     uniform = {p: {name: p if p in c else _weights_only_form(p, c) for name, c in choices.items() if len(c) > 1}
                for p in precisions}
     for precision, params in uniform.items():
         study.enqueue_trial(params | first, user_attrs={"baseline": f"uniform-{precision}"})
+    between()
     for precision, params in uniform.items():
         for key, values in options.items():
             if affects(key, Precision.parse(precision)):
@@ -257,21 +259,26 @@ def suggest(trial: optuna.Trial, choices: dict[str, list[str]], options: dict[st
 def run_search(study: optuna.Study, evaluate: Callable[[Assignment], Measurement], fp32_quality: float,
                choices: dict[str, list[str]], space: SearchSpace, settings: RunSettings,
                seeds: Sequence[Assignment] = (), screen: Screen | None = None, created: bool = True,
-               affects: Affects = _float_only) -> optuna.Study:
+               affects: Affects = _float_only, recipes: Sequence[Assignment] = ()) -> optuna.Study:
     """Run until `settings.trials` trials have been measured in the study (counting earlier runs and other
     workers), or `settings.timeout` seconds. `evaluate` measures one assignment (a Worker's, or an Evaluator's);
     `fp32_quality` anchors --max-drop. A study this call `created` starts with the uniform baselines, then
     `seeds` (sensitivity-guided assignments; an option a seed does not set takes its first value). `screen` skips
     sampled candidates the cost model finds hopeless. `affects(option, precision)` says whether an option changes
-    how a precision is built: the uniform baselines are also measured with the option's other values."""
+    how a precision is built: the uniform baselines are also measured with the option's other values. `recipes`
+    (the runtime's recipes in autoq's specs) come right after the uniform baselines, before their variants."""
     constraints, trials = settings.constraints, settings.trials
     if created:
-        _enqueue_baselines(study, choices, space.options, affects)
         first = {OPTION_PREFIX + k: v[0] for k, v in space.options.items() if len(v) > 1}
-        for seed in seeds:  # with the first value of each option it does not set, as the baselines
-            params = {n: p for n, p in seed.layers.items() if len(choices[n]) > 1}
-            chosen = {OPTION_PREFIX + k: v for k, v in seed.options.items() if len(space.options.get(k, ())) > 1}
-            study.enqueue_trial(params | first | chosen, user_attrs={"seeded": True})
+
+        def enqueue(assignments: Sequence[Assignment]) -> None:
+            for seed in assignments:  # with the first value of each option it does not set, as the baselines
+                params = {n: p for n, p in seed.layers.items() if len(choices[n]) > 1}
+                chosen = {OPTION_PREFIX + k: v for k, v in seed.options.items() if len(space.options.get(k, ())) > 1}
+                study.enqueue_trial(params | first | chosen, user_attrs={"seeded": True})
+
+        _enqueue_baselines(study, choices, space.options, affects, lambda: enqueue(recipes))
+        enqueue(seeds)
     _recover_interrupted(study, settings.local)
 
     def measured_pairs(known: dict) -> list[tuple[Assignment, tuple]]:

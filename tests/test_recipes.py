@@ -189,7 +189,8 @@ def test_a_recipe_below_the_usable_floor_is_unusable_not_undominated():
          "error": ""},
         {"recipe": "dyn", "val_quality": 0.95, "val_latency_ms": 7.0, "speedup": 1.25, "size_bytes": 30, "error": ""}])
     table = verdicts(_front(), recipes, usable=(0.4, "no better than a model that ignores its input: 0.4000"))
-    assert table["verdict"].iloc[0] == "unusable: quality 0.3600 (no better than a model that ignores its input: 0.4000)"
+    assert table["verdict"].iloc[0] == ("unusable: quality 0.3600 (no better than a model that ignores its input: "
+                                        "0.4000)")
     assert pd.isna(table["dominated_by"].iloc[0]) and table["dominated_by"].iloc[1] == 0
     assert summary(table) == ("recipes: the front dominates 1 of 2 measured; 1 unusable (quality below the usable "
                               "floor)")

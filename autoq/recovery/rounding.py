@@ -108,7 +108,7 @@ def prepare(model: OnnxModel, calibration: Path, pairs: list[tuple[Layer, Precis
         for index, (layer, spec) in enumerate(chunk):
             node = nodes[layer.name]
             x = inputs[node.input[0]]
-            low, high = _input_range(calibration, node, spec)
+            low, high = input_range(calibration, node, spec)
             fitted = fit(node, model.proto, layer, x, round_activation(x, low, high, spec.symmetric).astype(np.float32))
             _save(cache_file(calibration, layer.name, spec), fitted)
             done[(layer.name, str(spec))] = fitted
@@ -117,7 +117,7 @@ def prepare(model: OnnxModel, calibration: Path, pairs: list[tuple[Layer, Precis
     return done
 
 
-def _input_range(calibration: Path, node: onnx.NodeProto, spec: Precision) -> tuple[float, float]:
+def input_range(calibration: Path, node: onnx.NodeProto, spec: Precision) -> tuple[float, float]:
     """The calibrated range of the layer's input under its spec's calibration."""
     from onnxruntime.quantization.calibrate import load_tensors_data
 

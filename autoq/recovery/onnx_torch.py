@@ -1,0 +1,172 @@
+"""An ONNX graph run op by op in torch, so that quantization-aware training can fine-tune an ONNX model's layers:
+each layer's weight and bias are parameters named by their initializers (trained values go back into the ONNX
+file by name), and a hook per layer can fake-quantize its input and weight as its spec will run.
+
+Covers the ops of convolutional and MLP classifiers (a converter such as onnx2torch needs torchvision, which has
+no build for this torch on PyPI); any other op is a one-line error naming it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from onnx import helper, numpy_helper
+
+from autoq.errors import AutoqError
+from autoq.graph import Layer
+
+Hook = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # (input, weight) as they run
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _conv(x, w, b, a):
+    spatial = w.dim() - 2
+    pads = list(a.get("pads", [0] * 2 * spatial))
+    if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        raise AutoqError("a Conv with auto_pad is not run in torch yet")
+    x = F.pad(x, [p for i in reversed(range(spatial)) for p in (pads[i], pads[i + spatial])])
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[spatial]
+    return conv(x, w, b, a.get("strides", 1), 0, a.get("dilations", 1), a.get("group", 1))
+
+
+def _gemm(x, w, b, a):
+    x = x.T if a.get("transA", 0) else x
+    y = a.get("alpha", 1.0) * (x @ (w.T if a.get("transB", 0) else w))
+    return y if b is None else y + a.get("beta", 1.0) * b
+
+
+def _pool(kind):
+    def run(x, a):
+        spatial = x.dim() - 2
+        pads = list(a.get("pads", [0] * 2 * spatial))
+        value = -np.inf if kind == "max" else 0.0
+        x = F.pad(x, [p for i in reversed(range(spatial)) for p in (pads[i], pads[i + spatial])], value=value)
+        pool = F.max_pool2d if kind == "max" else F.avg_pool2d
+        return pool(x, a["kernel_shape"], a.get("strides", a["kernel_shape"]), 0,
+                    **({"ceil_mode": bool(a.get("ceil_mode", 0))}))
+    return run
+
+
+def _axes(inputs, a, default) -> list[int]:
+    """An op's axes: an attribute before opset 13 (18 for reductions), an input after."""
+    if "axes" in a:
+        return list(a["axes"])
+    return [int(v) for v in inputs[1].tolist()] if len(inputs) > 1 and inputs[1] is not None else list(default)
+
+
+def _unsqueeze(x, axes):
+    for axis in sorted(axis % (x.dim() + len(axes)) for axis in axes):
+        x = x.unsqueeze(axis)
+    return x
+
+
+def _gather(x, indices, axis):
+    axis %= x.dim()
+    taken = torch.index_select(x, axis, indices.reshape(-1).long() % x.shape[axis])
+    return taken.reshape([*x.shape[:axis], *indices.shape, *x.shape[axis + 1:]])
+
+
+_DTYPES = {onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.INT64: torch.int64,
+           onnx.TensorProto.INT32: torch.int32, onnx.TensorProto.BOOL: torch.bool}
+
+
+def _reshape(x, shape):
+    shape = [int(s) for s in shape.tolist()]
+    shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
+    return x.reshape(shape)
+
+
+OPS: dict[str, Callable] = {  # op -> f(inputs, attributes) for the non-layer ops
+    "Relu": lambda i, a: F.relu(i[0]),
+    "Clip": lambda i, a: torch.clamp(i[0], *(float(v) if v is not None else None for v in (
+        i[1] if len(i) > 1 else a.get("min"), i[2] if len(i) > 2 else a.get("max")))),
+    "Add": lambda i, a: i[0] + i[1], "Sub": lambda i, a: i[0] - i[1], "Mul": lambda i, a: i[0] * i[1],
+    "Div": lambda i, a: i[0] / i[1], "Pow": lambda i, a: torch.pow(i[0], i[1]), "Sqrt": lambda i, a: torch.sqrt(i[0]),
+    "Sigmoid": lambda i, a: torch.sigmoid(i[0]), "Tanh": lambda i, a: torch.tanh(i[0]),
+    "Erf": lambda i, a: torch.erf(i[0]), "Identity": lambda i, a: i[0],
+    "HardSigmoid": lambda i, a: torch.clamp(a.get("alpha", 0.2) * i[0] + a.get("beta", 0.5), 0, 1),
+    "HardSwish": lambda i, a: F.hardswish(i[0]), "LeakyRelu": lambda i, a: F.leaky_relu(i[0], a.get("alpha", 0.01)),
+    "GlobalAveragePool": lambda i, a: i[0].mean(dim=tuple(range(2, i[0].dim())), keepdim=True),
+    "MaxPool": lambda i, a: _pool("max")(i[0], a), "AveragePool": lambda i, a: _pool("avg")(i[0], a),
+    "Flatten": lambda i, a: i[0].reshape(int(np.prod(i[0].shape[:a.get("axis", 1)])), -1),
+    "Reshape": lambda i, a: _reshape(i[0], i[1]), "Shape": lambda i, a: torch.tensor(i[0].shape, dtype=torch.int64),
+    "Softmax": lambda i, a: torch.softmax(i[0], a.get("axis", -1)),
+    "Transpose": lambda i, a: i[0].permute(a["perm"]) if "perm" in a else i[0].T,
+    "Concat": lambda i, a: torch.cat(i, a["axis"]),
+    "ReduceMean": lambda i, a: i[0].mean(dim=tuple(_axes(i, a, range(i[0].dim()))), keepdim=bool(a.get("keepdims", 1))),
+    "Squeeze": lambda i, a: i[0].squeeze(tuple(_axes(i, a, []))),
+    "Gather": lambda i, a: _gather(i[0], i[1], a.get("axis", 0)),
+    "ReduceSum": lambda i, a: i[0].sum(dim=tuple(_axes(i, a, range(i[0].dim()))), keepdim=bool(a.get("keepdims", 1))),
+    "Cast": lambda i, a: i[0].to(_DTYPES.get(a["to"], i[0].dtype)),
+    "Unsqueeze": lambda i, a: _unsqueeze(i[0], _axes(i, a, [])),
+}
+LAYERS = {"Conv": _conv, "Gemm": _gemm, "MatMul": lambda x, w, b, a: x @ w}
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "_")
+
+
+class OnnxModule(torch.nn.Module):
+    """`proto` (a float model whose layers are `layers`) as a torch module: the layers' weights and biases are
+    parameters, every other initializer a constant; `hooks[layer]` changes what a layer computes with."""
+
+    def __init__(self, proto: onnx.ModelProto, layers: list[Layer]) -> None:
+        super().__init__()
+        self.nodes = list(proto.graph.node)
+        for node in self.nodes:
+            if node.op_type not in OPS and node.op_type not in LAYERS and node.op_type != "Constant":
+                raise AutoqError(f"fine-tuning runs the model in torch, which does not run its {node.op_type} op "
+                                 f"({node.name}) yet")
+        layer_nodes = {layer.name for layer in layers}
+        stored = {tensor.name for tensor in proto.graph.initializer}
+        trained = {name for node in self.nodes if node.name in layer_nodes and node.op_type in LAYERS
+                   for name in node.input[1:3] if name in stored}  # weights and biases; tables stay as they are
+        self.params = torch.nn.ParameterDict()
+        self.constants: dict[str, torch.Tensor] = {}
+        for tensor in proto.graph.initializer:
+            value = torch.from_numpy(numpy_helper.to_array(tensor).copy())
+            if tensor.name in trained:
+                self.params[_key(tensor.name)] = torch.nn.Parameter(value.float())
+            else:
+                self.constants[tensor.name] = value
+        self.trained = sorted(trained)
+        self.layer_nodes = layer_nodes
+        self.inputs = [i.name for i in proto.graph.input if i.name not in self.constants and _key(i.name)
+                       not in self.params]
+        self.outputs = [o.name for o in proto.graph.output]
+        self.hooks: dict[str, Hook] = {}
+
+    def weights(self) -> dict[str, np.ndarray]:
+        """The trained initializers by their ONNX names."""
+        return {name: self.params[_key(name)].detach().numpy().copy() for name in self.trained}
+
+    def forward(self, *args: torch.Tensor) -> list[torch.Tensor]:
+        values: dict[str, torch.Tensor] = dict(zip(self.inputs, args, strict=True))
+
+        def get(name: str) -> torch.Tensor:
+            if name in values:
+                return values[name]
+            return self.params[_key(name)] if _key(name) in self.params else self.constants[name]
+
+        for node in self.nodes:
+            a = _attrs(node)
+            if node.op_type == "Constant":
+                outputs = [torch.from_numpy(numpy_helper.to_array(a["value"]).copy())]
+            elif node.op_type in LAYERS:
+                x, w = get(node.input[0]), get(node.input[1])
+                if node.name in self.hooks:
+                    x, w = self.hooks[node.name](x, w)
+                bias = get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+                outputs = [LAYERS[node.op_type](x, w, bias, a)]
+            else:
+                outputs = [OPS[node.op_type]([get(i) if i else None for i in node.input], a)]
+            values.update(zip(node.output, outputs, strict=False))
+        return [values[name] for name in self.outputs]

@@ -1,0 +1,119 @@
+"""`autoq finetune`: quantization-aware training of a front point, on real small models and ONNX Runtime."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pandas as pd
+import pytest
+
+import autoq
+from autoq import graph
+from autoq.errors import AutoqError
+from tests.models import embedding_mlp
+
+torch = pytest.importorskip("torch")
+
+SPACE = {"default": ["fp32"], "rules": [{"op_type": ["MatMul"], "precisions": ["fp32", "w4g32"]}],
+         "sensitivity": "none"}
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    """A search of a token-embedding MLP whose front has its three MatMuls in 4-bit weights (cosine ~0.994)."""
+    folder = tmp_path_factory.mktemp("finetune")
+    model, _ = embedding_mlp(folder)
+    data = folder / "ids400.npz"
+    np.savez(data, ids=np.random.default_rng(1).integers(0, 512, (400, 8)).astype(np.int64))
+    result = autoq.search(model, data, space=SPACE, trials=2, out=folder / "run", progress=False, recipes="none")
+    point = int(result.front.loc[result.front["summary"].str.contains("w4g32"), "point"].iloc[0])
+    return folder, data, point
+
+
+def test_the_torch_interpreter_computes_what_onnx_runtime_does(digits_cnn, digits_npz, tmp_path):
+    import onnxruntime as ort
+
+    from autoq.recovery.onnx_torch import OnnxModule
+
+    model = graph.prepare(digits_cnn, tmp_path)
+    images = np.load(digits_npz)["image"][:16]
+    with torch.no_grad():
+        ours = OnnxModule(model.proto, model.layers)(torch.from_numpy(images))[0].numpy()
+    theirs = ort.InferenceSession(str(model.path)).run(None, {"image": images})[0]
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+
+
+def test_a_model_with_an_op_the_interpreter_lacks_gets_one_line(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    from autoq.recovery.onnx_torch import OnnxModule
+
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="fc"),
+             helper.make_node("Einsum", ["h"], ["y"], equation="ij->ji", name="odd")]
+    proto = helper.make_model(helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, "n"])],
+        [numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")]), opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(proto, tmp_path / "odd.onnx")
+    model = graph.prepare(tmp_path / "odd.onnx", tmp_path)
+    with pytest.raises(AutoqError, match="does not run its Einsum op \\(odd\\) yet") as caught:
+        OnnxModule(model.proto, model.layers)
+    assert "\n" not in str(caught.value)
+
+
+def test_finetune_raises_the_4bit_point_and_adds_it_to_the_front(searched):
+    """Distilled from FP32 under MatMulNBits' own 4-bit grid, the point gains cosine on the validation split (data
+    the training never saw), runs its kernels as assigned, is timed beside its twin and joins the front."""
+    folder, data, point = searched
+    front = autoq.finetune(folder / "run", point, data, epochs=10, progress=False)
+    before = front[front["point"] == point].iloc[0]
+    tuned = front.iloc[-1]
+    assert tuned["finetuned_from"] == point and tuned["summary"].endswith(f"(fine-tuned from {point})")
+    assert tuned["val_quality"] > before["val_quality"] + 0.002 and tuned["quality_before"] == before["val_quality"]
+    assert tuned["val_executed_ok"] and tuned["speed_vs_before"].startswith(("0.", "1."))
+    saved = pd.read_csv(folder / "run" / "pareto.csv")
+    assert len(saved) == len(front) and (folder / "run" / str(tuned["model"])).is_file()
+    record = json.loads((folder / "run" / "front" / f"point-{int(tuned['point'])}" / "finetune.json").read_text())
+    assert record["search_distance"] < record["search_distance_before"]
+    with pytest.raises(AutoqError, match="already fine-tuned"):
+        autoq.finetune(folder / "run", int(tuned["point"]), data, epochs=1, progress=False)
+    with pytest.raises(AutoqError, match="not the data"):
+        autoq.finetune(folder / "run", point, {"ids": np.zeros((8, 8), np.int64)}, epochs=1, progress=False)
+
+
+def test_an_interrupted_finetune_resumes_from_its_last_epoch(searched, tmp_path, monkeypatch):
+    """Stopped after the second epoch (as by Ctrl-C): the state of that epoch is kept; the same call goes on from it
+    to the end."""
+    import shutil
+
+    from autoq.recovery import finetune as finetune_mod
+
+    folder, data, point = searched
+    run = tmp_path / "run"
+    shutil.copytree(folder / "run", run)
+    shutil.rmtree(run / "finetune", ignore_errors=True)  # the other test's training state
+    seen = []
+
+    class Stopped(Exception):
+        pass
+
+    class Interrupting(finetune_mod.PhaseProgress):
+        def advance(self, done: int) -> None:
+            seen.append(done)
+            if done == 2 and not resumed:
+                raise Stopped
+
+    monkeypatch.setattr(finetune_mod, "PhaseProgress", Interrupting)
+    resumed = False
+    with pytest.raises(Stopped):
+        autoq.finetune(run, point, data, epochs=4, progress=False)
+    state = torch.load(run / "finetune" / f"point-{point}" / "state.pt", weights_only=False)
+    assert state["state"]["epoch"] == 2
+    seen.clear()
+    resumed = True
+    front = autoq.finetune(run, point, data, epochs=4, progress=False)
+    assert seen[0] == 2 and seen[-1] == 4  # went on from epoch 2, not from the start
+    record = json.loads((run / "front" / f"point-{int(front['point'].max())}" / "finetune.json").read_text())
+    assert record["epochs"] == 4
