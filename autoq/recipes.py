@@ -188,7 +188,8 @@ def verdicts(front: pd.DataFrame, recipes: pd.DataFrame, side_by_side: SideBySid
         else:
             gain = (speedup / row.speedup).to_dict()
             notes = {i: f"{g:.2f}x its speed (+-{speedup_spread / row.speedup:.2f})" for i, g in gain.items()}
-            better = [i for i in gain if as_good[i] and (speedup[i] >= row.speedup + speedup_spread or (
+            own = _own_spread(front, speedup)  # stored figures: both spreads must separate
+            better = [i for i in gain if as_good[i] and (speedup[i] - own[i] >= row.speedup + speedup_spread or (
                 quality[i] > row.val_quality + quality_spread and speedup[i] >= row.speedup - speedup_spread))]
             tied = [i for i in gain if close[i] and speedup[i] >= row.speedup - speedup_spread]
         if better:  # the largest margin: the most speed, then the most quality
@@ -212,6 +213,13 @@ def verdicts(front: pd.DataFrame, recipes: pd.DataFrame, side_by_side: SideBySid
                 f"{notes[fastest]}" if fastest is not None else ""))
     return recipes.assign(dominated_by=pd.array(dominated_by, dtype="Int64"),
                           matched_by=pd.array(matched_by, dtype="Int64"), latency_saved=saved, verdict=text)
+
+
+def _own_spread(front: pd.DataFrame, speedup: pd.Series) -> pd.Series:
+    """Each point's speed-up spread, from its validation latency's spread (0 where not measured)."""
+    if {"val_latency_spread_ms", "val_latency_ms"} <= set(front.columns):
+        return (speedup * front["val_latency_spread_ms"] / front["val_latency_ms"]).fillna(0.0)
+    return pd.Series(0.0, index=front.index)
 
 
 def _spread(value: Any) -> float:

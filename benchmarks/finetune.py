@@ -1,6 +1,7 @@
 """Quality recovery at the fast end: each model's all-int8 point with round-to-nearest weights and with learned
 rounding (`int8-adaround`), built by ONNX Runtime (U8S8 QDQ regions, bias correction on as the default space's
-first value), timed side by side with FP32 and with each other, and the one-time cost of the learned-rounding pass.
+first value), timed side by side with FP32 and with each other, and the one-time cost of the learned-rounding pass;
+then a search's fastest point before and after `autoq finetune`.
 
 Models: PaddleOCR's text-direction classifier (from the pip package `rapidocr-onnxruntime`, on text lines rendered
 from standard-library docstrings), a CNN trained here on scikit-learn's digits, and all-MiniLM-L6-v2 (the demo).
@@ -20,6 +21,7 @@ import numpy as np
 import pandas as pd
 from int8_regions import ocr_models, text_lines
 
+import autoq
 from autoq import data as data_mod
 from autoq import graph
 from autoq.backends import get_backend
@@ -56,6 +58,48 @@ def digits_cnn(work: Path) -> tuple[Path, dict[str, np.ndarray]]:
     return path, {"image": images[1400:]}
 
 
+def digits_mlp(work: Path) -> tuple[Path, dict[str, np.ndarray]]:
+    """An MLP (64 -> 128 -> 64 -> 10) trained here on digits 0-1399, its input (N, 1, 64) so that its Linears
+    export as MatMul (ORT's 4-bit MatMulNBits), and the other 397 images."""
+    import torch
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = (digits.images / 16.0).astype(np.float32).reshape(-1, 1, 64)
+    torch.manual_seed(0)
+    nn = torch.nn
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
+    x, y = torch.from_numpy(images[:1400]), torch.from_numpy(digits.target[:1400].astype(np.int64))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(30):
+        for start in range(0, len(x), 64):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x[start:start + 64])[:, 0], y[start:start + 64]).backward()
+            optimizer.step()
+    path = work / "digits_mlp.onnx"
+    torch.onnx.export(model.eval(), (x[:1],), str(path), dynamo=False, input_names=["image"],
+                      output_names=["logits"], dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+    return path, {"image": images[1400:]}
+
+
+def four_bit(threads: int, work: Path) -> dict:
+    """The digits MLP with every Linear in 4-bit weights (MatMulNBits, blocks of 32): searched, then fine-tuned."""
+    source, arrays = digits_mlp(work)
+    space = {"default": ["fp32"], "rules": [{"op_type": ["MatMul"], "precisions": ["fp32", "w4g32"]}],
+             "sensitivity": "none"}
+    data = work / "digits-mlp.npz"
+    np.savez(data, **arrays)
+    result = autoq.search(source, data, metric="cosine", space=space, trials=2, threads=threads,
+                          out=work / "digits-mlp-search", progress=False, recipes="none")
+    point = int(result.front.loc[result.front["summary"].str.contains("w4g32"), "point"].iloc[0])
+    started = time.perf_counter()
+    tuned = autoq.finetune(work / "digits-mlp-search", point, data, epochs=20, progress=False).iloc[-1]
+    return {"model": "digits MLP, every Linear w4g32 (cosine to FP32)", "its quality": tuned["quality_before"],
+            "fine-tuned quality": tuned["val_quality"], "speed vs its point (95%)": tuned["speed_vs_before"],
+            "executed as assigned": bool(tuned["val_executed_ok"]),
+            "fine-tune s": round(time.perf_counter() - started, 1)}
+
+
 def bench(name: str, source: Path, arrays: dict[str, np.ndarray], metric: str, threads: int, work: Path) -> dict:
     model = graph.prepare(source, work / name)
     splits = data_mod.split(data_mod.load(arrays))
@@ -86,7 +130,29 @@ def bench(name: str, source: Path, arrays: dict[str, np.ndarray], metric: str, t
         row[f"{label} speed vs RTN (95%)"] = f"{median:.3f} ({low:.3f}-{high:.3f})"
     row["RTN ms"] = round(float(np.median(rounds["RTN"][0])), 3)
     evaluator.close()
-    return row
+    return row | finetuned(name, source, arrays, metric, threads, work)
+
+
+def finetuned(name: str, source: Path, arrays: dict[str, np.ndarray], metric: str, threads: int, work: Path) -> dict:
+    """`autoq search` (ORT, its default space, 8 trials), then `autoq finetune` of its fastest front point."""
+    data = work / f"{name}.npz"
+    np.savez(data, **arrays)
+    run = work / f"{name}-search"
+    result = autoq.search(source, data, metric=metric, trials=8, threads=threads, out=run, progress=False,
+                          recipes="none")
+    front = result.front
+    point = int(front.loc[front["val_latency_ms"].idxmin(), "point"])
+    row = {"fastest point (search)": f"{point}: {front.loc[front['point'] == point, 'summary'].iloc[0]}"}
+    started = time.perf_counter()
+    try:
+        tuned = autoq.finetune(run, point, data, epochs=20, progress=False).iloc[-1]
+    except autoq.AutoqError as exc:
+        return row | {"fine-tuned": f"not run: {exc}"}
+    return row | {"its quality": round(float(tuned["quality_before"]), 4),
+                  "fine-tuned quality": round(float(tuned["val_quality"]), 4),
+                  "fine-tuned speed vs its point (95%)": tuned["speed_vs_before"],
+                  "fine-tuned executed as assigned": bool(tuned["val_executed_ok"]),
+                  "fine-tune s": round(time.perf_counter() - started, 1)}
 
 
 def main() -> None:
@@ -107,14 +173,18 @@ def main() -> None:
         print(rows[-1], flush=True)
     machine = fingerprint(args.threads)
     table = pd.DataFrame(rows).set_index("model").T
+    weights4 = pd.DataFrame([four_bit(args.threads, args.work)])
+    print(weights4, flush=True)
     lines = ["# Quality recovery at the fast end: round-to-nearest vs learned rounding (all-int8, ONNX Runtime)", "",
              f"CPU: {machine['cpu']}; flags: {' '.join(machine['cpu_flags'])}; {machine['threads']} threads, batch 1.",
              "Libraries: " + ", ".join(f"{k} {v}" for k, v in machine["libraries"].items()) + ".", "",
              "Every layer ORT runs in int8 takes static int8 (U8S8 regions, bias correction on); `RTN` rounds its",
              "weights to nearest, `learned` takes the weights `autoq.recovery.rounding` fitted for it (AdaRound on",
              "its calibration inputs, judged on a held-out fifth). Speeds are ratios timed side by side in",
-             "alternating rounds against the RTN model (above 1: faster than RTN). `autoq finetune` (QAT) is not",
-             "built yet: no fine-tuned column.", "", table.to_markdown(), ""]
+             "alternating rounds against the RTN model (above 1: faster than RTN). Then `autoq search` (8 trials,",
+             "the default space) and `autoq finetune` of its fastest front point (20 epochs at most), same data.",
+             "", table.to_markdown(), "", "## 4-bit weights: `autoq finetune` of MatMulNBits blocks", "",
+             weights4.to_markdown(index=False, floatfmt=".4f"), ""]
     args.out.write_text("\n".join(lines) + "\n")
     print(args.out.read_text())
 
