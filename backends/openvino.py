@@ -58,6 +58,7 @@ class OpenVinoState:
     names: dict[str, set[str]] = field(default_factory=dict)  # layer -> the ONNX names its kernel may carry
     tables: list[str] = field(default_factory=list)  # embedding Gathers: no weighted kernel to read
     compiled: dict[tuple[int, bool], ov.CompiledModel] = field(default_factory=dict)  # by (threads, profiled)
+    feeding: dict[str, set[str]] = field(default_factory=dict)  # layer -> the layers feeding it through glue alone
 
 
 class OpenVinoBackend(Backend):
@@ -162,7 +163,8 @@ class OpenVinoBackend(Backend):
         ov.save_model(ov_model, str(xml), compress_to_fp16=False)
         size = xml.stat().st_size + xml.with_suffix(".bin").stat().st_size
         tables = [la.name for la in model.layers if la.op_type not in MODEL_KERNELS_ONNX]
-        return Candidate(assignment, xml, size, OpenVinoState(_layer_names(model), tables))
+        return Candidate(assignment, xml, size, OpenVinoState(_layer_names(model), tables,
+                                                              feeding=_feeding_layers(model)))
 
     def _compile(self, candidate: Candidate, threads: int, profile: bool = False) -> ov.CompiledModel:
         compiled = state_of(candidate, OpenVinoState).compiled
@@ -199,7 +201,7 @@ class OpenVinoBackend(Backend):
         kernels = []
         for op in compiled.get_runtime_model().get_ordered_ops():
             info = op.get_rt_info()
-            if str(info["layerType"].astype(str)) in KERNELS:
+            if str(info["layerType"].astype(str)) in KERNELS | FUSED_KERNELS:
                 original = _original_names(op)
                 types = [i.get_source_output().get_element_type().get_type_name() for i in op.inputs()]
                 weights = set(types[1:])
@@ -217,11 +219,17 @@ class OpenVinoBackend(Backend):
 
     def executed(self, candidate: Candidate) -> dict[str, str]:
         kernels = self._kernels(self._any_compiled(candidate))
+        fused = {op.get_friendly_name() for op in self._any_compiled(candidate).get_runtime_model().get_ordered_ops()
+                 if str(op.get_rt_info()["layerType"].astype(str)) in FUSED_KERNELS}
         asked = candidate.assignment.specs()
         result = {}
         state = state_of(candidate, OpenVinoState)
         for layer, names in state.names.items():
             ran = {precision for _, precision, original in kernels if owns(layer, names, original)}
+            if not ran:  # an MLP fused into one kernel (AMX's LLMMLP) named after its down projection alone
+                ran = {precision for op, precision, original in kernels if op in fused and any(
+                    layer in state.feeding.get(other, ()) and owns(other, state.names[other], original)
+                    for other in state.names)}
             found = ran.pop() if len(ran) == 1 else ("/".join(sorted(ran)) or "not found")
             spec = asked.get(layer)
             if layer in state.tables:  # an embedding Gather: its weight's type, else the model's float
@@ -340,6 +348,32 @@ def _sample_shapes(ov_model: ov.Model, samples: Path) -> dict[str, list[int]]:
     return shapes
 
 
+
+
+FUSED_KERNELS = {"LLMMLP"}  # one kernel for a whole gated MLP (the CPU plugin on AMX, bf16)
+
+
+def _feeding_layers(model: OnnxModel) -> dict[str, set[str]]:
+    """Layer -> the layers whose outputs reach its input through at most four glue ops (an MLP's gate and up
+    projections for its down projection), the layers a fused MLP kernel named after it also computes."""
+    producer = {out: node for node in model.proto.graph.node for out in node.output}
+    layers = set(model.layer_names)
+    feeding: dict[str, set[str]] = {}
+    for node in model.proto.graph.node:
+        if node.name not in layers:
+            continue
+        found, frontier = set(), [(node.input[0], 0)]
+        while frontier:
+            tensor, hops = frontier.pop()
+            source = producer.get(tensor)
+            if source is None or hops > 4:
+                continue
+            if source.name in layers:
+                found.add(source.name)
+            else:
+                frontier += [(name, hops + 1) for name in source.input if name]
+        feeding[node.name] = found
+    return feeding
 
 
 def _original_names(op: ov.Node) -> set[str]:

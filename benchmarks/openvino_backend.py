@@ -1,6 +1,7 @@
 """autoq's OpenVINO front vs OpenVINO's own uniform answers on the demo model (all-MiniLM-L6-v2, batch 1):
-the FP32 model, NNCF's `quantize` (uniform int8, calibrated on the same samples), and all-bf16 where the CPU
-has it. Everything is re-timed here, in one process, each against the FP32 model in alternating rounds;
+the FP32 model, NNCF's `quantize` (uniform int8, calibrated on the same samples, compiled with the f32 hint and,
+where native, the bf16 hint), and all-bf16 where the CPU has it; each front point compiled with its own float.
+Everything is re-timed here, in one process, each against the FP32 model in alternating rounds;
 quality is the cosine to the FP32 embeddings on the validation split.
 
     python benchmarks/openvino_backend.py --trials 40 --out reports/benchmarks/openvino.md
@@ -56,11 +57,16 @@ def main() -> None:
     nncf_model = nncf.quantize(fp32_model, nncf.Dataset(samples), model_type=nncf.ModelType.TRANSFORMER,
                                subset_size=len(samples))
     fp32 = _compile(fp32_model, args.threads)
-    candidates = {"OpenVINO FP32": fp32, "NNCF quantize (uniform int8)": _compile(nncf_model, args.threads)}
-    if "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+    floats = ["f32", "bf16"] if "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES") else ["f32"]
+    candidates = {"OpenVINO FP32": fp32}
+    for floating in floats:  # each as a user could deploy it: the f32 hint, and bf16 where native
+        candidates[f"NNCF quantize, transformer preset ({floating})"] = _compile(nncf_model, args.threads, floating)
+    if "bf16" in floats:
         candidates["OpenVINO bf16 (all float layers)"] = _compile(fp32_model, args.threads, "bf16")
     for row in result.front.itertuples():
-        candidates[f"autoq point {row.point}: {row.summary}"] = _compile(Path(args.work) / row.model, args.threads)
+        floating = json.loads(row.assignment)["options"].get("inference_precision", "f32")
+        candidates[f"autoq point {row.point}: {row.summary} ({floating})"] = _compile(Path(args.work) / row.model,
+                                                                                    args.threads, floating)
     reference = _outputs(fp32, splits.validation)
     feeds = {k: v[:1] for k, v in splits.search.arrays.items()}
     fp32_ms = time_runner(lambda: fp32(feeds), min_runs=30, max_runs=120).median_ms
@@ -79,6 +85,8 @@ def main() -> None:
         f"{len(result.front)} front points. Batch 1, seq 128, {args.threads} threads. Each row re-timed here "
         "against the FP32 model in alternating rounds; latency = FP32 median x the ratio.\n\n"
         f"{table.to_markdown(index=False, floatfmt='.4f')}\n\n"
+        "## The run's own verdicts (recipes.csv: each recipe timed side by side with the front's points)\n\n"
+        f"{result.recipes[['recipe', 'val_quality', 'size_bytes', 'verdict']].to_markdown(index=False)}\n\n"
         f"## Machine\n\n```\n{json.dumps(fingerprint(args.threads), indent=2)}\n```\n")
     print(Path(args.out).read_text())
 

@@ -126,3 +126,42 @@ def test_an_unknown_option_or_value_names_what_the_backend_reads():
         backend.options({"shapes": ["static", "fixed"]})
     with pytest.raises(AutoqError, match=r"option 'compile' means nothing to the openvino backend.*shapes"):
         backend.options({"compile": [True]})
+
+
+def test_the_executed_check_finds_weight_only_layers_the_plugin_renamed(tmp_path):
+    """With static shapes the CPU plugin folds a LayerNorm into the FullyConnected kernels after it and lists the
+    LayerNorm as their original layers instead of the MatMuls (MiniLM's q/k/v and intermediate layers read 'not
+    found'): the check also reads each kernel's own name, and finds every layer in its weight type."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from autoq import data, graph
+    from autoq.calibrate import calibrate
+
+    rng, width = np.random.default_rng(0), 64
+    tensors = [numpy_helper.from_array(rng.uniform(0.5, 1.5, width).astype(np.float32), "gamma"),
+               numpy_helper.from_array(rng.normal(0, 0.1, width).astype(np.float32), "beta")]
+    nodes = [helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["n"], name="ln", axis=-1)]
+    for k in ("q", "k", "v"):
+        tensors += [numpy_helper.from_array(rng.normal(0, 0.1, (width, width)).astype(np.float32), f"w{k}"),
+                    numpy_helper.from_array(rng.normal(0, 0.1, width).astype(np.float32), f"b{k}")]
+        nodes += [helper.make_node("MatMul", ["n", f"w{k}"], [f"m{k}"], name=f"{k}/MatMul"),
+                  helper.make_node("Add", [f"m{k}", f"b{k}"], [k], name=f"{k}/Add")]
+    nodes += [helper.make_node("Add", ["q", "k"], ["qk"]), helper.make_node("Add", ["qk", "v"], ["y"])]
+    proto = helper.make_model(helper.make_graph(
+        nodes, "qkv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16, width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 16, width])], tensors),
+        opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(proto, tmp_path / "qkv.onnx")
+    model = graph.prepare(tmp_path / "qkv.onnx", tmp_path)
+    splits = data.split(data.Dataset({"x": rng.normal(0, 1, (32, 16, width)).astype(np.float32)}))
+    calibration = calibrate(model, splits.calibration, tmp_path / "cache")
+    backend = get_backend("openvino")
+    assignment = Assignment({name: "w8" for name in model.layer_names}, {"inference_precision": "f32",
+                                                                         "shapes": "static"})
+    candidate = backend.build(model, assignment, calibration, tmp_path / "static")
+    kernels = [op for op in backend._any_compiled(candidate).get_runtime_model().get_ordered_ops()
+               if op.get_rt_info()["layerType"].astype(str) == "FullyConnected"]
+    listed = [set(op.get_rt_info()["originalLayersNames"].astype(str).split(",")) for op in kernels]
+    assert len(kernels) == 3 and not any({"q/Add", "k/Add", "v/Add"} & names for names in listed)  # renamed
+    assert backend.executed(candidate) == assignment.layers

@@ -109,7 +109,7 @@ def test_openvino_search_of_a_decoder_against_nncf_recipes(plain_decoder, tmp_pa
     recipes = result.recipes.set_index("recipe")
     floats = 2 if get_backend("openvino").native_bf16 else 1  # each recipe under f32, and bf16 where native
     assert (recipes["error"] == "").all() and recipes.index.str.startswith("NNCF compress_weights").sum() == 5 * floats
-    assert recipes.index.str.endswith("(f32)").sum() == 6  # OpenVINO f32 itself and NNCF's five
+    assert recipes.index.str.contains("f32").sum() == 6  # OpenVINO f32 itself and NNCF's five
     assert recipes["verdict"].str.len().gt(0).all() and recipes["speedup"].gt(0).all()
     int8 = recipes.loc[recipes.index.str.contains("int8, its default"), "size_bytes"].iloc[0]
     int4 = recipes.loc[recipes.index.str.contains("int4, group 32"), "size_bytes"].iloc[0]

@@ -113,7 +113,7 @@ def hooks(model: OnnxModel, assignment: Assignment, calibration: Path) -> dict[s
             made[layer.name] = static
         elif spec.kind == "dynamic":
             def dynamic(x, w, spec=spec, axis=axis):
-                return _activation(x, float(x.min()), float(x.max())), _weight(w, axis, spec)
+                return _activation(x, float(x.detach().min()), float(x.detach().max())), _weight(w, axis, spec)
             made[layer.name] = dynamic
         elif spec.kind == "weight-only":
             made[layer.name] = lambda x, w, spec=spec, axis=axis: (x, _weight(w, axis, spec))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -72,7 +73,7 @@ def load(calibration: Path, layer: str, spec: Precision) -> Fitted | None:
 
 def _save(path: Path, fitted: Fitted) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial.npz")  # atomic: workers may fit the same layer at once
+    partial = path.with_suffix(f".{os.getpid()}.partial.npz")  # atomic: workers may fit the same layer at once
     np.savez(partial, weight=fitted.weight, rtn_error=fitted.rtn_error, learned_error=fitted.learned_error,
              seconds=fitted.seconds)
     partial.replace(path)
