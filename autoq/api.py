@@ -122,7 +122,7 @@ def _problem(model: str | Path | object | None, data: DataArg, example_inputs, s
     onnx_model.module = module
     dataset = data_mod.load(data, labels)
     data_mod.validate(dataset, onnx_model.inputs)
-    first_run(onnx_model, next(dataset.batches(2)))
+    first_run(onnx_model, next(dataset.batches(data_mod.batch_size(onnx_model.inputs, 2))))  # a fixed batch too
     splits = data_mod.split(dataset, seed=0)
     metric_name, metric_fn = get_metric(metric, dataset.labels is not None)
     choices = search_space.choices(onnx_model.layers, chosen_backend.unbuildable)
