@@ -175,35 +175,16 @@ def grid(w: np.ndarray, axis: int) -> np.ndarray:
 
 
 def _forward(node: onnx.NodeProto, bias: np.ndarray | None, rank: int) -> Callable:
-    """The layer as a torch function of (input, weight)."""
+    """The layer as a torch function of (input, weight): the interpreter's own layer ops (`onnx_torch.LAYERS`)."""
     import torch
-    import torch.nn.functional as F
+
+    from autoq.recovery.onnx_torch import LAYERS
 
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if attrs.get("transA", 0):
+        raise AutoqError(f"learned rounding: {node.name} transposes its input (transA), which it does not fit")
     b = None if bias is None else torch.from_numpy(bias.astype(np.float32))
-    if node.op_type == "Conv":
-        if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
-            raise AutoqError(f"learned rounding: {node.name} uses auto_pad, which it does not fit")
-        spatial = rank - 2
-        pads = list(attrs.get("pads", [0] * 2 * spatial))
-        conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[spatial]
-        padding = [p for i in reversed(range(spatial)) for p in (pads[i], pads[i + spatial])]
-
-        def run_conv(x, w):
-            return conv(F.pad(x, padding), w, b, attrs.get("strides", 1), 0, attrs.get("dilations", 1),
-                        attrs.get("group", 1))
-        return run_conv
-    if node.op_type == "Gemm":
-        alpha, beta = attrs.get("alpha", 1.0), attrs.get("beta", 1.0)
-
-        if attrs.get("transA", 0):
-            raise AutoqError(f"learned rounding: {node.name} transposes its input (transA), which it does not fit")
-
-        def run_gemm(x, w):
-            y = alpha * (x @ (w.T if attrs.get("transB", 0) else w))
-            return y if b is None else y + beta * b
-        return run_gemm
-    return lambda x, w: x @ w
+    return lambda x, w: LAYERS[node.op_type](x, w, b, attrs)
 
 
 def fit(node: onnx.NodeProto, proto: onnx.ModelProto, layer: Layer, x: np.ndarray, x_int8: np.ndarray) -> Fitted:
