@@ -210,7 +210,8 @@ def search(model: str | Path | object | None = None, data: DataArg = None, *more
         tied = frozenset(ties) | set(ties.values())
         seeds = sensitivity_mod.recipe_seeds(recipe_layers, scores, choices, keep=tied) + seeds
         seeds = sensitivity_mod.follow_ties(seeds, ties, choices)
-        as_they_are = sensitivity_mod.recipe_seeds(recipe_layers, None, choices)  # with each other option value too
+        # the recipes as they are and their learned twins, with each other option value too
+        as_they_are = sensitivity_mod.recipe_seeds(recipe_layers, None, choices, keep=tied)
         recipe_first = as_they_are + option_variants(as_they_are, problem.space.options,
                                                      evaluator.backend.option_affects)
         optuna_study, created = open_study(run_dir, problem.space, problem.seed, hardware_key(problem.machine),

@@ -8,8 +8,9 @@ drops defaults):
     int8[-sym][-entropy|-mse|-pct<P>][-adaround]        static: calibrated activations (asymmetric unless `sym`,
                                                         min-max ranges unless named), per-channel int8 weights
                                                         rounded to nearest, or learned (`adaround`)
-    int8-dyn[-pc]                                       int8 weights (per tensor, `pc` per channel), activations
-                                                        quantized at run time
+    int8-dyn[-pc][-sq<A>]                               int8 weights (per tensor, `pc` per channel), activations
+                                                        quantized at run time; `sq<A>`: the input smoothed first
+                                                        (SmoothQuant with alpha A, per-channel weights only)
     w<4|8>[g<N>][-asym][-hqq|-gptq|-awq|-se][-acc<L>]   weight-only: symmetric unless `asym`, per channel unless
                                                         in groups of N, rounded to nearest unless named; `acc<L>`
                                                         is ONNX Runtime MatMulNBits' accuracy_level (4: int8 compute)
@@ -41,7 +42,7 @@ ZERO_POINTED = ("hqq", "kquant")  # roundings that fit a zero point per group: a
 KINDS = ("float", "static", "dynamic", "weight-only")
 FORMS = (f"{'|'.join(FLOATS)}, int8[-sym][-{'|-'.join(c for c in CALIBRATIONS[1:] if c != 'percentile')}|-pct<P>]"
          "[-adaround], "
-         f"int8-dyn[-pc], w<4|8>[g<N>][-asym][-{'|-'.join(ROUNDINGS[1:])}][-acc<0-4>]")
+         f"int8-dyn[-pc][-sq<alpha>], w<4|8>[g<N>][-asym][-{'|-'.join(ROUNDINGS[1:])}][-acc<0-4>]")
 # hue, saturation, value of each kind's base colour (float by width: blue / purple / teal)
 HUES = {("float", 32): (0.60, 0.55, 0.70), ("float", 16): (0.72, 0.40, 0.70), ("static", 8): (0.06, 0.63, 0.87),
         ("dynamic", 8): (0.99, 0.60, 0.77), ("weight-only", 8): (0.37, 0.50, 0.66),
@@ -62,6 +63,7 @@ class Precision:
     percentile: float = 0.0  # with calibration percentile
     rounding: str = "rtn"  # weight-only: rtn | hqq | gptq | awq | se | kquant
     accuracy: int = 0  # weight-only: ONNX Runtime MatMulNBits accuracy_level (0: the runtime's default)
+    smooth: float = 0.0  # int8-dyn-pc: SmoothQuant's alpha for the layer's input (0: not smoothed)
 
     def __post_init__(self) -> None:
         problem = self._problem()
@@ -99,6 +101,8 @@ class Precision:
             return f"{self.rounding} fits a zero point per group (it is asymmetric)"
         if self.kind == "dynamic" and self.symmetric:
             return "int8-dyn activations are asymmetric"
+        if self.smooth and (self.kind != "dynamic" or self.granularity != "channel" or not 0 < self.smooth < 1):
+            return "smoothing (sq<alpha>, alpha in (0, 1)) is for int8-dyn-pc (per-tensor weights lose by it)"
         return None
 
     @classmethod
@@ -136,7 +140,8 @@ class Precision:
         if self.kind == "float":
             return self.fmt
         if self.kind == "dynamic":
-            return "int8-dyn" + ("-pc" if self.granularity == "channel" else "")
+            return "int8-dyn" + ("-pc" if self.granularity == "channel" else "") + (
+                f"-sq{self.smooth:g}" if self.smooth else "")
         if self.kind == "static":
             tokens = ["int8", "sym" if self.symmetric else ""]
             tokens.append({"minmax": "", "percentile": f"pct{self.percentile:g}"}.get(self.calibration,
@@ -199,6 +204,8 @@ def _option(token: str, kind: str) -> dict:
         return {"rounding": token}
     if (found := re.fullmatch(r"acc(\d)", token)) is not None:
         return {"accuracy": int(found.group(1))}
+    if (found := re.fullmatch(r"sq(\d*\.?\d+)", token)) is not None:
+        return {"smooth": float(found.group(1))}
     raise ValueError(f"unknown option '{token}' for a {kind} precision")
 
 

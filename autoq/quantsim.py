@@ -73,3 +73,13 @@ def noise_ratio(signal: np.ndarray, noisy: np.ndarray, axis: int) -> float:
     if not live.any():
         return 0.0
     return float(max(np.mean(noise[live] / power[live]), noise.sum() / power.sum()))
+
+
+def smoothing_scale(activation_max: np.ndarray, weight_max: np.ndarray, alpha: float) -> np.ndarray:
+    """SmoothQuant's per-input-channel scale `s = a^alpha / w^(1 - alpha)` (`a`: the channel's largest |input|,
+    `w`: the largest |weight| in its row): the input is divided by it, the weight rows multiplied. A channel
+    (almost) silent on the calibration samples counts as a tenth of the median channel: divided by its own tiny
+    scale, a value it takes later would take the whole per-tensor range."""
+    activation_max = np.maximum(activation_max, 0.1 * float(np.median(activation_max)))
+    return (np.maximum(activation_max, 1e-5) ** alpha / np.maximum(weight_max, 1e-5) ** (1 - alpha)).astype(
+        np.float32)

@@ -22,17 +22,19 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from autoq.calibrate import method_path
+from autoq.errors import AutoqError
 from autoq.evaluate import CandidateError, Evaluator
 from autoq.graph import TABLE_OPS, Layer, save_onnx, weight_array, weights_as_inputs
 from autoq.methods import get_method
 from autoq.precision import Assignment, Precision
-from autoq.quantsim import noise_ratio, round_activation, round_weight
+from autoq.quantsim import noise_ratio, round_activation, round_weight, smoothing_scale
 from autoq.recovery import rounding
 
 PROBE_SAMPLES = 8  # search samples the calibrated method measures each layer on
@@ -186,6 +188,9 @@ def _layer_noise(precision: Precision, w: np.ndarray, axis: int, x: np.ndarray |
     """Noise-to-signal power of one layer at `precision`: weight rounding, plus the activations it quantizes
     (static: input and output with the ranges of its calibration; dynamic: the input with its own range; float:
     weight and input rounded to the float format). A table (Gather) has no float input: its weight alone."""
+    if precision.smooth and x is not None and w.ndim == 2:  # SmoothQuant: the input / s, the weight rows * s
+        scale = smoothing_scale(np.abs(x).reshape(-1, x.shape[-1]).max(0), np.abs(w).max(1), precision.smooth)
+        x, w = x / scale, w * scale[:, None]
     noise = noise_ratio(w, round_weight(w, axis, precision), axis)
     if x is None:
         return noise
@@ -300,6 +305,8 @@ def recipe_seeds(recipes: list[dict[str, str]], table: pd.DataFrame | None, choi
             continue  # a spec the space leaves out (e.g. float compute): not this space's to start from
         seed = Assignment({name: layers.get(name, "fp32" if "fp32" in c else c[0]) for name, c in choices.items()})
         seeds.setdefault(seed.key(), seed)
+        twin = learned_twin(seed, choices, keep)
+        seeds.setdefault(twin.key(), twin)
         if table is not None:
             resized = at_size(seed, table, choices, keep)
             seeds.setdefault(resized.key(), resized)
@@ -318,6 +325,23 @@ def recipe_seeds(recipes: list[dict[str, str]], table: pd.DataFrame | None, choi
                                                        for i, n in enumerate(order)}})
             seeds.setdefault(rebalanced.key(), rebalanced)
     return list(seeds.values())
+
+
+def learned_twin(seed: Assignment, choices: dict[str, list[str]], keep: frozenset[str] = frozenset()) -> Assignment:
+    """`seed` with each layer moved to the learned-rounding form of its spec where the space offers it
+    (`w4g32-acc4` or `w4g32-kquant-acc4` -> `w4g32-adaround-acc4`, `int8` -> `int8-adaround`): the same bits,
+    blocks and kernels, the weights fitted to FP32's outputs. `keep`: layers left as they are (a tied table and
+    LM head, stored once only while they share a format)."""
+    layers = {}
+    for name, text in seed.layers.items():
+        spec = Precision.parse(text)
+        try:
+            twin = text if spec.kind not in ("static", "weight-only") or name in keep else str(
+                replace(spec, rounding="adaround", symmetric=spec.symmetric or spec.kind == "weight-only"))
+        except AutoqError:  # no learned form of this spec
+            twin = text
+        layers[name] = twin if twin in choices.get(name, []) else text
+    return Assignment(layers, dict(seed.options))
 
 
 def at_size(seed: Assignment, table: pd.DataFrame, choices: dict[str, list[str]], keep: frozenset[str] = frozenset(),

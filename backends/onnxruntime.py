@@ -45,7 +45,7 @@ from autoq.backends.ort_quantize import (
     quantize_weight_only,
     weight_only_spec,
 )
-from autoq.backends.ort_smooth import smooth
+from autoq.backends.ort_smooth import smooth, smoothed
 from autoq.backends.ort_tied import shares
 from autoq.calibrate import resolution, samples_path
 from autoq.fold import KEEP_LAYER_NAMES, constant_divisor, div_as_mul
@@ -61,7 +61,6 @@ DYNAMIC_OPS = {"DynamicQuantizeMatMul", "MatMulInteger", "MatMulIntegerToFloat"}
 OPTIMIZED = "optimized.onnx"
 BIAS_CORRECTION = "bias_correction"  # option
 GLUE = "glue"  # option
-SMOOTH_QUANT = "smooth_quant"  # option
 
 
 @dataclass
@@ -81,24 +80,19 @@ class OnnxRuntimeBackend(Backend):
     # reduce_range: 7-bit weights (for CPUs without VNNI); bias_correction: each static int8 Conv/Gemm's bias
     # corrected for the mean shift its own rounding causes (`ort_bias.py`)
     # glue: `int8` runs each int8 layer's region in integer kernels, `float` quantizes the layers alone
-    # smooth_quant: SmoothQuant's alpha for the int8-dyn-pc layers' inputs (`ort_smooth.py`), or false (off)
-    option_values = {"reduce_range": (False, True), BIAS_CORRECTION: (True, False), GLUE: ("int8", "float"),
-                     SMOOTH_QUANT: (False, 0.5, 0.7, 0.85)}
-    option_kinds = {"reduce_range": ("static",), BIAS_CORRECTION: ("static",), GLUE: ("static",),
-                    SMOOTH_QUANT: ("dynamic",)}  # of int8-dyn, only its per-channel form: option_affects
-
-    def option_affects(self, option: str, precision: Precision) -> bool:
-        if option == SMOOTH_QUANT:  # only int8-dyn with per-channel weights is smoothed
-            return precision.kind == "dynamic" and precision.granularity == "channel"
-        return super().option_affects(option, precision)
+    # (SmoothQuant is a per-layer spec, `int8-dyn-pc-sq0.7`: `ort_smooth.py`)
+    option_values = {"reduce_range": (False, True), BIAS_CORRECTION: (True, False), GLUE: ("int8", "float")}
+    option_kinds = {"reduce_range": ("static",), BIAS_CORRECTION: ("static",), GLUE: ("static",)}
 
     def unbuildable(self, precision: Precision) -> str | None:
         if precision.kind == "float" and precision.fmt != "fp32":
             return "ORT's CPU provider runs float layers in fp32 (use the openvino or torch backend for bf16)"
         if precision.kind == "weight-only" and precision.granularity != "group":
             return f"MatMulNBits quantizes in blocks: give a group size (e.g. w{precision.bits}g128)"
-        if precision.kind == "static" and is_learned(precision) and find_spec("torch") is None:
+        if is_learned(precision) and find_spec("torch") is None:
             return "learned rounding is fitted with torch: pip install 'autoq[torch]'"
+        if precision.kind == "weight-only" and is_learned(precision) and not precision.symmetric:
+            return "learned rounding of weight-only blocks is symmetric (MatMulNBits' signed scales)"
         if precision.kind == "weight-only" and precision.rounding not in WEIGHT_ROUNDINGS:
             offered = ", ".join(WEIGHT_ROUNDINGS)
             return f"{precision.rounding} is not offered on ORT (its weight-only roundings: {offered})"
@@ -181,27 +175,30 @@ class OnnxRuntimeBackend(Backend):
         regions = self.regions(model, calibration)
         specs = assignment.specs()
         nodes = regions.int8_nodes(assignment, glue=assignment.options.get(GLUE, "int8") == "int8")
-        if not nodes:  # quantize_static treats an empty node list as "all nodes"
-            shutil.copyfile(model.path, out)
-        else:
+        learned = any(is_learned(spec) for spec in specs.values())
+        proto = model.proto
+        if learned or nodes:  # a copy to change: learned weights put on their grid, Divs turned into Muls
             proto = onnx.ModelProto()
             proto.CopyFrom(model.proto)
-            substitute(proto, model, specs, calibration)  # learned rounding: weights already on their int8 grid
+            substitute(proto, model, specs, calibration)
+        if not nodes:  # quantize_static treats an empty node list as "all nodes"
+            if learned:
+                save_onnx(proto, out)
+            else:
+                shutil.copyfile(model.path, out)
+        else:
             source = save_onnx(div_as_mul(proto, nodes), workdir / "source.onnx")
             quantize_regions(source, out, nodes, specs, calibration, bool(assignment.options.get("reduce_range")))
             source.unlink()
-            if any(is_learned(spec) for spec in specs.values()):
-                check_built(onnx.load(str(out)), model, specs, calibration)
             keep_float(out, [name for name, spec in specs.items() if spec.kind != "static"])
             if assignment.options.get(BIAS_CORRECTION):
                 correct_biases(out, model, [n for n, s in specs.items() if s.kind == "static"],
                                dict(np.load(samples_path(calibration))))
-        alpha = assignment.options.get(SMOOTH_QUANT, False)
-        if alpha:
-            smooth(out, model, [n for n, s in specs.items() if self.option_affects(SMOOTH_QUANT, s)],
-                   float(alpha), calibration)  # type: ignore[arg-type]
+        smooth(out, model, {n: s.smooth for n, s in specs.items() if s.smooth}, calibration)
         quantize_dynamic_layers(out, specs)
         quantize_weight_only(out, specs, calibration)
+        if learned:
+            check_built(onnx.load(str(out)), model, specs, calibration)
         return Candidate(assignment, out, out.stat().st_size,
                          OrtState({layer.name: layer.weight for layer in model.layers}, regions, model.proto.graph))
 
@@ -280,7 +277,9 @@ class OnnxRuntimeBackend(Backend):
             if at_run_time:
                 scale = constants.get(node.input[2 if node.op_type == "DynamicQuantizeMatMul" else 3])
                 per_channel = scale is not None and int(np.prod(scale.dims)) > 1
-                result[layer] = "int8-dyn-pc" if per_channel else "int8-dyn"
+                float_input = node.input[0] if node.op_type == "DynamicQuantizeMatMul" or source is None else \
+                    source.input[0]
+                result[layer] = ("int8-dyn-pc" if per_channel else "int8-dyn") + smoothed(producer.get(float_input))
             else:
                 spec = asked.get(layer)
                 result[layer] = str(spec) if spec is not None and spec.kind == "static" else "int8"

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from autoq.backends.ort_smooth import MUL, SMOOTHED
 from autoq.graph import save_onnx
 from autoq.regions import Regions
 
@@ -86,13 +87,14 @@ def attribute_profile(model: onnx.GraphProto, regions: Regions, per_node: dict[s
     fused kernels `<node>_token_<n>`, `fused <node>`, `<node>_quant`, weight-only `<node>_Q4` / `_Q8`, NCHWc
     kernels `<output tensor>_nchwc`, quantize/dequantize nodes `<tensor>_QuantizeLinear`) and its time goes to the
     layers whose region holds that node, in equal shares; a quantize/dequantize goes with the tensor's producer
-    (or its consumers' layers)."""
+    (or its consumers' layers), a smoothing Mul with the layers it feeds."""
     producer = {out: node.name for node in model.node for out in node.output}
     consumers: dict[str, list[str]] = {}
     for node in model.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node.name)
     owners: dict[str, set[str]] = {layer: {layer} for layer in layers}
+    layer_names = set(layers)
     for node, held in regions.owners.items():
         owners[node] = set(held)
 
@@ -101,6 +103,9 @@ def attribute_profile(model: onnx.GraphProto, regions: Regions, per_node: dict[s
         name = name.removesuffix("_Q4").removesuffix("_Q8")  # MatMulNBits / GatherBlockQuantized
         if name in owners:
             return owners[name]
+        if name.endswith(MUL) and SMOOTHED in name:  # a smoothing Mul: the layers reading the tensor it smooths
+            tensor = name.removesuffix(MUL).rsplit(SMOOTHED, 1)[0]
+            return {c for c in consumers.get(tensor, []) if c in owners and c in layer_names}
         for suffix in ("_nchwc", "_QuantizeLinear", "_DequantizeLinear"):
             if name.endswith(suffix):
                 tensor = name.removesuffix(suffix)

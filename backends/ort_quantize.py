@@ -103,7 +103,7 @@ def quantize_dynamic_layers(path: Path, specs: dict[str, Precision]) -> None:
 
 
 # weight-only rounding -> how ORT's MatMulNBits quantizer is told (rtn: the default config); the backend offers these
-WEIGHT_ROUNDINGS = ("rtn", "hqq", "gptq", "kquant")
+WEIGHT_ROUNDINGS = ("rtn", "hqq", "gptq", "kquant", "adaround")  # adaround: learned weights on the RTN grid
 
 
 def _rounding_config(spec: Precision, calibration: Path, chosen: list[str]) -> object:

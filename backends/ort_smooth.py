@@ -4,9 +4,10 @@ A transformer's activations carry a few channels with values 10-100x the rest; q
 they take the whole int8 range. For each input tensor of the smoothed layers, with `a_j` the channel's largest
 |activation| on the calibration samples and `w_j` the largest |weight| in that input row over the layers reading
 it, `s_j = a_j^alpha / w_j^(1 - alpha)`: a `Mul` by `1/s` goes in front of those layers (shared by the layers
-that share the input) and their weight rows are multiplied by `s`. The float function is unchanged. Measured on
-all-MiniLM-L6-v2, every MatMul `int8-dyn-pc`: cosine 0.9932 -> 0.9978 with alpha 0.7 (0.9911 with 0.5);
-per-tensor weights (`int8-dyn`) lose instead (0.966 -> 0.890), so only per-channel layers are smoothed.
+that share the input and the alpha) and their weight rows are multiplied by `s`. The float function is
+unchanged. It is a per-layer spec (`int8-dyn-pc-sq0.7`), not a model-wide switch, because each Mul costs a float
+pass over its input: the search smooths where the cosine gained pays for it (figures:
+reports/benchmarks/smooth_quant.md). Per-tensor weights lose by it, so only `int8-dyn-pc` is smoothed.
 """
 
 from __future__ import annotations
@@ -20,6 +21,17 @@ from onnx import helper, numpy_helper
 from autoq.calibrate import samples_path
 from autoq.data import Dataset, batch_size
 from autoq.graph import OnnxModel, probe_session, save_onnx
+from autoq.quantsim import smoothing_scale
+
+SMOOTHED, MUL = "_smoothed", "_mul"  # a smoothed input is `<tensor>_smoothed<alpha>`, made by `<that>_mul`
+
+
+def smoothed(producer: onnx.NodeProto | None) -> str:
+    """`-sq<alpha>` if `producer` (of a dynamic int8 kernel's float input) is a smoothing Mul, else ''."""
+    if producer is None or producer.op_type != "Mul" or not producer.name.endswith(MUL) or SMOOTHED not in \
+            producer.name:
+        return ""
+    return f"-sq{producer.name.removesuffix(MUL).rsplit(SMOOTHED, 1)[1]}"
 
 
 def channel_maxima(model: OnnxModel, calibration: Path) -> dict[str, np.ndarray]:
@@ -43,43 +55,45 @@ def channel_maxima(model: OnnxModel, calibration: Path) -> dict[str, np.ndarray]
     return maxima
 
 
-def smooth(path: Path, model: OnnxModel, layers: list[str], alpha: float, calibration: Path) -> None:
-    """Smooth the inputs of the MatMul `layers` of the model at `path` in place (see the module docstring)."""
-    if not layers:
+def smooth(path: Path, model: OnnxModel, alphas: dict[str, float], calibration: Path) -> None:
+    """Smooth the inputs of the MatMul layers in `alphas` (layer -> its spec's alpha) of the model at `path` in
+    place (see the module docstring); the layers that read one input with one alpha share one Mul."""
+    if not alphas:
         return
     maxima = channel_maxima(model, calibration)
     original_input = {n.name: n.input[0] for n in model.proto.graph.node}
     proto = onnx.load(str(path))
     graph = proto.graph
     constants = {t.name: t for t in graph.initializer}
-    groups: dict[str, list[onnx.NodeProto]] = {}
+    groups: dict[tuple[str, float], list[onnx.NodeProto]] = {}
     readers: dict[str, int] = {}
     for node in graph.node:
         for name in node.input:
             readers[name] = readers.get(name, 0) + 1
-        if node.name in layers and node.op_type == "MatMul" and node.input[1] in constants:
-            groups.setdefault(node.input[0], []).append(node)
-    muls = {}
-    for tensor, users in groups.items():
+        if node.name in alphas and node.op_type == "MatMul" and node.input[1] in constants:
+            groups.setdefault((node.input[0], alphas[node.name]), []).append(node)
+    muls: dict[str, list[onnx.NodeProto]] = {}
+    for (tensor, alpha), users in groups.items():
         activations = maxima.get(original_input[users[0].name])
         if activations is None or any(readers[n.input[1]] > 1 for n in users):  # a shared weight stays as it is
             continue
         weights = [numpy_helper.to_array(constants[n.input[1]]) for n in users]
         peak = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
-        scale = (np.maximum(activations, 1e-5) ** alpha / np.maximum(peak, 1e-5) ** (1 - alpha)).astype(np.float32)
+        scale = smoothing_scale(activations, peak, alpha)
+        smoothed = f"{tensor}{SMOOTHED}{alpha:g}"
         for node, weight in zip(users, weights, strict=True):
             stored = constants[node.input[1]]
             stored.CopyFrom(numpy_helper.from_array((weight * scale[:, None]).astype(np.float32), stored.name))
-            node.input[0] = f"{tensor}_smoothed"
-        graph.initializer.append(numpy_helper.from_array((1 / scale).astype(np.float32), f"{tensor}_smooth_scale"))
-        muls[tensor] = helper.make_node("Mul", [tensor, f"{tensor}_smooth_scale"], [f"{tensor}_smoothed"],
-                                        name=f"{tensor}_smooth")
+            node.input[0] = smoothed
+        graph.initializer.append(numpy_helper.from_array((1 / scale).astype(np.float32), f"{smoothed}_divisor"))
+        muls.setdefault(tensor, []).append(helper.make_node("Mul", [tensor, f"{smoothed}_divisor"], [smoothed],
+                                                            name=f"{smoothed}{MUL}"))
     if not muls:
         return
     nodes = list(graph.node)
     del graph.node[:]
-    graph.node.extend(muls[t] for t in muls if t in {i.name for i in graph.input})
+    graph.node.extend(mul for t in muls if t in {i.name for i in graph.input} for mul in muls[t])
     for node in nodes:  # each Mul right after the node that makes its input: the graph stays sorted
         graph.node.append(node)
-        graph.node.extend(muls[out] for out in node.output if out in muls)
+        graph.node.extend(mul for out in node.output for mul in muls.get(out, []))
     save_onnx(proto, path)

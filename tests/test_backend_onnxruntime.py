@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import onnx
+import pytest
 
 from tests.backend_contract import BackendContract
 
@@ -70,8 +71,9 @@ class TestOnnxRuntime(BackendContract):
 
 def test_smooth_quant_moves_outlier_channels_into_the_weights(tmp_path):
     """An input channel 50x larger than the rest takes the whole int8 range of a per-tensor dynamic scale.
-    `smooth_quant` scales it down in front of the int8-dyn-pc layers and the weight rows up: the float function
-    is unchanged, the layers still run DynamicQuantizeMatMul, and the error against FP32 drops."""
+    `int8-dyn-pc-sq0.7` scales it down in front of the layer and the weight rows up: the float function is
+    unchanged, the layers still run DynamicQuantizeMatMul behind the smoothing (the executed check reads it
+    back), and the error against FP32 drops. A layer left unsmoothed reads the original input."""
     import numpy as np
     import onnxruntime as ort
 
@@ -99,15 +101,31 @@ def test_smooth_quant_moves_outlier_channels_into_the_weights(tmp_path):
     want = run(model.path)
     smoothed = tmp_path / "smoothed.onnx"
     smoothed.write_bytes(model.path.read_bytes())
-    smooth(smoothed, model, ["fc1", "fc2"], 0.7, calibration)
+    smooth(smoothed, model, {"fc1": 0.7, "fc2": 0.5}, calibration)
     assert np.allclose(run(smoothed), want, rtol=1e-4, atol=1e-4)  # the float function is unchanged
     backend = get_backend("onnxruntime")
-    layers = {"fc1": "int8-dyn-pc", "fc2": "int8-dyn-pc"}
     errors = {}
-    for alpha in (False, 0.7):
-        candidate = backend.build(model, Assignment(layers, {"smooth_quant": alpha}), calibration,
-                                  tmp_path / f"sq-{alpha}")
+    for first in ("int8-dyn-pc", "int8-dyn-pc-sq0.7"):
+        layers = {"fc1": first, "fc2": "int8-dyn-pc"}
+        candidate = backend.build(model, Assignment(layers), calibration, tmp_path / first)
         backend.runner(candidate, 1)
         assert backend.executed(candidate) == layers
-        errors[alpha] = float(np.abs(run(candidate.path) - want).mean())
-    assert errors[0.7] < 0.7 * errors[False]  # measured: 0.085 against 0.169
+        errors[first] = float(np.abs(run(candidate.path) - want).mean())
+    assert errors["int8-dyn-pc-sq0.7"] < 0.7 * errors["int8-dyn-pc"]  # measured: 0.085 against 0.169
+
+
+def test_a_smoothing_mul_is_charged_to_the_layers_it_feeds():
+    """The per-layer profile (what the greedy seeds weigh savings by) charges a smoothing Mul to the layers that
+    read the tensor it smooths, shared equally (in the savings profile every one of them is smoothed)."""
+    from onnx import helper
+
+    from autoq.backends.ort_graph import attribute_profile
+    from autoq.regions import Regions
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["r"], name="relu"),
+                               helper.make_node("MatMul", ["r", "w1"], ["a"], name="q"),
+                               helper.make_node("MatMul", ["r", "w2"], ["b"], name="k"),
+                               helper.make_node("MatMul", ["r", "w3"], ["c"], name="v")], "g", [], [])
+    per_node = {"q_quant": 1.0, "k_quant": 1.0, "v_quant": 1.0, "r_smoothed0.7_mul": 0.4}
+    charged = attribute_profile(graph, Regions({}, {}), per_node, ["q", "k", "v"])
+    assert charged == pytest.approx({"q": 1.0 + 0.4 / 3, "k": 1.0 + 0.4 / 3, "v": 1.0 + 0.4 / 3})

@@ -45,6 +45,24 @@ def test_the_torch_interpreter_computes_what_onnx_runtime_does(digits_cnn, digit
     np.testing.assert_allclose(ours, theirs, atol=1e-4)
 
 
+def test_the_interpreter_runs_a_bert_encoder_as_onnx_runtime_does(tmp_path):
+    """all-MiniLM-L6-v2's exported graph (LayerNormalization, the attention mask's Where/Expand/Slice/Range, mean
+    pooling, ReduceL2) computes in torch what ONNX Runtime computes, on real padded sentences."""
+    import onnxruntime as ort
+
+    from autoq.demo import demo_files
+    from autoq.recovery.onnx_torch import OnnxModule
+
+    source, data = demo_files()
+    model = graph.prepare(source, tmp_path)
+    feeds = {name: array[:6] for name, array in np.load(data).items()}
+    assert (feeds["attention_mask"] == 0).any()  # padding, so the mask path matters
+    with torch.no_grad():
+        ours = OnnxModule(model.proto, model.layers)(*(torch.from_numpy(feeds[i.name]) for i in model.inputs))
+    theirs = ort.InferenceSession(str(model.path)).run(None, feeds)
+    np.testing.assert_allclose(ours[0].numpy(), theirs[0], atol=1e-5)
+
+
 def test_a_model_with_an_op_the_interpreter_lacks_gets_one_line(tmp_path):
     from onnx import TensorProto, helper, numpy_helper
 

@@ -25,7 +25,8 @@ def test_unknown_precisions_and_versions_are_refused():
 
 
 SPECS = ["fp32", "bf16", "fp16", "int8", "int8-sym", "int8-entropy", "int8-mse", "int8-pct99.99",
-         "int8-sym-pct99.9", "int8-dyn", "int8-dyn-pc", "w8", "w8-asym", "w4g32", "w4g128-asym", "w4g32-hqq",
+         "int8-sym-pct99.9", "int8-dyn", "int8-dyn-pc", "int8-dyn-pc-sq0.7", "w8", "w8-asym", "w4g32", "w4g128-asym",
+         "w4g32-hqq",
          "w8g128-acc4", "w4g64-asym-awq", "w4g128-se", "w4g32-hqq-acc4", "w4g32-kquant-acc4"]
 
 
@@ -47,6 +48,8 @@ def test_specs_carry_their_fields_and_non_canonical_spellings_normalise():
     assert (w4.kind, w4.bits, w4.group, w4.symmetric, w4.accuracy) == ("weight-only", 4, 32, False, 4)
     assert str(w4) == "w4g32-asym-acc4"
     assert Precision.parse("int8-dyn").granularity == "tensor"
+    assert Precision.parse("int8-dyn-sq0.70-pc").smooth == 0.7 and str(Precision.parse("int8-dyn-sq.7-pc")) == (
+        "int8-dyn-pc-sq0.7")
     assert Precision.parse("w4g32-hqq").symmetric is False  # HQQ fits zero points
     assert Precision.parse("w4g32-kquant").symmetric is False  # so do k-quants
     assert Assignment({"a": "int8-minmax"}).layers == {"a": "int8"}
@@ -56,7 +59,8 @@ def test_specs_carry_their_fields_and_non_canonical_spellings_normalise():
 @pytest.mark.parametrize(("text", "problem"), [
     ("w4g48", "power of two"), ("int8-dyn-sym", "asymmetric"), ("fp32-sym", "takes no options"),
     ("w4g32-pct99", "calibration is for static"), ("w2g32", "4 or 8 bits"), ("int8-acc4", "weight-only"),
-    ("w4g32-sym-hqq", "hqq fits a zero point"), ("int8-foo", "unknown option 'foo'")])
+    ("w4g32-sym-hqq", "hqq fits a zero point"), ("int8-foo", "unknown option 'foo'"),
+    ("int8-dyn-sq0.7", "int8-dyn-pc"), ("int8-sq0.5", "int8-dyn-pc"), ("int8-dyn-pc-sq1", "alpha in")])
 def test_malformed_specs_are_one_line_errors(text, problem):
     with pytest.raises(AutoqError, match=problem) as error:
         Precision.parse(text)

@@ -36,7 +36,7 @@ def _autoq(*args: str) -> subprocess.CompletedProcess:
 def test_csvs_load_with_the_documented_columns(run_dir):
     trials = pd.read_csv(run_dir / "trials.csv")
     assert list(trials.columns) == TRIAL_COLUMNS
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    readme = (Path(__file__).parents[1] / "docs" / "run-directory.md").read_text()
     assert all(f"`{c}`" in readme for c in TRIAL_COLUMNS)
     pareto = pd.read_csv(run_dir / "pareto.csv")
     assert all(f"`{c}`" in readme for c in pareto.columns if c not in TRIAL_COLUMNS)

@@ -217,17 +217,17 @@ def test_each_option_varies_the_uniform_baselines_it_changes():
 
 
 def test_option_variants_copy_only_the_seeds_an_option_changes():
-    """ORT's SmoothQuant changes int8-dyn-pc layers only: a per-tensor int8-dyn seed gets no (duplicate) copy."""
+    """ORT's bias correction changes static int8 layers only: a seed without one gets no (duplicate) copy."""
     from autoq.backends import get_backend
     from autoq.search import option_variants
 
-    seeds = [Assignment({"a": "int8-dyn", "b": "fp32"}), Assignment({"a": "int8-dyn-pc", "b": "fp32"}),
-             Assignment({"a": "int8-dyn-pc", "b": "int8-dyn-pc"}), Assignment({"a": "fp32", "b": "int8-dyn-pc"})]
-    options = {"smooth_quant": [False, 0.5, 0.7], "glue": ["int8"]}
+    seeds = [Assignment({"a": "int8-dyn", "b": "fp32"}), Assignment({"a": "int8", "b": "fp32"}),
+             Assignment({"a": "int8", "b": "int8-dyn-pc"}), Assignment({"a": "fp32", "b": "int8"}),
+             Assignment({"a": "fp32", "b": "int8-dyn-pc-sq0.7"})]
+    options = {"bias_correction": [True, False], "glue": ["int8"]}
     variants = option_variants(seeds, options, get_backend("onnxruntime").option_affects, limit=2)
     assert [(v.layers, v.options) for v in variants] == [
-        (seeds[1].layers, {"smooth_quant": 0.5}), (seeds[2].layers, {"smooth_quant": 0.5}),
-        (seeds[1].layers, {"smooth_quant": 0.7}), (seeds[2].layers, {"smooth_quant": 0.7})]
+        (seeds[1].layers, {"bias_correction": False}), (seeds[2].layers, {"bias_correction": False})]
 
 
 def test_settings_are_one_record_checked_when_made(digits_cnn, digits_npz, tmp_path):

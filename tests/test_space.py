@@ -17,7 +17,7 @@ def test_bundled_default_space_offers_fp32_and_int8_everywhere_and_int8_dyn_on_m
     space = load_space(None)
     choices = space.choices(LAYERS, ORT)
     assert choices == {"/conv1/Conv": ["fp32", "int8"], "/fc/Gemm": ["fp32", "int8"],
-                       "/head/MatMul": ["fp32", "int8", "int8-dyn", "int8-dyn-pc"]}
+                       "/head/MatMul": ["fp32", "int8", "int8-dyn", "int8-dyn-pc", "int8-dyn-pc-sq0.7"]}
 
 
 def test_first_matching_rule_wins():

@@ -12,8 +12,9 @@ from autoq.calibrate import calibrate
 from autoq.precision import Assignment, Precision, calibrations
 from tests.models import embedding_mlp
 
-ORT_SPECS = ["int8", "int8-sym", "int8-entropy", "int8-mse", "int8-pct99.9", "int8-dyn", "int8-dyn-pc", "w8g32",
-             "w8g128-acc4", "w4g32", "w4g32-asym-acc4", "w4g64-hqq", "w4g32-gptq", "w4g32-kquant-acc4", "w8g32-kquant"]
+ORT_SPECS = ["int8", "int8-sym", "int8-entropy", "int8-mse", "int8-pct99.9", "int8-dyn", "int8-dyn-pc",
+             "int8-dyn-pc-sq0.7", "w8g32", "w8g128-acc4", "w4g32", "w4g32-asym-acc4", "w4g64-hqq", "w4g32-gptq",
+             "w4g32-kquant-acc4", "w8g32-kquant"]
 OV_SPECS = ["int8", "w8", "w8-asym", "w4g32", "w4g128-asym", "w4g32-se", "w4g32-gptq", "w4g32-awq"]
 
 

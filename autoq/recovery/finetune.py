@@ -30,6 +30,7 @@ from autoq.evaluate import Evaluator
 from autoq.graph import OnnxModel, save_onnx
 from autoq.precision import Assignment, Precision
 from autoq.progress import PhaseProgress
+from autoq.quantsim import smoothing_scale
 from autoq.recovery.onnx_torch import OnnxModule
 from autoq.recovery.rounding import input_range
 
@@ -61,6 +62,17 @@ def _activation(x: torch.Tensor, low: float, high: float, symmetric: bool = Fals
         low, high = -max(-low, high), max(-low, high)
     step = max(high - low, 1e-12) / 255
     zero = round(-low / step)
+    return _ste(x, (torch.clamp(torch.round(x / step) + zero, 0, 255) - zero) * step)
+
+
+def _dynamic(x: torch.Tensor) -> torch.Tensor:
+    """`x` quantized as a dynamic int8 kernel does at run time: uint8 on each sample's own range (a deployed
+    model runs one sample per call)."""
+    dims = tuple(range(1, x.dim()))
+    low = x.detach().amin(dim=dims, keepdim=True).clamp(max=0)
+    high = x.detach().amax(dim=dims, keepdim=True).clamp(min=0)
+    step = (high - low).clamp_min(1e-12) / 255
+    zero = torch.round(-low / step)
     return _ste(x, (torch.clamp(torch.round(x / step) + zero, 0, 255) - zero) * step)
 
 
@@ -112,14 +124,26 @@ def hooks(model: OnnxModel, assignment: Assignment, calibration: Path) -> dict[s
                 return _activation(x, low, high, spec.symmetric), _weight(w, axis, spec)
             made[layer.name] = static
         elif spec.kind == "dynamic":
-            def dynamic(x, w, spec=spec, axis=axis):
-                return _activation(x, float(x.detach().min()), float(x.detach().max())), _weight(w, axis, spec)
+            peaks = _input_peaks(model, calibration, nodes[layer.name].input[0]) if spec.smooth else None
+
+            def dynamic(x, w, spec=spec, axis=axis, peaks=peaks):
+                if peaks is not None:  # smoothed as the backend builds it: the input / s, the weight rows * s
+                    scale = torch.from_numpy(smoothing_scale(peaks, w.detach().abs().amax(1).numpy(), spec.smooth))
+                    x, w = x / scale, w * scale[:, None]
+                return _dynamic(x), _weight(w, axis, spec)
             made[layer.name] = dynamic
         elif spec.kind == "weight-only":
             made[layer.name] = lambda x, w, spec=spec, axis=axis: (x, _weight(w, axis, spec))
         else:
             made[layer.name] = lambda x, w: (_bf16(x), _bf16(w))
     return made
+
+
+def _input_peaks(model: OnnxModel, calibration: Path, tensor: str) -> np.ndarray:
+    """The largest |value| per channel of `tensor` on the calibration samples (what smoothing divides by)."""
+    from autoq.backends.ort_smooth import channel_maxima  # smoothed specs are ORT's
+
+    return channel_maxima(model, calibration)[tensor]
 
 
 def _distance(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:

@@ -2,8 +2,8 @@
 each layer's weight and bias are parameters named by their initializers (trained values go back into the ONNX
 file by name), and a hook per layer can fake-quantize its input and weight as its spec will run.
 
-Covers the ops of convolutional and MLP classifiers (a converter such as onnx2torch needs torchvision, which has
-no build for this torch on PyPI); any other op is a one-line error naming it.
+Covers the ops of convolutional and MLP classifiers and of BERT-style encoders (a converter such as onnx2torch
+needs torchvision, which has no build for this torch on PyPI); any other op is a one-line error naming it.
 """
 
 from __future__ import annotations
@@ -77,6 +77,39 @@ _DTYPES = {onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.INT64: torch.
            onnx.TensorProto.INT32: torch.int32, onnx.TensorProto.BOOL: torch.bool}
 
 
+def _divide(a, b):
+    """ONNX Div: integer division truncates."""
+    if a.is_floating_point() or b.is_floating_point():
+        return a / b
+    return torch.div(a, b, rounding_mode="trunc")
+
+
+def _slice(x, starts, ends, axes=None, steps=None):
+    axes = list(range(len(starts))) if axes is None else [int(a) % x.dim() for a in axes.tolist()]
+    steps = [1] * len(axes) if steps is None else steps.tolist()
+    index = [slice(None)] * x.dim()
+    for axis, start, end, step in zip(axes, starts.tolist(), ends.tolist(), steps, strict=True):
+        if step < 0:
+            raise AutoqError("a Slice with a negative step is not run in torch yet")
+        index[axis] = slice(start, end, step)
+    return x[tuple(index)]
+
+
+def _layer_norm(i, a):
+    axis = a.get("axis", -1) % i[0].dim()
+    return F.layer_norm(i[0], i[0].shape[axis:], i[1], i[2] if len(i) > 2 else None, a.get("epsilon", 1e-5))
+
+
+def _constant_of_shape(shape, a):
+    value = torch.from_numpy(numpy_helper.to_array(a["value"]).copy()) if "value" in a else torch.zeros(1)
+    return torch.full([int(s) for s in shape.tolist()], value.item(), dtype=value.dtype)
+
+
+def _gather_elements(x, index, axis):
+    index = index.long()
+    return torch.gather(x, axis, torch.where(index < 0, index + x.shape[axis], index))
+
+
 def _reshape(x, shape):
     shape = [int(s) for s in shape.tolist()]
     shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
@@ -88,7 +121,8 @@ OPS: dict[str, Callable] = {  # op -> f(inputs, attributes) for the non-layer op
     "Clip": lambda i, a: torch.clamp(i[0], *(float(v) if v is not None else None for v in (
         i[1] if len(i) > 1 else a.get("min"), i[2] if len(i) > 2 else a.get("max")))),
     "Add": lambda i, a: i[0] + i[1], "Sub": lambda i, a: i[0] - i[1], "Mul": lambda i, a: i[0] * i[1],
-    "Div": lambda i, a: i[0] / i[1], "Pow": lambda i, a: torch.pow(i[0], i[1]), "Sqrt": lambda i, a: torch.sqrt(i[0]),
+    "Div": lambda i, a: _divide(i[0], i[1]), "Pow": lambda i, a: torch.pow(i[0], i[1]),
+    "Sqrt": lambda i, a: torch.sqrt(i[0]),
     "Sigmoid": lambda i, a: torch.sigmoid(i[0]), "Tanh": lambda i, a: torch.tanh(i[0]),
     "Erf": lambda i, a: torch.erf(i[0]), "Identity": lambda i, a: i[0],
     "HardSigmoid": lambda i, a: torch.clamp(a.get("alpha", 0.2) * i[0] + a.get("beta", 0.5), 0, 1),
@@ -106,6 +140,21 @@ OPS: dict[str, Callable] = {  # op -> f(inputs, attributes) for the non-layer op
     "ReduceSum": lambda i, a: i[0].sum(dim=tuple(_axes(i, a, range(i[0].dim()))), keepdim=bool(a.get("keepdims", 1))),
     "Cast": lambda i, a: i[0].to(_DTYPES.get(a["to"], i[0].dtype)),
     "Unsqueeze": lambda i, a: _unsqueeze(i[0], _axes(i, a, [])),
+    "LayerNormalization": _layer_norm, "ConstantOfShape": lambda i, a: _constant_of_shape(i[0], a),
+    "Where": lambda i, a: torch.where(i[0].bool(), i[1], i[2]),
+    "Expand": lambda i, a: i[0].expand(torch.broadcast_shapes(i[0].shape, tuple(int(s) for s in i[1].tolist()))),
+    "Equal": lambda i, a: torch.eq(i[0], i[1]), "And": lambda i, a: torch.logical_and(i[0], i[1]),
+    "GreaterOrEqual": lambda i, a: torch.ge(i[0], i[1]), "Greater": lambda i, a: torch.gt(i[0], i[1]),
+    "Less": lambda i, a: torch.lt(i[0], i[1]), "Not": lambda i, a: torch.logical_not(i[0]),
+    "Range": lambda i, a: torch.arange(i[0].item(), i[1].item(), i[2].item(), dtype=i[0].dtype),
+    "Slice": lambda i, a: _slice(*i),
+    "GatherElements": lambda i, a: _gather_elements(i[0], i[1], a.get("axis", 0)),
+    "ReduceL2": lambda i, a: i[0].pow(2).sum(dim=tuple(_axes(i, a, range(i[0].dim()))),
+                                             keepdim=bool(a.get("keepdims", 1))).sqrt(),
+    "Neg": lambda i, a: -i[0], "Exp": lambda i, a: torch.exp(i[0]), "Log": lambda i, a: torch.log(i[0]),
+    "ReduceMax": lambda i, a: i[0].amax(dim=tuple(_axes(i, a, range(i[0].dim()))), keepdim=bool(a.get("keepdims", 1))),
+    "Gelu": lambda i, a: F.gelu(i[0], approximate="tanh" if a.get("approximate", b"none") in (b"tanh", "tanh")
+                                else "none"),
 }
 LAYERS = {"Conv": _conv, "Gemm": _gemm, "MatMul": lambda x, w, b, a: x @ w}
 

@@ -1,14 +1,17 @@
-"""Learned rounding (AdaRound, Nagel et al. 2020): each weight of a static int8 layer rounds up or down by a
-learned soft mask, fitted to minimise the layer's output error against FP32 on the calibration inputs (its input
-fake-quantized with the layer's calibrated uint8 range, as the int8 kernel will see it). Fitted once per
-(layer, spec) and cached in the run directory, so a trial that picks it costs what round-to-nearest costs.
+"""Learned rounding (AdaRound, Nagel et al. 2020): each weight of a layer rounds up or down by a learned soft
+mask, fitted to minimise the layer's output error against FP32 on the calibration inputs (a static int8 layer's
+input fake-quantized with its calibrated uint8 range, as the int8 kernel will see it; a weight-only layer's input
+as it is). Fitted once per (layer, spec) and cached in the run directory, so a trial that picks it costs what
+round-to-nearest costs.
 
-The learned weights are cached as float weights that lie exactly on the layer's int8 grid (one scale per output
-channel, max|w| / 127: the symmetric per-channel weights ONNX Runtime and NNCF make, the channel's largest weight
-kept where it was). A backend's own round-to-nearest quantizer then reproduces the learned integers exactly from
-them: `substitute` puts them in the float model before the backend quantizes, and the kernels, the executed check
-and the deployed files are those of round-to-nearest. Torch's PT2E observer spreads weights over 127.5 levels, so
-its grid differs and the torch backend does not offer learned rounding.
+The learned weights are cached as float weights that lie exactly on the layer's grid, the grid's largest weight
+kept where it was: static int8, one scale per output channel, max|w| / 127 (the symmetric per-channel weights
+ONNX Runtime and NNCF make); symmetric weight-only (`w4g32-adaround`), one signed scale per block of inputs, the
+block's largest-magnitude weight over -2^(bits-1) (ONNX Runtime's MatMulNBits grid). A backend's own
+round-to-nearest quantizer then reproduces the learned integers exactly from them: `substitute` puts them in the
+float model before the backend quantizes, `check_built` confirms the built integers, and the kernels, the
+executed check and the deployed files are those of round-to-nearest. Torch's PT2E observer spreads weights over
+127.5 levels and NNCF's int4 grid is not MatMulNBits', so those backends do not offer it.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from autoq.quantsim import round_activation
 
 VERSION = 3  # 3: FP32 inputs, a held-out share judging the fit
 LEARNED = ("adaround",)  # the roundings fitted here (Precision.rounding)
-LEVELS = 127  # symmetric int8 weights: [-127, 127]
+LEVELS = 127  # symmetric static int8 weights: [-127, 127]
 ITERATIONS, BATCH, MAX_SAMPLES, LR = 500, 16, 256, 1e-2
 HELD_OUT = 5  # one sample in HELD_OUT is kept out of the fit to judge it
 KEEP = 0.95  # the learned weights are kept where they lower the held-out error by 5% or more
@@ -109,8 +112,11 @@ def prepare(model: OnnxModel, calibration: Path, pairs: list[tuple[Layer, Precis
         for index, (layer, spec) in enumerate(chunk):
             node = nodes[layer.name]
             x = inputs[node.input[0]]
-            low, high = input_range(calibration, node, spec)
-            fitted = fit(node, model.proto, layer, x, round_activation(x, low, high, spec.symmetric).astype(np.float32))
+            seen = x
+            if spec.kind == "static":
+                low, high = input_range(calibration, node, spec)
+                seen = round_activation(x, low, high, spec.symmetric).astype(np.float32)
+            fitted = fit(node, model.proto, layer, x, seen, spec)
             _save(cache_file(calibration, layer.name, spec), fitted)
             done[(layer.name, str(spec))] = fitted
             if report:
@@ -147,31 +153,77 @@ def substitute(proto: onnx.ModelProto, model: OnnxModel, specs: dict[str, Precis
 
 
 def check_built(proto: onnx.ModelProto, model: OnnxModel, specs: dict[str, Precision], calibration: Path) -> None:
-    """Raise unless each learned layer of a built QDQ model stores the learned integers (its DequantizeLinear's
-    weights times scales equal the cached grid weights): a quantizer that picked other scales would otherwise run
+    """Raise unless each learned layer of a built ONNX Runtime model stores the learned integers (its weights
+    times scales equal the cached grid weights): a quantizer that picked other scales would otherwise run
     round-to-nearest of the learned weights under the learned spec's name."""
-    stored = {t.name: t for t in proto.graph.initializer}
-    producer = {out: node for node in proto.graph.node for out in node.output}
-    nodes = {node.name: node for node in proto.graph.node}
     for layer in model.layers:
         spec = specs.get(layer.name)
         if spec is None or not is_learned(spec):
             continue
         fitted = load(calibration, layer.name, spec)
-        dequantize = producer.get(nodes[layer.name].input[1]) if layer.name in nodes else None
-        if fitted is None or dequantize is None or dequantize.input[0] not in stored:
-            raise AutoqError(f"{layer.name} ({spec}): its int8 weights are not in the built model")
-        q, scale = (numpy_helper.to_array(stored[name]) for name in dequantize.input[:2])
-        shape = [1] * q.ndim
-        shape[layer.channel_axis] = -1
-        if not np.allclose(q.astype(np.float32) * scale.reshape(shape), fitted.weight, rtol=1e-5, atol=1e-7):
+        built = _built_weight(proto, layer, spec)
+        if fitted is None or built is None:
+            raise AutoqError(f"{layer.name} ({spec}): its quantized weights are not in the built model")
+        if not np.allclose(built, fitted.weight, rtol=1e-5, atol=1e-7):
             raise AutoqError(f"{layer.name} ({spec}): the quantizer did not keep the learned integers")
 
 
-def grid(w: np.ndarray, axis: int) -> np.ndarray:
-    """The per-channel int8 scale along `axis`, broadcastable against `w`."""
-    reduce = tuple(i for i in range(w.ndim) if i != axis)
-    return np.maximum(np.abs(w).max(axis=reduce, keepdims=True), 1e-12) / LEVELS
+def _built_weight(proto: onnx.ModelProto, layer: Layer, spec: Precision) -> np.ndarray | None:
+    """The weight a built model computes `layer` with, de-quantized: a static layer's DequantizeLinear (integers
+    times per-channel scales), a weight-only layer's MatMulNBits (`<layer>_Q<bits>`: unsigned blocks packed low
+    bits first, the symmetric zero point 2^(bits-1), one scale per output and block)."""
+    stored = {t.name: t for t in proto.graph.initializer}
+    if spec.kind == "weight-only":
+        node = next((n for n in proto.graph.node if n.name == f"{layer.name}_Q{spec.bits}"), None)
+        if node is None or node.input[1] not in stored or node.input[2] not in stored:
+            return None
+        packed, scales = (numpy_helper.to_array(stored[name]) for name in node.input[1:3])
+        per_byte = 8 // spec.bits
+        values = np.stack([(packed >> (spec.bits * i)) & (2 ** spec.bits - 1) for i in range(per_byte)], -1)
+        q = values.reshape(packed.shape[0], packed.shape[1], -1).astype(np.float32) - 2 ** (spec.bits - 1)
+        weight = (q * scales.reshape(packed.shape[0], packed.shape[1], 1)).reshape(packed.shape[0], -1)
+        return weight[:, :layer.weight_shape[0]].T  # (outputs, padded inputs) -> the MatMul's (inputs, outputs)
+    producer = {out: node for node in proto.graph.node for out in node.output}
+    node = next((n for n in proto.graph.node if n.name == layer.name), None)
+    dequantize = producer.get(node.input[1]) if node is not None else None
+    if dequantize is None or dequantize.input[0] not in stored:
+        return None
+    q, scale = (numpy_helper.to_array(stored[name]) for name in dequantize.input[:2])
+    shape = [1] * q.ndim
+    shape[layer.channel_axis] = -1
+    return q.astype(np.float32) * scale.reshape(shape)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Where a layer's weights may land: `scale` (the shape of the weight), the integer range, and the weights
+    that set the scales (kept on their grid point, so the backend's quantizer finds the same scales)."""
+
+    scale: np.ndarray
+    low: int
+    high: int
+    keep: np.ndarray
+
+
+def grid(w: np.ndarray, layer: Layer, spec: Precision) -> Grid:
+    """The grid `spec` stores `w` on (see the module docstring)."""
+    if spec.kind == "static":
+        reduce = tuple(i for i in range(w.ndim) if i != layer.channel_axis)
+        scale = np.maximum(np.abs(w).max(axis=reduce, keepdims=True), 1e-12) / LEVELS
+        return Grid(np.broadcast_to(scale, w.shape).astype(np.float32), -LEVELS, LEVELS,
+                    _largest(w, layer.channel_axis))
+    if spec.kind != "weight-only" or not spec.symmetric or spec.group == 0 or w.ndim != 2:
+        raise AutoqError(f"learned rounding fits static int8 and symmetric weight-only blocks, not {spec}")
+    inputs, group = w.shape[0], spec.group  # a MatMul weight: (inputs, outputs), blocks along the inputs
+    blocks = np.pad(w, ((0, -inputs % group), (0, 0))).reshape(-1, group, w.shape[1])
+    at = np.abs(blocks).argmax(1)
+    extreme = np.take_along_axis(blocks, at[:, None, :], 1)
+    levels = 2 ** (spec.bits - 1)
+    scale = np.where(np.abs(extreme) < 1e-12, 1e-12, extreme / -levels)
+    keep = np.zeros(blocks.shape, dtype=bool)
+    np.put_along_axis(keep, at[:, None, :], True, 1)
+    full = np.broadcast_to(scale, blocks.shape).reshape(-1, w.shape[1])[:inputs]
+    return Grid(full.astype(np.float32), -levels, levels - 1, keep.reshape(-1, w.shape[1])[:inputs])
 
 
 def _forward(node: onnx.NodeProto, bias: np.ndarray | None, rank: int) -> Callable:
@@ -187,9 +239,10 @@ def _forward(node: onnx.NodeProto, bias: np.ndarray | None, rank: int) -> Callab
     return lambda x, w: LAYERS[node.op_type](x, w, b, attrs)
 
 
-def fit(node: onnx.NodeProto, proto: onnx.ModelProto, layer: Layer, x: np.ndarray, x_int8: np.ndarray) -> Fitted:
-    """AdaRound of one layer: its int8 weights' rounding fitted so that, on its int8 input `x_int8`, it computes
-    what FP32 computes on the FP32 input `x` (both over all calibration samples)."""
+def fit(node: onnx.NodeProto, proto: onnx.ModelProto, layer: Layer, x: np.ndarray, x_seen: np.ndarray,
+        spec: Precision) -> Fitted:
+    """AdaRound of one layer: its weights' rounding on `spec`'s grid fitted so that, on the input its kernel sees
+    (`x_seen`), it computes what FP32 computes on the FP32 input `x` (both over all calibration samples)."""
     import torch
 
     if layer.op_type not in FITTED_OPS:
@@ -198,16 +251,16 @@ def fit(node: onnx.NodeProto, proto: onnx.ModelProto, layer: Layer, x: np.ndarra
     w = weight_array(proto, layer.weight).astype(np.float32)
     bias = weight_array(proto, node.input[2]) if len(node.input) > 2 and node.input[2] else None
     forward = _forward(node, bias, x.ndim)
-    scale = grid(w, layer.channel_axis)
+    lattice = grid(w, layer, spec)
+    scale, low, high = lattice.scale, lattice.low, lattice.high
     floor = np.floor(w / scale)
     rest = np.clip(w / scale - floor, 1e-4, 1 - 1e-4)
-    keep = _largest(w, layer.channel_axis)  # each channel's largest weight stays on its grid point (it sets the scale)
-    x_t, x_q = (torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for a in (x, x_int8))
+    x_t, x_q = (torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for a in (x, x_seen))
     if x.ndim >= 3 and node.op_type == "MatMul":  # tokens are samples too
         x_t, x_q = x_t.reshape(-1, x.shape[-1]), x_q.reshape(-1, x.shape[-1])
     w_t, s_t, floor_t = (torch.from_numpy(a.astype(np.float32)) for a in (w, scale, floor))
-    keep_t = torch.from_numpy(keep)
-    rtn = torch.from_numpy(np.clip(np.round(w / scale), -LEVELS, LEVELS).astype(np.float32))
+    keep_t = torch.from_numpy(lattice.keep)  # the weights that set the scales stay on their grid point
+    rtn = torch.from_numpy(np.clip(np.round(w / scale), low, high).astype(np.float32))
     with torch.no_grad():
         target = forward(x_t, w_t)
     rest_t = torch.from_numpy(rest.astype(np.float32))
@@ -217,7 +270,7 @@ def fit(node: onnx.NodeProto, proto: onnx.ModelProto, layer: Layer, x: np.ndarra
         return torch.clamp(torch.sigmoid(alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
 
     def weight(h: torch.Tensor) -> torch.Tensor:
-        return torch.where(keep_t, rtn, torch.clamp(floor_t + h, -LEVELS, LEVELS)) * s_t
+        return torch.where(keep_t, rtn, torch.clamp(floor_t + h, low, high)) * s_t
 
     generator = torch.Generator().manual_seed(0)
     order = torch.randperm(x_t.shape[0], generator=generator)
