@@ -23,6 +23,7 @@ from autoq import recipes as recipes_mod
 from autoq import sensitivity as sensitivity_mod
 from autoq.backends import get_backend
 from autoq.calibrate import calibrate
+from autoq.causal_lm import LABELS, LLM_SPACES, folder_files
 from autoq.costmodel import Screen
 from autoq.errors import AutoqError
 from autoq.evaluate import CandidateError, Evaluator
@@ -77,6 +78,9 @@ def _problem(model: str | Path | object | None, data: DataArg, example_inputs, s
     """Load and validate everything; for a search (`searching`) its run directory is also checked."""
     backend, metric, labels, space = settings.backend, settings.metric, settings.labels, settings.space
     stem = label = None
+    if settings.text is not None and not (isinstance(model, str | Path) and Path(model).is_dir()):
+        raise AutoqError("--text goes with a Hugging Face causal LM folder as the model (autoq search FOLDER --text "
+                         "FILE)")
     if model is None and backend == "torch" and settings.demo == "minilm":  # the torch backend needs the module
         from autoq.demo import demo_module
 
@@ -93,6 +97,12 @@ def _problem(model: str | Path | object | None, data: DataArg, example_inputs, s
         metric, labels = metric or demo.metric, labels if labels is not None else demo.labels
         space = space if space is not None else demo.spaces.get(backend)
         stem, label = demo.stem, f"{demo.stem}: {demo.summary}"
+    elif isinstance(model, str | Path) and Path(model).is_dir():  # a Hugging Face causal LM and a text file
+        stem, label = Path(model).name, f"{Path(model).name}: causal LM, perplexity on {settings.text}"
+        run_dir = Path(settings.out) if settings.out else REPORTS / f"{stem}-{backend}"
+        model, data = folder_files(Path(model), settings.text, data, backend, run_dir / "cache" / "causal-lm")
+        metric, labels = metric or "ppl_ratio", labels if labels is not None else LABELS
+        space = space if space is not None else LLM_SPACES.get(backend)
     if data is None:
         raise AutoqError("no data: pass --data DATA.npz with arrays named as the model inputs")
     chosen_backend = get_backend(backend)

@@ -13,7 +13,9 @@ Two exporters (`EXPORTERS`), one graph each runtime runs generation with:
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -167,3 +169,65 @@ def token_windows(tokens: np.ndarray, length: int, count: int, model_path: Path)
             msg = f"input '{spec.name}' {spec.shape} is not one a decoder with a KV cache takes"
             raise AutoqError(msg)
     return arrays
+
+
+WINDOW, MAX_WINDOWS, MIN_WINDOWS = 64, 96, 16  # tokens per window; windows from a user's text (split 1/4, 1/2, 1/4)
+LLM_SPACES = {"onnxruntime": "llm-cpu", "openvino": "llm-openvino"}  # a language model's space per backend
+
+
+def folder_files(hf_dir: Path, text: str | Path | None, data: object, backend: str, folder: Path) -> tuple[Path, Path]:
+    """`autoq search HF_FOLDER --text FILE`: the checks (a text file instead of data, a backend that runs language
+    models), then `hf_folder_files`."""
+    if text is None or data is not None:
+        msg = (f"{hf_dir} is a folder: give a Hugging Face causal LM folder with --text FILE (plain text to score "
+               "perplexity on), not --data")
+        raise AutoqError(msg)
+    if backend not in LLM_SPACES:
+        raise AutoqError(f"a causal LM folder runs on {' or '.join(LLM_SPACES)}, not {backend}")
+    return hf_folder_files(hf_dir, Path(text), folder, backend)
+
+
+def hf_folder_files(hf_dir: Path, text: Path, folder: Path, backend: str) -> tuple[Path, Path]:
+    """(model.onnx, windows.npz) for a search of the Hugging Face causal LM in `hf_dir` on the plain text `text`:
+    exported once into `folder` with the exporter `backend` runs (GenAI's builder for ONNX Runtime, torch's for
+    OpenVINO), the text cut into up to 96 windows of 64 tokens by the model's own tokenizer. One-line errors for a
+    folder that is not a causal LM and for too little text."""
+    hf_dir, text = Path(hf_dir), Path(text)
+    if not (hf_dir / "config.json").is_file():
+        msg = f"{hf_dir} is not a Hugging Face model folder (no config.json): give the folder save_pretrained wrote"
+        raise AutoqError(msg)
+    try:
+        content = text.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        msg = f"cannot read --text {text}: {exc}; give a plain UTF-8 text file"
+        raise AutoqError(msg) from None
+    if not content.strip():
+        raise AutoqError(f"--text {text} is empty: give the text the model should keep its perplexity on")
+    exporter = "torch" if backend == "openvino" else "genai"
+    model = folder / f"onnx-{exporter}" / "model.onnx"
+    if not model.is_file():
+        print(f"autoq: exporting {hf_dir.name} to {model.parent} (first use only)")
+        staging = model.parent.with_suffix(".partial")
+        shutil.rmtree(staging, ignore_errors=True)  # an interrupted export leaves nothing half-written behind
+        try:
+            with captured():
+                export_causal_lm(hf_dir, staging, folder / "builder-cache", exporter=exporter)
+        except (OSError, ValueError, KeyError, subprocess.CalledProcessError) as exc:
+            msg = f"{hf_dir} could not be exported as a causal language model ({type(exc).__name__}: {exc})"
+            raise AutoqError(msg.splitlines()[0]) from None
+        shutil.rmtree(model.parent, ignore_errors=True)
+        staging.replace(model.parent)
+    digest = hashlib.sha1(content.encode()).hexdigest()[:12]
+    windows = folder / f"windows-{digest}-{exporter}.npz"
+    if not windows.is_file():
+        from transformers import AutoTokenizer
+
+        with captured():
+            tokens = np.array(AutoTokenizer.from_pretrained(str(hf_dir))(content)["input_ids"], dtype=np.int64)
+        count = min(MAX_WINDOWS, (len(tokens) - 1) // WINDOW)
+        if count < MIN_WINDOWS:
+            msg = (f"--text {text} has {len(tokens)} tokens: at least {MIN_WINDOWS * WINDOW + 1} are needed "
+                   f"({MIN_WINDOWS} windows of {WINDOW}); give more text")
+            raise AutoqError(msg)
+        np.savez(windows, **token_windows(tokens, WINDOW, count, model))  # type: ignore[arg-type]
+    return model, windows

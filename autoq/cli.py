@@ -15,8 +15,11 @@ from autoq.settings import DEMO_NAMES, RECIPE_MODES, RunSettings
 
 def _problem_args(parser: argparse.ArgumentParser) -> None:
     """The flags that say what problem to work on, shared by every command."""
-    parser.add_argument("model", nargs="?", help="ONNX or torch.export (.pt2) file (default: the MiniLM demo)")
+    parser.add_argument("model", nargs="?", help="ONNX or torch.export (.pt2) file, or a Hugging Face causal LM "
+                        "folder with --text (default: the MiniLM demo)")
     parser.add_argument("--data", help=".npz with one array per model input (first axis = samples)")
+    parser.add_argument("--text", help="with a Hugging Face causal LM folder: a plain-text file to score perplexity "
+                        "on (instead of --data)")
     parser.add_argument("--labels", help="labels: an array name in the data file, or a .npy file")
     parser.add_argument("--metric", help="cosine | top1 | top5 | sqnr | accuracy | ppl_ratio (a language model's "
                         "FP32 perplexity / its own, labels = next tokens) (default: accuracy with labels, else cosine)")

@@ -46,6 +46,7 @@ class RunSettings:
     study: str = "autoq"
     recipes: str = "auto"
     demo: str = "minilm"  # with no model: the embedded demo to search (minilm | llm)
+    text: str | Path | None = None  # with a Hugging Face causal LM folder as the model: the text to keep perplexity on
 
     def __post_init__(self) -> None:
         if self.threads < 1:

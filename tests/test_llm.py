@@ -4,9 +4,11 @@ scored by perplexity, timed on a decode step, built per layer in 4 and 8 bits.""
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import numpy as np
 import onnxruntime as ort
+import pandas as pd
 import pytest
 
 from autoq import data, graph
@@ -316,3 +318,40 @@ def test_k_quant_mixed_places_int8_by_llama_cpps_rule():
     assert all(("qkv" in n or "down" in n) for n, s in mixed.items() if "layers" in n and "w8" in s)
     assert mixed["/lm_head/MatMul"] == "w8g32-kquant-acc4" and mixed["/model/embed_tokens/Gather"] == "w8g32-kquant"
     assert sum(s == "w8g32-kquant-acc4" for s in mixed.values()) == 29
+
+
+def test_a_hugging_face_folder_and_a_text_file_are_searched_in_one_command(decoder, tmp_path):
+    """`autoq search HF_FOLDER --text FILE`: the folder is exported once, the text cut into windows by the model's
+    tokenizer, scored by perplexity on the language-model space; a rerun reuses the export. Bad folders, empty or
+    short text and --text with a model file are one-line errors (exit 2)."""
+    import subprocess
+    import sys
+
+    from autoq.demo import sentences
+
+    hf_dir = decoder[0]
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n".join(sentences(500, seed=3)))
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "autoq", "search", str(hf_dir), "--text", str(text), "--trials", "3",
+                           "--out", str(out), "--recipes", "none", "--quiet"], capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["metric"] == "ppl_ratio"
+    trials = pd.read_csv(out / "trials.csv")
+    assert trials.loc[trials["baseline"] == "uniform-fp32", "quality"].iloc[0] == pytest.approx(1.0)
+    assert trials["summary"].str.contains("-acc4").any() and trials["executed_ok"].all()  # llm-cpu's MatMulNBits
+    assert "exporting" in done.stdout and len(list((out / "cache" / "causal-lm").glob("windows-*.npz"))) == 1
+
+    (tmp_path / "empty.txt").write_text("  \n")
+    (tmp_path / "short.txt").write_text("a few words only")
+    for args, message in (([str(tmp_path), "--text", str(text)], "not a Hugging Face model folder"),
+                          ([str(hf_dir), "--text", str(tmp_path / "empty.txt")], "is empty"),
+                          ([str(hf_dir), "--text", str(tmp_path / "short.txt")], "tokens: at least 1025"),
+                          ([str(hf_dir)], "with --text FILE"),
+                          ([str(decoder[1]), "--text", str(text)], "--text goes with a Hugging Face")):
+        bad = subprocess.run([sys.executable, "-m", "autoq", "search", *args, "--out", str(out), "--quiet"],
+                             capture_output=True, text=True, timeout=300)
+        assert bad.returncode == 2 and message in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, (
+            args, bad.stderr)
