@@ -34,11 +34,11 @@ from autoq.pareto import front as pareto_front
 from autoq.precision import Assignment, Precision, calibrations
 from autoq.progress import PhaseProgress
 from autoq.recovery import rounding
-from autoq.report import run as run_report
-from autoq.report import trials_frame
-from autoq.search import open_study, option_variants, run_lock, run_search
+from autoq.reporting import run as run_report
+from autoq.reporting import trials_frame
 from autoq.settings import RunSettings
 from autoq.space import SearchSpace, load_space
+from autoq.study import open_study, option_variants, run_lock, run_search
 from autoq.torch_input import is_torch_model, to_onnx
 from autoq.worker import Worker, WorkerSpec
 

@@ -152,3 +152,13 @@ def test_a_missing_backend_package_names_the_extra_but_autoqs_own_import_bug_is_
     monkeypatch.setitem(base.BACKENDS, "broken", "autoq.backends.no_such_module:Backend")
     with pytest.raises(ModuleNotFoundError, match="autoq.backends.no_such_module"):
         base.get_backend("broken")
+
+
+def test_import_autoq_loads_no_runtime_until_a_name_is_used():
+    """`import autoq` (and so every worker's start) loads neither a runtime nor pandas, Optuna or plotly; the
+    public names still resolve, to the same objects as their modules'."""
+    code = ("import sys, autoq; heavy = [m for m in ('onnxruntime', 'pandas', 'optuna', 'plotly', 'torch', "
+            "'openvino') if m in sys.modules]; print(heavy); from autoq.api import search; "
+            "print(autoq.search is search and autoq.RunSettings.__module__ == 'autoq.settings')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split("\n")[:2] == ["[]", "True"]

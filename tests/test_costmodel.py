@@ -13,9 +13,9 @@ from autoq.costmodel import AUDIT_EVERY, CostModel, Prediction, Screen, dominate
 from autoq.evaluate import Measurement
 from autoq.pareto import DIRECTIONS
 from autoq.precision import Assignment
-from autoq.search import run_search
 from autoq.settings import RunSettings
 from autoq.space import parse_space
+from autoq.study import run_search
 
 LAYERS = [f"layer{i}" for i in range(12)]
 RNG = np.random.default_rng(0)
@@ -121,7 +121,7 @@ def test_screened_trials_are_recorded_and_do_not_use_the_budget(tmp_path):
 @pytest.mark.parametrize("sampler", ["tpe", "gp"])
 def test_other_samplers_run_the_same_study(sampler, tmp_path):
     space = parse_space({"sampler": sampler, "sensitivity": "none"})
-    from autoq.search import make_sampler
+    from autoq.study import make_sampler
 
     study = optuna.create_study(directions=DIRECTIONS, sampler=make_sampler(space, 0))
     run_search(study, _measured, 1.0, CHOICES, space, RunSettings(trials=14, progress=False))

@@ -18,7 +18,7 @@ import pytest
 
 import autoq
 from autoq.errors import AutoqError
-from autoq.search import open_storage
+from autoq.study import open_storage
 
 
 def _server_binaries() -> str | None:

@@ -14,10 +14,10 @@ from autoq.errors import AutoqError
 from autoq.evaluate import Evaluator
 from autoq.methods import METHODS, SensitivityMethod, register_method
 from autoq.metrics import accuracy
-from autoq.report.html import write_sensitivity_html
+from autoq.reporting.html import write_sensitivity_html
 from autoq.samplers import SAMPLERS, register_sampler
-from autoq.search import make_sampler
 from autoq.space import parse_space
+from autoq.study import make_sampler
 
 
 def params_rows(evaluator: Evaluator, pairs: list) -> list[dict]:

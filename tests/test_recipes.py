@@ -149,7 +149,7 @@ def test_recipes_that_all_built_read_back_without_a_warning(tmp_path):
     """recipes.csv with no failed recipe has an all-empty error column (read back as NaN floats): the summary
     and the report treat it as 'no error' and say nothing on the user's terminal (warnings are errors here)."""
     from autoq.recipes import summary
-    from autoq.report.html import recipe_verdicts_html
+    from autoq.reporting.html import recipe_verdicts_html
 
     path = tmp_path / "recipes.csv"
     pd.DataFrame([{"recipe": "r", "val_quality": 0.9, "val_latency_ms": 9.0, "speedup": 1.1, "size_bytes": 20,

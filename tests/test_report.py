@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 import autoq
-from autoq.report import TRIAL_COLUMNS
+from autoq.reporting import TRIAL_COLUMNS
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -40,6 +40,20 @@ def test_csvs_load_with_the_documented_columns(run_dir):
     assert all(f"`{c}`" in readme for c in TRIAL_COLUMNS)
     pareto = pd.read_csv(run_dir / "pareto.csv")
     assert all(f"`{c}`" in readme for c in pareto.columns if c not in TRIAL_COLUMNS)
+
+
+def test_the_report_leads_with_the_answer_in_units_a_user_reads(run_dir):
+    """First the point to take for each need (with its speed-ups), then the front zoomed on itself, a front table
+    in MB and ms with spreads (one latency per point), and the raw columns behind a toggle."""
+    page = (run_dir / "report.html").read_text()
+    assert page.index("What to take") < page.index("Pareto front") < page.index("Front points")
+    for need in ("fastest", "fastest within 1% of FP32", "most accurate faster than FP32", "smallest"):
+        assert f"<td>{need}" in page
+    front = pd.read_csv(run_dir / "pareto.csv")
+    first = page[page.index("Front points"):page.index("<details>", page.index("Front points"))]
+    assert "val_latency_spread_ms" not in first and "size_bytes" not in first  # raw columns only behind the toggle
+    assert first.count(" MB</td>") == len(front) and first.count(" ms</td>") == len(front)
+    assert "<summary>all columns</summary>" in page and "val_latency_spread_ms" in page
 
 
 def test_report_regenerates_from_the_study(run_dir):
@@ -85,8 +99,8 @@ def test_report_draws_in_headless_chromium(run_dir, tmp_path):
     assert plots == 4  # front, precision map, sensitivity, weight histogram
     assert dom.stdout.count('class="main-svg"') >= 2 * plots  # plotly drew every one
     assert "Uncaught" not in dom.stderr and ":ERROR:CONSOLE" not in dom.stderr
-    shot = tmp_path / "report.png"
-    subprocess.run([CHROMIUM, *FLAGS, *profile, f"--screenshot={shot}", "--window-size=1300,2600", url],
+    shot = tmp_path / "report.png"  # laptop width: the first screen holds the answer and the front
+    subprocess.run([CHROMIUM, *FLAGS, *profile, f"--screenshot={shot}", "--window-size=1366,1100", url],
                    capture_output=True, timeout=120, check=True)
     assert shot.stat().st_size > 50_000  # a rendered page, not a blank one
     Path(os.environ.get("AUTOQ_SCREENSHOT", tmp_path / "kept.png")).write_bytes(shot.read_bytes())

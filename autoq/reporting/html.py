@@ -13,6 +13,7 @@ import plotly.graph_objects as go
 from autoq.methods import method_of
 from autoq.precision import Precision
 from autoq.recipes import built
+from autoq.reporting.answer import choices, front_table, toggle
 
 
 def _front_figure(trials: pd.DataFrame, front: pd.DataFrame, metric: str,
@@ -34,19 +35,39 @@ def _front_figure(trials: pd.DataFrame, front: pd.DataFrame, metric: str,
                     hovertemplate="front point, trial %{customdata}<br>%{text}<br>%{x:.2f} ms, quality %{y:.4f}"
                                   "<extra></extra>")
     baselines = done[done["baseline"] != ""].drop_duplicates("baseline")
-    fig.add_scatter(x=baselines["latency_ms"], y=baselines["quality"], mode="markers+text", name="uniform",
-                    text=baselines["baseline"], textposition="top center",
-                    marker={"symbol": "x", "size": 14, "color": "black"})
+    fig.add_scatter(x=baselines["latency_ms"], y=baselines["quality"], mode="markers", name="uniform",
+                    text=baselines["baseline"], hovertemplate="%{text}<br>%{x:.2f} ms, quality %{y:.4f}<extra></extra>",
+                    marker={"symbol": "x", "size": 12, "color": "black"})
+    low, high = _zoom(front)
     measured = recipes[recipes["val_quality"].notna()] if recipes is not None else None
     if measured is not None and not measured.empty:
-        fig.add_scatter(x=measured["val_latency_ms"], y=measured["val_quality"], mode="markers+text",
-                        name="one-line recipes", text=measured["recipe"], textposition="bottom center",
-                        marker={"symbol": "diamond", "size": 12, "color": "#c44e52"},
-                        hovertemplate="%{text}<br>%{x:.2f} ms, quality %{y:.4f}<extra></extra>")
-    fig.update_layout(title="Quality vs measured latency", xaxis_title="latency (ms, median)",
-                      yaxis_title=f"quality ({metric})", height=560, template="plotly_white",
-                      legend={"orientation": "h", "y": -0.18})
+        off = measured["val_quality"] < low  # off the zoomed scale: marked at the bottom edge with their quality
+        fig.add_scatter(x=measured["val_latency_ms"], y=measured["val_quality"].clip(lower=low),
+                        mode="markers+text", name="one-line recipes",
+                        text=[f"{r} ({q:.3f} ↓)" if o else r
+                              for r, q, o in zip(measured["recipe"], measured["val_quality"], off, strict=True)],
+                        textposition="top right", cliponaxis=False,
+                        marker={"symbol": ["triangle-down" if o else "diamond" for o in off], "size": 12,
+                                "color": "#c44e52"},
+                        hovertemplate="%{text}<br>%{x:.2f} ms<extra></extra>")
+    below = int((done["quality"] < low).sum())
+    fig.update_layout(title="Quality vs measured latency" + (f" (zoomed on the front; {below} trials below)"
+                                                             if below else ""),
+                      xaxis_title="latency (ms, median)", yaxis_title=f"quality ({metric})", height=560,
+                      template="plotly_white", legend={"orientation": "h", "y": -0.18},
+                      yaxis={"range": [low, high]})
     return fig
+
+
+def _zoom(front: pd.DataFrame) -> tuple[float, float]:
+    """The quality range that shows the front (and FP32's 1.0), a margin around it: a broken recipe or trial far
+    below would otherwise squash the front into a line at the top."""
+    values = pd.concat([front["quality"], front.get("val_quality", front["quality"])]).dropna()
+    if values.empty:
+        return 0.0, 1.05
+    top, bottom = max(float(values.max()), 1.0), float(values.min())
+    margin = max((top - bottom) * 0.12, 0.002)
+    return bottom - margin, top + margin
 
 
 def _precision_map(front: pd.DataFrame) -> go.Figure:
@@ -189,9 +210,15 @@ def recipe_verdicts_html(recipes: pd.DataFrame | None) -> tuple[str, str]:
            f'{html.escape(", ".join(measured.loc[~beaten, "recipe"]))}</p>' if (~beaten).any() else
            f"<p><b>The front dominates (or matches within the measurement spread) all {len(measured)} measured "
            "one-line recipes of this runtime that keep a usable quality.</b></p>")
-    columns = ["recipe", "val_quality", "val_latency_ms", "speedup", "size_bytes", "verdict"]
+    readable = pd.DataFrame({
+        "recipe": recipes["recipe"],
+        "quality": [f"{q:.4f}" if pd.notna(q) else "" for q in recipes["val_quality"]],
+        "latency": [f"{ms:.2f} ms" if pd.notna(ms) else "" for ms in recipes["val_latency_ms"]],
+        "speed-up vs FP32": [f"{x:.2f}x" if pd.notna(x) else "" for x in recipes["speedup"]],
+        "size": [f"{b / 1e6:.1f} MB" if pd.notna(b) else "" for b in recipes["size_bytes"]],
+        "verdict": _text(recipes["verdict"]) + _text(recipes.get("error", pd.Series("", index=recipes.index)))})
     return top, ("<h2>The runtime's one-line recipes, measured in this run (validation split, latency in the "
-                 "study's FP32 scale)</h2>" + _table(recipes[columns]))
+                 "study's FP32 scale)</h2>" + _table(readable) + toggle("all columns", _table(recipes)))
 
 
 def write_html(path: Path, trials: pd.DataFrame, front: pd.DataFrame, meta: dict,
@@ -206,11 +233,8 @@ def write_html(path: Path, trials: pd.DataFrame, front: pd.DataFrame, meta: dict
         if weight is not None:
             figures.append(_weight_figure(*weight))
     plots = [fig.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, fig in enumerate(figures)]
-    columns = [c for c in ("point", "trial", "summary", "quality", "val_quality", "val_quality_spread", "latency_ms",
-                           "val_latency_ms",
-                           "val_latency_spread_ms", "speedup", "val_deployed_speedup", "settings_disagree",
-                           "size_bytes", "val_executed_ok", "conversions", "int8_chains", "model")
-               if c in front.columns]
+    fp32 = trials.loc[trials["baseline"].astype(str) == "uniform-fp32", "quality"]
+    answer = choices(front, recipes, float(fp32.iloc[0]) if len(fp32) else 1.0)
     disagree = front.loc[front["settings_disagree"].fillna(False).astype(bool), "point"].tolist() if (
         "settings_disagree" in front.columns) else []
     machine = meta.get("machine", {})
@@ -232,13 +256,17 @@ def write_html(path: Path, trials: pd.DataFrame, front: pd.DataFrame, meta: dict
              "wall time of this run": f"{meta.get('wall_s', 0):.0f} s"}
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts.items())
     body = f"""<!doctype html><html><head><meta charset="utf-8"><title>autoq report</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:1200px}} table{{border-collapse:collapse}}
-th,td{{padding:3px 10px;text-align:left;border-bottom:1px solid #ddd;font-size:14px}}</style></head><body>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1200px}} table{{border-collapse:collapse;max-width:100%}}
+th,td{{padding:3px 10px;text-align:left;border-bottom:1px solid #ddd;font-size:14px;overflow-wrap:break-word}}
+details{{margin:0.5em 0}} summary{{cursor:pointer;color:#446}}</style></head><body>
 <h1>autoq: {html.escape(str(meta.get("model", "")))} on {html.escape(str(meta.get("backend", "")))}</h1>
-{recipes_top}<table>{rows}</table>
+<h2>What to take</h2>{_table(answer) if not answer.empty else "<p>No front point.</p>"}
+{recipes_top}
 <h2>Pareto front</h2>{plots[0]}
-<h2>Front points (quality and latency re-measured on the validation split)</h2>{_table(front[columns])}
+<h2>Front points (quality and latency re-measured on the validation split)</h2>
+{_table(front_table(front)) if not front.empty else ""}{toggle("all columns", _table(front))}
 {recipes_section}
+{toggle("machine, libraries and how this run was timed", f"<table>{rows}</table>")}
 {_region_map(front)}
 {"".join(plots[1:]) if len(plots) > 1 else "<p>No completed trial.</p>"}
 </body></html>"""

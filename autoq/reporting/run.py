@@ -13,9 +13,9 @@ import pandas as pd
 from autoq.errors import AutoqError
 from autoq.graph import find_layers, weight_array
 from autoq.pareto import front as pareto_front
-from autoq.report.html import write_compare_html, write_html, write_sensitivity_html
-from autoq.report.tables import trials_frame
-from autoq.search import LOCATION, load_run_study
+from autoq.reporting.html import write_compare_html, write_html, write_sensitivity_html
+from autoq.reporting.tables import trials_frame
+from autoq.study import LOCATION, load_run_study
 
 META = "meta.json"
 RECIPES = "recipes.csv"

@@ -1,0 +1,97 @@
+"""The report's first screen: the front point a user would take for each need, with its speed-up over FP32 and
+over the fastest one-line recipe it is at least as good as; and the front as a readable table (MB, ms with
+spreads, one latency per point: the validation re-measure), the raw columns behind a toggle."""
+
+from __future__ import annotations
+
+import html
+
+import numpy as np
+import pandas as pd
+
+FLOOR = 0.99  # "within 1% of FP32's quality": the need a user names first when no --max-drop was given
+
+
+def _quality(front: pd.DataFrame) -> pd.Series:
+    return front["val_quality"] if "val_quality" in front else front["quality"]
+
+
+def _latency(front: pd.DataFrame) -> pd.Series:
+    return front["val_latency_ms"] if "val_latency_ms" in front else front["latency_ms"]
+
+
+def _speedup(row: pd.Series) -> str:
+    """The point's speed-up over FP32: the study's FP32 over its latency, both from alternating rounds (the
+    spread is the latency's, relative)."""
+    fp32 = row.get("val_fp32_latency_ms", row.get("fp32_latency_ms", np.nan))
+    latency = row.get("val_latency_ms", row.get("latency_ms", np.nan))
+    if not (pd.notna(fp32) and pd.notna(latency) and latency > 0):
+        return "?"
+    spread = row.get("val_latency_spread_ms", row.get("latency_spread_ms", np.nan))
+    ratio = fp32 / latency
+    return f"{ratio:.2f}x" + (f" ± {ratio * spread / 2 / latency:.2f}" if pd.notna(spread) else "")
+
+
+def _over_recipe(quality: float, latency: float, recipes: pd.DataFrame | None) -> str:
+    """The point's speed over the fastest usable recipe whose quality it matches or beats (stored figures)."""
+    if recipes is None or recipes.empty or "val_quality" not in recipes:
+        return "no recipe measured"
+    usable = recipes[recipes["val_quality"].notna() & ~recipes["verdict"].astype(str).str.startswith("unusable")]
+    slower = usable[usable["val_quality"] <= quality + 1e-9]
+    if slower.empty:
+        return "every recipe is more accurate"
+    best = slower.loc[slower["val_latency_ms"].idxmin()]
+    return f"{best['val_latency_ms'] / latency:.2f}x vs {best['recipe']}"
+
+
+def choices(front: pd.DataFrame, recipes: pd.DataFrame | None, fp32_quality: float = 1.0) -> pd.DataFrame:
+    """One row per need: the point that answers it, or none."""
+    if front.empty:
+        return pd.DataFrame()
+    quality, latency = _quality(front), _latency(front)
+    fp32 = front.get("val_fp32_latency_ms", front.get("fp32_latency_ms"))
+    faster = front[latency < fp32] if fp32 is not None else front
+    needs = {"fastest": front.loc[latency.idxmin()],
+             f"fastest within {100 - FLOOR * 100:.0f}% of FP32's quality": (
+                 front[quality >= FLOOR * fp32_quality].loc[lambda f: _latency(f).idxmin()]
+                 if (quality >= FLOOR * fp32_quality).any() else None),
+             "most accurate faster than FP32": faster.loc[_quality(faster).idxmax()] if not faster.empty else None,
+             "smallest": front.loc[front["size_bytes"].idxmin()]}
+    rows = []
+    for need, row in needs.items():
+        if row is None:
+            rows.append({"you need": need, "take": "no point"})
+            continue
+        q, ms = float(row.get("val_quality", row["quality"])), float(row.get("val_latency_ms", row["latency_ms"]))
+        rows.append({"you need": need, "take": f"point {int(row['point'])}", "quality": f"{q:.4f}",
+                     "latency": f"{ms:.2f} ms", "speed-up vs FP32": _speedup(row),
+                     "vs the recipes": _over_recipe(q, ms, recipes), "size": f"{row['size_bytes'] / 1e6:.1f} MB",
+                     "precisions": row["summary"]})
+    return pd.DataFrame(rows).fillna("")
+
+
+def front_table(front: pd.DataFrame) -> pd.DataFrame:
+    """The front as a user reads it: validation quality with its spread, one latency (validation) with its spread,
+    the speed-up over FP32, MB, whether every layer executed as assigned."""
+    quality, latency = _quality(front), _latency(front)
+    q_spread = front.get("val_quality_spread", pd.Series(np.nan, index=front.index))
+    l_spread = front.get("val_latency_spread_ms", front.get("latency_spread_ms", pd.Series(np.nan, index=front.index)))
+    table = pd.DataFrame({
+        "point": front["point"].astype(int) if "point" in front else range(len(front)),
+        "precisions": front["summary"],
+        "quality": [f"{q:.4f}" + (f" ± {s:.4f}" if pd.notna(s) else "") for q, s in zip(quality, q_spread,
+                                                                                     strict=True)],
+        "latency": [f"{ms:.2f} ± {s / 2:.2f} ms" if pd.notna(s) else f"{ms:.2f} ms" for ms, s in zip(latency, l_spread,
+                                                                                                    strict=True)],
+        "speed-up vs FP32": [_speedup(row) for _, row in front.iterrows()],
+        "size": [f"{b / 1e6:.1f} MB" for b in front["size_bytes"]],
+        "executed as assigned": ["yes" if ok else "NO" for ok in front.get(
+            "val_executed_ok", front.get("executed_ok", pd.Series(True, index=front.index))).fillna(True)]})
+    if "finetuned_from" in front and front["finetuned_from"].notna().any():
+        table["fine-tuned from"] = [f"point {int(v)}" if pd.notna(v) else "" for v in front["finetuned_from"]]
+    return table
+
+
+def toggle(title: str, inner: str) -> str:
+    """`inner` behind a click (the raw columns a user rarely needs)."""
+    return f"<details><summary>{html.escape(title)}</summary>{inner}</details>"
