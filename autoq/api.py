@@ -145,7 +145,9 @@ def _problem(model: str | Path | object | None, data: DataArg, example_inputs, s
     if searching:
         _check_run(run_dir, config)
     with run_lock(run_dir):
-        calibration = calibrate(onnx_model, splits.calibration, run_dir / "cache", calibrations(choices))
+        with PhaseProgress("calibration", 1, settings.progress and searching) as bar:
+            calibration = calibrate(onnx_model, splits.calibration, run_dir / "cache", calibrations(choices))
+            bar.advance(1)
         evaluator = Evaluator(chosen_backend, onnx_model, calibration, splits, metric_fn, settings.threads)
         try:
             yield _Problem(run_dir, label, evaluator, search_space, choices, metric_name,
@@ -319,7 +321,7 @@ def export(run_dir: str | Path, point: int, to: str | Path) -> list[Path]:
 
 
 def verify(run_dir: str | Path, points: list[int] | None = None, against: Sequence[str | Path] = (),
-           rounds: int = 15, passes: int = 3, pass_pause_s: float | None = None) -> pd.DataFrame:
+           rounds: int = 15, passes: int = 3, pass_pause_s: float | None = None, progress: bool = True) -> pd.DataFrame:
     """Re-time a finished run's front points (all, or `points`), FP32, its recipes and the files `against` in
     alternating rounds with deployment session settings, spread over `passes` passes: one row per model, ratio to
     FP32 and its 95% interval, and (after the first verify) the first verify's ratio and whether today's falls
@@ -328,7 +330,7 @@ def verify(run_dir: str | Path, points: list[int] | None = None, against: Sequen
     from autoq.retime import verify as verify_run
 
     return verify_run(run_dir, points, against, rounds, passes,
-                      PASS_PAUSE_S if pass_pause_s is None else pass_pause_s)
+                      PASS_PAUSE_S if pass_pause_s is None else pass_pause_s, progress)
 
 
 def compare(run_dirs: list[str | Path], out: str | Path = "compare.html") -> Path:

@@ -26,6 +26,7 @@ import onnx
 from autoq.decoder import PAST
 from autoq.errors import AutoqError
 from autoq.graph import InputSpec, input_specs, save_onnx
+from autoq.progress import PhaseProgress
 from autoq.quiet import captured
 
 LABELS = "labels"  # the array of next tokens in a windows file
@@ -206,12 +207,12 @@ def hf_folder_files(hf_dir: Path, text: Path, folder: Path, backend: str) -> tup
     exporter = "torch" if backend == "openvino" else "genai"
     model = folder / f"onnx-{exporter}" / "model.onnx"
     if not model.is_file():
-        print(f"autoq: exporting {hf_dir.name} to {model.parent} (first use only)")
         staging = model.parent.with_suffix(".partial")
         shutil.rmtree(staging, ignore_errors=True)  # an interrupted export leaves nothing half-written behind
         try:
-            with captured():
+            with PhaseProgress(f"exporting {hf_dir.name} to {model.parent} (first use only)", 1) as bar, captured():
                 export_causal_lm(hf_dir, staging, folder / "builder-cache", exporter=exporter)
+                bar.advance(1)
         except (OSError, ValueError, KeyError, subprocess.CalledProcessError) as exc:
             msg = f"{hf_dir} could not be exported as a causal language model ({type(exc).__name__}: {exc})"
             raise AutoqError(msg.splitlines()[0]) from None

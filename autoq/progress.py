@@ -4,6 +4,8 @@ PLAIN_SECONDS seconds."""
 
 from __future__ import annotations
 
+import sys
+import threading
 import time
 
 import numpy as np
@@ -16,6 +18,7 @@ from autoq.constraints import Constraints
 from autoq.pareto import MAXIMIZE, pareto_mask
 
 PLAIN_EVERY, PLAIN_SECONDS = 5, 60.0
+HEARTBEAT_SECONDS = 5.0  # how often a phase's heartbeat checks whether a plain line is due
 
 
 def is_measured(trial: optuna.trial.FrozenTrial) -> bool:
@@ -86,8 +89,9 @@ class SearchProgress:
 
 
 class PhaseProgress:
-    """Progress of a phase longer than a few seconds (learned rounding, ...): a bar on a terminal, elsewhere a plain
-    `autoq:` line every PLAIN_SECONDS and one at the end."""
+    """Progress of a phase longer than a few seconds (export, calibration, learned rounding, ...): a bar on a
+    terminal (its clock ticks on its own), elsewhere a plain `autoq:` line every PLAIN_SECONDS, also while one long
+    step runs (a heartbeat thread), and one at the end."""
 
     def __init__(self, label: str, total: int, enabled: bool = True) -> None:
         self.label, self.total = label, total
@@ -98,19 +102,33 @@ class PhaseProgress:
                             console=console, disable=not enabled or self.plain, transient=False)
         self.task = self.bar.add_task(label, total=total)
         self._t0 = self._said = time.monotonic()
+        self._done = 0
+        self._stop = threading.Event()
+        self._out = sys.stdout  # the terminal's, even while a third-party call inside the phase is captured()
 
     def __enter__(self) -> PhaseProgress:
         self.bar.__enter__()
         if self.plain:
-            print(f"autoq: {self.label} ...", flush=True)
+            print(f"autoq: {self.label} ...", file=self._out, flush=True)
+            threading.Thread(target=self._heartbeat, daemon=True).start()
         return self
 
     def __exit__(self, *exc) -> None:
+        self._stop.set()
         self.bar.__exit__(*exc)
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_SECONDS):
+            if time.monotonic() - self._said >= PLAIN_SECONDS:
+                self._say(self._done)
+
+    def _say(self, done: int) -> None:
+        now = time.monotonic()
+        print(f"autoq: {self.label} {done}/{self.total}, {now - self._t0:.0f} s", file=self._out, flush=True)
+        self._said = now
 
     def advance(self, done: int) -> None:
         self.bar.update(self.task, completed=done)
-        now = time.monotonic()
-        if self.plain and (now - self._said >= PLAIN_SECONDS or done >= self.total):
-            print(f"autoq: {self.label} {done}/{self.total}, {now - self._t0:.0f} s", flush=True)
-            self._said = now
+        self._done = done
+        if self.plain and (time.monotonic() - self._said >= PLAIN_SECONDS or done >= self.total):
+            self._say(done)

@@ -22,6 +22,7 @@ from autoq.errors import AutoqError
 from autoq.graph import input_specs
 from autoq.measure import interval, ratio_rounds
 from autoq.precision import Assignment
+from autoq.progress import PhaseProgress
 
 FP32 = "FP32"
 DRIFT = 0.15  # FP32's own speed moving more than this (within one verify, or since the first) makes ratios move
@@ -56,7 +57,8 @@ def run_models(run_dir: Path, points: list[int] | None = None,
 
 
 def verify(run_dir: str | Path, points: list[int] | None = None, against: Sequence[str | Path] = (),
-           rounds: int = 15, passes: int = 3, pass_pause_s: float = PASS_PAUSE_S) -> pd.DataFrame:
+           rounds: int = 15, passes: int = 3, pass_pause_s: float = PASS_PAUSE_S,
+           progress: bool = True) -> pd.DataFrame:
     """One row per model: its median ms, its speed-up over FP32 (median of the per-round ratios) and the 95%
     confidence interval of that median. The rounds are timed in `passes` passes `pass_pause_s` apart, and the
     interval resamples passes first: a shared host changes pace over minutes, and one burst of rounds would give an
@@ -99,10 +101,12 @@ def verify(run_dir: str | Path, points: list[int] | None = None, against: Sequen
     runs = {label: [partial(run, feeds) for run in each] for label, each in runners.items()}
     per_pass = -(-rounds // (passes * instances)) * instances  # each instance as often in every pass
     passes_timed = []
-    for index in range(passes):
-        if index:
-            time.sleep(pass_pause_s)
-        passes_timed.append(ratio_rounds(runs, FP32, rounds=per_pass))
+    with PhaseProgress(f"verify: {len(runs)} models, {passes} passes", passes, progress) as bar:
+        for index in range(passes):
+            if index:
+                time.sleep(pass_pause_s)
+            passes_timed.append(ratio_rounds(runs, FP32, rounds=per_pass))
+            bar.advance(index + 1)
     rows = []
     for label in runs:
         ms = np.concatenate([timed[label][0] for timed in passes_timed])

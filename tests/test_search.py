@@ -279,3 +279,23 @@ def test_a_uniform_baseline_gives_a_table_the_weight_format_without_runtime_knob
     _enqueue_baselines(study, choices, {}, lambda option, precision: False)
     enqueued = {t.user_attrs["baseline"]: t.system_attrs["fixed_params"] for t in study.get_trials(deepcopy=False)}
     assert enqueued["uniform-w4g32-acc4"] == {"fc": "w4g32-acc4", "table": "w4g32", "conv": "fp32"}
+
+
+def test_a_long_single_step_phase_still_says_it_is_working(capsys, monkeypatch):
+    """Without a terminal a phase of one long step (an export, the calibration) prints a plain line every
+    PLAIN_SECONDS while the step runs, to the real stdout even while a third-party call inside it is captured."""
+    import time
+
+    from autoq import progress
+    from autoq.quiet import captured
+
+    monkeypatch.setattr(progress, "PLAIN_SECONDS", 0.2)
+    monkeypatch.setattr(progress, "HEARTBEAT_SECONDS", 0.05)
+    with progress.PhaseProgress("exporting", 1) as bar, captured():
+        print("third-party chatter")
+        time.sleep(0.7)
+        bar.advance(1)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "autoq: exporting ..." and lines[-1].startswith("autoq: exporting 1/1")
+    assert sum(line.startswith("autoq: exporting 0/1") for line in lines) >= 2  # the heartbeat, mid-step
+    assert "third-party chatter" not in lines

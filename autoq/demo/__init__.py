@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from autoq.errors import AutoqError
+from autoq.progress import PhaseProgress
 from autoq.quiet import captured
 
 SEQ_LEN = 128
@@ -104,8 +105,9 @@ def demo_files() -> tuple[Path, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     model, data = folder / "all-MiniLM-L6-v2.onnx", folder / f"sentences-{N_SENTENCES}x{SEQ_LEN}.npz"
     if not model.is_file():
-        print(f"autoq: exporting all-MiniLM-L6-v2 to {model} (first use only)")
-        export_minilm(model, model_dir)
+        with PhaseProgress(f"exporting all-MiniLM-L6-v2 to {model} (first use only)", 1) as bar:
+            export_minilm(model, model_dir)
+            bar.advance(1)
     if not data.is_file():
         arrays: dict[str, Any] = _tokenize(sentences(), model_dir)
         np.savez(data, **arrays)

@@ -17,6 +17,7 @@ import numpy as np
 
 from autoq.causal_lm import export_causal_lm, token_windows
 from autoq.errors import AutoqError
+from autoq.progress import PhaseProgress
 from autoq.quiet import captured
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -74,12 +75,15 @@ def llm_files(folder: Path, exporter: str = "genai") -> tuple[Path, Path]:
     model, data = folder / f"onnx{suffix}" / "model.onnx", folder / f"docstrings-{WINDOWS}x{WINDOW}{suffix}.npz"
     if not model.is_file():
         hf_dir, staging = folder / "hf", folder / f"onnx{suffix}.partial"
-        print(f"autoq: exporting SmolLM2-135M-Instruct ({REFERENCE}) to {model.parent} (first use only)")
-        if not (hf_dir / "config.json").is_file():
-            with captured():  # the GGUF reader's progress bars
-                save_float(_gguf(), folder / "hf.partial").replace(hf_dir)
-        shutil.rmtree(staging, ignore_errors=True)
-        export_causal_lm(hf_dir, staging, folder / "builder-cache", exporter=exporter)
+        label = f"exporting SmolLM2-135M-Instruct ({REFERENCE}) to {model.parent} (first use only)"
+        with PhaseProgress(label, 2) as bar:
+            if not (hf_dir / "config.json").is_file():
+                with captured():  # the GGUF reader's progress bars
+                    save_float(_gguf(), folder / "hf.partial").replace(hf_dir)
+            bar.advance(1)
+            shutil.rmtree(staging, ignore_errors=True)
+            export_causal_lm(hf_dir, staging, folder / "builder-cache", exporter=exporter)
+            bar.advance(2)
         shutil.rmtree(model.parent, ignore_errors=True)
         staging.replace(model.parent)
     if not data.is_file():
