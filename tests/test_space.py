@@ -18,6 +18,8 @@ def test_bundled_default_space_offers_fp32_and_int8_everywhere_and_int8_dyn_on_m
     choices = space.choices(LAYERS, ORT)
     assert choices == {"/conv1/Conv": ["fp32", "int8"], "/fc/Gemm": ["fp32", "int8"],
                        "/head/MatMul": ["fp32", "int8", "int8-dyn", "int8-dyn-pc", "int8-dyn-pc-sq0.7"]}
+    table = Layer("/embed/Gather", "Gather", "t", (30522, 384), 30522 * 384, 0)
+    assert space.choices([table], ORT) == {"/embed/Gather": ["fp32", "w8g128", "w4g32"]}  # the recipes' sizes too
 
 
 def test_first_matching_rule_wins():
