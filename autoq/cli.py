@@ -6,8 +6,10 @@ import argparse
 import sys
 from dataclasses import fields
 
+from autoq.backends.base import BACKENDS
 from autoq.errors import AutoqError
 from autoq.methods import METHODS, get_method
+from autoq.metrics import METRICS
 from autoq.quiet import hush, set_verbose
 from autoq.samplers import SAMPLERS
 from autoq.settings import DEMO_NAMES, RECIPE_MODES, RunSettings
@@ -21,10 +23,11 @@ def _problem_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text", help="with a Hugging Face causal LM folder: a plain-text file to score perplexity "
                         "on (instead of --data)")
     parser.add_argument("--labels", help="labels: an array name in the data file, or a .npy file")
-    parser.add_argument("--metric", help="cosine | top1 | top5 | sqnr | accuracy | ppl_ratio (a language model's "
-                        "FP32 perplexity / its own, labels = next tokens) (default: accuracy with labels, else cosine)")
+    parser.add_argument("--metric", help=f"{' | '.join(METRICS)} (ppl_ratio: a language model's FP32 perplexity / "
+                        "its own, labels = next tokens) (default: accuracy with labels, else cosine)")
     parser.add_argument("--space", help="search space: a YAML file or a bundled name (default: the backend's)")
-    parser.add_argument("--backend", default=RunSettings.backend, help="onnxruntime (default) | openvino | torch")
+    parser.add_argument("--backend", default=RunSettings.backend, help=" | ".join(
+        f"{name} (default)" if name == RunSettings.backend else name for name in BACKENDS))
     parser.add_argument("--threads", type=int, default=RunSettings.threads,
                         help=f"inference threads for every measurement ({RunSettings.threads})")
     parser.add_argument("--demo", default=RunSettings.demo, choices=DEMO_NAMES, help="with no model, the embedded "

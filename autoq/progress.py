@@ -93,9 +93,9 @@ class PhaseProgress:
     terminal (its clock ticks on its own), elsewhere a plain `autoq:` line every PLAIN_SECONDS, also while one long
     step runs (a heartbeat thread), and one at the end."""
 
-    def __init__(self, label: str, total: int, enabled: bool = True) -> None:
+    def __init__(self, label: str, total: int, enabled: bool = True, stderr: bool = False) -> None:
         self.label, self.total = label, total
-        console = Console()
+        console = Console(stderr=stderr)
         self.plain = enabled and not console.is_terminal
         self.bar = Progress(TextColumn(f"autoq: {label}"), BarColumn(bar_width=16), MofNCompleteColumn(),
                             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(compact=True),
@@ -104,7 +104,8 @@ class PhaseProgress:
         self._t0 = self._said = time.monotonic()
         self._done = 0
         self._stop = threading.Event()
-        self._out = sys.stdout  # the terminal's, even while a third-party call inside the phase is captured()
+        self._out = sys.stderr if stderr else sys.stdout  # the terminal's, even while a third-party call inside the
+        # phase is captured(); stderr where stdout carries a result (verify's table)
 
     def __enter__(self) -> PhaseProgress:
         self.bar.__enter__()

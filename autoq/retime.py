@@ -101,7 +101,7 @@ def verify(run_dir: str | Path, points: list[int] | None = None, against: Sequen
     runs = {label: [partial(run, feeds) for run in each] for label, each in runners.items()}
     per_pass = -(-rounds // (passes * instances)) * instances  # each instance as often in every pass
     passes_timed = []
-    with PhaseProgress(f"verify: {len(runs)} models, {passes} passes", passes, progress) as bar:
+    with PhaseProgress(f"verify: {len(runs)} models, {passes} passes", passes, progress, stderr=True) as bar:
         for index in range(passes):
             if index:
                 time.sleep(pass_pause_s)

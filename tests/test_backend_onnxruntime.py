@@ -79,7 +79,7 @@ def test_smooth_quant_moves_outlier_channels_into_the_weights(tmp_path):
 
     from autoq import data, graph
     from autoq.backends import get_backend
-    from autoq.backends.ort_smooth import smooth
+    from autoq.backends.onnxruntime.smooth import smooth
     from autoq.calibrate import calibrate
     from autoq.precision import Assignment
     from tests.models import two_layer_mlp
@@ -119,7 +119,7 @@ def test_a_smoothing_mul_is_charged_to_the_layers_it_feeds():
     read the tensor it smooths, shared equally (in the savings profile every one of them is smoothed)."""
     from onnx import helper
 
-    from autoq.backends.ort_graph import attribute_profile
+    from autoq.backends.onnxruntime.graph import attribute_profile
     from autoq.regions import Regions
 
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["r"], name="relu"),

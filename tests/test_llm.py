@@ -153,7 +153,7 @@ def test_a_tied_embedding_is_stored_once_with_the_same_values(decoder, tmp_path)
     the model computes what the separately quantized table computes."""
     import onnx
 
-    from autoq.backends.ort_quantize import quantize_weight_only
+    from autoq.backends.onnxruntime.quantize import quantize_weight_only
     from autoq.precision import Precision
 
     _, model_path, windows = decoder

@@ -63,7 +63,8 @@ def export_minilm(out: Path, model_dir: Path) -> Path:
 
     from autoq.demo.minilm import load
 
-    module = load(model_dir)
+    with captured():  # transformers' weight-loading progress bar
+        module = load(model_dir)
     feeds = _tokenize(["An example sentence."], model_dir)
     args = tuple(torch.from_numpy(feeds[k]) for k in ("input_ids", "attention_mask"))
     tmp = out.with_suffix(".tmp.onnx")

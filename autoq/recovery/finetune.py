@@ -141,7 +141,7 @@ def hooks(model: OnnxModel, assignment: Assignment, calibration: Path) -> dict[s
 
 def _input_peaks(model: OnnxModel, calibration: Path, tensor: str) -> np.ndarray:
     """The largest |value| per channel of `tensor` on the calibration samples (what smoothing divides by)."""
-    from autoq.backends.ort_smooth import channel_maxima  # smoothed specs are ORT's
+    from autoq.backends.onnxruntime.smooth import channel_maxima  # smoothed specs are ORT's
 
     return channel_maxima(model, calibration)[tensor]
 

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 FLOOR = 0.99  # "within 1% of FP32's quality": the need a user names first when no --max-drop was given
+FASTER = 1.05  # "faster than FP32": by 5% at least (FP32's own graph times within a few % of itself)
 
 
 def _quality(front: pd.DataFrame) -> pd.Series:
@@ -20,16 +21,21 @@ def _latency(front: pd.DataFrame) -> pd.Series:
     return front["val_latency_ms"] if "val_latency_ms" in front else front["latency_ms"]
 
 
-def _speedup(row: pd.Series) -> str:
-    """The point's speed-up over FP32: the study's FP32 over its latency, both from alternating rounds (the
-    spread is the latency's, relative)."""
+def _ratio(row: pd.Series) -> float:
+    """The point's speed-up over FP32 from the same alternating rounds (FP32's ms over its own, both measured)."""
     fp32 = row.get("val_fp32_latency_ms", row.get("fp32_latency_ms", np.nan))
-    latency = row.get("val_latency_ms", row.get("latency_ms", np.nan))
-    if not (pd.notna(fp32) and pd.notna(latency) and latency > 0):
+    measured = row.get("val_measured_latency_ms", row.get("measured_latency_ms", np.nan))
+    return float(fp32 / measured) if pd.notna(fp32) and pd.notna(measured) and measured > 0 else np.nan
+
+
+def _speedup(row: pd.Series) -> str:
+    """The speed-up over FP32, with the spread of the point's latency carried over (relative)."""
+    ratio = _ratio(row)
+    if np.isnan(ratio):
         return "?"
+    latency = row.get("val_latency_ms", row.get("latency_ms", np.nan))
     spread = row.get("val_latency_spread_ms", row.get("latency_spread_ms", np.nan))
-    ratio = fp32 / latency
-    return f"{ratio:.2f}x" + (f" ± {ratio * spread / 2 / latency:.2f}" if pd.notna(spread) else "")
+    return f"{ratio:.2f}x" + (f" ± {ratio * spread / 2 / latency:.2f}" if pd.notna(spread) and latency else "")
 
 
 def _over_recipe(quality: float, latency: float, recipes: pd.DataFrame | None) -> str:
@@ -49,8 +55,7 @@ def choices(front: pd.DataFrame, recipes: pd.DataFrame | None, fp32_quality: flo
     if front.empty:
         return pd.DataFrame()
     quality, latency = _quality(front), _latency(front)
-    fp32 = front.get("val_fp32_latency_ms", front.get("fp32_latency_ms"))
-    faster = front[latency < fp32] if fp32 is not None else front
+    faster = front[[_ratio(row) >= FASTER for _, row in front.iterrows()]]
     needs = {"fastest": front.loc[latency.idxmin()],
              f"fastest within {100 - FLOOR * 100:.0f}% of FP32's quality": (
                  front[quality >= FLOOR * fp32_quality].loc[lambda f: _latency(f).idxmin()]

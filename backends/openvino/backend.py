@@ -27,7 +27,7 @@ import onnx
 import openvino as ov
 
 from autoq.backends.base import Backend, Candidate, Feeds, GlueCheck, Outputs, Recipe, state_of
-from autoq.backends.openvino_nncf import (
+from autoq.backends.openvino.nncf_build import (
     KERNELS,
     PRESET,
     SMOOTH_QUANT,
@@ -297,7 +297,7 @@ class OpenVinoBackend(Backend):
                 for layer, names in state_of(candidate, OpenVinoState).names.items()}
 
     def recipes(self, model: OnnxModel) -> list[Recipe]:
-        from autoq.backends.openvino_recipes import recipes
+        from autoq.backends.openvino.recipes import recipes
 
         return recipes(self, model, self.native_bf16)
 

@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
-from autoq.backends.ort_tied import add_stand_in, share_tables, tied_pairs
+from autoq.backends.onnxruntime.tied import add_stand_in, share_tables, tied_pairs
 from autoq.calibrate import method_path, samples_path
 from autoq.graph import save_onnx
 from autoq.precision import Precision
@@ -131,7 +131,7 @@ def quantize_weight_only(path: Path, specs: dict[str, Precision], calibration: P
     """MatMulNBits / GatherBlockQuantized for the layers whose spec is weight-only, in place. An embedding table is
     rounded as a MatMul of its transpose would be (any bits and rounding the MatMul quantizer has) and gathered from
     those weights; a table tied to the LM head with the head's weight format reads the head's weights instead
-    (`autoq.backends.ort_tied`) unless `tie` is off."""
+    (`autoq.backends.onnxruntime.tied`) unless `tie` is off."""
     if not any(spec.kind == "weight-only" for spec in specs.values()):
         return
     proto = onnx.load(str(path))

@@ -20,8 +20,8 @@ import onnx
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
 from autoq.backends.base import Candidate, Recipe
-from autoq.backends.ort_graph import QUANTIZE
-from autoq.backends.ort_quantize import WEIGHT_ONLY_KERNELS, CalibrationSamples, quiet_root_logger
+from autoq.backends.onnxruntime.graph import QUANTIZE
+from autoq.backends.onnxruntime.quantize import WEIGHT_ONLY_KERNELS, CalibrationSamples, quiet_root_logger
 from autoq.calibrate import samples_path
 from autoq.causal_lm import SOURCE, export_causal_lm
 from autoq.decoder import block_of, is_decoder, lm_head

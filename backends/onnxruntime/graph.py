@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from autoq.backends.ort_smooth import MUL, SMOOTHED
+from autoq.backends.onnxruntime.smooth import MUL, SMOOTHED
 from autoq.graph import save_onnx
 from autoq.regions import Regions
 

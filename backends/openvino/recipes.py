@@ -18,8 +18,8 @@ import numpy as np
 import openvino as ov
 
 from autoq.backends.base import Backend, Candidate, Recipe
-from autoq.backends.openvino import FLOAT_OPTION
-from autoq.backends.openvino_nncf import has_attention
+from autoq.backends.openvino.backend import FLOAT_OPTION
+from autoq.backends.openvino.nncf_build import has_attention
 from autoq.calibrate import samples_path
 from autoq.decoder import is_decoder, lm_head
 from autoq.graph import OnnxModel

@@ -2,7 +2,7 @@
 layer's calibration and activation symmetry; int8-dyn on MatMul (`quantize_dynamic` on those nodes alone: int8
 weights per tensor or per channel, activations quantized at run time by DynamicQuantizeMatMul); weight-only int4/int8
 in blocks (MatMulNBits, with its accuracy_level; embedding tables as GatherBlockQuantized, 4 bits); fp32 otherwise.
-`backends/ort_quantize.py` applies ORT's quantizers per spec.
+`backends/onnxruntime/quantize.py` applies ORT's quantizers per spec.
 
 An int8 layer takes its region with it (`autoq.regions`): the glue after it runs in ORT's integer kernels
 (QLinearAdd/Mul/Concat/Sigmoid/Softmax/GlobalAveragePool/MatMul...) or passes int8 through (MaxPool, Resize,
@@ -25,8 +25,8 @@ import onnx
 import onnxruntime as ort
 
 from autoq.backends.base import Backend, Candidate, Feeds, GlueCheck, Outputs, Recipe, state_of
-from autoq.backends.ort_bias import correct_biases
-from autoq.backends.ort_graph import (
+from autoq.backends.onnxruntime.bias import correct_biases
+from autoq.backends.onnxruntime.graph import (
     INTEGER_OPS,
     PASS_THROUGH,
     QUANTIZE,
@@ -34,7 +34,7 @@ from autoq.backends.ort_graph import (
     integer_chains,
     keep_float,
 )
-from autoq.backends.ort_quantize import (
+from autoq.backends.onnxruntime.quantize import (
     DYNAMIC_LAYERS,
     TABLE_ROUNDINGS,
     WEIGHT_ONLY_KERNELS,
@@ -45,8 +45,8 @@ from autoq.backends.ort_quantize import (
     quantize_weight_only,
     weight_only_spec,
 )
-from autoq.backends.ort_smooth import smooth, smoothed
-from autoq.backends.ort_tied import shares
+from autoq.backends.onnxruntime.smooth import smooth, smoothed
+from autoq.backends.onnxruntime.tied import shares
 from autoq.calibrate import resolution, samples_path
 from autoq.fold import KEEP_LAYER_NAMES, constant_divisor, div_as_mul
 from autoq.graph import Layer, OnnxModel, save_onnx, tied_tables
@@ -318,7 +318,7 @@ class OnnxRuntimeBackend(Backend):
         return attribute_profile(state.graph, state.regions, per_node, list(state.weights))
 
     def recipes(self, model: OnnxModel) -> list[Recipe]:
-        from autoq.backends.ort_recipes import recipes
+        from autoq.backends.onnxruntime.recipes import recipes
 
         return recipes(model)
 
