@@ -21,6 +21,11 @@ def _latency(front: pd.DataFrame) -> pd.Series:
     return front["val_latency_ms"] if "val_latency_ms" in front else front["latency_ms"]
 
 
+def _point(value: object) -> str:
+    """A front point's number ('' while a running search has not numbered it yet)."""
+    return str(int(value)) if isinstance(value, int | float | np.integer | np.floating) and pd.notna(value) else ""
+
+
 def _ratio(row: pd.Series) -> float:
     """The point's speed-up over FP32 from the same alternating rounds (FP32's ms over its own, both measured)."""
     fp32 = row.get("val_fp32_latency_ms", row.get("fp32_latency_ms", np.nan))
@@ -68,7 +73,7 @@ def choices(front: pd.DataFrame, recipes: pd.DataFrame | None, fp32_quality: flo
             rows.append({"you need": need, "take": "no point"})
             continue
         q, ms = float(row.get("val_quality", row["quality"])), float(row.get("val_latency_ms", row["latency_ms"]))
-        rows.append({"you need": need, "take": f"point {int(row['point'])}", "quality": f"{q:.4f}",
+        rows.append({"you need": need, "take": f"point {_point(row.get('point'))}", "quality": f"{q:.4f}",
                      "latency": f"{ms:.2f} ms", "speed-up vs FP32": _speedup(row),
                      "vs the recipes": _over_recipe(q, ms, recipes), "size": f"{row['size_bytes'] / 1e6:.1f} MB",
                      "precisions": row["summary"]})
@@ -82,7 +87,7 @@ def front_table(front: pd.DataFrame) -> pd.DataFrame:
     q_spread = front.get("val_quality_spread", pd.Series(np.nan, index=front.index))
     l_spread = front.get("val_latency_spread_ms", front.get("latency_spread_ms", pd.Series(np.nan, index=front.index)))
     table = pd.DataFrame({
-        "point": front["point"].astype(int) if "point" in front else range(len(front)),
+        "point": [_point(v) for v in front["point"]] if "point" in front else range(len(front)),
         "precisions": front["summary"],
         "quality": [f"{q:.4f}" + (f" ± {s:.4f}" if pd.notna(s) else "") for q, s in zip(quality, q_spread,
                                                                                      strict=True)],
