@@ -105,7 +105,7 @@ def attribute_profile(model: onnx.GraphProto, regions: Regions, per_node: dict[s
             return owners[name]
         if name.endswith(MUL) and SMOOTHED in name:  # a smoothing Mul: the layers reading the tensor it smooths
             tensor = name.removesuffix(MUL).rsplit(SMOOTHED, 1)[0]
-            return {c for c in consumers.get(tensor, []) if c in owners and c in layer_names}
+            return {c for c in consumers.get(tensor, []) if c in layer_names}
         for suffix in ("_nchwc", "_QuantizeLinear", "_DequantizeLinear"):
             if name.endswith(suffix):
                 tensor = name.removesuffix(suffix)
