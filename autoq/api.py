@@ -253,7 +253,7 @@ def search(model: str | Path | object | None = None, data: DataArg = None, *more
     if recipe_table is not None:
         recipe_table.to_csv(run_dir / run_report.RECIPES, index=False)
     meta = {"model": problem.model_name, "backend": settings.backend, "metric": problem.metric,
-            "machine": problem.machine,
+            "space": problem.space.name, "machine": problem.machine,
             "wall_s": time.perf_counter() - started, "timed": problem.evaluator.timed,
             "search_settings": problem.evaluator.backend.search_settings,
             "deployed_settings": problem.evaluator.backend.deployed_settings,

@@ -338,10 +338,10 @@ def test_a_hugging_face_folder_and_a_text_file_are_searched_in_one_command(decod
                           timeout=900)
     assert done.returncode == 0, done.stderr
     meta = json.loads((out / "meta.json").read_text())
-    assert meta["metric"] == "ppl_ratio"
+    assert meta["metric"] == "ppl_ratio" and meta["space"] == "llm-cpu"
     trials = pd.read_csv(out / "trials.csv")
     assert trials.loc[trials["baseline"] == "uniform-fp32", "quality"].iloc[0] == pytest.approx(1.0)
-    assert trials["summary"].str.contains("-acc4").any() and trials["executed_ok"].all()  # llm-cpu's MatMulNBits
+    assert trials["executed_ok"].all() and trials["summary"].str.contains("w8g|w4g").any()  # MatMulNBits points
     assert "exporting" in done.stdout and len(list((out / "cache" / "causal-lm").glob("windows-*.npz"))) == 1
 
     (tmp_path / "empty.txt").write_text("  \n")
