@@ -30,20 +30,21 @@ from autoq.evaluate import CandidateError, Evaluator
 from autoq.graph import first_run, prepare
 from autoq.measure import fingerprint, hardware_key
 from autoq.metrics import get_metric
+from autoq.objective import run_search
 from autoq.pareto import front as pareto_front
 from autoq.precision import Assignment, Precision, calibrations
 from autoq.progress import PhaseProgress
 from autoq.recovery import rounding
 from autoq.reporting import run as run_report
 from autoq.reporting import trials_frame
+from autoq.seeds import starting_points
 from autoq.settings import RunSettings
 from autoq.space import SearchSpace, load_space
-from autoq.study import open_study, option_variants, run_lock, run_search
+from autoq.study import open_study, run_lock
 from autoq.torch_input import is_torch_model, to_onnx
 from autoq.worker import Worker, WorkerSpec
 
 REPORTS = Path("reports")
-OPTION_SEEDS = 3  # per alternative value of an option: the fast end's fp32-protected seeds built with it
 DataArg = str | Path | Mapping[str, np.ndarray] | None
 
 
@@ -206,26 +207,17 @@ def search(model: str | Path | object | None = None, data: DataArg = None, *more
     settings = (settings or RunSettings()).changed(**changes)
     with _problem(model, data, example_inputs, settings, searching=True) as problem:
         run_dir, evaluator, choices = problem.run_dir, problem.evaluator, problem.choices
-        scores, seeds = None, []
+        scores = None
         fit_learned_rounding(evaluator, choices, settings.progress)
         if problem.space.sensitivity != "none":
             with PhaseProgress(f"sensitivity ({problem.space.sensitivity})", 1, settings.progress) as bar:
                 scores = sensitivity_mod.analyse(evaluator, choices, problem.space.sensitivity, run_dir / "cache")
                 bar.advance(1)
             choices = sensitivity_mod.prune(choices, scores, problem.space.max_layer_drop)
-            seeds = sensitivity_mod.greedy_seeds(scores, choices) + sensitivity_mod.fallback_seeds(scores, choices)
-            seeds += option_variants(sensitivity_mod.fallback_seeds(scores, choices, fp32_only=True),
-                                     problem.space.options, evaluator.backend.option_affects, limit=OPTION_SEEDS)
             scores.to_csv(run_dir / "sensitivity.csv", index=False)
         recipe_layers = [r.layers(evaluator.model) for r in evaluator.backend.recipes(evaluator.model) if r.layers]
-        ties = evaluator.backend.tied_tables(evaluator.model)
-        tied = frozenset(ties) | set(ties.values())
-        seeds = sensitivity_mod.recipe_seeds(recipe_layers, scores, choices, keep=tied) + seeds
-        seeds = sensitivity_mod.follow_ties(seeds, ties, choices)
-        # the recipes as they are and their learned twins, with each other option value too
-        as_they_are = sensitivity_mod.recipe_seeds(recipe_layers, None, choices, keep=tied)
-        recipe_first = as_they_are + option_variants(as_they_are, problem.space.options,
-                                                     evaluator.backend.option_affects)
+        start = starting_points(scores, choices, recipe_layers, evaluator.backend.tied_tables(evaluator.model),
+                                problem.space.options, evaluator.backend.option_affects)
         optuna_study, created = open_study(run_dir, problem.space, problem.seed, hardware_key(problem.machine),
                                            problem.config, settings.storage, settings.study)
         if "fp32_latency_ms" not in optuna_study.user_attrs:
@@ -237,8 +229,8 @@ def search(model: str | Path | object | None = None, data: DataArg = None, *more
         worker = _worker(evaluator, settings.trial_timeout)
         try:
             run_search(optuna_study, worker.evaluate if worker else evaluator.evaluate, evaluator.fp32_quality(),
-                       choices, problem.space, settings, seeds, screen, created, evaluator.backend.option_affects,
-                       recipe_first)
+                       choices, problem.space, settings, start.seeds, screen, created,
+                       evaluator.backend.option_affects, start.recipes)
             table = trials_frame(optuna_study)
             front = finalize_front(evaluator, pareto_front(table), run_dir, settings.progress)
             recipe_table = None if settings.recipes == "none" else recipes_mod.measure_recipes(

@@ -16,15 +16,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from autoq.constraints import Constraints
 from autoq.pareto import MAXIMIZE, pareto_mask
+from autoq.study import is_measured
 
 PLAIN_EVERY, PLAIN_SECONDS = 5, 60.0
 HEARTBEAT_SECONDS = 5.0  # how often a phase's heartbeat checks whether a plain line is due
-
-
-def is_measured(trial: optuna.trial.FrozenTrial) -> bool:
-    """A trial that was measured and counts toward the budget: complete, or failed by its candidate (interrupted
-    trials are retried and screened ones cost nothing)."""
-    return trial.state == TrialState.COMPLETE or (trial.state == TrialState.FAIL and "error" in trial.user_attrs)
 
 
 class SearchProgress:

@@ -3,9 +3,11 @@ rounding (`int8-adaround`), built by ONNX Runtime (U8S8 QDQ regions, bias correc
 first value), timed side by side with FP32 and with each other, and the one-time cost of the learned-rounding pass;
 then a search's fastest point before and after `autoq finetune`.
 
-Models: PaddleOCR's text-direction classifier (from the pip package `rapidocr-onnxruntime`, on text lines rendered
-from standard-library docstrings), a CNN trained here on scikit-learn's digits, and all-MiniLM-L6-v2 (the demo).
-Quality on the validation split: top-1 agreement with FP32 (the classifiers), cosine to FP32 (MiniLM).
+Models: PaddleOCR's text-direction classifier and text detector (from the pip package `rapidocr-onnxruntime`, on
+text lines and pages rendered from standard-library docstrings), a CNN trained here on scikit-learn's digits, and
+all-MiniLM-L6-v2 (the demo).
+Quality on the validation split: top-1 agreement with FP32 (the classifiers), cosine to FP32 (the detector's
+probability map, MiniLM).
 
     pip install -c constraints.txt -e ".[bench,dev]" && pip install --no-deps rapidocr-onnxruntime==1.4.4
     python benchmarks/finetune.py --out reports/benchmarks/finetune.md
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from int8_regions import ocr_models, text_lines
+from int8_regions import ocr_models, text_lines, text_pages
 
 import autoq
 from autoq import data as data_mod
@@ -161,12 +163,13 @@ def finetuned(name: str, source: Path, arrays: dict[str, np.ndarray], metric: st
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--models", default="cls,digits,minilm")
+    parser.add_argument("--models", default="cls,det,digits,minilm")
     parser.add_argument("--work", type=Path, default=Path("reports/finetune-runs"))
     parser.add_argument("--out", type=Path, default=Path("reports/benchmarks/finetune.md"))
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     models = {"cls": lambda: (ocr_models() / "ch_ppocr_mobile_v2.0_cls_infer.onnx", text_lines(400), "top1"),
+              "det": lambda: (ocr_models() / "ch_PP-OCRv4_det_infer.onnx", text_pages(64, 256), "cosine"),
               "digits": lambda: (*digits_cnn(args.work), "top1"),
               "minilm": lambda: (demo_files()[0], dict(np.load(demo_files()[1])), "cosine")}
     rows = []

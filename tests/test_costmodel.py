@@ -11,11 +11,11 @@ import pytest
 
 from autoq.costmodel import AUDIT_EVERY, CostModel, Prediction, Screen, dominated
 from autoq.evaluate import Measurement
+from autoq.objective import run_search
 from autoq.pareto import DIRECTIONS
 from autoq.precision import Assignment
 from autoq.settings import RunSettings
 from autoq.space import parse_space
-from autoq.study import run_search
 
 LAYERS = [f"layer{i}" for i in range(12)]
 RNG = np.random.default_rng(0)

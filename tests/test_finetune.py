@@ -63,6 +63,46 @@ def test_the_interpreter_runs_a_bert_encoder_as_onnx_runtime_does(tmp_path):
     np.testing.assert_allclose(ours[0].numpy(), theirs[0], atol=1e-5)
 
 
+def test_the_interpreter_runs_a_segmentation_head_as_onnx_runtime_does(tmp_path):
+    """A detector-style head (a strided and a padded ConvTranspose, a BatchNormalization after an Add, nearest and
+    bilinear Resize, as PaddleOCR's detector has them) computes in torch what ONNX Runtime computes."""
+    import onnxruntime as ort
+
+    from autoq.recovery.onnx_torch import OnnxModule
+
+    nn = torch.nn
+
+    class Head(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.down = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+            self.norm = nn.BatchNorm2d(8).eval()
+            self.up = nn.ConvTranspose2d(8, 4, 2, stride=2)
+            self.refine = nn.ConvTranspose2d(4, 2, 3, padding=1)
+
+        def forward(self, x):
+            h = self.down(x)
+            h = self.norm(h + nn.functional.interpolate(h, scale_factor=2.0, mode="nearest")[..., ::2, ::2])
+            h = self.refine(torch.relu(self.up(h)))
+            return nn.functional.interpolate(h, scale_factor=2.0, mode="bilinear", align_corners=False)
+
+    torch.manual_seed(0)
+    head = Head().eval()
+    head.norm.running_mean.uniform_(-1, 1)
+    head.norm.running_var.uniform_(0.5, 2)
+    image = torch.randn(2, 3, 16, 16)
+    path = tmp_path / "head.onnx"
+    torch.onnx.export(head, (image,), str(path), dynamo=False, input_names=["x"], do_constant_folding=False,
+                      training=torch.onnx.TrainingMode.PRESERVE, opset_version=13)
+    model = graph.prepare(path, tmp_path / "prepared")
+    ops = {node.op_type for node in model.proto.graph.node}
+    assert {"ConvTranspose", "BatchNormalization", "Resize"} <= ops, ops
+    with torch.no_grad():
+        ours = OnnxModule(model.proto, model.layers)(image)[0].numpy()
+    theirs = ort.InferenceSession(str(model.path)).run(None, {"x": image.numpy()})[0]
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+
 def test_a_model_with_an_op_the_interpreter_lacks_gets_one_line(tmp_path):
     from onnx import TensorProto, helper, numpy_helper
 

@@ -249,7 +249,7 @@ def test_calibrated_sensitivity_is_the_drop_of_the_rounded_layer(decoder, tmp_pa
 def test_seeds_put_a_tied_table_in_its_heads_spec(decoder, tmp_path):
     """The seeds rank a table by its own bytes; where it is tied to the LM head, they give it the head's spec (when
     the table offers it), so the backend stores it once."""
-    from autoq.sensitivity import follow_ties
+    from autoq.seeds import follow_ties
 
     _, model_path, _ = decoder
     model = graph.prepare(model_path, tmp_path)

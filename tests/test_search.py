@@ -195,9 +195,9 @@ def test_each_option_varies_the_uniform_baselines_it_changes():
     import optuna
 
     from autoq.evaluate import Measurement
+    from autoq.objective import run_search
     from autoq.pareto import DIRECTIONS
     from autoq.space import parse_space
-    from autoq.study import run_search
 
     space = parse_space({"sampler": "random", "sensitivity": "none",
                          "options": {"bias_correction": [True, False], "inference_precision": ["bf16", "f32"]}})
@@ -219,7 +219,7 @@ def test_each_option_varies_the_uniform_baselines_it_changes():
 def test_option_variants_copy_only_the_seeds_an_option_changes():
     """ORT's bias correction changes static int8 layers only: a seed without one gets no (duplicate) copy."""
     from autoq.backends import get_backend
-    from autoq.study import option_variants
+    from autoq.seeds import option_variants
 
     seeds = [Assignment({"a": "int8-dyn", "b": "fp32"}), Assignment({"a": "int8", "b": "fp32"}),
              Assignment({"a": "int8", "b": "int8-dyn-pc"}), Assignment({"a": "fp32", "b": "int8"}),
@@ -248,9 +248,9 @@ def test_an_option_that_changes_no_layer_of_a_trial_takes_its_first_value():
     """SmoothQuant changes only int8-dyn-pc layers: a sampled trial without one is built and keyed with the
     option's first value, so the same model is never measured under two values that cannot differ."""
     from autoq.evaluate import Measurement
+    from autoq.objective import run_search
     from autoq.pareto import DIRECTIONS
     from autoq.space import parse_space
-    from autoq.study import run_search
 
     space = parse_space({"sampler": "random", "sensitivity": "none", "options": {"smooth_quant": [False, 0.7]}})
     choices = {"a": ["fp32", "int8", "int8-dyn-pc"], "b": ["fp32", "int8"]}
@@ -272,7 +272,7 @@ def test_an_option_that_changes_no_layer_of_a_trial_takes_its_first_value():
 def test_a_uniform_baseline_gives_a_table_the_weight_format_without_runtime_knobs():
     """`uniform-w4g32-acc4` puts an embedding table, which offers no accuracy level, in `w4g32` (the same weights:
     a tied table then shares its head's); a layer offering neither stays at its first choice."""
-    from autoq.study import _enqueue_baselines
+    from autoq.objective import _enqueue_baselines
 
     study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
     choices = {"fc": ["fp32", "w4g32-acc4"], "table": ["fp32", "w4g32"], "conv": ["fp32", "int8"]}

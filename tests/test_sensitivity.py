@@ -13,6 +13,7 @@ from onnx import numpy_helper
 
 import autoq
 from autoq import data, graph
+from autoq import seeds as seeding
 from autoq import sensitivity as sens
 from autoq.backends import get_backend
 from autoq.calibrate import calibrate
@@ -128,7 +129,7 @@ def test_greedy_seeds_quantize_least_costly_layers_first(scores):
     table = scores["fragile"]["measured"]
     layers = scores["fragile"]["layers"]
     choices = {n: ["fp32", "int8"] for n in layers}
-    seeds = sens.greedy_seeds(table, choices, fractions=(0.25, 0.5, 1.0))
+    seeds = seeding.greedy_seeds(table, choices, fractions=(0.25, 0.5, 1.0))
     counts = [s.counts().get("int8", 0) for s in seeds]
     assert counts == [1, 2, 4]
     fc1, fc2 = layers[2:]
@@ -180,7 +181,7 @@ def test_greedy_seeds_skip_a_precision_that_makes_the_model_slower(scores):
     layers = scores["fragile"]["layers"]
     slow = table[table["precision"] == "int8"].assign(precision="bf16", score=0.0,
                                                       latency_saving_ms=-1.0)
-    seeds = sens.greedy_seeds(pd.concat([table, slow]), {n: ["fp32", "bf16", "int8"] for n in layers})
+    seeds = seeding.greedy_seeds(pd.concat([table, slow]), {n: ["fp32", "bf16", "int8"] for n in layers})
     assert seeds and all("bf16" not in s.layers.values() for s in seeds)
 
 
@@ -197,7 +198,7 @@ def test_fallback_seeds_protect_the_fast_precisions_most_fragile_layers():
     rows += [{"layer": "table", "precision": "w4g32", "latency_saving_ms": 0.0, "score": 20.0, "macs": 0,
               "size_saving_bytes": 1e6}]
     choices = {n: ["fp32", "int8-dyn", "w8g128-acc4", "w4g32"] for n in layers} | {"table": ["fp32", "w4g32"]}
-    seeds = sens.fallback_seeds(pd.DataFrame(rows).fillna({"size_saving_bytes": 0}), choices, fractions=(0.1, 0.3))
+    seeds = seeding.fallback_seeds(pd.DataFrame(rows).fillna({"size_saving_bytes": 0}), choices, fractions=(0.1, 0.3))
     fp32_protected = [s for s in seeds if "fp32" in {s.layers[n] for n in layers}]
     assert fp32_protected and all(s.layers["table"] == "fp32" for s in fp32_protected)  # they seek quality
     assert all(s.layers["table"] == "w4g32" for s in seeds if s not in fp32_protected)  # else: the smallest free one
@@ -207,8 +208,8 @@ def test_fallback_seeds_protect_the_fast_precisions_most_fragile_layers():
     assert any(all(s.layers[n] == "int8-dyn" for n in layers) for s in seeds)  # and the fast end alone
     assert any({p for n, p in s.layers.items() if n != "table"} == {"fp32", "int8-dyn"} for s in seeds)
     assert not any("w4g32" in [p for n, p in s.layers.items() if n != "table"] for s in seeds)  # slower: never fast
-    only_fp32 = sens.fallback_seeds(pd.DataFrame(rows).fillna({"size_saving_bytes": 0}), choices, fractions=(0.1, 0.3),
-                                    fp32_only=True)
+    only_fp32 = seeding.fallback_seeds(pd.DataFrame(rows).fillna({"size_saving_bytes": 0}), choices,
+                                       fractions=(0.1, 0.3), fp32_only=True)
     assert only_fp32 and all(len({s.layers[n] for n in layers} - {"fp32"}) == 1 for s in only_fp32)  # fast + fp32
     assert {s.key() for s in only_fp32} < {s.key() for s in seeds}
 
@@ -222,7 +223,7 @@ def test_fallback_seeds_protect_a_few_layers_of_a_large_model_with_the_safest_sp
     rows += [{"layer": n, "precision": "w8g32-acc4", "latency_saving_ms": 0.6, "score": float(i) - 500}
              for i, n in enumerate(layers)]
     choices = {n: ["fp32", "w4g32-acc4", "w8g32-acc4"] for n in layers}
-    seeds = sens.fallback_seeds(pd.DataFrame(rows).assign(size_saving_bytes=0.0), choices)
+    seeds = seeding.fallback_seeds(pd.DataFrame(rows).assign(size_saving_bytes=0.0), choices)
     safe = [{n for n, p in s.layers.items() if p == "w8g32-acc4"} for s in seeds]
     assert {"l199", "l198"} in safe and {f"l{i}" for i in range(194, 200)} in safe
     assert not any(len({n for n, p in s.layers.items() if p == "fp32"}) in (2, 6) for s in seeds)
@@ -243,7 +244,7 @@ def test_fallback_seeds_use_the_nearly_as_fast_spec_and_cheap_tables():
               "size_saving_bytes": 6e5}]
     choices = {n: ["fp32", "int8-dyn", "int8-dyn-pc"] for n in layers} | {t: ["fp32", "w4g32"]
                                                                          for t in ("words", "positions")}
-    seeds = sens.fallback_seeds(pd.DataFrame(rows).fillna({"size_saving_bytes": 0}), choices)
+    seeds = seeding.fallback_seeds(pd.DataFrame(rows).fillna({"size_saving_bytes": 0}), choices)
     mixes = [{n for n, p in s.layers.items() if p == "int8-dyn-pc"} for s in seeds
              if {s.layers[n] for n in layers} == {"int8-dyn", "int8-dyn-pc"}]
     assert {"l9"} in mixes and {"l9", "l8", "l7", "l6", "l5"} in mixes
@@ -265,15 +266,15 @@ def test_recipe_seeds_start_at_each_recipe_and_at_its_mix_placed_by_sensitivity(
                                                        for i, n in enumerate(layers) if i}
     unexpressible = dict.fromkeys(layers, "w4g32")
     table = pd.DataFrame(rows).assign(latency_saving_ms=1.0, size_saving_bytes=0.0)
-    seeds = sens.recipe_seeds([recipe, unexpressible], table, choices)
+    seeds = seeding.recipe_seeds([recipe, unexpressible], table, choices)
     assert seeds[0].layers == recipe
     rebalanced = [s for s in seeds if s.layers["l0"] == "w4g64" and s.layers["l2"] == "w4g128"
                   and s.layers["table"] == "w8-asym"]  # the head leaves w8 for the recipe's most common spec
     eights = [{n for n in layers if s.layers[n] == "w8-asym"} for s in rebalanced]
     assert eights == [{"l9"}, {"l9", "l8"}, {"l9", "l8", "l7", "l6"}]
-    assert [s.layers for s in sens.recipe_seeds([recipe, unexpressible], None, choices)] == [recipe]
+    assert [s.layers for s in seeding.recipe_seeds([recipe, unexpressible], None, choices)] == [recipe]
     assert len(seeds) == 1 + 3 + 1  # the recipe, rebalanced thrice, and at its size (`at_size`)
-    kept = sens.recipe_seeds([recipe], table, choices, keep=frozenset({"l9"}))
+    kept = seeding.recipe_seeds([recipe], table, choices, keep=frozenset({"l9"}))
     assert all(s.layers["l9"] == "w4g64" for s in kept) and any(s.layers["l8"] == "w8-asym" for s in kept)
 
 
@@ -288,9 +289,9 @@ def test_at_size_moves_bytes_from_robust_layers_to_fragile_ones_at_the_same_size
                                           ("w8", -100.0 + i, 0.5, 65.0))]
     choices = {n: ["fp32", "w4g32", "w4g128", "w8"] for n in layers}
     seed = Assignment(dict.fromkeys(layers, "w4g32"))
-    resized = sens.at_size(seed, pd.DataFrame(rows), choices)
+    resized = seeding.at_size(seed, pd.DataFrame(rows), choices)
     assert resized.layers == {**dict.fromkeys(layers[:5], "w4g128"), **dict.fromkeys(layers[5:9], "w4g32"), "l9": "w8"}
-    kept = sens.at_size(seed, pd.DataFrame(rows), choices, keep=frozenset({"l9"}))
+    kept = seeding.at_size(seed, pd.DataFrame(rows), choices, keep=frozenset({"l9"}))
     assert kept.layers["l9"] == "w4g32" and kept.layers["l8"] == "w8"
 
 
@@ -303,8 +304,8 @@ def test_a_recipe_seed_has_its_learned_twin_where_the_space_offers_one():
                "e": ["fp32", "w4g32-acc4", "w4g32-adaround-acc4"]}
     recipe = {"a": "w4g32-acc4", "b": "w4g32-acc4", "c": "int8-dyn", "d": "w4g32-kquant-acc4", "e": "w4g32-acc4"}
     twin = {**recipe, "a": "w4g32-adaround-acc4", "d": "w4g32-adaround-acc4"}
-    assert sens.learned_twin(Assignment(recipe), choices, frozenset({"e"})).layers == twin
-    assert [s.layers for s in sens.recipe_seeds([recipe], None, choices, keep=frozenset({"e"}))] == [recipe, twin]
+    assert seeding.learned_twin(Assignment(recipe), choices, frozenset({"e"})).layers == twin
+    assert [s.layers for s in seeding.recipe_seeds([recipe], None, choices, keep=frozenset({"e"}))] == [recipe, twin]
     for name in ("a", "d", "e"):
         choices[name].remove("w4g32-adaround-acc4")
-    assert [s.layers for s in sens.recipe_seeds([recipe], None, choices)] == [recipe]  # no twin: no duplicate
+    assert [s.layers for s in seeding.recipe_seeds([recipe], None, choices)] == [recipe]  # no twin: no duplicate

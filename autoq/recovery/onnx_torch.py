@@ -36,6 +36,39 @@ def _conv(x, w, b, a):
     return conv(x, w, b, a.get("strides", 1), 0, a.get("dilations", 1), a.get("group", 1))
 
 
+def _conv_transpose(x, w, b, a):
+    """ONNX ConvTranspose (weight (C_in, C_out / group, *kernel)); its pads crop the full output."""
+    spatial = w.dim() - 2
+    if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or "output_shape" in a:
+        raise AutoqError("a ConvTranspose with auto_pad or output_shape is not run in torch yet")
+    conv = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[spatial]
+    y = conv(x, w, b, a.get("strides", 1), 0, a.get("output_padding", 0), a.get("group", 1), a.get("dilations", 1))
+    pads = list(a.get("pads", [0] * 2 * spatial))
+    crop = [slice(None), slice(None)] + [slice(pads[i], y.shape[2 + i] - pads[i + spatial]) for i in range(spatial)]
+    return y[tuple(crop)]
+
+
+def _resize(i, a):
+    """ONNX Resize (opset 11+) for the modes converters emit: nearest (asymmetric, floor) and linear."""
+    x, mode = i[0], a.get("mode", b"nearest")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    transform = a.get("coordinate_transformation_mode", b"half_pixel")
+    transform = transform.decode() if isinstance(transform, bytes) else transform
+    sizes = i[3] if len(i) > 3 and i[3] is not None and i[3].numel() else None
+    size = [int(v) for v in sizes.tolist()[2:]] if sizes is not None else None
+    scales = None if size is not None else [float(v) for v in i[2].tolist()[2:]]
+    if mode == "nearest" and transform == "asymmetric" and a.get("nearest_mode", b"floor") in (b"floor", "floor"):
+        return F.interpolate(x, size=size, scale_factor=scales, mode="nearest")
+    if mode == "linear" and transform in ("half_pixel", "pytorch_half_pixel", "align_corners"):
+        kind = {3: "linear", 4: "bilinear", 5: "trilinear"}[x.dim()]
+        return F.interpolate(x, size=size, scale_factor=scales, mode=kind, align_corners=transform == "align_corners")
+    raise AutoqError(f"a Resize in mode {mode} with {transform} coordinates is not run in torch yet")
+
+
+def _batch_norm(i, a):
+    return F.batch_norm(i[0], i[3], i[4], i[1], i[2], False, 0.0, a.get("epsilon", 1e-5))
+
+
 def _gemm(x, w, b, a):
     x = x.T if a.get("transA", 0) else x
     y = a.get("alpha", 1.0) * (x @ (w.T if a.get("transB", 0) else w))
@@ -147,7 +180,7 @@ OPS: dict[str, Callable] = {  # op -> f(inputs, attributes) for the non-layer op
     "GreaterOrEqual": lambda i, a: torch.ge(i[0], i[1]), "Greater": lambda i, a: torch.gt(i[0], i[1]),
     "Less": lambda i, a: torch.lt(i[0], i[1]), "Not": lambda i, a: torch.logical_not(i[0]),
     "Range": lambda i, a: torch.arange(i[0].item(), i[1].item(), i[2].item(), dtype=i[0].dtype),
-    "Slice": lambda i, a: _slice(*i),
+    "Slice": lambda i, a: _slice(*i), "Resize": _resize, "BatchNormalization": _batch_norm,
     "GatherElements": lambda i, a: _gather_elements(i[0], i[1], a.get("axis", 0)),
     "ReduceL2": lambda i, a: i[0].pow(2).sum(dim=tuple(_axes(i, a, range(i[0].dim()))),
                                              keepdim=bool(a.get("keepdims", 1))).sqrt(),
@@ -156,7 +189,7 @@ OPS: dict[str, Callable] = {  # op -> f(inputs, attributes) for the non-layer op
     "Gelu": lambda i, a: F.gelu(i[0], approximate="tanh" if a.get("approximate", b"none") in (b"tanh", "tanh")
                                 else "none"),
 }
-LAYERS = {"Conv": _conv, "Gemm": _gemm, "MatMul": lambda x, w, b, a: x @ w}
+LAYERS = {"Conv": _conv, "ConvTranspose": _conv_transpose, "Gemm": _gemm, "MatMul": lambda x, w, b, a: x @ w}
 
 
 def _key(name: str) -> str:
