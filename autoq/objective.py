@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 
 from autoq.costmodel import Screen, screen_was_wrong
 from autoq.evaluate import CandidateError, Measurement
-from autoq.precision import Assignment, Precision
+from autoq.precision import Assignment, Kind, Precision
 from autoq.progress import SearchProgress
 from autoq.seeds import Affects
 from autoq.settings import RunSettings
@@ -54,7 +54,7 @@ def stop_on_ctrl_c() -> Iterator[list[bool]]:
 
 
 def _float_only(option: str, precision: Precision) -> bool:
-    return precision.kind == "float"
+    return precision.kind == Kind.FLOAT
 
 
 def _weights_only_form(precision: str, allowed: list[str]) -> str:

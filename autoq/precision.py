@@ -26,6 +26,7 @@ import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -39,21 +40,36 @@ ROUNDINGS = ("rtn", "hqq", "gptq", "awq", "se", "kquant", "adaround")  # se: NNC
 # llama.cpp's k-quants; adaround: learned per weight against the layer's FP32 outputs (autoq.recovery.rounding)
 STATIC_ROUNDINGS = ("rtn", "adaround")
 ZERO_POINTED = ("hqq", "kquant")  # roundings that fit a zero point per group: asymmetric by themselves
-KINDS = ("float", "static", "dynamic", "weight-only")
+
+
+class Kind(str, Enum):
+    """What a spec quantizes (equal to its string, so YAML, CSV and JSON keep the plain words)."""
+
+    FLOAT = "float"  # the whole layer in a float format
+    STATIC = "static"  # calibrated int8 activations, int8 weights
+    DYNAMIC = "dynamic"  # int8 weights, activations quantized at run time
+    WEIGHT_ONLY = "weight-only"  # quantized weights, float compute
+
+    def __str__(self) -> str:
+        return self.value
+
+
+KINDS = tuple(Kind)
 FORMS = (f"{'|'.join(FLOATS)}, int8[-sym][-{'|-'.join(c for c in CALIBRATIONS[1:] if c != 'percentile')}|-pct<P>]"
          "[-adaround], "
          f"int8-dyn[-pc][-sq<alpha>], w<4|8>[g<N>][-asym][-{'|-'.join(ROUNDINGS[1:])}][-acc<0-4>]")
-# hue, saturation, value of each kind's base colour (float by width: blue / purple / teal)
-HUES = {("float", 32): (0.60, 0.55, 0.70), ("float", 16): (0.72, 0.40, 0.70), ("static", 8): (0.06, 0.63, 0.87),
-        ("dynamic", 8): (0.99, 0.60, 0.77), ("weight-only", 8): (0.37, 0.50, 0.66),
-        ("weight-only", 4): (0.88, 0.36, 0.85)}
+# hue, saturation, value of each kind's base colour (float by width: blue / purple / teal), with the spec named
+# by each; a (kind, bits) not listed takes its kind's nearest width, shifted in hue by the bits
+HUES = {(Kind.FLOAT, 32): ((0.60, 0.55, 0.70), "fp32"), (Kind.FLOAT, 16): ((0.72, 0.40, 0.70), "bf16"),
+        (Kind.STATIC, 8): ((0.06, 0.63, 0.87), "int8"), (Kind.DYNAMIC, 8): ((0.99, 0.60, 0.77), "int8-dyn"),
+        (Kind.WEIGHT_ONLY, 8): ((0.37, 0.50, 0.66), "w8"), (Kind.WEIGHT_ONLY, 4): ((0.88, 0.36, 0.85), "w4g128")}
 
 
 @dataclass(frozen=True)
 class Precision:
     """One per-layer choice: what is quantized, to how many bits, how, and the runtime knobs it implies."""
 
-    kind: str  # float | static | dynamic | weight-only
+    kind: Kind
     bits: int  # the weights' bits (a float format's width)
     fmt: str = ""  # float only: fp32 | bf16 | fp16
     symmetric: bool = False  # static: the activations' ranges; weight-only: the weights'
@@ -62,7 +78,7 @@ class Precision:
     calibration: str = "minmax"  # static only: how activation ranges are set
     percentile: float = 0.0  # with calibration percentile
     rounding: str = "rtn"  # weight-only: rtn | hqq | gptq | awq | se | kquant
-    accuracy: int = 0  # weight-only: ONNX Runtime MatMulNBits accuracy_level (0: the runtime's default)
+    accuracy_level: int = 0  # weight-only: ONNX Runtime MatMulNBits accuracy_level (0: the runtime's default)
     smooth: float = 0.0  # int8-dyn-pc: SmoothQuant's alpha for the layer's input (0: not smoothed)
 
     def __post_init__(self) -> None:
@@ -72,36 +88,37 @@ class Precision:
 
     def _problem(self) -> str | None:
         if self.kind not in KINDS:
-            return f"unknown kind (kinds: {', '.join(KINDS)})"
-        if self.kind == "float":
+            return f"unknown kind (kinds: {', '.join(map(str, KINDS))})"
+        if self.kind == Kind.FLOAT:
             return None if FLOATS.get(self.fmt) == self.bits else f"float formats: {', '.join(FLOATS)}"
         if self.fmt:
             return "only a float precision has a float format"
-        if self.kind in ("static", "dynamic") and self.bits != 8:
+        if self.kind in (Kind.STATIC, Kind.DYNAMIC) and self.bits != 8:
             return "activations are quantized to 8 bits"
-        if self.kind == "weight-only" and self.bits not in (4, 8):
+        if self.kind == Kind.WEIGHT_ONLY and self.bits not in (4, 8):
             return "weight-only precisions have 4 or 8 bits"
         if (self.granularity == "group") != (self.group > 0) or self.granularity not in ("channel", "tensor", "group"):
             return "granularity is channel, tensor, or group with a group size"
-        if self.group and (self.kind != "weight-only" or self.group < 16 or self.group & (self.group - 1)):
+        if self.group and (self.kind != Kind.WEIGHT_ONLY or self.group < 16 or self.group & (self.group - 1)):
             return "groups are a power of two >= 16, for weight-only precisions only"
-        if self.granularity == "tensor" and self.kind != "dynamic":
+        if self.granularity == "tensor" and self.kind != Kind.DYNAMIC:
             return "per-tensor weights only for int8-dyn"
-        if self.kind != "static" and (self.calibration != "minmax" or self.percentile):
+        if self.kind != Kind.STATIC and (self.calibration != "minmax" or self.percentile):
             return "calibration is for static int8 (weight-only and dynamic have no activation ranges)"
         if self.calibration not in CALIBRATIONS or (self.calibration == "percentile") != (0 < self.percentile < 100):
             return f"calibration is one of {', '.join(CALIBRATIONS)} (percentile with a value in (0, 100))"
-        if self.kind == "static" and self.rounding not in STATIC_ROUNDINGS:
+        if self.kind == Kind.STATIC and self.rounding not in STATIC_ROUNDINGS:
             return f"static int8 weights are rounded by one of {', '.join(STATIC_ROUNDINGS)}"
-        if self.kind != "weight-only" and ((self.rounding != "rtn" and self.kind != "static") or self.accuracy):
+        learned_static = self.kind == Kind.STATIC or self.rounding == "rtn"
+        if self.kind != Kind.WEIGHT_ONLY and (not learned_static or self.accuracy_level):
             return "rounding and accuracy level are for weight-only and static int8 precisions"
-        if self.rounding not in ROUNDINGS or self.accuracy not in range(5):
+        if self.rounding not in ROUNDINGS or self.accuracy_level not in range(5):
             return f"rounding is one of {', '.join(ROUNDINGS)}; accuracy level 0-4"
         if self.rounding in ZERO_POINTED and self.symmetric:
             return f"{self.rounding} fits a zero point per group (it is asymmetric)"
-        if self.kind == "dynamic" and self.symmetric:
+        if self.kind == Kind.DYNAMIC and self.symmetric:
             return "int8-dyn activations are asymmetric"
-        if self.smooth and (self.kind != "dynamic" or self.granularity != "channel" or not 0 < self.smooth < 1):
+        if self.smooth and (self.kind != Kind.DYNAMIC or self.granularity != "channel" or not 0 < self.smooth < 1):
             return "smoothing (sq<alpha>, alpha in (0, 1)) is for int8-dyn-pc (per-tensor weights lose by it)"
         return None
 
@@ -114,16 +131,16 @@ class Precision:
             if head in FLOATS:
                 if rest:
                     raise ValueError(f"a float format takes no options ('{rest[0]}')")
-                return cls("float", FLOATS[head], head)
+                return cls(Kind.FLOAT, FLOATS[head], head)
             fields: dict[str, Any]
             if head == "int8" and "dyn" in rest:
                 rest.remove("dyn")
-                fields = {"kind": "dynamic", "bits": 8, "granularity": "tensor"}
+                fields = {"kind": Kind.DYNAMIC, "bits": 8, "granularity": "tensor"}
             elif head == "int8":
-                fields = {"kind": "static", "bits": 8}
+                fields = {"kind": Kind.STATIC, "bits": 8}
             elif (found := re.fullmatch(r"w(\d+)(?:g(\d+))?", head)) is not None:
                 group = int(found.group(2) or 0)
-                fields = {"kind": "weight-only", "bits": int(found.group(1)), "symmetric": True,
+                fields = {"kind": Kind.WEIGHT_ONLY, "bits": int(found.group(1)), "symmetric": True,
                           "granularity": "group" if group else "channel", "group": group}
             else:
                 raise ValueError(f"unknown form '{head}'")
@@ -137,12 +154,12 @@ class Precision:
             raise AutoqError(msg) from None
 
     def __str__(self) -> str:
-        if self.kind == "float":
+        if self.kind == Kind.FLOAT:
             return self.fmt
-        if self.kind == "dynamic":
+        if self.kind == Kind.DYNAMIC:
             return "int8-dyn" + ("-pc" if self.granularity == "channel" else "") + (
                 f"-sq{self.smooth:g}" if self.smooth else "")
-        if self.kind == "static":
+        if self.kind == Kind.STATIC:
             tokens = ["int8", "sym" if self.symmetric else ""]
             tokens.append({"minmax": "", "percentile": f"pct{self.percentile:g}"}.get(self.calibration,
                                                                                      self.calibration))
@@ -150,7 +167,8 @@ class Precision:
         else:
             asym = not self.symmetric and self.rounding not in ZERO_POINTED  # asymmetric by itself
             tokens = [f"w{self.bits}" + (f"g{self.group}" if self.group else ""), "asym" if asym else "",
-                      "" if self.rounding == "rtn" else self.rounding, f"acc{self.accuracy}" if self.accuracy else ""]
+                      "" if self.rounding == "rtn" else self.rounding,
+                      f"acc{self.accuracy_level}" if self.accuracy_level else ""]
         return "-".join(t for t in tokens if t)
 
     @property
@@ -160,7 +178,7 @@ class Precision:
     def weight_format(self) -> Precision | None:
         """The weights as stored, without runtime knobs (`w4g32-acc4` -> `w4g32`: an embedding table has no matrix
         product to set an accuracy level on); None for a spec whose weights are not stored quantized on their own."""
-        return replace(self, accuracy=0) if self.kind == "weight-only" else None
+        return replace(self, accuracy_level=0) if self.kind == Kind.WEIGHT_ONLY else None
 
     @property
     def calibration_key(self) -> str:
@@ -169,7 +187,7 @@ class Precision:
 
     def bytes_per_weight(self) -> float:
         """Stored bytes per weight, with one float32 scale (and a zero point when asymmetric) per group."""
-        if self.kind == "float":
+        if self.kind == Kind.FLOAT:
             return self.bits / 8
         overhead = (4 + (0 if self.symmetric else self.bits / 8)) / self.group if self.group else 0.0
         return self.bits / 8 + overhead
@@ -177,9 +195,10 @@ class Precision:
     @property
     def colour(self) -> str:
         """A colour per spec: the kind's hue, lighter or darker by a stable hash of the variant."""
-        hue, saturation, value = HUES[(self.kind, 16 if self.kind == "float" and self.bits == 16 else self.bits)]
-        base = {("float", 32): "fp32", ("float", 16): "bf16", ("static", 8): "int8", ("dynamic", 8): "int8-dyn",
-                ("weight-only", 8): "w8", ("weight-only", 4): "w4g128"}.get((self.kind, self.bits))
+        widths = [bits for kind, bits in HUES if kind == self.kind]
+        width = min(widths, key=lambda bits: (abs(bits - self.bits), bits))
+        (hue, saturation, value), base = HUES[(self.kind, width)]
+        hue = (hue + 0.04 * (width - self.bits)) % 1.0  # a width not in HUES: its own shade of the kind
         if str(self) != base:
             shift = int(hashlib.sha1(str(self).encode()).hexdigest()[:4], 16) / 0xFFFF
             value = min(1.0, value * (0.65 + 0.5 * shift))
@@ -203,7 +222,7 @@ def _option(token: str, kind: str) -> dict:
     if token in ROUNDINGS:
         return {"rounding": token}
     if (found := re.fullmatch(r"acc(\d)", token)) is not None:
-        return {"accuracy": int(found.group(1))}
+        return {"accuracy_level": int(found.group(1))}
     if (found := re.fullmatch(r"sq(\d*\.?\d+)", token)) is not None:
         return {"smooth": float(found.group(1))}
     raise ValueError(f"unknown option '{token}' for a {kind} precision")

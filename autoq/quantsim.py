@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from autoq.precision import Precision
+from autoq.precision import Kind, Precision
 
 
 def to_bf16(x: np.ndarray) -> np.ndarray:
@@ -53,11 +53,11 @@ def _round_channels(w: np.ndarray, axis: int, bits: int, symmetric: bool, group:
 
 def round_weight(w: np.ndarray, axis: int, precision: Precision) -> np.ndarray:
     """The weight as `precision` stores it (output channels along `axis`)."""
-    if precision.kind == "float":
+    if precision.kind == Kind.FLOAT:
         return w if precision.bits == 32 else to_bf16(w)
     if precision.granularity == "tensor":
         return _round_channels(w.reshape(1, -1), 0, precision.bits, True, 0).reshape(w.shape)
-    symmetric = precision.symmetric or precision.kind != "weight-only"  # int8 weights are symmetric
+    symmetric = precision.symmetric or precision.kind != Kind.WEIGHT_ONLY  # int8 weights are symmetric
     return _round_channels(w, axis, precision.bits, symmetric, precision.group)
 
 

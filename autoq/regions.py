@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import onnx
 
-from autoq.precision import Assignment
+from autoq.precision import Assignment, Kind
 
 MIN_SQNR_DB = 10.8  # the SQNR of values spread over one uint8 step (10*log10(12)): below, they are rounded away
 REMOVABLE = ("Relu", "Clip")  # absorbed by the int8 output range: only their output is quantized
@@ -37,7 +37,7 @@ class Regions:
     def int8_nodes(self, assignment: Assignment, glue: bool = True) -> set[str]:
         """The int8 layers and the glue of their regions: the nodes to quantize. Without `glue`, only the layers
         and the activations their output ranges absorb (as a one-line recipe on weight op types does)."""
-        int8 = {name for name, spec in assignment.specs().items() if spec.kind == "static"}
+        int8 = {name for name, spec in assignment.specs().items() if spec.kind == Kind.STATIC}
         return int8 | {node for node, layers in self.owners.items()
                        if layers & int8 and (glue or node in self.absorbed)}
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 import pandas as pd
 
 from autoq.errors import AutoqError
-from autoq.precision import Assignment, Precision
+from autoq.precision import Assignment, Kind, Precision
 
 OPTION_SEEDS = 3  # per alternative value of an option: the fast end's fp32-protected seeds built with it
 
@@ -167,8 +167,8 @@ def learned_twin(seed: Assignment, choices: dict[str, list[str]], keep: frozense
     for name, text in seed.layers.items():
         spec = Precision.parse(text)
         try:
-            twin = text if spec.kind not in ("static", "weight-only") or name in keep else str(
-                replace(spec, rounding="adaround", symmetric=spec.symmetric or spec.kind == "weight-only"))
+            twin = text if spec.kind not in (Kind.STATIC, Kind.WEIGHT_ONLY) or name in keep else str(
+                replace(spec, rounding="adaround", symmetric=spec.symmetric or spec.kind == Kind.WEIGHT_ONLY))
         except AutoqError:  # no learned form of this spec
             twin = text
         layers[name] = twin if twin in choices.get(name, []) else text
@@ -208,7 +208,7 @@ def follow_ties(seeds: list[Assignment], ties: dict[str, str], choices: dict[str
     for seed in seeds:
         layers = dict(seed.layers)
         for table, head in ties.items():
-            if table not in layers or head not in layers or Precision.parse(layers[table]).kind != "weight-only":
+            if table not in layers or head not in layers or Precision.parse(layers[table]).kind != Kind.WEIGHT_ONLY:
                 continue
             same = Precision.parse(layers[head]).weight_format()
             if same is not None and str(same) in choices.get(table, []):

@@ -31,7 +31,7 @@ from autoq.calibrate import method_path
 from autoq.evaluate import CandidateError, Evaluator
 from autoq.graph import TABLE_OPS, Layer, save_onnx, weight_array, weights_as_inputs
 from autoq.methods import get_method
-from autoq.precision import Assignment, Precision
+from autoq.precision import Assignment, Kind, Precision
 from autoq.quantsim import noise_ratio, round_activation, round_weight, smoothing_scale
 from autoq.recovery import rounding
 
@@ -118,7 +118,7 @@ def sqnr_rows(evaluator: Evaluator, pairs: list[tuple[Layer, str]]) -> list[dict
 
     specs = {p: Precision.parse(p) for _, p in pairs}
     ranges = {spec.calibration_key: load_tensors_data(method_path(evaluator.calibration, spec.calibration_key)).data
-              for spec in specs.values() if spec.kind == "static"}
+              for spec in specs.values() if spec.kind == Kind.STATIC}
     proto = evaluator.model.proto
     nodes = {n.name: n for n in proto.graph.node}
     tensors = sorted({t for layer, _ in pairs if layer.op_type not in TABLE_OPS
@@ -192,11 +192,11 @@ def _layer_noise(precision: Precision, w: np.ndarray, axis: int, x: np.ndarray |
     noise = noise_ratio(w, round_weight(w, axis, precision), axis)
     if x is None:
         return noise
-    if precision.kind == "float":
+    if precision.kind == Kind.FLOAT:
         return noise + noise_ratio(x, round_weight(x, x_axis, precision), x_axis)
-    if precision.kind == "dynamic":  # the input's own per-tensor range at run time
+    if precision.kind == Kind.DYNAMIC:  # the input's own per-tensor range at run time
         return noise + noise_ratio(x, round_activation(x, float(x.min()), float(x.max())), x_axis)
-    if precision.kind == "static":
+    if precision.kind == Kind.STATIC:
         for tensor, rng in zip((x, y), ranges, strict=True):
             if rng is not None and tensor is not None:
                 low, high = (float(np.asarray(v).ravel()[0]) for v in rng.range_value)

@@ -13,7 +13,7 @@ import numpy as np
 
 from autoq.errors import AutoqError
 from autoq.graph import Layer, OnnxModel
-from autoq.precision import Assignment, Precision
+from autoq.precision import Assignment, Kind, Precision
 from autoq.regions import Regions
 
 Feeds = dict[str, np.ndarray]
@@ -85,9 +85,23 @@ class Backend(ABC):
     option_kinds: dict[str, tuple[str, ...]] = {}  # option -> the precision kinds whose build it changes
     deployed_instances = 1  # separately compiled instances of each model `autoq verify` times, where they differ
 
-    @abstractmethod
+    builds: dict[Kind, tuple[int, ...]] = {}  # allow-list: the kinds it builds -> their bits (a float's width)
+    unbuilt: dict[Kind, str] = {}  # why a kind (or a width of it) is not in `builds`, where there is a reason
+
     def unbuildable(self, precision: Precision) -> str | None:
-        """Why this backend cannot build `precision` for any layer (one line), or None if it can."""
+        """Why this backend cannot build `precision` for any layer (one line), or None if it can: a kind or bit
+        width not in `builds` (a new width is unbuildable until a backend lists it), then the backend's own limits
+        on the variant (`refuses`)."""
+        if precision.bits not in self.builds.get(precision.kind, ()):
+            if precision.kind in self.unbuilt:
+                return self.unbuilt[precision.kind]
+            offered = "; ".join(f"{kind} {'/'.join(map(str, bits))}-bit" for kind, bits in self.builds.items())
+            return f"the {self.name} backend does not build {precision.bits}-bit {precision.kind} (it builds {offered})"
+        return self.refuses(precision)
+
+    @abstractmethod
+    def refuses(self, precision: Precision) -> str | None:
+        """Why this backend cannot build this variant of a kind and width it builds (one line), or None."""
 
     def options(self, requested: dict[str, list]) -> dict[str, list]:
         """The space's model-wide options this machine can really run (a backend drops what it can't); an option
@@ -115,7 +129,7 @@ class Backend(ABC):
 
     def fits(self, layer: Layer, precision: Precision) -> bool:
         """Whether `precision` (buildable in general) can be built for `layer`."""
-        return layer.op_type != "Gather" or precision.kind == "float"
+        return layer.op_type != "Gather" or precision.kind == Kind.FLOAT
 
     def expected(self, assignment: Assignment) -> dict[str, str]:
         """Layer -> the precision its kernel should run in (model-wide options may decide it)."""

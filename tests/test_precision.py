@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -45,7 +47,7 @@ def test_specs_carry_their_fields_and_non_canonical_spellings_normalise():
     assert (spec.kind, spec.symmetric, spec.calibration, spec.percentile) == ("static", True, "percentile", 99.99)
     assert str(spec) == "int8-sym-pct99.99" and spec.calibration_key == "pct99.99"
     w4 = Precision.parse("w4g32-acc4-asym")
-    assert (w4.kind, w4.bits, w4.group, w4.symmetric, w4.accuracy) == ("weight-only", 4, 32, False, 4)
+    assert (w4.kind, w4.bits, w4.group, w4.symmetric, w4.accuracy_level) == ("weight-only", 4, 32, False, 4)
     assert str(w4) == "w4g32-asym-acc4"
     assert Precision.parse("int8-dyn").granularity == "tensor"
     assert Precision.parse("int8-dyn-sq0.70-pc").smooth == 0.7 and str(Precision.parse("int8-dyn-sq.7-pc")) == (
@@ -79,3 +81,36 @@ def test_metrics_reward_closeness_to_the_reference():
     assert metrics.accuracy(ref, ref, labels) == 1.0
     with pytest.raises(AutoqError, match="needs labels"):
         metrics.accuracy(ref, ref, None)
+
+
+def test_a_kind_is_typed_and_reads_as_its_word():
+    """`Precision.kind` is a Kind, equal to its plain word, so tables, JSON and YAML keep the words."""
+    from autoq.precision import Kind
+
+    spec = Precision.parse("w4g32")
+    assert spec.kind is Kind.WEIGHT_ONLY and spec.kind == "weight-only" and f"{spec.kind}" == "weight-only"
+    assert json.loads(json.dumps({"kind": spec.kind})) == {"kind": "weight-only"}
+    assert {Precision.parse(p).kind for p in ("fp32", "int8", "int8-dyn", "w8")} == set(Kind)
+
+
+def test_a_backend_builds_only_the_kinds_and_widths_it_lists():
+    """The allow-list: a kind or width a backend does not list is refused with the backend's reason or the list
+    it builds, before its own checks of the variant; every spec gets a colour."""
+    from autoq.backends import get_backend
+    from autoq.backends.base import Backend
+    from autoq.precision import Kind
+
+    ort, torch_backend = get_backend("onnxruntime"), get_backend("torch")
+    assert "runs float layers in fp32" in ort.unbuildable(Precision.parse("bf16"))
+    assert ort.unbuildable(Precision.parse("w4g32")) is None and ort.unbuildable(Precision.parse("w4")) is not None
+    assert "no CPU kernel" in torch_backend.unbuildable(Precision.parse("w4g32"))
+
+    class FloatOnly(Backend):
+        name = "float-only"
+        builds = {Kind.FLOAT: (32,)}
+        refuses = build = runner = executed = layer_latency = recipes = export = lambda *a: None  # type: ignore
+
+    reason = FloatOnly.unbuildable(FloatOnly.__new__(FloatOnly), Precision.parse("int8"))
+    assert reason == "the float-only backend does not build 8-bit static (it builds float 32-bit)"
+    colours = {Precision.parse(p).colour for p in ("fp32", "bf16", "int8", "int8-dyn", "w8", "w4g128", "w4g32-hqq")}
+    assert len(colours) == 7 and all(c.startswith("#") and len(c) == 7 for c in colours)

@@ -28,7 +28,7 @@ from autoq.data import Dataset, Splits, batch_size
 from autoq.errors import AutoqError
 from autoq.evaluate import Evaluator
 from autoq.graph import OnnxModel, save_onnx
-from autoq.precision import Assignment, Precision
+from autoq.precision import Assignment, Kind, Precision
 from autoq.progress import PhaseProgress
 from autoq.quantsim import smoothing_scale
 from autoq.recovery.onnx_torch import OnnxModule
@@ -85,7 +85,7 @@ def _weight(w: torch.Tensor, axis: int, spec: Precision) -> torch.Tensor:
     group = spec.group or width
     blocks = torch.nn.functional.pad(moved, (0, -width % group)).reshape(moved.shape[0], -1, group)
     with torch.no_grad():
-        if spec.kind != "weight-only":  # int8 weights: +-127 per channel (ORT's and NNCF's)
+        if spec.kind != Kind.WEIGHT_ONLY:  # int8 weights: +-127 per channel (ORT's and NNCF's)
             scale = blocks.abs().amax(2, keepdim=True).clamp_min(1e-12) / levels
             zero = torch.zeros_like(scale)
             low, high = -levels, levels
@@ -117,13 +117,13 @@ def hooks(model: OnnxModel, assignment: Assignment, calibration: Path) -> dict[s
         if spec is None or layer.name not in nodes or spec.fmt == "fp32":
             continue
         axis = layer.channel_axis
-        if spec.kind == "static":
+        if spec.kind == Kind.STATIC:
             low, high = input_range(calibration, nodes[layer.name], spec)
 
             def static(x, w, low=low, high=high, spec=spec, axis=axis):
                 return _activation(x, low, high, spec.symmetric), _weight(w, axis, spec)
             made[layer.name] = static
-        elif spec.kind == "dynamic":
+        elif spec.kind == Kind.DYNAMIC:
             peaks = _input_peaks(model, calibration, nodes[layer.name].input[0]) if spec.smooth else None
 
             def dynamic(x, w, spec=spec, axis=axis, peaks=peaks):
@@ -132,7 +132,7 @@ def hooks(model: OnnxModel, assignment: Assignment, calibration: Path) -> dict[s
                     x, w = x / scale, w * scale[:, None]
                 return _dynamic(x), _weight(w, axis, spec)
             made[layer.name] = dynamic
-        elif spec.kind == "weight-only":
+        elif spec.kind == Kind.WEIGHT_ONLY:
             made[layer.name] = lambda x, w, spec=spec, axis=axis: (x, _weight(w, axis, spec))
         else:
             made[layer.name] = lambda x, w: (_bf16(x), _bf16(w))

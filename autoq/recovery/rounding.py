@@ -32,7 +32,7 @@ from autoq.calibrate import method_path, samples_path
 from autoq.data import Dataset, batch_size
 from autoq.errors import AutoqError
 from autoq.graph import Layer, OnnxModel, probe_session, weight_array
-from autoq.precision import Precision
+from autoq.precision import Kind, Precision
 from autoq.quantsim import round_activation
 
 VERSION = 3  # 3: FP32 inputs, a held-out share judging the fit
@@ -113,7 +113,7 @@ def prepare(model: OnnxModel, calibration: Path, pairs: list[tuple[Layer, Precis
             node = nodes[layer.name]
             x = inputs[node.input[0]]
             seen = x
-            if spec.kind == "static":
+            if spec.kind == Kind.STATIC:
                 low, high = input_range(calibration, node, spec)
                 seen = round_activation(x, low, high, spec.symmetric).astype(np.float32)
             fitted = fit(node, model.proto, layer, x, seen, spec)
@@ -173,7 +173,7 @@ def _built_weight(proto: onnx.ModelProto, layer: Layer, spec: Precision) -> np.n
     times per-channel scales), a weight-only layer's MatMulNBits (`<layer>_Q<bits>`: unsigned blocks packed low
     bits first, the symmetric zero point 2^(bits-1), one scale per output and block)."""
     stored = {t.name: t for t in proto.graph.initializer}
-    if spec.kind == "weight-only":
+    if spec.kind == Kind.WEIGHT_ONLY:
         node = next((n for n in proto.graph.node if n.name == f"{layer.name}_Q{spec.bits}"), None)
         if node is None or node.input[1] not in stored or node.input[2] not in stored:
             return None
@@ -207,12 +207,12 @@ class Grid:
 
 def grid(w: np.ndarray, layer: Layer, spec: Precision) -> Grid:
     """The grid `spec` stores `w` on (see the module docstring)."""
-    if spec.kind == "static":
+    if spec.kind == Kind.STATIC:
         reduce = tuple(i for i in range(w.ndim) if i != layer.channel_axis)
         scale = np.maximum(np.abs(w).max(axis=reduce, keepdims=True), 1e-12) / LEVELS
         return Grid(np.broadcast_to(scale, w.shape).astype(np.float32), -LEVELS, LEVELS,
                     _largest(w, layer.channel_axis))
-    if spec.kind != "weight-only" or not spec.symmetric or spec.group == 0 or w.ndim != 2:
+    if spec.kind != Kind.WEIGHT_ONLY or not spec.symmetric or spec.group == 0 or w.ndim != 2:
         raise AutoqError(f"learned rounding fits static int8 and symmetric weight-only blocks, not {spec}")
     inputs, group = w.shape[0], spec.group  # a MatMul weight: (inputs, outputs), blocks along the inputs
     blocks = np.pad(w, ((0, -inputs % group), (0, 0))).reshape(-1, group, w.shape[1])

@@ -50,7 +50,7 @@ from autoq.backends.onnxruntime.tied import shares
 from autoq.calibrate import resolution, samples_path
 from autoq.fold import KEEP_LAYER_NAMES, constant_divisor, div_as_mul
 from autoq.graph import Layer, OnnxModel, save_onnx, tied_tables
-from autoq.precision import Assignment, Precision
+from autoq.precision import Assignment, Kind, Precision
 from autoq.recovery.rounding import check_built, is_learned, substitute
 from autoq.regions import REMOVABLE, Regions, find_regions
 
@@ -84,16 +84,17 @@ class OnnxRuntimeBackend(Backend):
     option_values = {"reduce_range": (False, True), BIAS_CORRECTION: (True, False), GLUE: ("int8", "float")}
     option_kinds = {"reduce_range": ("static",), BIAS_CORRECTION: ("static",), GLUE: ("static",)}
 
-    def unbuildable(self, precision: Precision) -> str | None:
-        if precision.kind == "float" and precision.fmt != "fp32":
-            return "ORT's CPU provider runs float layers in fp32 (use the openvino or torch backend for bf16)"
-        if precision.kind == "weight-only" and precision.granularity != "group":
+    builds = {Kind.FLOAT: (32,), Kind.STATIC: (8,), Kind.DYNAMIC: (8,), Kind.WEIGHT_ONLY: (4, 8)}
+    unbuilt = {Kind.FLOAT: "ORT's CPU provider runs float layers in fp32 (use the openvino or torch backend for bf16)"}
+
+    def refuses(self, precision: Precision) -> str | None:
+        if precision.kind == Kind.WEIGHT_ONLY and precision.granularity != "group":
             return f"MatMulNBits quantizes in blocks: give a group size (e.g. w{precision.bits}g128)"
         if is_learned(precision) and find_spec("torch") is None:
             return "learned rounding is fitted with torch: pip install 'autoq[torch]'"
-        if precision.kind == "weight-only" and is_learned(precision) and not precision.symmetric:
+        if precision.kind == Kind.WEIGHT_ONLY and is_learned(precision) and not precision.symmetric:
             return "learned rounding of weight-only blocks is symmetric (MatMulNBits' signed scales)"
-        if precision.kind == "weight-only" and precision.rounding not in WEIGHT_ROUNDINGS:
+        if precision.kind == Kind.WEIGHT_ONLY and precision.rounding not in WEIGHT_ROUNDINGS:
             offered = ", ".join(WEIGHT_ROUNDINGS)
             return f"{precision.rounding} is not offered on ORT (its weight-only roundings: {offered})"
         if precision.rounding == "gptq" and precision.bits != 4:
@@ -107,11 +108,11 @@ class OnnxRuntimeBackend(Backend):
         weight-only on 2-D MatMul weights (4/8 bits, any input width: SmolLM2's 576 takes blocks of 128; 4-bit
         k-quants an even number of blocks) and embedding tables (rounded without activations, in a spec a MatMul's
         weights can be gathered from: `ort_tied.shares`)."""
-        if precision.kind == "static":
+        if precision.kind == Kind.STATIC:
             return layer.op_type not in ("ConvTranspose", "Gather")
-        if precision.kind == "dynamic":
+        if precision.kind == Kind.DYNAMIC:
             return layer.op_type in DYNAMIC_LAYERS
-        if precision.kind == "weight-only":  # MatMulNBits pads its inputs to whole blocks (a table's columns: it
+        if precision.kind == Kind.WEIGHT_ONLY:  # MatMulNBits pads its inputs to whole blocks (a table's columns: it
             inputs = layer.weight_shape[1 if layer.op_type == "Gather" else 0]  # is rounded as its transpose)
             blocks = -(-inputs // precision.group)
             return (len(layer.weight_shape) == 2 and precision.bits in WEIGHT_ONLY_LAYERS.get(layer.op_type, ())
@@ -190,9 +191,9 @@ class OnnxRuntimeBackend(Backend):
             source = save_onnx(div_as_mul(proto, nodes), workdir / "source.onnx")
             quantize_regions(source, out, nodes, specs, calibration, bool(assignment.options.get("reduce_range")))
             source.unlink()
-            keep_float(out, [name for name, spec in specs.items() if spec.kind != "static"])
+            keep_float(out, [name for name, spec in specs.items() if spec.kind != Kind.STATIC])
             if assignment.options.get(BIAS_CORRECTION):
-                correct_biases(out, model, [n for n, s in specs.items() if s.kind == "static"],
+                correct_biases(out, model, [n for n, s in specs.items() if s.kind == Kind.STATIC],
                                dict(np.load(samples_path(calibration))))
         smooth(out, model, {n: s.smooth for n, s in specs.items() if s.smooth}, calibration)
         quantize_dynamic_layers(out, specs)
@@ -282,7 +283,7 @@ class OnnxRuntimeBackend(Backend):
                 result[layer] = ("int8-dyn-pc" if per_channel else "int8-dyn") + smoothed(producer.get(float_input))
             else:
                 spec = asked.get(layer)
-                result[layer] = str(spec) if spec is not None and spec.kind == "static" else "int8"
+                result[layer] = str(spec) if spec is not None and spec.kind == Kind.STATIC else "int8"
         return result
 
     def glue_check(self, candidate: Candidate) -> GlueCheck:
@@ -296,7 +297,7 @@ class OnnxRuntimeBackend(Backend):
                         if n.op_type == "DequantizeLinear" and n.input[0] not in constants
                         and n.output[0] not in outputs]
         static = {layer for layer, ran in self._executed(graph, candidate).items()
-                  if Precision.parse(ran).kind == "static"}
+                  if Precision.parse(ran).kind == Kind.STATIC}
         kernels = {layer: node for layer, node in self._kernels(graph, candidate).items() if layer in static}
         return GlueCheck(conversions, integer_chains(graph, kernels))
 

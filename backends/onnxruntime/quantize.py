@@ -27,7 +27,7 @@ from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, q
 from autoq.backends.onnxruntime.tied import add_stand_in, share_tables, tied_pairs
 from autoq.calibrate import method_path, samples_path
 from autoq.graph import save_onnx
-from autoq.precision import Precision
+from autoq.precision import Kind, Precision
 from autoq.regions import REMOVABLE
 
 DYNAMIC_LAYERS = ("MatMul",)  # ORT's dynamic quantizer has no Gemm
@@ -60,7 +60,7 @@ def static_overrides(graph: onnx.GraphProto, specs: dict[str, Precision], calibr
     producer = {out: node.op_type for node in graph.node for out in node.output}
     for node in graph.node:
         spec = specs.get(node.name)
-        if spec is None or spec.kind != "static" or node.input[0] in overrides:
+        if spec is None or spec.kind != Kind.STATIC or node.input[0] in overrides:
             continue
         # ORT's quantizer drops a Relu/Clip into its output's range even under a zero point of 128, which would
         # let negative values through: a rectified input stays asymmetric (it has no negative half to keep)
@@ -94,7 +94,7 @@ def quantize_regions(source: Path, out: Path, nodes: set[str], specs: dict[str, 
 def quantize_dynamic_layers(path: Path, specs: dict[str, Precision]) -> None:
     """int8-dyn of the layers whose spec is dynamic, in place; one pass per weight granularity."""
     for per_channel in (False, True):
-        chosen = sorted(n for n, s in specs.items() if s.kind == "dynamic" and (s.granularity == "channel")
+        chosen = sorted(n for n, s in specs.items() if s.kind == Kind.DYNAMIC and (s.granularity == "channel")
                         == per_channel)
         if chosen:
             with quiet_root_logger():
@@ -124,7 +124,8 @@ def _rounding_config(spec: Precision, calibration: Path, chosen: list[str]) -> o
         samples = CalibrationSamples(samples_path(calibration))
         return GPTQWeightOnlyQuantConfig(calibration_data_reader=samples, op_types_to_quantize=ops)
     return DefaultWeightOnlyQuantConfig(block_size=spec.group, is_symmetric=spec.symmetric,
-                                        accuracy_level=spec.accuracy or None, op_types_to_quantize=ops, bits=spec.bits)
+                                        accuracy_level=spec.accuracy_level or None, op_types_to_quantize=ops,
+                                        bits=spec.bits)
 
 
 def quantize_weight_only(path: Path, specs: dict[str, Precision], calibration: Path, tie: bool = True) -> None:
@@ -132,17 +133,17 @@ def quantize_weight_only(path: Path, specs: dict[str, Precision], calibration: P
     rounded as a MatMul of its transpose would be (any bits and rounding the MatMul quantizer has) and gathered from
     those weights; a table tied to the LM head with the head's weight format reads the head's weights instead
     (`autoq.backends.onnxruntime.tied`) unless `tie` is off."""
-    if not any(spec.kind == "weight-only" for spec in specs.values()):
+    if not any(spec.kind == Kind.WEIGHT_ONLY for spec in specs.values()):
         return
     proto = onnx.load(str(path))
     ties = tied_pairs(proto, specs) if tie else {}
     kinds = {n.name: n.op_type for n in proto.graph.node}
     for name, spec in specs.items():
-        if spec.kind == "weight-only" and kinds.get(name) == "Gather" and name not in ties:
+        if spec.kind == Kind.WEIGHT_ONLY and kinds.get(name) == "Gather" and name not in ties:
             ties[name] = add_stand_in(proto, name)
     groups: dict[Precision, list[str]] = defaultdict(list)
     for name, spec in specs.items():
-        if spec.kind == "weight-only" and name not in ties:
+        if spec.kind == Kind.WEIGHT_ONLY and name not in ties:
             groups[spec].append(name)
     for name, source in ties.items():
         if source not in specs:  # a stand-in is rounded in its table's spec (a tied head is rounded in its own)
@@ -156,13 +157,13 @@ def quantize_weight_only(path: Path, specs: dict[str, Precision], calibration: P
         others = [n.name for n in proto.graph.node if n.name not in set(chosen)]
         with quiet_root_logger():
             quantizer = MatMulNBitsQuantizer(proto, bits=spec.bits, block_size=spec.group,
-                                             is_symmetric=spec.symmetric, accuracy_level=spec.accuracy or None,
+                                             is_symmetric=spec.symmetric, accuracy_level=spec.accuracy_level or None,
                                              nodes_to_exclude=others, op_types_to_quantize=("MatMul",),
                                              algo_config=config)
             quantizer.process()
         proto = quantizer.model.model
-        if spec.rounding == "hqq" and spec.accuracy:  # ORT's HQQ quantizer takes no accuracy level: set it
-            _set_accuracy(proto, set(chosen), spec.accuracy)
+        if spec.rounding == "hqq" and spec.accuracy_level:  # ORT's HQQ quantizer takes no accuracy level: set it
+            _set_accuracy(proto, set(chosen), spec.accuracy_level)
     share_tables(proto, ties, specs)
     save_onnx(proto, path)
 
@@ -203,8 +204,8 @@ def weight_only_spec(node: onnx.NodeProto, graph: onnx.GraphProto, asked: Precis
     else:
         data = next((t for t in graph.initializer if t.name == node.input[0]), None)
         bits = 4 if data is None or data.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4) else 8
-    rounding = asked.rounding if asked is not None and asked.kind == "weight-only" else "rtn"
-    spec = Precision("weight-only", bits, symmetric=symmetric, granularity="group",
+    rounding = asked.rounding if asked is not None and asked.kind == Kind.WEIGHT_ONLY else "rtn"
+    spec = Precision(Kind.WEIGHT_ONLY, bits, symmetric=symmetric, granularity="group",
                      group=int(attributes.get("block_size", 0)), rounding=rounding,
-                     accuracy=int(attributes.get("accuracy_level", 0)) if node.op_type == "MatMulNBits" else 0)
+                     accuracy_level=int(attributes.get("accuracy_level", 0)) if node.op_type == "MatMulNBits" else 0)
     return str(spec)

@@ -13,13 +13,13 @@ import onnx
 from onnx import helper, numpy_helper
 
 from autoq.graph import tied_tables
-from autoq.precision import Precision
+from autoq.precision import Kind, Precision
 
 
 def shares(table: Precision, head: Precision) -> bool:
     """Whether a table in spec `table` can read the weights of a tied head in spec `head`: the same weight spec
     (the head's accuracy level is a runtime knob of its matrix product), zero points (if any) whole bytes."""
-    return (table.kind == "weight-only" and head.weight_format() == table
+    return (table.kind == Kind.WEIGHT_ONLY and head.weight_format() == table
             and (table.symmetric or table.bits == 8))
 
 

@@ -39,7 +39,7 @@ from autoq.backends.openvino.nncf_build import (
 )
 from autoq.calibrate import samples_path
 from autoq.graph import Layer, OnnxModel, save_onnx, tied_tables
-from autoq.precision import Assignment, Precision
+from autoq.precision import Assignment, Kind, Precision
 from autoq.recovery.rounding import is_learned, substitute
 
 FLOAT_OPTION = "inference_precision"
@@ -88,17 +88,18 @@ class OpenVinoBackend(Backend):
             self._converted = stamp, ov.convert_model(str(path))
         return self._converted[1].clone()
 
-    def unbuildable(self, precision: Precision) -> str | None:
-        if precision.kind == "float":
-            return None if precision.fmt == "fp32" else (
-                "OpenVINO's float precision is model-wide (per-node marks are not honoured): use the "
-                f"`{FLOAT_OPTION}` option")
-        if precision.kind == "static":
+    builds = {Kind.FLOAT: (32,), Kind.STATIC: (8,), Kind.WEIGHT_ONLY: (4, 8)}
+    unbuilt = {Kind.FLOAT: "OpenVINO's float precision is model-wide (per-node marks are not honoured): use the "
+                           f"`{FLOAT_OPTION}` option",
+               Kind.DYNAMIC: "OpenVINO's CPU plugin has no dynamic int8 layer"}
+
+    def refuses(self, precision: Precision) -> str | None:
+        if precision.kind == Kind.FLOAT:
+            return None
+        if precision.kind == Kind.STATIC:
             return None if str(replace(precision, rounding="rtn")) == "int8" else (
                 "NNCF calibrates and sets activation symmetry per model: use the `activations` option (asym | sym)")
-        if precision.kind == "dynamic":
-            return "OpenVINO's CPU plugin has no dynamic int8 layer"
-        if precision.rounding not in WEIGHT_ROUNDINGS or precision.accuracy:
+        if precision.rounding not in WEIGHT_ROUNDINGS or precision.accuracy_level:
             return (f"NNCF weight compression rounds {', '.join(WEIGHT_ROUNDINGS)} (se: scale estimation); accuracy "
                     "levels are ORT's")
         if precision.rounding != "rtn" and precision.bits != 4:
@@ -120,7 +121,7 @@ class OpenVinoBackend(Backend):
     def fits(self, layer: Layer, precision: Precision) -> bool:
         """Weight-only on 2-D MatMul/Gemm weights and embedding tables, its groups dividing the input channels (a
         Gemm's may be either dimension, a table's are its columns); int8 on every weighted op but tables."""
-        if precision.kind != "weight-only":
+        if precision.kind != Kind.WEIGHT_ONLY:
             return super().fits(layer, precision)
         inputs = {"MatMul": layer.weight_shape[:1], "Gather": layer.weight_shape[1:]}.get(layer.op_type,
                                                                                             layer.weight_shape)
@@ -150,11 +151,11 @@ class OpenVinoBackend(Backend):
         if assignment.options.get(SHAPES) == "static":
             ov_model.reshape(_sample_shapes(ov_model, samples_path(calibration)))
         names = _layer_names(model)
-        if any(spec.kind == "static" for spec in specs.values()):
-            floating = {n: names[n] for n, spec in specs.items() if spec.kind != "static"}
+        if any(spec.kind == Kind.STATIC for spec in specs.values()):
+            floating = {n: names[n] for n, spec in specs.items() if spec.kind != Kind.STATIC}
             ov_model = quantize_int8(ov_model, floating, dict(np.load(samples_path(calibration))),
                                      has_attention(model), assignment.options)
-        for spec in dict.fromkeys(s for s in assignment.specs().values() if s.kind == "weight-only"):
+        for spec in dict.fromkeys(s for s in assignment.specs().values() if s.kind == Kind.WEIGHT_ONLY):
             chosen = [n for n, s in assignment.specs().items() if s == spec]
             dataset = dict(np.load(samples_path(calibration))) if spec.rounding != "rtn" else None
             ov_model = compress_layers(ov_model, {n: names[n] for n in chosen}, spec, dataset)
@@ -235,7 +236,7 @@ class OpenVinoBackend(Backend):
             if layer in state.tables:  # an embedding Gather: its weight's type, else the model's float
                 found = _table_type(self._any_compiled(candidate), layer, names) or self.expected(
                     candidate.assignment)[layer]
-            same_kernel = spec is not None and found == ("int8" if spec.kind == "static" else f"w{spec.bits}")
+            same_kernel = spec is not None and found == ("int8" if spec.kind == Kind.STATIC else f"w{spec.bits}")
             result[layer] = str(spec) if same_kernel else found  # groups and rounding are not kernel properties
         return result
 

@@ -39,7 +39,7 @@ from autoq.backends.base import Backend, Candidate, Feeds, Outputs, Recipe, stat
 from autoq.calibrate import samples_path
 from autoq.errors import AutoqError
 from autoq.graph import InputSpec, OnnxModel
-from autoq.precision import Assignment, Precision
+from autoq.precision import Assignment, Kind, Precision
 from autoq.quiet import native_stderr_hushed
 
 
@@ -228,7 +228,11 @@ class TorchBackend(Backend):
         return None if cxx_compiler() else ("no C++ compiler (g++, clang++ or $CXX) for torch.compile: searching "
                                             "eager PyTorch only, without static int8 (apt-get install g++)")
 
-    def unbuildable(self, precision: Precision) -> str | None:
+    builds = {Kind.FLOAT: (32, 16), Kind.STATIC: (8,), Kind.DYNAMIC: (8,)}
+    unbuilt = {Kind.WEIGHT_ONLY: "torchao's weight-only int4 has no CPU kernel here (the torch backend builds fp32, "
+                                 "bf16, int8-dyn, int8-dyn-pc and int8)"}
+
+    def refuses(self, precision: Precision) -> str | None:
         if str(precision) in ("fp32", "bf16", "int8", *DYNAMIC_QCONFIGS):
             return None
         return ("the torch backend builds fp32, bf16, int8-dyn (torch.ao, eager), int8-dyn-pc (torch.ao eager, "
