@@ -23,7 +23,7 @@ from autoq import recipes as recipes_mod
 from autoq import sensitivity as sensitivity_mod
 from autoq.backends import get_backend
 from autoq.calibrate import calibrate
-from autoq.causal_lm import LABELS, LLM_SPACES, folder_files
+from autoq.causal_lm import LABELS, folder_files
 from autoq.costmodel import Screen
 from autoq.errors import AutoqError
 from autoq.evaluate import CandidateError, Evaluator
@@ -82,7 +82,8 @@ def _problem(model: str | Path | object | None, data: DataArg, example_inputs, s
     if settings.text is not None and not (isinstance(model, str | Path) and Path(model).is_dir()):
         raise AutoqError("--text goes with a Hugging Face causal LM folder as the model (autoq search FOLDER --text "
                          "FILE)")
-    if model is None and backend == "torch" and settings.demo == "minilm":  # the torch backend needs the module
+    chosen_backend = get_backend(backend)
+    if model is None and chosen_backend.takes_module and settings.demo == "minilm":  # the module, not its ONNX
         from autoq.demo import demo_module
 
         model, example_inputs, data = demo_module()
@@ -91,22 +92,20 @@ def _problem(model: str | Path | object | None, data: DataArg, example_inputs, s
         from autoq.demo import DEMOS
 
         demo = DEMOS[settings.demo]  # a known name: RunSettings checks it
-        if demo.spaces and backend not in demo.spaces:
-            msg = f"the {demo.name} demo runs on {' or '.join(demo.spaces)}, not {backend}"
-            raise AutoqError(msg)
-        model, data = demo.files(backend)
+        if demo.language_model and chosen_backend.llm_space is None:
+            raise AutoqError(f"the {demo.name} demo runs on a backend with a language-model space, not {backend}")
+        model, data = demo.files(chosen_backend)
         metric, labels = metric or demo.metric, labels if labels is not None else demo.labels
-        space = space if space is not None else demo.spaces.get(backend)
+        space = space if space is not None or not demo.language_model else chosen_backend.llm_space
         stem, label = demo.stem, f"{demo.stem}: {demo.summary}"
     elif isinstance(model, str | Path) and Path(model).is_dir():  # a Hugging Face causal LM and a text file
         stem, label = Path(model).name, f"{Path(model).name}: causal LM, perplexity on {settings.text}"
         run_dir = Path(settings.out) if settings.out else REPORTS / f"{stem}-{backend}"
-        model, data = folder_files(Path(model), settings.text, data, backend, run_dir / "cache" / "causal-lm")
+        model, data = folder_files(Path(model), settings.text, data, chosen_backend, run_dir / "cache" / "causal-lm")
         metric, labels = metric or "ppl_ratio", labels if labels is not None else LABELS
-        space = space if space is not None else LLM_SPACES.get(backend)
+        space = space if space is not None else chosen_backend.llm_space
     if data is None:
         raise AutoqError("no data: pass --data DATA.npz with arrays named as the model inputs")
-    chosen_backend = get_backend(backend)
     search_space = load_space(space if space is not None else chosen_backend.default_space)
     if space is None and chosen_backend.default_space_note and searching:
         print(f"autoq: {chosen_backend.default_space_note}", file=sys.stderr)

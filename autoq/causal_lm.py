@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -28,6 +29,9 @@ from autoq.errors import AutoqError
 from autoq.graph import InputSpec, input_specs, save_onnx
 from autoq.progress import PhaseProgress
 from autoq.quiet import captured
+
+if TYPE_CHECKING:
+    from autoq.backends.base import Backend
 
 LABELS = "labels"  # the array of next tokens in a windows file
 SOURCE = "autoq.hf_source"  # model metadata: the Hugging Face folder the builder exported it from
@@ -173,25 +177,25 @@ def token_windows(tokens: np.ndarray, length: int, count: int, model_path: Path)
 
 
 WINDOW, MAX_WINDOWS, MIN_WINDOWS = 64, 96, 16  # tokens per window; windows from a user's text (split 1/4, 1/2, 1/4)
-LLM_SPACES = {"onnxruntime": "llm-cpu", "openvino": "llm-openvino"}  # a language model's space per backend
 
 
-def folder_files(hf_dir: Path, text: str | Path | None, data: object, backend: str, folder: Path) -> tuple[Path, Path]:
+def folder_files(hf_dir: Path, text: str | Path | None, data: object, backend: Backend,
+                 folder: Path) -> tuple[Path, Path]:
     """`autoq search HF_FOLDER --text FILE`: the checks (a text file instead of data, a backend that runs language
     models), then `hf_folder_files`."""
     if text is None or data is not None:
         msg = (f"{hf_dir} is a folder: give a Hugging Face causal LM folder with --text FILE (plain text to score "
                "perplexity on), not --data")
         raise AutoqError(msg)
-    if backend not in LLM_SPACES:
-        raise AutoqError(f"a causal LM folder runs on {' or '.join(LLM_SPACES)}, not {backend}")
-    return hf_folder_files(hf_dir, Path(text), folder, backend)
+    if backend.llm_space is None:
+        raise AutoqError(f"a causal LM folder runs on a backend with a language-model space, not {backend.name}")
+    return hf_folder_files(hf_dir, Path(text), folder, backend.llm_exporter)
 
 
-def hf_folder_files(hf_dir: Path, text: Path, folder: Path, backend: str) -> tuple[Path, Path]:
+def hf_folder_files(hf_dir: Path, text: Path, folder: Path, exporter: str) -> tuple[Path, Path]:
     """(model.onnx, windows.npz) for a search of the Hugging Face causal LM in `hf_dir` on the plain text `text`:
-    exported once into `folder` with the exporter `backend` runs (GenAI's builder for ONNX Runtime, torch's for
-    OpenVINO), the text cut into up to 96 windows of 64 tokens by the model's own tokenizer. One-line errors for a
+    exported once into `folder` by `exporter` (the backend's `llm_exporter`: GenAI's builder for ONNX Runtime, torch's
+    for OpenVINO), the text cut into up to 96 windows of 64 tokens by the model's own tokenizer. One-line errors for a
     folder that is not a causal LM and for too little text."""
     hf_dir, text = Path(hf_dir), Path(text)
     if not (hf_dir / "config.json").is_file():
@@ -204,7 +208,6 @@ def hf_folder_files(hf_dir: Path, text: Path, folder: Path, backend: str) -> tup
         raise AutoqError(msg) from None
     if not content.strip():
         raise AutoqError(f"--text {text} is empty: give the text the model should keep its perplexity on")
-    exporter = "torch" if backend == "openvino" else "genai"
     model = folder / f"onnx-{exporter}" / "model.onnx"
     if not model.is_file():
         staging = model.parent.with_suffix(".partial")

@@ -184,7 +184,10 @@ def _version(package: str) -> str | None:
 def fingerprint(threads: int) -> dict:
     """What a latency figure depends on: CPU, flags, cores, threads and library versions."""
     model, flags = _cpu()
-    libraries = {p: _version(p) for p in ("autoq", "onnxruntime", "onnx", "openvino", "nncf", "torch", "optuna")}
+    from autoq.backends.base import LIBRARIES
+
+    names = dict.fromkeys(["autoq", "onnx", *(p for packages in LIBRARIES.values() for p in packages), "optuna"])
+    libraries = {p: _version(p) for p in names}
     return {"cpu": model, "cpu_flags": flags, "cores": os.cpu_count(), "threads": threads,
             "machine": platform.machine(), "python": platform.python_version(),
             "libraries": {k: v for k, v in libraries.items() if v}}

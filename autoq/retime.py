@@ -81,10 +81,8 @@ def verify(run_dir: str | Path, points: list[int] | None = None, against: Sequen
         raise AutoqError(msg)
     passes = min(passes, rounds)
     backend = get_backend(json.loads((run_dir / "run.json").read_text())["backend"])
-    if backend.name == "torch":
-        msg = ("autoq verify re-times model files; a torch run's points are state dicts of your module: rebuild "
-               "them with autoq.apply(module, assignment) and time them in your code")
-        raise AutoqError(msg)
+    if backend.verify_refusal:
+        raise AutoqError(backend.verify_refusal)
     meta = json.loads((run_dir / "meta.json").read_text()) if (run_dir / "meta.json").is_file() else {}
     threads = int(meta.get("machine", {}).get("threads", 2))
     samples = cached_samples(run_dir / "cache")

@@ -24,6 +24,8 @@ BACKENDS = {
     "openvino": "autoq.backends.openvino:OpenVinoBackend",
     "torch": "autoq.backends.torch:TorchBackend",
 }
+LIBRARIES = {"onnxruntime": ("onnxruntime",), "openvino": ("openvino", "nncf"), "torch": ("torch",)}  # each
+# backend's packages, named with their versions in a run's machine fingerprint (without importing them)
 
 
 @dataclass
@@ -84,6 +86,10 @@ class Backend(ABC):
     option_values: dict[str, tuple] = {}  # the model-wide options it reads -> their allowed values
     option_kinds: dict[str, tuple[str, ...]] = {}  # option -> the precision kinds whose build it changes
     deployed_instances = 1  # separately compiled instances of each model `autoq verify` times, where they differ
+    verify_refusal: str | None = None  # why `autoq verify` cannot re-time this backend's points, if it cannot
+    takes_module = False  # builds from the user's nn.Module (the demo then hands it the module, not the ONNX file)
+    llm_space: str | None = None  # the bundled space for a causal language model (None: it does not run one)
+    llm_exporter = "genai"  # how a Hugging Face causal LM becomes its graph (`autoq.causal_lm.EXPORTERS`)
 
     builds: dict[Kind, tuple[int, ...]] = {}  # allow-list: the kinds it builds -> their bits (a float's width)
     unbuilt: dict[Kind, str] = {}  # why a kind (or a width of it) is not in `builds`, where there is a reason

@@ -11,15 +11,18 @@ import os
 import random
 import sysconfig
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from autoq.errors import AutoqError
 from autoq.progress import PhaseProgress
 from autoq.quiet import captured
+
+if TYPE_CHECKING:
+    from autoq.backends.base import Backend
 
 SEQ_LEN = 128
 N_SENTENCES = 160
@@ -115,15 +118,16 @@ def demo_files() -> tuple[Path, Path]:
     return model, data
 
 
-def llm_demo_files(backend: str = "onnxruntime") -> tuple[Path, Path]:
+def llm_demo_files(backend: Backend | str = "onnxruntime") -> tuple[Path, Path]:
     """(model.onnx, windows.npz) of the language-model demo (SmolLM2-135M) for `backend`, built in the cache at
-    first use: ONNX Runtime GenAI's builder's graph for ONNX Runtime, standard ONNX ops (torch's exporter) for
-    OpenVINO."""
+    first use by the backend's `llm_exporter` (ONNX Runtime GenAI's builder's graph for ONNX Runtime, standard ONNX
+    ops from torch's exporter for OpenVINO)."""
+    from autoq.backends import get_backend
     from autoq.demo.llm import llm_files
 
     folder = cache_dir() / "smollm2-135m"
     folder.mkdir(parents=True, exist_ok=True)
-    return llm_files(folder, "torch" if backend == "openvino" else "genai")
+    return llm_files(folder, (get_backend(backend) if isinstance(backend, str) else backend).llm_exporter)
 
 
 @dataclass(frozen=True)
@@ -133,10 +137,10 @@ class Demo:
     name: str
     stem: str  # names the default run directory, reports/<stem>-<backend>
     summary: str
-    files: Callable[[str], tuple[Path, Path]]  # backend -> (model, data), built at first use
+    files: Callable[[Backend], tuple[Path, Path]]  # backend -> (model, data), built at first use
     metric: str
     labels: str | None = None  # the labels' array in the data file
-    spaces: dict[str, str] = field(default_factory=dict)  # backend -> its space (else the backend's default)
+    language_model: bool = False  # searched in the backend's `llm_space`, on backends that have one
 
 
 DEMOS = {demo.name: demo for demo in (
@@ -144,5 +148,5 @@ DEMOS = {demo.name: demo for demo in (
          lambda backend: demo_files(), "cosine"),
     Demo("llm", "SmolLM2-135M-Instruct",
          "SmolLM2-135M-Instruct (float from its Q4_1 GGUF), perplexity on docstrings, decode ms/token",
-         llm_demo_files, "ppl_ratio", "labels", {"onnxruntime": "llm-cpu", "openvino": "llm-openvino"}),
+         llm_demo_files, "ppl_ratio", "labels", language_model=True),
 )}

@@ -85,6 +85,7 @@ class OnnxRuntimeBackend(Backend):
     option_kinds = {"reduce_range": ("static",), BIAS_CORRECTION: ("static",), GLUE: ("static",)}
 
     builds = {Kind.FLOAT: (32,), Kind.STATIC: (8,), Kind.DYNAMIC: (8,), Kind.WEIGHT_ONLY: (4, 8)}
+    llm_space = "llm-cpu"
     unbuilt = {Kind.FLOAT: "ORT's CPU provider runs float layers in fp32 (use the openvino or torch backend for bf16)"}
 
     def refuses(self, precision: Precision) -> str | None:

@@ -89,6 +89,7 @@ class OpenVinoBackend(Backend):
         return self._converted[1].clone()
 
     builds = {Kind.FLOAT: (32,), Kind.STATIC: (8,), Kind.WEIGHT_ONLY: (4, 8)}
+    llm_space, llm_exporter = "llm-openvino", "torch"  # standard ONNX ops: OpenVINO reads no GenAI contrib op
     unbuilt = {Kind.FLOAT: "OpenVINO's float precision is model-wide (per-node marks are not honoured): use the "
                            f"`{FLOAT_OPTION}` option",
                Kind.DYNAMIC: "OpenVINO's CPU plugin has no dynamic int8 layer"}

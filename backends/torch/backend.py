@@ -229,6 +229,9 @@ class TorchBackend(Backend):
                                             "eager PyTorch only, without static int8 (apt-get install g++)")
 
     builds = {Kind.FLOAT: (32, 16), Kind.STATIC: (8,), Kind.DYNAMIC: (8,)}
+    takes_module = True
+    verify_refusal = ("autoq verify re-times model files; a torch run's points are state dicts of your module: "
+                      "rebuild them with autoq.apply(module, assignment) and time them in your code")
     unbuilt = {Kind.WEIGHT_ONLY: "torchao's weight-only int4 has no CPU kernel here (the torch backend builds fp32, "
                                  "bf16, int8-dyn, int8-dyn-pc and int8)"}
 
