@@ -1,9 +1,9 @@
-"""One pass over the calibration data -> the range of every float tensor, and its uint8 resolution.
+"""One pass over the calibration data -> a Calibration: the range of every float tensor, and its uint8 resolution.
 
 The ranges cover every float tensor (layers and the glue between them) and are written in ONNX Runtime's
 calibration-cache format, cached in the run directory, so building a candidate never re-runs calibration.
-Beside them: the calibration samples (`samples_path`) for backends whose quantizer observes activations itself
-(PT2E), and each tensor's resolution under its uint8 range (`resolution_path`): the SQNR of quantizing the values
+Beside them: the calibration samples for backends whose quantizer observes activations itself (PT2E, NNCF), and
+each tensor's resolution under its uint8 range: the SQNR of quantizing the values
 between the range's ends. A tensor whose range a sentinel dominates (an attention mask's float-min) has its
 real values rounded away (about 0 dB): `autoq.regions` keeps such glue float.
 """
@@ -15,6 +15,8 @@ import io
 import json
 import tempfile
 from contextlib import redirect_stdout
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +46,16 @@ def samples_path(ranges: Path) -> Path:
     return ranges.with_suffix(".npz")
 
 
+def cached_calibration(cache_dir: Path) -> Calibration | None:
+    """The calibration a run cached (its min-max ranges with their samples beside them), if any."""
+    found = [p for p in sorted(cache_dir.glob("calibration-*-minmax-*.json")) if samples_path(p).is_file()]
+    return Calibration(found[0]) if found else None
+
+
 def cached_samples(cache_dir: Path) -> Path | None:
     """The calibration samples a run cached beside its min-max ranges (other caches there hold other arrays)."""
-    found = [samples_path(p) for p in sorted(cache_dir.glob("calibration-*-minmax-*.json"))]
-    return next((p for p in found if p.is_file()), None)
+    found = cached_calibration(cache_dir)
+    return None if found is None else found.samples_file
 
 
 def resolution_path(ranges: Path) -> Path:
@@ -59,10 +67,62 @@ def resolution(ranges: Path) -> dict[str, float]:
     return json.loads(resolution_path(ranges).read_text())
 
 
-def calibrate(model: OnnxModel, data: Dataset, cache_dir: Path, others: tuple[str, ...] = ()) -> Path:
-    """Return the path of the min-max ranges of every float tensor of `model` on `data` (computed only if not
-    cached); the `others` calibrations (`entropy`, `mse`, `pct99.99`: see `Precision.calibration_key`) are
-    cached beside them (`method_path`) for the layers' inputs and outputs."""
+@dataclass(frozen=True)
+class Calibration:
+    """A run's calibration, as backends and the core read it: each tensor's range under a calibration method, the
+    samples the ranges came from, each tensor's uint8 resolution, and a place for caches derived from them. Named
+    by its min-max ranges file (`path`), which also keys those caches."""
+
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def folder(self) -> Path:
+        """The cache directory the calibration lives in (learned rounding and smoothing caches sit there too)."""
+        return self.path.parent
+
+    @property
+    def samples_file(self) -> Path:
+        return samples_path(self.path)
+
+    def samples(self) -> dict[str, np.ndarray]:
+        """The calibration samples: model inputs by name."""
+        return dict(_arrays(self.samples_file))
+
+    def ranges(self, key: str = "minmax") -> dict[str, tuple[float, float]]:
+        """Tensor -> (low, high) under the calibration `key` (`minmax`, `entropy`, `mse`, `pct99.99`, ...; the
+        histogram methods cover the layers' inputs and outputs only)."""
+        return _ranges_of(method_path(self.path, key) if key != "minmax" else self.path)
+
+    def resolution(self) -> dict[str, float]:
+        """Tensor -> SQNR (dB) of its uint8 quantization under its min-max range."""
+        return resolution(self.path)
+
+    def derived(self, suffix: str) -> Path:
+        """A cache file computed from this calibration (e.g. `channel-max.npz`), beside it."""
+        return self.path.with_name(f"{self.path.stem}-{suffix}")
+
+
+@lru_cache(maxsize=8)
+def _arrays(path: Path) -> dict[str, np.ndarray]:
+    return dict(np.load(path))
+
+
+@lru_cache(maxsize=16)
+def _ranges_of(path: Path) -> dict[str, tuple[float, float]]:
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    return {name: (float(np.min(r.range_value[0])), float(np.max(r.range_value[1])))
+            for name, r in load_tensors_data(path).data.items()}
+
+
+def calibrate(model: OnnxModel, data: Dataset, cache_dir: Path, others: tuple[str, ...] = ()) -> Calibration:
+    """The min-max ranges of every float tensor of `model` on `data` (computed only if not cached); the `others`
+    calibrations (`entropy`, `mse`, `pct99.99`: see `Precision.calibration_key`) are cached beside them for the
+    layers' inputs and outputs."""
     from onnxruntime.quantization.calibrate import save_tensors_data
 
     path = cache_path(model, data, cache_dir, "minmax")
@@ -75,13 +135,13 @@ def calibrate(model: OnnxModel, data: Dataset, cache_dir: Path, others: tuple[st
         if not method_path(path, key).is_file():
             save_tensors_data(_ranges(model, list(data.batches(1)), key), method_path(path, key))
     if path.is_file() and resolution_path(path).is_file():
-        return path
+        return Calibration(path)
     ranges = _ranges(model, batches, "minmax")
     bounds = {name: (float(np.min(r.range_value[0])), float(np.max(r.range_value[1])))
               for name, r in ranges.data.items()}
     resolution_path(path).write_text(json.dumps(_resolution(model, bounds, batches[:RESOLUTION_SAMPLES])))
     save_tensors_data(ranges, path)
-    return path
+    return Calibration(path)
 
 
 def _resolution(model: OnnxModel, bounds: dict[str, tuple[float, float]], batches: list[dict]) -> dict[str, float]:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from autoq.backends.base import Backend, Candidate, GlueCheck
+from autoq.calibrate import Calibration
 from autoq.data import Dataset, Splits, batch_size, fingerprint
 from autoq.decoder import describe_timing, timing_feeds
 from autoq.graph import OnnxModel, probe_session
@@ -81,7 +82,7 @@ class Evaluation(Measurement):
 class Evaluator:
     backend: Backend
     model: OnnxModel
-    calibration: Path
+    calibration: Calibration
     splits: Splits
     metric: Metric
     threads: int = 2

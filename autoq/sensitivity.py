@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from autoq.calibrate import method_path
 from autoq.evaluate import CandidateError, Evaluator
 from autoq.graph import TABLE_OPS, Layer, save_onnx, weight_array, weights_as_inputs
 from autoq.methods import get_method
@@ -114,10 +113,9 @@ def measured_rows(evaluator: Evaluator, pairs: list[tuple[Layer, str]]) -> list[
 
 def sqnr_rows(evaluator: Evaluator, pairs: list[tuple[Layer, str]]) -> list[dict]:
     """Noise powers of the input, weight and output quantization add; SQNR of the sum, in dB."""
-    from onnxruntime.quantization.calibrate import load_tensors_data
 
     specs = {p: Precision.parse(p) for _, p in pairs}
-    ranges = {spec.calibration_key: load_tensors_data(method_path(evaluator.calibration, spec.calibration_key)).data
+    ranges = {spec.calibration_key: evaluator.calibration.ranges(spec.calibration_key)
               for spec in specs.values() if spec.kind == Kind.STATIC}
     proto = evaluator.model.proto
     nodes = {n.name: n for n in proto.graph.node}
@@ -199,7 +197,7 @@ def _layer_noise(precision: Precision, w: np.ndarray, axis: int, x: np.ndarray |
     if precision.kind == Kind.STATIC:
         for tensor, rng in zip((x, y), ranges, strict=True):
             if rng is not None and tensor is not None:
-                low, high = (float(np.asarray(v).ravel()[0]) for v in rng.range_value)
+                low, high = rng
                 noisy = round_activation(tensor, low, high, precision.symmetric)
                 noise += noise_ratio(tensor, noisy, 1 if tensor.ndim == 4 else -1)
     return noise

@@ -18,6 +18,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
+from autoq.calibrate import Calibration
 from autoq.data import Splits
 from autoq.errors import AutoqError
 from autoq.evaluate import CandidateError, Evaluation, Evaluator
@@ -33,7 +34,7 @@ class WorkerSpec:
 
     backend: str
     model_path: Path
-    calibration: Path
+    calibration: Calibration
     splits: Splits
     metric: Metric
     threads: int

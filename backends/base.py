@@ -11,6 +11,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from autoq.calibrate import Calibration
 from autoq.errors import AutoqError
 from autoq.graph import Layer, OnnxModel
 from autoq.precision import Assignment, Kind, Precision
@@ -58,7 +59,7 @@ class Recipe:
     calibration, workdir)` makes it from the run's cached calibration data (raising with the reason if it cannot)."""
 
     label: str
-    build: Callable[[OnnxModel, Path, Path], Candidate]
+    build: Callable[[OnnxModel, Calibration, Path], Candidate]
     # the recipe in autoq's specs, layer -> spec, where the backend's build of that assignment is the recipe's own
     # model (same rounding, kernels and stored weights): the search starts from it and from it rebalanced
     layers: Callable[[OnnxModel], dict[str, str]] | None = None
@@ -142,7 +143,7 @@ class Backend(ABC):
         return dict(assignment.layers)
 
     @abstractmethod
-    def build(self, model: OnnxModel, assignment: Assignment, calibration: Path, workdir: Path) -> Candidate:
+    def build(self, model: OnnxModel, assignment: Assignment, calibration: Calibration, workdir: Path) -> Candidate:
         """Build `assignment` into `workdir` from cached calibration ranges (never re-calibrates)."""
 
     @abstractmethod
@@ -164,7 +165,7 @@ class Backend(ABC):
         both take the same spec (none by default)."""
         return {}
 
-    def regions(self, model: OnnxModel, calibration: Path) -> Regions | None:
+    def regions(self, model: OnnxModel, calibration: Calibration) -> Regions | None:
         """The glue each layer takes along when int8 (`autoq.regions`); None where the backend's own quantizer
         places quantizers (NNCF, PT2E)."""
         return None

@@ -177,10 +177,14 @@ def main() -> None:
         source, arrays, metric = models[name]()
         rows.append(bench(name, source, arrays, metric, args.threads, args.work))
         print(rows[-1], flush=True)
-    machine = fingerprint(args.threads)
-    table = pd.DataFrame(rows).set_index("model").T
     weights4 = pd.DataFrame([four_bit(args.threads, args.work)])
     print(weights4, flush=True)
+    write(rows, weights4, args.threads, args.out)
+
+
+def write(rows: list[dict], weights4: pd.DataFrame, threads: int, out: Path) -> None:
+    machine = fingerprint(threads)
+    table = pd.DataFrame(rows).set_index("model").T
     lines = ["# Quality recovery at the fast end: round-to-nearest vs learned rounding (all-int8, ONNX Runtime)", "",
              f"CPU: {machine['cpu']}; flags: {' '.join(machine['cpu_flags'])}; {machine['threads']} threads, batch 1.",
              "Libraries: " + ", ".join(f"{k} {v}" for k, v in machine["libraries"].items()) + ".", "",
@@ -192,8 +196,8 @@ def main() -> None:
              "most), on the same data.",
              "", table.to_markdown(), "", "## 4-bit weights: `autoq finetune` of MatMulNBits blocks", "",
              weights4.to_markdown(index=False, floatfmt=".4f"), ""]
-    args.out.write_text("\n".join(lines) + "\n")
-    print(args.out.read_text())
+    out.write_text("\n".join(lines) + "\n")
+    print(out.read_text())
 
 
 if __name__ == "__main__":

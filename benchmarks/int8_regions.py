@@ -195,9 +195,10 @@ def _kept_float(run: Path) -> str:
     from collections import Counter
 
     from autoq.backends import get_backend
+    from autoq.calibrate import cached_calibration
     from autoq.graph import opened
 
-    calibration = next(p for p in sorted((run / "cache").glob("calibration-v2-*.json")) if "resolution" not in p.name)
+    calibration = cached_calibration(run / "cache")
     regions = get_backend("onnxruntime").regions(opened(run / "model.onnx"), calibration)
     reasons = Counter(reason.split(" (")[0].split(" would")[0] + (" (sentinel or outliers: SQNR)" if "SQNR" in reason
                                                                   else "") for reason in regions.kept_float.values())

@@ -10,7 +10,7 @@ import pytest
 
 from autoq import data, graph
 from autoq.backends import get_backend
-from autoq.calibrate import calibrate
+from autoq.calibrate import Calibration, calibrate
 from autoq.precision import Assignment, Precision
 
 
@@ -86,7 +86,8 @@ class BackendContract:
     def test_build_is_fast_and_reuses_calibration(self, setup):
         """Building must not re-calibrate: the cache file is the only source of ranges."""
         backend, model, _, calibration, workdir = setup
-        before = calibration.stat().st_mtime_ns
+        files = sorted(p for p in calibration.folder.iterdir() if p.name.startswith("calibration-"))
+        before = {p: p.stat().st_mtime_ns for p in files}
         self._build(setup, {n: self.low_precision for n in model.layer_names}, "again")
-        assert calibration.stat().st_mtime_ns == before
-        assert isinstance(calibration, Path)
+        assert {p: p.stat().st_mtime_ns for p in files} == before  # no range or sample file rewritten
+        assert isinstance(calibration, Calibration) and calibration.ranges() and calibration.samples()

@@ -43,7 +43,6 @@ class TestOnnxRuntime(BackendContract):
         import onnxruntime as ort
         from onnx import numpy_helper
 
-        from autoq.calibrate import samples_path
         from autoq.precision import Assignment
 
         backend, model, _, calibration, workdir = setup
@@ -58,7 +57,7 @@ class TestOnnxRuntime(BackendContract):
         changed = sorted(n for n in tensors[0] if not np.array_equal(tensors[0][n], tensors[1][n]))
         biases = {node.input[2] for node in model.proto.graph.node if node.name in layers and len(node.input) > 2}
         assert changed and all(n.removesuffix("_quantized") in biases for n in changed)
-        samples = dict(np.load(samples_path(calibration)))
+        samples = calibration.samples()
 
         def mean_output(path) -> np.ndarray:
             session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -9,7 +9,7 @@ from onnx import numpy_helper
 
 from autoq import data, graph
 from autoq.backends import get_backend
-from autoq.calibrate import cached_samples, calibrate, samples_path
+from autoq.calibrate import cached_calibration, calibrate
 from autoq.errors import AutoqError
 from autoq.precision import Assignment, Precision
 from autoq.recovery import rounding
@@ -100,7 +100,7 @@ def test_a_learned_spec_round_trips_and_says_its_rounding(text):
 
 def test_a_second_build_reads_the_cache_and_fits_nothing(fitted, tmp_path, monkeypatch):
     model, _, calibration, _ = fitted
-    files = sorted((calibration.parent / "rounding").glob("*.npz"))
+    files = sorted((calibration.folder / "rounding").glob("*.npz"))
     assert len(files) == len(model.layers)
     stamps = [f.stat().st_mtime_ns for f in files]
 
@@ -112,7 +112,7 @@ def test_a_second_build_reads_the_cache_and_fits_nothing(fitted, tmp_path, monke
     assignment = Assignment({n: "int8-adaround" if i % 2 else "int8" for i, n in enumerate(model.layer_names)})
     candidate = backend.build(model, assignment, calibration, tmp_path / "again")
     assert backend.executed(candidate) == assignment.layers  # the int8 kernel, with the learned weights
-    assert [f.stat().st_mtime_ns for f in sorted((calibration.parent / "rounding").glob("*.npz"))] == stamps
+    assert [f.stat().st_mtime_ns for f in sorted((calibration.folder / "rounding").glob("*.npz"))] == stamps
 
 
 def test_openvino_runs_the_learned_weights_in_its_int8_kernels(fitted, tmp_path):
@@ -139,7 +139,7 @@ def test_learned_rounding_of_an_unsupported_layer_is_a_clear_error(fitted):
     x = np.zeros((2, *[d or 1 for d in model.inputs[0].shape[1:]]), np.float32)
     with pytest.raises(AutoqError, match="auto_pad"):
         rounding.fit(odd, model.proto, layer, x, x, Precision.parse("int8-adaround"))
-    assert samples_path(calibration).is_file()
+    assert calibration.samples_file.is_file()
 
 
 def test_a_quantizer_that_does_not_keep_the_learned_integers_fails_the_build(fitted, tmp_path):
@@ -164,7 +164,8 @@ def test_a_search_offering_learned_rounding_fits_it_once_before_the_trials(digit
     cached = list((tmp_path / "run" / "cache" / "rounding").glob("*.npz"))
     assert len(cached) == 4
     scores = result.sensitivity.set_index(["layer", "precision"])["score"]
-    calibration = cached_samples(tmp_path / "run" / "cache").with_suffix(".json")
+    calibration = cached_calibration(tmp_path / "run" / "cache")
+    assert calibration is not None
     for name in ("/0/Conv", "/3/Conv"):  # the two convs learn the most (the test above)
         fitted = rounding.load(calibration, name, Precision.parse("int8-adaround"))
         assert fitted.learned_error < fitted.rtn_error and scores[(name, "int8-adaround")] < scores[(name, "int8")]

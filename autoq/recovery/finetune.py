@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 from onnx import numpy_helper
 
+from autoq.calibrate import Calibration
 from autoq.data import Dataset, Splits, batch_size
 from autoq.errors import AutoqError
 from autoq.evaluate import Evaluator
@@ -108,7 +109,7 @@ def _bf16(x: torch.Tensor) -> torch.Tensor:
     return _ste(x, x.to(torch.bfloat16).float())
 
 
-def hooks(model: OnnxModel, assignment: Assignment, calibration: Path) -> dict[str, Callable]:
+def hooks(model: OnnxModel, assignment: Assignment, calibration: Calibration) -> dict[str, Callable]:
     """Layer -> what its kernel computes with, (input, weight) fake-quantized as its spec says."""
     nodes = {node.name: node for node in model.proto.graph.node}
     made: dict[str, Callable] = {}
@@ -139,7 +140,7 @@ def hooks(model: OnnxModel, assignment: Assignment, calibration: Path) -> dict[s
     return made
 
 
-def _input_peaks(model: OnnxModel, calibration: Path, tensor: str) -> np.ndarray:
+def _input_peaks(model: OnnxModel, calibration: Calibration, tensor: str) -> np.ndarray:
     """The largest |value| per channel of `tensor` on the calibration samples (what smoothing divides by)."""
     from autoq.backends.onnxruntime.smooth import channel_maxima  # smoothed specs are ORT's
 
@@ -157,7 +158,7 @@ def _distance(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch
     return total
 
 
-def train(model: OnnxModel, assignment: Assignment, calibration: Path, splits: Splits,
+def train(model: OnnxModel, assignment: Assignment, calibration: Calibration, splits: Splits,
           references: dict[str, list[np.ndarray]], metric: Callable, state_path: Path, epochs: int,
           minutes: float | None, progress: bool = True) -> Trained:
     """Fine-tune the weights of `model`'s layers under `assignment`'s fake quantization toward FP32's outputs

@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from autoq.calibrate import method_path, samples_path
+from autoq.calibrate import Calibration
 from autoq.data import Dataset, batch_size
 from autoq.errors import AutoqError
 from autoq.graph import Layer, OnnxModel, probe_session, weight_array
@@ -59,13 +59,13 @@ class Fitted:
     seconds: float
 
 
-def cache_file(calibration: Path, layer: str, spec: Precision) -> Path:
+def cache_file(calibration: Calibration, layer: str, spec: Precision) -> Path:
     """Where the learned weights of (`layer`, `spec`) are kept: beside the calibration they were fitted on."""
     key = json.dumps([VERSION, calibration.name, layer, str(spec)])
-    return calibration.parent / "rounding" / f"{hashlib.sha1(key.encode()).hexdigest()[:20]}.npz"
+    return calibration.folder / "rounding" / f"{hashlib.sha1(key.encode()).hexdigest()[:20]}.npz"
 
 
-def load(calibration: Path, layer: str, spec: Precision) -> Fitted | None:
+def load(calibration: Calibration, layer: str, spec: Precision) -> Fitted | None:
     path = cache_file(calibration, layer, spec)
     if not path.is_file():
         return None
@@ -82,12 +82,12 @@ def _save(path: Path, fitted: Fitted) -> None:
     partial.replace(path)
 
 
-def missing(calibration: Path, pairs: list[tuple[Layer, Precision]]) -> list[tuple[Layer, Precision]]:
+def missing(calibration: Calibration, pairs: list[tuple[Layer, Precision]]) -> list[tuple[Layer, Precision]]:
     return [(layer, spec) for layer, spec in pairs
             if is_learned(spec) and not cache_file(calibration, layer.name, spec).is_file()]
 
 
-def prepare(model: OnnxModel, calibration: Path, pairs: list[tuple[Layer, Precision]],
+def prepare(model: OnnxModel, calibration: Calibration, pairs: list[tuple[Layer, Precision]],
             report: Callable[[int, int], None] | None = None) -> dict[tuple[str, str], Fitted]:
     """Fit every learned (layer, spec) of `pairs` not cached yet, a few layers' inputs in memory at a time.
 
@@ -99,7 +99,7 @@ def prepare(model: OnnxModel, calibration: Path, pairs: list[tuple[Layer, Precis
     todo = missing(calibration, pairs)
     if not todo:
         return {}
-    samples = Dataset(dict(np.load(samples_path(calibration))))
+    samples = Dataset(calibration.samples())
     samples = samples.subset(np.arange(min(MAX_SAMPLES, len(samples))))
     nodes = {node.name: node for node in model.proto.graph.node}
     done: dict[tuple[str, str], Fitted] = {}
@@ -124,18 +124,14 @@ def prepare(model: OnnxModel, calibration: Path, pairs: list[tuple[Layer, Precis
     return done
 
 
-def input_range(calibration: Path, node: onnx.NodeProto, spec: Precision) -> tuple[float, float]:
+def input_range(calibration: Calibration, node: onnx.NodeProto, spec: Precision) -> tuple[float, float]:
     """The calibrated range of the layer's input under its spec's calibration."""
-    from onnxruntime.quantization.calibrate import load_tensors_data
 
-    known = load_tensors_data(method_path(calibration, spec.calibration_key)).data.get(node.input[0])
-    if known is None:
-        known = load_tensors_data(calibration).data[node.input[0]]
-    low, high = (float(np.asarray(v).ravel()[0]) for v in known.range_value)
-    return low, high
+    known = calibration.ranges(spec.calibration_key).get(node.input[0])
+    return known if known is not None else calibration.ranges()[node.input[0]]
 
 
-def substitute(proto: onnx.ModelProto, model: OnnxModel, specs: dict[str, Precision], calibration: Path) -> int:
+def substitute(proto: onnx.ModelProto, model: OnnxModel, specs: dict[str, Precision], calibration: Calibration) -> int:
     """Put the learned weights of the layers whose spec is learned into `proto` (a copy of `model`'s), in place;
     fits what is not cached yet. Returns how many layers were substituted."""
     layers = [layer for layer in model.layers if layer.name in specs and is_learned(specs[layer.name])]
@@ -152,7 +148,8 @@ def substitute(proto: onnx.ModelProto, model: OnnxModel, specs: dict[str, Precis
     return len(pairs)
 
 
-def check_built(proto: onnx.ModelProto, model: OnnxModel, specs: dict[str, Precision], calibration: Path) -> None:
+def check_built(proto: onnx.ModelProto, model: OnnxModel, specs: dict[str, Precision],
+                calibration: Calibration) -> None:
     """Raise unless each learned layer of a built ONNX Runtime model stores the learned integers (its weights
     times scales equal the cached grid weights): a quantizer that picked other scales would otherwise run
     round-to-nearest of the learned weights under the learned spec's name."""

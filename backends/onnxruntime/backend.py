@@ -47,7 +47,7 @@ from autoq.backends.onnxruntime.quantize import (
 )
 from autoq.backends.onnxruntime.smooth import smooth, smoothed
 from autoq.backends.onnxruntime.tied import shares
-from autoq.calibrate import resolution, samples_path
+from autoq.calibrate import Calibration
 from autoq.fold import KEEP_LAYER_NAMES, constant_divisor, div_as_mul
 from autoq.graph import Layer, OnnxModel, save_onnx, tied_tables
 from autoq.precision import Assignment, Kind, Precision
@@ -126,9 +126,9 @@ class OnnxRuntimeBackend(Backend):
     def tied_tables(self, model: OnnxModel) -> dict[str, str]:
         return tied_tables(model.proto)
 
-    def regions(self, model: OnnxModel, calibration: Path) -> Regions:
+    def regions(self, model: OnnxModel, calibration: Calibration) -> Regions:
         """The model's regions on ORT (computed once per model and calibration in each process)."""
-        key = (str(model.path), str(calibration))
+        key = (str(model.path), str(calibration.path))
         if key not in _REGIONS:
             constants = {t.name: t for t in model.proto.graph.initializer}
 
@@ -136,7 +136,7 @@ class OnnxRuntimeBackend(Backend):
                 return (node.op_type in INTEGER_GLUE | PASS_THROUGH | set(REMOVABLE)
                         or constant_divisor(node, constants) is not None)
 
-            _REGIONS[key] = find_regions(model.proto.graph, model.layer_names, int8_glue, resolution(calibration),
+            _REGIONS[key] = find_regions(model.proto.graph, model.layer_names, int8_glue, calibration.resolution(),
                                          self._float_fusions(model))
         return _REGIONS[key]
 
@@ -171,7 +171,7 @@ class OnnxRuntimeBackend(Backend):
         return {node.name: kernel(node) for node in model.proto.graph.node
                 if node.name not in kept and node.op_type not in REMOVABLE}
 
-    def build(self, model: OnnxModel, assignment: Assignment, calibration: Path, workdir: Path) -> Candidate:
+    def build(self, model: OnnxModel, assignment: Assignment, calibration: Calibration, workdir: Path) -> Candidate:
         workdir.mkdir(parents=True, exist_ok=True)
         out = workdir / "model.onnx"
         regions = self.regions(model, calibration)
@@ -195,7 +195,7 @@ class OnnxRuntimeBackend(Backend):
             keep_float(out, [name for name, spec in specs.items() if spec.kind != Kind.STATIC])
             if assignment.options.get(BIAS_CORRECTION):
                 correct_biases(out, model, [n for n, s in specs.items() if s.kind == Kind.STATIC],
-                               dict(np.load(samples_path(calibration))))
+                               calibration.samples())
         smooth(out, model, {n: s.smooth for n, s in specs.items() if s.smooth}, calibration)
         quantize_dynamic_layers(out, specs)
         quantize_weight_only(out, specs, calibration)

@@ -25,7 +25,7 @@ import onnx
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
 from autoq.backends.onnxruntime.tied import add_stand_in, share_tables, tied_pairs
-from autoq.calibrate import method_path, samples_path
+from autoq.calibrate import Calibration
 from autoq.graph import save_onnx
 from autoq.precision import Kind, Precision
 from autoq.regions import REMOVABLE
@@ -51,12 +51,10 @@ def quiet_root_logger() -> Iterator[None]:
         root.setLevel(level)
 
 
-def static_overrides(graph: onnx.GraphProto, specs: dict[str, Precision], calibration: Path) -> dict[str, list]:
+def static_overrides(graph: onnx.GraphProto, specs: dict[str, Precision], calibration: Calibration) -> dict[str, list]:
     """TensorQuantOverrides setting each static layer's input to its spec's calibrated range and symmetry."""
-    from onnxruntime.quantization.calibrate import load_tensors_data
 
     overrides: dict[str, list] = {}
-    loaded: dict[str, dict] = {}
     producer = {out: node.op_type for node in graph.node for out in node.output}
     for node in graph.node:
         spec = specs.get(node.name)
@@ -67,18 +65,16 @@ def static_overrides(graph: onnx.GraphProto, specs: dict[str, Precision], calibr
         symmetric = spec.symmetric and producer.get(node.input[0]) not in REMOVABLE
         override: dict[str, object] = {"symmetric": True} if symmetric else {}
         if spec.calibration != "minmax":
-            key = spec.calibration_key
-            loaded.setdefault(key, load_tensors_data(method_path(calibration, key)).data)
-            known = loaded[key].get(node.input[0])
+            known = calibration.ranges(spec.calibration_key).get(node.input[0])
             if known is not None:
-                low, high = (float(np.asarray(v).ravel()[0]) for v in known.range_value)
+                low, high = known
                 override |= {"rmin": np.array(min(low, 0.0), np.float32), "rmax": np.array(max(high, 0.0), np.float32)}
         if override:
             overrides[node.input[0]] = [override]
     return overrides
 
 
-def quantize_regions(source: Path, out: Path, nodes: set[str], specs: dict[str, Precision], calibration: Path,
+def quantize_regions(source: Path, out: Path, nodes: set[str], specs: dict[str, Precision], calibration: Calibration,
                      reduce_range: bool) -> None:
     """Static int8 (U8S8 QDQ) of the region `nodes`, with each layer's calibration and symmetry."""
     proto = onnx.load(str(source), load_external_data=False)
@@ -87,7 +83,7 @@ def quantize_regions(source: Path, out: Path, nodes: set[str], specs: dict[str, 
         quantize_static(
             source, out, None, quant_format=QuantFormat.QDQ, op_types_to_quantize=op_types, per_channel=True,
             reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            nodes_to_quantize=sorted(nodes), calibration_cache_path=calibration,
+            nodes_to_quantize=sorted(nodes), calibration_cache_path=calibration.path,
             extra_options={"TensorQuantOverrides": static_overrides(proto.graph, specs, calibration)})
 
 
@@ -106,7 +102,7 @@ def quantize_dynamic_layers(path: Path, specs: dict[str, Precision]) -> None:
 WEIGHT_ROUNDINGS = ("rtn", "hqq", "gptq", "kquant", "adaround")  # adaround: learned weights on the RTN grid
 
 
-def _rounding_config(spec: Precision, calibration: Path, chosen: list[str]) -> object:
+def _rounding_config(spec: Precision, calibration: Calibration, chosen: list[str]) -> object:
     from onnxruntime.quantization.matmul_nbits_quantizer import (  # it needs onnx_ir
         DefaultWeightOnlyQuantConfig,
         GPTQWeightOnlyQuantConfig,
@@ -121,14 +117,14 @@ def _rounding_config(spec: Precision, calibration: Path, chosen: list[str]) -> o
     if spec.rounding == "hqq":
         return HQQWeightOnlyQuantConfig(block_size=spec.group, bits=spec.bits, op_types_to_quantize=ops)
     if spec.rounding == "gptq":
-        samples = CalibrationSamples(samples_path(calibration))
+        samples = CalibrationSamples(calibration.samples())
         return GPTQWeightOnlyQuantConfig(calibration_data_reader=samples, op_types_to_quantize=ops)
     return DefaultWeightOnlyQuantConfig(block_size=spec.group, is_symmetric=spec.symmetric,
                                         accuracy_level=spec.accuracy_level or None, op_types_to_quantize=ops,
                                         bits=spec.bits)
 
 
-def quantize_weight_only(path: Path, specs: dict[str, Precision], calibration: Path, tie: bool = True) -> None:
+def quantize_weight_only(path: Path, specs: dict[str, Precision], calibration: Calibration, tie: bool = True) -> None:
     """MatMulNBits / GatherBlockQuantized for the layers whose spec is weight-only, in place. An embedding table is
     rounded as a MatMul of its transpose would be (any bits and rounding the MatMul quantizer has) and gathered from
     those weights; a table tied to the LM head with the head's weight format reads the head's weights instead
@@ -181,8 +177,7 @@ class CalibrationSamples:
     """The cached calibration samples, one at a time, as ORT's calibration data readers give them (GPTQ iterates
     over a deep copy of the reader)."""
 
-    def __init__(self, path: Path) -> None:
-        arrays = dict(np.load(path))
+    def __init__(self, arrays: dict[str, np.ndarray]) -> None:
         count = len(next(iter(arrays.values())))
         self.samples = [{k: v[i:i + 1] for k, v in arrays.items()} for i in range(count)]
         self.cursor = iter(self.samples)

@@ -22,7 +22,7 @@ from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, q
 from autoq.backends.base import Candidate, Recipe
 from autoq.backends.onnxruntime.graph import QUANTIZE
 from autoq.backends.onnxruntime.quantize import WEIGHT_ONLY_KERNELS, CalibrationSamples, quiet_root_logger
-from autoq.calibrate import samples_path
+from autoq.calibrate import Calibration
 from autoq.causal_lm import SOURCE, export_causal_lm
 from autoq.decoder import block_of, is_decoder, lm_head
 from autoq.graph import OnnxModel, save_onnx, stored_bytes
@@ -58,23 +58,23 @@ def _llama_cpp_mixed(matmul: str, table: str, model: OnnxModel) -> dict[str, str
     return layers
 
 
-def _static(model: OnnxModel, calibration: Path, workdir: Path, ops: tuple[str, ...] | None) -> Path:
+def _static(model: OnnxModel, calibration: Calibration, workdir: Path, ops: tuple[str, ...] | None) -> Path:
     out = workdir / "model.onnx"
     with quiet_root_logger():
-        quantize_static(model.path, out, CalibrationSamples(samples_path(calibration)), quant_format=QuantFormat.QDQ,
+        quantize_static(model.path, out, CalibrationSamples(calibration.samples()), quant_format=QuantFormat.QDQ,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
                         op_types_to_quantize=list(ops) if ops else None)
     return out
 
 
-def _dynamic(model: OnnxModel, calibration: Path, workdir: Path) -> Path:
+def _dynamic(model: OnnxModel, calibration: Calibration, workdir: Path) -> Path:
     out = workdir / "model.onnx"
     with quiet_root_logger():
         quantize_dynamic(model.path, out, op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8)
     return out
 
 
-def _weight_only(model: OnnxModel, calibration: Path, workdir: Path, bits: int, block: int) -> Path:
+def _weight_only(model: OnnxModel, calibration: Calibration, workdir: Path, bits: int, block: int) -> Path:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer  # it needs onnx_ir
 
     out = workdir / "model.onnx"
@@ -84,7 +84,7 @@ def _weight_only(model: OnnxModel, calibration: Path, workdir: Path, bits: int, 
     return save_onnx(quantizer.model.model, out)
 
 
-def _nncf_weights(model: OnnxModel, calibration: Path, workdir: Path, ratio: float) -> Path:
+def _nncf_weights(model: OnnxModel, calibration: Calibration, workdir: Path, ratio: float) -> Path:
     """NNCF's `compress_weights` on the ONNX model with its defaults (int4 symmetric in groups of 128, the rest and
     the embedding / LM head in int8) at `ratio` of the layers in int4, by its own weight-error ranking, written as
     blockwise DequantizeLinear in front of each MatMul. A layer whose inputs 128 does not divide takes the
@@ -99,7 +99,7 @@ def _nncf_weights(model: OnnxModel, calibration: Path, workdir: Path, ratio: flo
     return save_onnx(compressed, workdir / "model.onnx")
 
 
-def _genai_builder(model: OnnxModel, calibration: Path, workdir: Path, precision: str, options: dict) -> Path:
+def _genai_builder(model: OnnxModel, calibration: Calibration, workdir: Path, precision: str, options: dict) -> Path:
     source = next((p.value for p in model.proto.metadata_props if p.key == SOURCE), None)
     if source is None or not Path(source).is_dir():
         msg = "the Hugging Face folder the model was exported from is unknown (export it with autoq.causal_lm)"
@@ -107,7 +107,7 @@ def _genai_builder(model: OnnxModel, calibration: Path, workdir: Path, precision
     return export_causal_lm(Path(source), workdir, workdir / "cache", precision, options)
 
 
-def _built(make, model: OnnxModel, calibration: Path, workdir: Path) -> Candidate:
+def _built(make, model: OnnxModel, calibration: Calibration, workdir: Path) -> Candidate:
     """Run a recipe; one that quantizes nothing in this model is a failure with that reason."""
     workdir.mkdir(parents=True, exist_ok=True)
     path = make(model, calibration, workdir)

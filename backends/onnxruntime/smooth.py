@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from autoq.calibrate import samples_path
+from autoq.calibrate import Calibration
 from autoq.data import Dataset, batch_size
 from autoq.graph import OnnxModel, probe_session, save_onnx
 from autoq.quantsim import smoothing_scale
@@ -34,16 +34,16 @@ def smoothed(producer: onnx.NodeProto | None) -> str:
     return f"-sq{producer.name.removesuffix(MUL).rsplit(SMOOTHED, 1)[1]}"
 
 
-def channel_maxima(model: OnnxModel, calibration: Path) -> dict[str, np.ndarray]:
+def channel_maxima(model: OnnxModel, calibration: Calibration) -> dict[str, np.ndarray]:
     """Input tensor of every MatMul layer -> its largest |value| per channel (last axis) on the calibration
     samples; computed once per model and calibration, cached beside the calibration."""
-    cache = calibration.with_name(f"{calibration.stem}-channel-max.npz")
+    cache = calibration.derived("channel-max.npz")
     if cache.is_file():
         return dict(np.load(cache))
     layers = {la.name for la in model.layers if la.op_type == "MatMul"}
     tensors = sorted({n.input[0] for n in model.proto.graph.node if n.name in layers})
     session = probe_session(model.proto, tensors)
-    samples = Dataset(dict(np.load(samples_path(calibration))))
+    samples = Dataset(calibration.samples())
     maxima: dict[str, np.ndarray] = {}
     for feeds in samples.batches(batch_size(model.inputs)):
         for tensor, value in zip(tensors, session.run(tensors, feeds), strict=True):
@@ -55,7 +55,7 @@ def channel_maxima(model: OnnxModel, calibration: Path) -> dict[str, np.ndarray]
     return maxima
 
 
-def smooth(path: Path, model: OnnxModel, alphas: dict[str, float], calibration: Path) -> None:
+def smooth(path: Path, model: OnnxModel, alphas: dict[str, float], calibration: Calibration) -> None:
     """Smooth the inputs of the MatMul layers in `alphas` (layer -> its spec's alpha) of the model at `path` in
     place (see the module docstring); the layers that read one input with one alpha share one Mul."""
     if not alphas:

@@ -37,7 +37,7 @@ from autoq.backends.openvino.nncf_build import (
     owns,
     quantize_int8,
 )
-from autoq.calibrate import samples_path
+from autoq.calibrate import Calibration
 from autoq.graph import Layer, OnnxModel, save_onnx, tied_tables
 from autoq.precision import Assignment, Kind, Precision
 from autoq.recovery.rounding import is_learned, substitute
@@ -139,7 +139,7 @@ class OpenVinoBackend(Backend):
         floating = "bf16" if assignment.options.get(FLOAT_OPTION) == "bf16" else "fp32"
         return {n: floating if p == "fp32" else p for n, p in assignment.layers.items()}
 
-    def build(self, model: OnnxModel, assignment: Assignment, calibration: Path, workdir: Path) -> Candidate:
+    def build(self, model: OnnxModel, assignment: Assignment, calibration: Calibration, workdir: Path) -> Candidate:
         specs = assignment.specs()
         if any(is_learned(spec) for spec in specs.values()):  # learned rounding: weights already on their int8 grid
             proto = onnx.ModelProto()
@@ -150,15 +150,15 @@ class OpenVinoBackend(Backend):
         else:
             ov_model = self.converted(model.path)
         if assignment.options.get(SHAPES) == "static":
-            ov_model.reshape(_sample_shapes(ov_model, samples_path(calibration)))
+            ov_model.reshape(_sample_shapes(ov_model, calibration.samples()))
         names = _layer_names(model)
         if any(spec.kind == Kind.STATIC for spec in specs.values()):
             floating = {n: names[n] for n, spec in specs.items() if spec.kind != Kind.STATIC}
-            ov_model = quantize_int8(ov_model, floating, dict(np.load(samples_path(calibration))),
+            ov_model = quantize_int8(ov_model, floating, calibration.samples(),
                                      has_attention(model), assignment.options)
         for spec in dict.fromkeys(s for s in assignment.specs().values() if s.kind == Kind.WEIGHT_ONLY):
             chosen = [n for n, s in assignment.specs().items() if s == spec]
-            dataset = dict(np.load(samples_path(calibration))) if spec.rounding != "rtn" else None
+            dataset = calibration.samples() if spec.rounding != "rtn" else None
             ov_model = compress_layers(ov_model, {n: names[n] for n in chosen}, spec, dataset)
         xml = workdir / "model.xml"
         workdir.mkdir(parents=True, exist_ok=True)
@@ -338,9 +338,8 @@ def _layer_names(model: OnnxModel) -> dict[str, set[str]]:
     return names
 
 
-def _sample_shapes(ov_model: ov.Model, samples: Path) -> dict[str, list[int]]:
+def _sample_shapes(ov_model: ov.Model, arrays: dict[str, np.ndarray]) -> dict[str, list[int]]:
     """Input -> its static shape: the model's own fixed dimensions, the others from one calibration sample."""
-    arrays = np.load(samples)
     shapes = {}
     for port in ov_model.inputs:
         name = port.get_any_name()

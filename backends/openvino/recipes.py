@@ -14,25 +14,24 @@ from functools import partial
 from pathlib import Path
 
 import nncf
-import numpy as np
 import openvino as ov
 
 from autoq.backends.base import Backend, Candidate, Recipe
 from autoq.backends.openvino.backend import FLOAT_OPTION
 from autoq.backends.openvino.nncf_build import has_attention
-from autoq.calibrate import samples_path
+from autoq.calibrate import Calibration
 from autoq.decoder import is_decoder, lm_head
 from autoq.graph import OnnxModel
 from autoq.precision import Assignment
 
 
-def _float(backend: Backend, precision: str, model: OnnxModel, calibration: Path, workdir: Path) -> Candidate:
+def _float(backend: Backend, precision: str, model: OnnxModel, calibration: Calibration, workdir: Path) -> Candidate:
     return backend.build(model, Assignment.uniform(model.layer_names, "fp32", {FLOAT_OPTION: precision}),
                          calibration, workdir)
 
 
-def _nncf(default_float: str, model_type, model: OnnxModel, calibration: Path, workdir: Path) -> Candidate:
-    samples = dict(np.load(samples_path(calibration)))
+def _nncf(default_float: str, model_type, model: OnnxModel, calibration: Calibration, workdir: Path) -> Candidate:
+    samples = calibration.samples()
     count = len(next(iter(samples.values())))
     dataset = nncf.Dataset([{k: v[i:i + 1] for k, v in samples.items()} for i in range(count)])
     logging.getLogger("nncf").setLevel(logging.ERROR)
@@ -42,7 +41,7 @@ def _nncf(default_float: str, model_type, model: OnnxModel, calibration: Path, w
     return _saved(quantized, model, default_float, workdir)
 
 
-def _compressed(default_float: str, arguments: dict, model: OnnxModel, calibration: Path,
+def _compressed(default_float: str, arguments: dict, model: OnnxModel, calibration: Calibration,
                 workdir: Path) -> Candidate:
     fallback = nncf.AdvancedCompressionParameters(group_size_fallback_mode=nncf.GroupSizeFallbackMode.ADJUST)
     logging.getLogger("nncf").setLevel(logging.ERROR)

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from autoq.backends.base import Backend, Candidate, Feeds, Outputs, Recipe, state_of
-from autoq.calibrate import samples_path
+from autoq.calibrate import Calibration
 from autoq.errors import AutoqError
 from autoq.graph import InputSpec, OnnxModel
 from autoq.precision import Assignment, Kind, Precision
@@ -241,7 +241,7 @@ class TorchBackend(Backend):
         return ("the torch backend builds fp32, bf16, int8-dyn (torch.ao, eager), int8-dyn-pc (torch.ao eager, "
                 "PT2E compiled) and int8 (PT2E, compiled); torchao's weight-only int4 has no CPU kernel here")
 
-    def build(self, model: OnnxModel, assignment: Assignment, calibration: Path, workdir: Path) -> Candidate:
+    def build(self, model: OnnxModel, assignment: Assignment, calibration: Calibration, workdir: Path) -> Candidate:
         if model.module is None or not isinstance(model.module, torch.nn.Module):
             raise AutoqError("the torch backend needs an nn.Module: pass it to autoq.search(module, example_inputs,"
                              " data) (a .pt2 program has no modules to quantize)")
@@ -260,7 +260,7 @@ class TorchBackend(Backend):
         path.write_bytes(buffer.getvalue())
         size = path.stat().st_size
         if compiled:
-            samples = dict(np.load(samples_path(calibration)))
+            samples = calibration.samples()
             state.compiled, state.graph_precisions, size = _compile(
                 built, assignment, samples, [spec.name for spec in model.inputs])
         return Candidate(assignment, path, size, state)
