@@ -9,7 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from autoq import graph
 from autoq.backends import get_backend
-from autoq.calibrate import calibrate, resolution
+from autoq.calibrate import calibrate
 from autoq.data import Dataset
 from autoq.precision import Assignment
 from autoq.regions import MIN_SQNR_DB
@@ -127,7 +127,7 @@ def test_minilm_all_int8_keeps_the_mask_path_float_and_its_quality(tmp_path):
     mask_adds = [n for n in model.proto.graph.node if n.name.endswith("attention/self/Add")]
     assert len(mask_adds) == 6
     # The statistics alone flag every masked score tensor (float-min sentinel), whatever else keeps it float.
-    assert all(resolution(calibration)[n.output[0]] < MIN_SQNR_DB for n in mask_adds)
+    assert all(calibration.resolution()[n.output[0]] < MIN_SQNR_DB for n in mask_adds)
     all_int8 = Assignment({la.name: backend.layer_precisions(la, ["fp32", "int8"])[-1] for la in model.layers})
     assert [la.op_type for la in model.layers if all_int8.layers[la.name] == "fp32"] == ["Gather"] * 3  # embeddings
     int8 = regions.int8_nodes(all_int8)
