@@ -135,7 +135,7 @@ def _problem(model: str | Path | object | None, data: DataArg, example_inputs, s
     first_run(onnx_model, next(dataset.batches(data_mod.batch_size(onnx_model.inputs, 2))))  # a fixed batch too
     splits = data_mod.split(dataset, seed=0)
     metric_name, metric_fn = get_metric(metric, dataset.labels is not None)
-    choices = search_space.choices(onnx_model.layers, chosen_backend.unbuildable)
+    choices = search_space.choices(onnx_model.layers, chosen_backend.unbuildable, chosen_backend.lacks)
     choices = {la.name: chosen_backend.layer_precisions(la, choices[la.name]) for la in onnx_model.layers}
     config = {"model": hashlib.sha1(onnx_model.path.read_bytes()).hexdigest(),
               "data": data_mod.fingerprint(dataset), "backend": backend, "metric": metric_name,

@@ -11,9 +11,14 @@ drops defaults):
     int8-dyn[-pc][-sq<A>]                               int8 weights (per tensor, `pc` per channel), activations
                                                         quantized at run time; `sq<A>`: the input smoothed first
                                                         (SmoothQuant with alpha A, per-channel weights only)
-    w<4|8>[g<N>][-asym][-hqq|-gptq|-awq|-se][-acc<L>]   weight-only: symmetric unless `asym`, per channel unless
-                                                        in groups of N, rounded to nearest unless named; `acc<L>`
-                                                        is ONNX Runtime MatMulNBits' accuracy_level (4: int8 compute)
+    w<2|3|4|8>[g<N>][-asym][-hqq|-gptq|-awq|-se][-acc<L>]
+                                                        weight-only integers: symmetric unless `asym`, per channel
+                                                        unless in groups of N, rounded to nearest unless named;
+                                                        `acc<L>` is ONNX Runtime MatMulNBits' accuracy_level (4: int8
+                                                        compute)
+    nf4[g<N>] | cb4[g<N>] | fp8[g<N>] | fp4[g<N>]       weight-only, non-uniform: NormalFloat4, a 4-bit codebook
+                                                        (NNCF's CB4), float8 E4M3, float4 E2M1, one scale per channel
+                                                        or group (fp8/fp4 are stored weights; fp16/bf16 are compute)
 
 Everything else (bits, colours, size estimates, the rounding the sensitivity simulates) is derived from the spec.
 """
@@ -40,6 +45,8 @@ ROUNDINGS = ("rtn", "hqq", "gptq", "awq", "se", "kquant", "adaround")  # se: NNC
 # llama.cpp's k-quants; adaround: learned per weight against the layer's FP32 outputs (autoq.recovery.rounding)
 STATIC_ROUNDINGS = ("rtn", "adaround")
 ZERO_POINTED = ("hqq", "kquant")  # roundings that fit a zero point per group: asymmetric by themselves
+# a weight-only spec's stored element: its string prefix and the bits it comes in
+ELEMENTS = {"int": ("w", (2, 3, 4, 8)), "nf": ("nf", (4,)), "cb": ("cb", (4,)), "fp": ("fp", (4, 8))}
 
 
 class Kind(str, Enum):
@@ -57,7 +64,8 @@ class Kind(str, Enum):
 KINDS = tuple(Kind)
 FORMS = (f"{'|'.join(FLOATS)}, int8[-sym][-{'|-'.join(c for c in CALIBRATIONS[1:] if c != 'percentile')}|-pct<P>]"
          "[-adaround], "
-         f"int8-dyn[-pc][-sq<alpha>], w<4|8>[g<N>][-asym][-{'|-'.join(ROUNDINGS[1:])}][-acc<0-4>]")
+         f"int8-dyn[-pc][-sq<alpha>], w<2|3|4|8>[g<N>][-asym][-{'|-'.join(ROUNDINGS[1:])}][-acc<0-4>], "
+         "nf4|cb4|fp8|fp4[g<N>]")
 # hue, saturation, value of each kind's base colour (float by width: blue / purple / teal), with the spec named
 # by each; a (kind, bits) not listed takes its kind's nearest width, shifted in hue by the bits
 HUES = {(Kind.FLOAT, 32): ((0.60, 0.55, 0.70), "fp32"), (Kind.FLOAT, 16): ((0.72, 0.40, 0.70), "bf16"),
@@ -80,6 +88,7 @@ class Precision:
     rounding: str = "rtn"  # weight-only: rtn | hqq | gptq | awq | se | kquant
     accuracy_level: int = 0  # weight-only: ONNX Runtime MatMulNBits accuracy_level (0: the runtime's default)
     smooth: float = 0.0  # int8-dyn-pc: SmoothQuant's alpha for the layer's input (0: not smoothed)
+    element: str = "int"  # weight-only: the stored element (`ELEMENTS`): int | nf | cb | fp
 
     def __post_init__(self) -> None:
         problem = self._problem()
@@ -95,8 +104,13 @@ class Precision:
             return "only a float precision has a float format"
         if self.kind in (Kind.STATIC, Kind.DYNAMIC) and self.bits != 8:
             return "activations are quantized to 8 bits"
-        if self.kind == Kind.WEIGHT_ONLY and self.bits not in (4, 8):
-            return "weight-only precisions have 4 or 8 bits"
+        if self.element not in ELEMENTS or (self.element != "int" and self.kind != Kind.WEIGHT_ONLY):
+            return f"stored elements are {', '.join(ELEMENTS)} (the non-integer ones weight-only)"
+        if self.kind == Kind.WEIGHT_ONLY and self.bits not in ELEMENTS[self.element][1]:
+            bits = ELEMENTS[self.element][1]
+            return f"{self.element} weights have {' or '.join(map(str, bits))} bits"
+        if self.element != "int" and (not self.symmetric or self.rounding != "rtn" or self.accuracy_level):
+            return f"{self.weight_label} weights take a scale per group, rounded to nearest (no asym, rounding, acc)"
         if (self.granularity == "group") != (self.group > 0) or self.granularity not in ("channel", "tensor", "group"):
             return "granularity is channel, tensor, or group with a group size"
         if self.group and (self.kind != Kind.WEIGHT_ONLY or self.group < 16 or self.group & (self.group - 1)):
@@ -138,10 +152,11 @@ class Precision:
                 fields = {"kind": Kind.DYNAMIC, "bits": 8, "granularity": "tensor"}
             elif head == "int8":
                 fields = {"kind": Kind.STATIC, "bits": 8}
-            elif (found := re.fullmatch(r"w(\d+)(?:g(\d+))?", head)) is not None:
-                group = int(found.group(2) or 0)
-                fields = {"kind": Kind.WEIGHT_ONLY, "bits": int(found.group(1)), "symmetric": True,
-                          "granularity": "group" if group else "channel", "group": group}
+            elif (found := re.fullmatch(r"(w|nf|cb|fp)(\d+)(?:g(\d+))?", head)) is not None:
+                group = int(found.group(3) or 0)
+                element = next(e for e, (prefix, _) in ELEMENTS.items() if prefix == found.group(1))
+                fields = {"kind": Kind.WEIGHT_ONLY, "bits": int(found.group(2)), "symmetric": True,
+                          "granularity": "group" if group else "channel", "group": group, "element": element}
             else:
                 raise ValueError(f"unknown form '{head}'")
             for token in rest:
@@ -166,7 +181,7 @@ class Precision:
             tokens.append("" if self.rounding == "rtn" else self.rounding)
         else:
             asym = not self.symmetric and self.rounding not in ZERO_POINTED  # asymmetric by itself
-            tokens = [f"w{self.bits}" + (f"g{self.group}" if self.group else ""), "asym" if asym else "",
+            tokens = [self.weight_label + (f"g{self.group}" if self.group else ""), "asym" if asym else "",
                       "" if self.rounding == "rtn" else self.rounding,
                       f"acc{self.accuracy_level}" if self.accuracy_level else ""]
         return "-".join(t for t in tokens if t)
@@ -174,6 +189,11 @@ class Precision:
     @property
     def name(self) -> str:
         return str(self)
+
+    @property
+    def weight_label(self) -> str:
+        """The stored weight's type as executed checks name it: `w4`, `w2`, `nf4`, `cb4`, `fp8`, `fp4`."""
+        return f"{ELEMENTS[self.element][0]}{self.bits}"
 
     def weight_format(self) -> Precision | None:
         """The weights as stored, without runtime knobs (`w4g32-acc4` -> `w4g32`: an embedding table has no matrix

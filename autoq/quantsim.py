@@ -1,12 +1,33 @@
 """Numpy simulation of what a precision does to a weight or an activation, read from its spec; the sensitivity
 analyzers (SQNR, HAWQ) measure the noise of these. Weight-only roundings beyond nearest (HQQ, GPTQ, AWQ, scale
-estimation) are simulated as round-to-nearest: an upper bound on their noise."""
+estimation) are simulated as round-to-nearest: an upper bound on their noise. Non-uniform formats (NF4, a
+codebook, float8/float4 weights) round to their nearest value."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from autoq.precision import Kind, Precision
+
+# The non-uniform weight formats' values, each scaled per channel or group so that its largest |value| maps to the
+# block's largest |weight|: NormalFloat4 (QLoRA's normal quantiles), NNCF's CB4 codebook, float4 E2M1
+CODEBOOKS = {
+    "nf4": np.array([-1.0, -0.6961928, -0.5250731, -0.3949175, -0.2844414, -0.1847734, -0.0910500, 0.0, 0.0795803,
+                     0.1609302, 0.2461123, 0.3379152, 0.4407098, 0.5626170, 0.7229568, 1.0]),
+    "cb4": np.array([-3.5, -2.5, -1.875, -1.375, -1.0, -0.625, -0.3125, 0.0, 0.28125, 0.5625, 0.875, 1.125, 1.5, 2.0,
+                     2.5, 3.5]),
+    "fp4": np.array([-6.0, -4.0, -3.0, -2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]),
+}
+
+
+def _e4m3() -> np.ndarray:
+    """Every finite float8 E4M3 value (largest 448): subnormals m/8 * 2^-6, normals (1 + m/8) * 2^(e-7)."""
+    positive = [m / 8 * 2.0 ** -6 for m in range(8)] + [(1 + m / 8) * 2.0 ** (e - 7) for e in range(1, 16)
+                                                        for m in range(8) if (e, m) != (15, 7)]
+    return np.unique(np.concatenate([-np.array(positive), positive]))
+
+
+CODEBOOKS["fp8"] = _e4m3()
 
 
 def to_bf16(x: np.ndarray) -> np.ndarray:
@@ -27,9 +48,10 @@ def round_activation(x: np.ndarray, low: float, high: float, symmetric: bool = F
     return (np.clip(np.round(x / scale) + zero, 0, 255) - zero) * scale
 
 
-def _round_channels(w: np.ndarray, axis: int, bits: int, symmetric: bool, group: int) -> np.ndarray:
+def _round_channels(w: np.ndarray, axis: int, bits: int, symmetric: bool, group: int,
+                    codebook: np.ndarray | None = None) -> np.ndarray:
     """Integer rounding with one scale per channel along `axis` (per `group` consecutive inputs of each channel
-    of a 2-D weight when `group`)."""
+    of a 2-D weight when `group`); with a `codebook`, to its nearest value once scaled to the block's range."""
     channels = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1).astype(np.float64)
     width = channels.shape[1]
     if group:  # the last block padded with zeros, as MatMulNBits pads it (SmolLM2's 576 inputs in blocks of 128)
@@ -37,7 +59,13 @@ def _round_channels(w: np.ndarray, axis: int, bits: int, symmetric: bool, group:
         blocks = padded.reshape(channels.shape[0], -1, group)
     else:
         blocks = channels[:, None, :]
-    if symmetric:
+    if codebook is not None:
+        scale = np.maximum(np.abs(blocks).max(axis=2, keepdims=True), 1e-12) / np.abs(codebook).max()
+        scaled = blocks / scale
+        index = np.clip(np.searchsorted(codebook, scaled), 1, len(codebook) - 1)
+        nearer_below = scaled - codebook[index - 1] < codebook[index] - scaled
+        rounded = codebook[np.where(nearer_below, index - 1, index)] * scale
+    elif symmetric:
         levels = 2 ** (bits - 1) - 1
         scale = np.maximum(np.abs(blocks).max(axis=2, keepdims=True), 1e-12) / levels
         rounded = np.clip(np.round(blocks / scale), -levels, levels) * scale
@@ -58,7 +86,8 @@ def round_weight(w: np.ndarray, axis: int, precision: Precision) -> np.ndarray:
     if precision.granularity == "tensor":
         return _round_channels(w.reshape(1, -1), 0, precision.bits, True, 0).reshape(w.shape)
     symmetric = precision.symmetric or precision.kind != Kind.WEIGHT_ONLY  # int8 weights are symmetric
-    return _round_channels(w, axis, precision.bits, symmetric, precision.group)
+    codebook = CODEBOOKS.get(precision.weight_label) if precision.element != "int" else None
+    return _round_channels(w, axis, precision.bits, symmetric, precision.group, codebook)
 
 
 def noise_ratio(signal: np.ndarray, noisy: np.ndarray, axis: int) -> float:

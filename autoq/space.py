@@ -21,6 +21,7 @@ screen: true                    # skip candidates the cost model predicts the fr
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from importlib import resources
@@ -81,15 +82,26 @@ class SearchSpace:
         """Every precision the space names."""
         return list(dict.fromkeys([*self.default, *(p for rule in self.rules for p in rule.precisions)]))
 
-    def choices(self, layers: list[Layer], unbuildable: Callable[[Precision], str | None]) -> dict[str, list[str]]:
+    def choices(self, layers: list[Layer], unbuildable: Callable[[Precision], str | None],
+                lacks: Callable[[Precision], str | None] = lambda precision: None) -> dict[str, list[str]]:
         """Layer -> allowed precisions (first matching rule, else `default`); a precision the backend cannot
-        build at all (`unbuildable` gives the reason) is an error naming it."""
+        build at all (`unbuildable` gives the reason) is an error naming it; one this machine cannot run as it is
+        stored (`lacks`: e.g. a weight format the CPU plugin decompresses) is left out with a note."""
+        dropped = set()
         for precision in self.precisions():
             reason = unbuildable(Precision.parse(precision))
             if reason:
                 msg = f"{self.source}: precision {precision} is not available on this backend: {reason}"
                 raise AutoqError(msg)
-        return {layer.name: list(next((r.precisions for r in self.rules if r.matches(layer)), self.default))
+            missing = lacks(Precision.parse(precision))
+            if missing:
+                dropped.add(precision)
+                print(f"autoq: {precision} left out of the space on this machine: {missing}", file=sys.stderr)
+
+        def kept(precisions: tuple[str, ...]) -> list[str]:
+            return [p for p in precisions if p not in dropped] or ["fp32"]
+
+        return {layer.name: kept(next((r.precisions for r in self.rules if r.matches(layer)), self.default))
                 for layer in layers}
 
 

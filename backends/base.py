@@ -94,6 +94,7 @@ class Backend(ABC):
 
     builds: dict[Kind, tuple[int, ...]] = {}  # allow-list: the kinds it builds -> their bits (a float's width)
     unbuilt: dict[Kind, str] = {}  # why a kind (or a width of it) is not in `builds`, where there is a reason
+    elements: tuple[str, ...] = ("int",)  # allow-list: the weight-only elements it stores (`precision.ELEMENTS`)
 
     def unbuildable(self, precision: Precision) -> str | None:
         """Why this backend cannot build `precision` for any layer (one line), or None if it can: a kind or bit
@@ -104,7 +105,15 @@ class Backend(ABC):
                 return self.unbuilt[precision.kind]
             offered = "; ".join(f"{kind} {'/'.join(map(str, bits))}-bit" for kind, bits in self.builds.items())
             return f"the {self.name} backend does not build {precision.bits}-bit {precision.kind} (it builds {offered})"
+        if precision.element not in self.elements:
+            stored = ", ".join(self.elements)
+            return f"the {self.name} backend does not store {precision.weight_label} weights (its elements: {stored})"
         return self.refuses(precision)
+
+    def lacks(self, precision: Precision) -> str | None:
+        """Why this machine cannot run `precision` as it is stored, though the backend builds it (a probe of the
+        runtime here), or None: a space's precision lacked here is left out with a note, not an error."""
+        return None
 
     @abstractmethod
     def refuses(self, precision: Precision) -> str | None:

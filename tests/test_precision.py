@@ -29,7 +29,8 @@ def test_unknown_precisions_and_versions_are_refused():
 SPECS = ["fp32", "bf16", "fp16", "int8", "int8-sym", "int8-entropy", "int8-mse", "int8-pct99.99",
          "int8-sym-pct99.9", "int8-dyn", "int8-dyn-pc", "int8-dyn-pc-sq0.7", "w8", "w8-asym", "w4g32", "w4g128-asym",
          "w4g32-hqq",
-         "w8g128-acc4", "w4g64-asym-awq", "w4g128-se", "w4g32-hqq-acc4", "w4g32-kquant-acc4"]
+         "w8g128-acc4", "w4g64-asym-awq", "w4g128-se", "w4g32-hqq-acc4", "w4g32-kquant-acc4", "w2g64", "w3g128",
+         "w2g32-acc4", "nf4", "nf4g64", "cb4g32", "fp8g128", "fp8", "fp4g32"]
 
 
 @pytest.mark.parametrize("text", SPECS)
@@ -56,11 +57,17 @@ def test_specs_carry_their_fields_and_non_canonical_spellings_normalise():
     assert Precision.parse("w4g32-kquant").symmetric is False  # so do k-quants
     assert Assignment({"a": "int8-minmax"}).layers == {"a": "int8"}
     assert Precision.parse("w4g32").bytes_per_weight() == pytest.approx(0.5 + 4 / 32)
+    nf4, fp8 = Precision.parse("nf4g64"), Precision.parse("fp8g128")
+    assert (nf4.kind, nf4.bits, nf4.element, nf4.weight_label, nf4.symmetric) == ("weight-only", 4, "nf", "nf4", True)
+    assert (fp8.bits, fp8.element, fp8.weight_label) == (8, "fp", "fp8") and Precision.parse("fp16").kind == "float"
+    assert Precision.parse("w2g64").bytes_per_weight() == pytest.approx(0.25 + 4 / 64)
 
 
 @pytest.mark.parametrize(("text", "problem"), [
     ("w4g48", "power of two"), ("int8-dyn-sym", "asymmetric"), ("fp32-sym", "takes no options"),
-    ("w4g32-pct99", "calibration is for static"), ("w2g32", "4 or 8 bits"), ("int8-acc4", "weight-only"),
+    ("w4g32-pct99", "calibration is for static"), ("w5g32", "2 or 3 or 4 or 8 bits"),
+    ("nf8g32", "nf weights have 4 bits"), ("fp4g32-asym", "rounded to nearest"), ("nf4g32-awq", "rounded to nearest"),
+    ("fp2", "4 or 8 bits"), ("int8-acc4", "weight-only"),
     ("w4g32-sym-hqq", "hqq fits a zero point"), ("int8-foo", "unknown option 'foo'"),
     ("int8-dyn-sq0.7", "int8-dyn-pc"), ("int8-sq0.5", "int8-dyn-pc"), ("int8-dyn-pc-sq1", "alpha in")])
 def test_malformed_specs_are_one_line_errors(text, problem):

@@ -72,11 +72,39 @@ def test_unknown_bundled_space_lists_the_bundled_ones():
         load_space("no-such-space")
 
 
-@pytest.mark.parametrize("name", ["cpu-int8", "cpu-menu", "openvino-cpu", "torch-cpu", "torch-cpu-compiled"])
-def test_bundled_spaces_give_their_backend_only_options_it_reads(name):
-    """YAML reads `off` as false: every bundled space's options must still be values its backend knows."""
-    from autoq.backends import get_backend
+BUNDLED = {"cpu-int8": "onnxruntime", "cpu-menu": "onnxruntime", "llm-cpu": "onnxruntime",
+           "llm-cpu-learned": "onnxruntime", "openvino-cpu": "openvino", "openvino-weights": "openvino",
+           "llm-openvino": "openvino", "torch-cpu": "torch", "torch-cpu-compiled": "torch"}
 
+
+@pytest.mark.parametrize("name", sorted(BUNDLED))
+def test_bundled_spaces_give_their_backend_only_specs_and_options_it_reads(name):
+    """YAML reads `off` as false: every bundled space's options must still be values its backend knows, and every
+    spec one its backend builds (a format this machine lacks is left out, not an error)."""
+    from importlib.util import find_spec
+
+    if BUNDLED[name] != "onnxruntime" and find_spec(BUNDLED[name]) is None:
+        pytest.skip(f"the {BUNDLED[name]} extra is not installed")
     space = load_space(name)
-    backend = get_backend({"cpu": "onnxruntime", "ope": "openvino", "tor": "torch"}[name[:3]])
+    backend = get_backend(BUNDLED[name])
     assert backend.options(space.options).keys() == space.options.keys()
+    assert space.choices([], backend.unbuildable, backend.lacks) == {}  # raises on a spec the backend cannot build
+
+
+def test_a_precision_this_machine_lacks_is_left_out_with_a_note(capsys):
+    """A spec the backend builds but this machine cannot run as stored (OpenVINO's `lacks`: a weight format its CPU
+    plugin decompresses) drops out of every rule with one note; a rule left empty keeps fp32."""
+    ov = get_backend("openvino") if __import__("importlib").util.find_spec("openvino") else None
+    if ov is None:
+        pytest.skip("the openvino extra is not installed")
+    space = parse_space({"default": ["fp32", "nf4g32", "w4g32"], "rules": [
+        {"op_type": ["Gemm"], "precisions": ["nf4g32"]}]})
+
+    def lacks(precision):
+        return "decompressed here" if precision.element == "nf" else None
+
+    assert space.choices(LAYERS, ov.unbuildable, lacks) == {
+        "/conv1/Conv": ["fp32", "w4g32"], "/fc/Gemm": ["fp32"], "/head/MatMul": ["fp32", "w4g32"]}
+    assert capsys.readouterr().err.strip() == "autoq: nf4g32 left out of the space on this machine: decompressed here"
+    with pytest.raises(AutoqError, match="does not store nf4 weights"):
+        space.choices(LAYERS, ORT)

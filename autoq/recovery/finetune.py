@@ -31,7 +31,7 @@ from autoq.evaluate import Evaluator
 from autoq.graph import OnnxModel, save_onnx
 from autoq.precision import Assignment, Kind, Precision
 from autoq.progress import PhaseProgress
-from autoq.quantsim import smoothing_scale
+from autoq.quantsim import round_weight, smoothing_scale
 from autoq.recovery.onnx_torch import OnnxModule
 from autoq.recovery.rounding import input_range
 
@@ -79,7 +79,10 @@ def _dynamic(x: torch.Tensor) -> torch.Tensor:
 
 def _weight(w: torch.Tensor, axis: int, spec: Precision) -> torch.Tensor:
     """`w` as `spec` stores it: symmetric per channel (or per tensor, or in groups along the inputs of a 2-D
-    weight), asymmetric where the spec says so."""
+    weight), asymmetric where the spec says so; a non-uniform format (NF4, codebook, float8/4) as its numpy simulation
+    rounds it."""
+    if spec.element != "int":
+        return _ste(w, torch.from_numpy(round_weight(w.detach().numpy(), axis, spec)).to(w.dtype))
     levels = 2 ** (spec.bits - 1) - 1
     moved = w.movedim(axis, 0).reshape(w.shape[axis], -1) if spec.granularity != "tensor" else w.reshape(1, -1)
     width = moved.shape[1]

@@ -84,7 +84,8 @@ class OnnxRuntimeBackend(Backend):
     option_values = {"reduce_range": (False, True), BIAS_CORRECTION: (True, False), GLUE: ("int8", "float")}
     option_kinds = {"reduce_range": ("static",), BIAS_CORRECTION: ("static",), GLUE: ("static",)}
 
-    builds = {Kind.FLOAT: (32,), Kind.STATIC: (8,), Kind.DYNAMIC: (8,), Kind.WEIGHT_ONLY: (4, 8)}
+    builds = {Kind.FLOAT: (32,), Kind.STATIC: (8,), Kind.DYNAMIC: (8,), Kind.WEIGHT_ONLY: (2, 4, 8)}  # no 3-bit:
+    # ORT's MatMulNBits quantizer packs 2, 4 or 8 bits
     llm_space = "llm-cpu"
     unbuilt = {Kind.FLOAT: "ORT's CPU provider runs float layers in fp32 (use the openvino or torch backend for bf16)"}
 
@@ -98,6 +99,8 @@ class OnnxRuntimeBackend(Backend):
         if precision.kind == Kind.WEIGHT_ONLY and precision.rounding not in WEIGHT_ROUNDINGS:
             offered = ", ".join(WEIGHT_ROUNDINGS)
             return f"{precision.rounding} is not offered on ORT (its weight-only roundings: {offered})"
+        if precision.bits == 2 and precision.rounding != "rtn":
+            return "ORT's 2-bit blocks are rounded to nearest (its HQQ, GPTQ, k-quant and learned forms are 4/8-bit)"
         if precision.rounding == "gptq" and precision.bits != 4:
             return "ORT's GPTQ quantizer is 4-bit"
         if precision.rounding == "hqq" and (precision.bits != 4 or find_spec("torch") is None):

@@ -4,7 +4,7 @@
   are per-tensor overrides of its input (`TensorQuantOverrides`); layers sharing an input share its quantization,
   the first in graph order sets it.
 - int8-dyn (`quantize_dynamic`, MatMul): one call per weight granularity (per tensor, per channel).
-- weight-only (`MatMulNBitsQuantizer`): MatMul -> MatMulNBits (4 or 8 bits, block size, symmetric or not,
+- weight-only (`MatMulNBitsQuantizer`): MatMul -> MatMulNBits (2, 4 or 8 bits, block size, symmetric or not,
   accuracy_level; rounded to nearest, by HQQ, by llama.cpp's k-quant search of scales and minimums, or by GPTQ (4
   bits; ORT's vendored Neural Compressor code) on the cached calibration samples), one call per distinct spec;
   Gather -> GatherBlockQuantized (4 or 8 bits) of a stand-in MatMul's weights or of its tied LM head's.
@@ -31,7 +31,7 @@ from autoq.precision import Kind, Precision
 from autoq.regions import REMOVABLE
 
 DYNAMIC_LAYERS = ("MatMul",)  # ORT's dynamic quantizer has no Gemm
-WEIGHT_ONLY_LAYERS = {"MatMul": (4, 8), "Gather": (4, 8)}  # op -> the bits autoq builds with ORT's quantizer
+WEIGHT_ONLY_LAYERS = {"MatMul": (2, 4, 8), "Gather": (4, 8)}  # op -> the bits autoq builds with ORT's quantizer
 TABLE_ROUNDINGS = ("rtn", "kquant")  # an embedding table is rounded without calibration activations
 WEIGHT_ONLY_KERNELS = ("MatMulNBits", "GatherBlockQuantized")
 

@@ -28,15 +28,18 @@ import openvino as ov
 
 from autoq.backends.base import Backend, Candidate, Feeds, GlueCheck, Outputs, Recipe, state_of
 from autoq.backends.openvino.nncf_build import (
-    KERNELS,
+    MODES,
     PRESET,
     SMOOTH_QUANT,
+    WEIGHT_LABELS,
     WEIGHT_ROUNDINGS,
     compress_layers,
     has_attention,
     owns,
     quantize_int8,
+    stored_weight_type,
 )
+from autoq.backends.openvino.runtime import FUSED_KERNELS, INTEGER, layer_kernels, table_type
 from autoq.calibrate import Calibration
 from autoq.graph import Layer, OnnxModel, save_onnx, tied_tables
 from autoq.precision import Assignment, Kind, Precision
@@ -45,9 +48,6 @@ from autoq.recovery.rounding import is_learned, substitute
 FLOAT_OPTION = "inference_precision"
 FOLDED = ("Mul", "Add", "BatchNormalization")  # per-channel ops with constants OpenVINO folds into a kernel
 MODEL_KERNELS_ONNX = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # the ONNX layers OpenVINO runs as kernels
-RUNTIME_PRECISION = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
-INTEGER = {"u8", "i8"}
-FOUR_BIT = {"u4", "i4", "nf4"}
 SHAPES = "shapes"  # option: `static` compiles for the data's sample shape at batch 1 (larger batches run sample by
 # sample), `dynamic` keeps the model's symbolic dimensions
 
@@ -88,7 +88,8 @@ class OpenVinoBackend(Backend):
             self._converted = stamp, ov.convert_model(str(path))
         return self._converted[1].clone()
 
-    builds = {Kind.FLOAT: (32,), Kind.STATIC: (8,), Kind.WEIGHT_ONLY: (4, 8)}
+    builds = {Kind.FLOAT: (32,), Kind.STATIC: (8,), Kind.WEIGHT_ONLY: (2, 3, 4, 8)}
+    elements = ("int", "nf", "cb", "fp")
     llm_space, llm_exporter = "llm-openvino", "torch"  # standard ONNX ops: OpenVINO reads no GenAI contrib op
     unbuilt = {Kind.FLOAT: "OpenVINO's float precision is model-wide (per-node marks are not honoured): use the "
                            f"`{FLOAT_OPTION}` option",
@@ -105,9 +106,22 @@ class OpenVinoBackend(Backend):
                     "levels are ORT's")
         if precision.rounding != "rtn" and precision.bits != 4:
             return "NNCF's AWQ, scale estimation and GPTQ are for 4-bit weights"
-        if precision.bits == 8 and precision.granularity != "channel":
+        if precision.element == "int" and precision.bits == 8 and precision.granularity != "channel":
             return "NNCF compresses 8-bit weights per channel (w8, w8-asym)"
+        if precision.element == "int" and precision.bits < 4 and not precision.symmetric:
+            return "NNCF's 3- and 2-bit weights are symmetric"
         return None
+
+    def lacks(self, precision: Precision) -> str | None:
+        """A weight format (beyond int4/int8) whose weights this machine's CPU plugin decompresses when it compiles
+        (probed once per format: `stored_weight_type`): the file is smaller, the run is the float model's."""
+        if precision.kind != Kind.WEIGHT_ONLY or (precision.element, precision.bits) not in MODES:
+            return None
+        found = stored_weight_type(replace(precision, rounding="rtn"))
+        if WEIGHT_LABELS.get(found) == precision.weight_label:
+            return None
+        return (f"OpenVINO's CPU plugin here decompresses {precision.weight_label} weights when it compiles (its "
+                f"matmul reads {found}): no {precision.weight_label} kernel would run")
 
     def options(self, requested: dict[str, list]) -> dict[str, list]:
         requested = super().options(requested)
@@ -124,6 +138,8 @@ class OpenVinoBackend(Backend):
         Gemm's may be either dimension, a table's are its columns); int8 on every weighted op but tables."""
         if precision.kind != Kind.WEIGHT_ONLY:
             return super().fits(layer, precision)
+        if layer.op_type == "Gather" and (precision.element != "int" or precision.bits < 4):
+            return False  # tables: 4- and 8-bit integers (what the plugin's Gather is known to read)
         inputs = {"MatMul": layer.weight_shape[:1], "Gather": layer.weight_shape[1:]}.get(layer.op_type,
                                                                                             layer.weight_shape)
         return layer.op_type in ("MatMul", "Gemm", "Gather") and len(layer.weight_shape) == 2 and all(
@@ -197,30 +213,8 @@ class OpenVinoBackend(Backend):
 
         return run
 
-    def _kernels(self, compiled: ov.CompiledModel) -> list[tuple[str, str, set[str]]]:
-        """(runtime op name, executed precision, original ONNX node names) of every layer kernel: int8 when
-        its activations arrive as integers, w8 / w4 when only its weights are integer, else its float type."""
-        kernels = []
-        for op in compiled.get_runtime_model().get_ordered_ops():
-            info = op.get_rt_info()
-            if str(info["layerType"].astype(str)) in KERNELS | FUSED_KERNELS:
-                original = _original_names(op)
-                types = [i.get_source_output().get_element_type().get_type_name() for i in op.inputs()]
-                weights = set(types[1:])
-                if types[0] in INTEGER:
-                    precision = "int8"
-                elif weights & FOUR_BIT:
-                    precision = "w4"  # read as the layer's own spec when its bits match (see `executed`)
-                elif weights & INTEGER:
-                    precision = "w8"
-                else:
-                    runtime = info["runtimePrecision"].astype(str)
-                    precision = RUNTIME_PRECISION.get(runtime, runtime)
-                kernels.append((op.get_friendly_name(), precision, original))
-        return kernels
-
     def executed(self, candidate: Candidate) -> dict[str, str]:
-        kernels = self._kernels(self._any_compiled(candidate))
+        kernels = layer_kernels(self._any_compiled(candidate))
         fused = {op.get_friendly_name() for op in self._any_compiled(candidate).get_runtime_model().get_ordered_ops()
                  if str(op.get_rt_info()["layerType"].astype(str)) in FUSED_KERNELS}
         asked = candidate.assignment.specs()
@@ -235,9 +229,9 @@ class OpenVinoBackend(Backend):
             found = ran.pop() if len(ran) == 1 else ("/".join(sorted(ran)) or "not found")
             spec = asked.get(layer)
             if layer in state.tables:  # an embedding Gather: its weight's type, else the model's float
-                found = _table_type(self._any_compiled(candidate), layer, names) or self.expected(
+                found = table_type(self._any_compiled(candidate), layer, names) or self.expected(
                     candidate.assignment)[layer]
-            same_kernel = spec is not None and found == ("int8" if spec.kind == Kind.STATIC else f"w{spec.bits}")
+            same_kernel = spec is not None and found == ("int8" if spec.kind == Kind.STATIC else spec.weight_label)
             result[layer] = str(spec) if same_kernel else found  # groups and rounding are not kernel properties
         return result
 
@@ -276,7 +270,7 @@ class OpenVinoBackend(Backend):
                 if integer_out(source):
                     parent[root(name)] = root(source)
         groups: dict[str, list[str]] = {}
-        int8_kernels = [(op, original) for op, precision, original in self._kernels(compiled) if precision == "int8"]
+        int8_kernels = [(op, original) for op, precision, original in layer_kernels(compiled) if precision == "int8"]
         for layer, names in state_of(candidate, OpenVinoState).names.items():
             kernels = [op for op, original in int8_kernels if owns(layer, names, original)]
             if kernels:
@@ -293,7 +287,7 @@ class OpenVinoBackend(Backend):
             request.infer(feeds)
             for info in request.profiling_info:
                 totals[info.node_name] = totals.get(info.node_name, 0.0) + info.real_time.total_seconds() * 1e3 / runs
-        kernels = self._kernels(compiled)
+        kernels = layer_kernels(compiled)
         return {layer: float(np.sum([totals.get(op, 0.0) for op, _, original in kernels
                                      if owns(layer, names, original)]))
                 for layer, names in state_of(candidate, OpenVinoState).names.items()}
@@ -351,7 +345,6 @@ def _sample_shapes(ov_model: ov.Model, arrays: dict[str, np.ndarray]) -> dict[st
 
 
 
-FUSED_KERNELS = {"LLMMLP"}  # one kernel for a whole gated MLP (the CPU plugin on AMX, bf16)
 
 
 def _feeding_layers(model: OnnxModel) -> dict[str, set[str]]:
@@ -375,19 +368,3 @@ def _feeding_layers(model: OnnxModel) -> dict[str, set[str]]:
                 frontier += [(name, hops + 1) for name in source.input if name]
         feeding[node.name] = found
     return feeding
-
-
-def _original_names(op: ov.Node) -> set[str]:
-    """The ONNX names a runtime op computes: its `originalLayersNames`, and its own name, which that list can lack
-    (with static shapes the CPU plugin lists the LayerNorm it fused into a FullyConnected, not the MatMul itself)."""
-    return set(op.get_rt_info()["originalLayersNames"].astype(str).split(",")) | {op.get_friendly_name()}
-
-
-def _table_type(compiled: ov.CompiledModel, layer: str, names: set[str]) -> str | None:
-    """`w8` / `w4` where the runtime Gather of table `layer` reads integer weights (NNCF compressed it), else None."""
-    for op in compiled.get_runtime_model().get_ordered_ops():
-        info = op.get_rt_info()
-        if str(info["layerType"].astype(str)) == "Gather" and owns(layer, names, _original_names(op)):
-            weights = op.input(0).get_source_output().get_element_type().get_type_name()
-            return "w4" if weights in FOUR_BIT else "w8" if weights in INTEGER else None
-    return None

@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import logging
 from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import replace
+from functools import cache
 
 import nncf
 import numpy as np
@@ -19,6 +21,14 @@ COMPRESSIBLE = KERNELS | {"Gather"}  # ov.Model ops NNCF compresses weights of (
 MODEL_KERNELS = KERNELS | {"ConvolutionBackpropData", "GroupConvolutionBackpropData"}  # their ov.Model types
 PRESET = "activations"  # option: NNCF's int8 activations, `asym` (its MIXED preset) or `sym` (PERFORMANCE)
 SMOOTH_QUANT = "smooth_quant"  # option: NNCF's SmoothQuant on (its default alpha for the model type) or off
+
+# a weight-only spec's (element, bits) -> NNCF's mode beyond its int4/int8 (symmetric or not); `runs_compressed`
+# says which of these the CPU plugin's kernels read as stored
+MODES = {("int", 3): "INT3_SYM", ("int", 2): "INT2_SYM", ("nf", 4): "NF4", ("cb", 4): "CB4", ("fp", 8): "FP8_E4M3",
+         ("fp", 4): "FP4"}
+# the runtime element type of a kernel's weight input -> the weight label of the spec that stores it
+WEIGHT_LABELS = {"u8": "w8", "i8": "w8", "u4": "w4", "i4": "w4", "u3": "w3", "u2": "w2", "nf4": "nf4",
+                 "f4e2m1": "fp4", "f8e4m3": "fp8"}
 
 # weight-only rounding -> the nncf.compress_weights arguments that select it; the backend offers these
 WEIGHT_ROUNDINGS: dict[str, dict[str, bool]] = {"rtn": {}, "awq": {"awq": True}, "se": {"scale_estimation": True},
@@ -66,17 +76,43 @@ def compress_layers(ov_model: ov.Model, chosen: dict[str, set[str]], spec: Preci
         raise ValueError(msg)
     logging.getLogger("nncf").setLevel(logging.ERROR)  # NNCF prints a statistics table per call
     ignored = nncf.IgnoredScope(names=[n for n in weighted if n not in targets])
-    mode = getattr(nncf.CompressWeightsMode, f"INT{spec.bits}_{'SYM' if spec.symmetric else 'ASYM'}")
-    arguments: dict = {"mode": mode}
-    if spec.bits == 4:
-        arguments |= {"group_size": spec.group or -1, "ratio": 1.0, "all_layers": True,
-                      "backup_mode": nncf.BackupMode.NONE, **WEIGHT_ROUNDINGS[spec.rounding]}
+    arguments = _mode_arguments(spec) | WEIGHT_ROUNDINGS[spec.rounding]
     if samples is not None:
         count = len(next(iter(samples.values())))
         arguments["dataset"] = nncf.Dataset([{k: v[i:i + 1] for k, v in samples.items()} for i in range(count)])
         arguments["subset_size"] = count
     with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):  # NNCF's progress bars
         return nncf.compress_weights(ov_model, ignored_scope=ignored, **arguments)
+
+
+def _mode_arguments(spec: Precision) -> dict:
+    """nncf.compress_weights' mode and group arguments for `spec` (8-bit integers are per channel, all else in
+    `spec`'s groups or per channel, every chosen layer in that mode: no backup precision)."""
+    name = MODES.get((spec.element, spec.bits), f"INT{spec.bits}_{'SYM' if spec.symmetric else 'ASYM'}")
+    arguments: dict = {"mode": getattr(nncf.CompressWeightsMode, name)}
+    if name not in ("INT8_SYM", "INT8_ASYM"):
+        arguments |= {"group_size": spec.group or -1, "ratio": 1.0, "all_layers": True,
+                      "backup_mode": nncf.BackupMode.NONE}
+    return arguments
+
+
+@cache
+def stored_weight_type(spec: Precision) -> str:
+    """The element type the CPU plugin's matmul reads for `spec`'s weights on this machine (a probe: a 128x64
+    MatMul compressed by NNCF and compiled once per spec and process). Formats its kernels do not read are
+    decompressed to the float type at compile time (the file is smaller, the run is not)."""
+    from openvino import opset13 as ops
+
+    x = ops.parameter([1, 4, 128], np.float32, name="x")
+    weight = np.random.default_rng(0).normal(0, 0.1, (128, 64)).astype(np.float32)
+    model = ov.Model([ops.matmul(x, ops.constant(weight), False, False)], [x])
+    logging.getLogger("nncf").setLevel(logging.ERROR)
+    with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+        compressed = nncf.compress_weights(model, **_mode_arguments(replace(spec, group=32 if spec.group else 0)))
+    compiled = ov.Core().compile_model(compressed, "CPU")
+    kernel = next(op for op in compiled.get_runtime_model().get_ordered_ops()
+                  if str(op.get_rt_info()["layerType"].astype(str)) in KERNELS)
+    return kernel.input(1).get_source_output().get_element_type().get_type_name()
 
 
 def owns(layer: str, names: set[str], original: set[str]) -> bool:

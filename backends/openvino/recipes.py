@@ -3,7 +3,8 @@ pick on this CPU (f32, and bf16 where native): the model in that float, `nncf.qu
 transformer preset where the model has attention MatMuls) calibrated on the run's cached samples; for a language
 model with a KV cache, NNCF's `compress_weights` instead: its default (int8), int4 in groups of 128 and of 32, and
 int4 at ratios 0.8 and 0.6 of the layers by its own data-free ranking (the rest and, as always, the embedding and
-the LM head in int8); a group that does not divide a layer's inputs is adjusted (NNCF's ADJUST fallback)."""
+the LM head in int8), and its non-uniform 4-bit formats NF4 and CB4 (a codebook) at their defaults; a group that
+does not divide a layer's inputs is adjusted (NNCF's ADJUST fallback)."""
 
 from __future__ import annotations
 
@@ -59,17 +60,17 @@ def _saved(ov_model: ov.Model, model: OnnxModel, default_float: str, workdir: Pa
                      xml.stat().st_size + xml.with_suffix(".bin").stat().st_size)
 
 
-def _compressed_layers(group: int | None, model: OnnxModel) -> dict[str, str]:
-    """A `compress_weights` recipe in autoq's specs: int8 asymmetric per channel everywhere (`group` None), or int4
-    symmetric in groups of `group` (halved until it divides a layer's inputs: the ADJUST fallback) but the
-    embedding table and the LM head in int8 asymmetric."""
+def _compressed_layers(group: int | None, model: OnnxModel, label: str = "w4") -> dict[str, str]:
+    """A `compress_weights` recipe in autoq's specs: int8 asymmetric per channel everywhere (`group` None), or 4-bit
+    (`label`: int4 symmetric, nf4, cb4) in groups of `group` (0: per channel; halved until it divides a layer's
+    inputs: the ADJUST fallback) but the embedding table and the LM head in int8 asymmetric."""
     head = lm_head(model.layers)
 
     def int4(inputs: int) -> str:
         size = group or 0
         while size > 16 and inputs % size:
             size //= 2
-        return f"w4g{size}"
+        return f"{label}g{size}" if size else label
 
     return {layer.name: "w8-asym" if group is None or layer.op_type != "MatMul" or layer.name == head else
             int4(layer.weight_shape[0]) for layer in model.layers if layer.op_type in ("MatMul", "Gather")}
@@ -80,7 +81,11 @@ DECODER_RECIPES = [("int8, its default", {}, partial(_compressed_layers, None)),
                    ("int4, group 128", {"mode": INT4}, partial(_compressed_layers, 128)),
                    ("int4, group 32", {"mode": INT4, "group_size": 32}, partial(_compressed_layers, 32)),
                    ("int4, ratio 0.8", {"mode": INT4, "ratio": 0.8}, None),  # its own ranking of the layers
-                   ("int4, ratio 0.6", {"mode": INT4, "ratio": 0.6}, None)]
+                   ("int4, ratio 0.6", {"mode": INT4, "ratio": 0.6}, None),
+                   ("NF4, group 128", {"mode": nncf.CompressWeightsMode.NF4},
+                    partial(_compressed_layers, 128, label="nf4")),
+                   ("CB4, per channel", {"mode": nncf.CompressWeightsMode.CB4},
+                    partial(_compressed_layers, 0, label="cb4"))]
 
 
 def recipes(backend: Backend, model: OnnxModel, native_bf16: bool) -> list[Recipe]:
