@@ -36,7 +36,10 @@ from autoq.recovery.onnx_torch import OnnxModule
 from autoq.recovery.rounding import input_range
 
 BATCH, PATIENCE = 16, 4
-LR = 1e-5  # Adam's steps are per weight: larger ones moved a CNN's small depthwise weights by 10% and broke it
+LR = 1e-5  # biases and float layers' weights (Adam's steps are per weight: larger ones moved a CNN's small
+# depthwise weights by 10% and broke it)
+STEP_FRACTION = 0.02  # a quantized weight's Adam step, as a share of its layer's median rounding step: a few dozen
+# steps can move a weight across one rounding boundary, not across many
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,29 @@ def hooks(model: OnnxModel, assignment: Assignment, calibration: Calibration) ->
     return made
 
 
+def _param_groups(module: OnnxModule, model: OnnxModel, assignment: Assignment) -> list[dict]:
+    """Adam's parameter groups: each quantized layer's weight with a step sized to its rounding step (the median over
+    channels of max|w| / (2^(bits-1) - 1)): a fixed step too small to cross any rounding boundary of an int8 weight
+    leaves the deployed integers as they were; the rest (biases, float layers) at `LR`."""
+    specs = assignment.specs()
+    nodes = {node.name: node for node in model.proto.graph.node}
+    groups, grouped = [], set()
+    for layer in model.layers:
+        spec = specs.get(layer.name)
+        if spec is None or spec.fmt == "fp32" or layer.name not in nodes or len(nodes[layer.name].input) < 2:
+            continue
+        name = nodes[layer.name].input[1]
+        if name not in module.trained:
+            continue
+        weight = module.parameter(name).detach()
+        channels = weight.movedim(layer.channel_axis, 0).reshape(weight.shape[layer.channel_axis], -1)
+        step = float(channels.abs().amax(1).median()) / (2 ** (spec.bits - 1) - 1)
+        groups.append({"params": [module.parameter(name)], "lr": max(STEP_FRACTION * step, LR)})
+        grouped.add(name)
+    rest = [module.parameter(name) for name in module.trained if name not in grouped]
+    return groups + ([{"params": rest, "lr": LR}] if rest else [])
+
+
 def _input_peaks(model: OnnxModel, calibration: Calibration, tensor: str) -> np.ndarray:
     """The largest |value| per channel of `tensor` on the calibration samples (what smoothing divides by)."""
     from autoq.backends.onnxruntime.smooth import channel_maxima  # smoothed specs are ORT's
@@ -169,7 +195,7 @@ def train(model: OnnxModel, assignment: Assignment, calibration: Calibration, sp
     torch.manual_seed(0)
     module = OnnxModule(model.proto, model.layers)
     module.hooks = hooks(model, assignment, calibration)
-    optimizer = torch.optim.Adam(module.parameters(), lr=LR)
+    optimizer = torch.optim.Adam(_param_groups(module, model, assignment))
     size = batch_size(model.inputs, BATCH)
     names = [spec.name for spec in model.inputs]
 

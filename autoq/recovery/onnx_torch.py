@@ -226,6 +226,10 @@ class OnnxModule(torch.nn.Module):
         self.outputs = [o.name for o in proto.graph.output]
         self.hooks: dict[str, Hook] = {}
 
+    def parameter(self, name: str) -> torch.nn.Parameter:
+        """The trained parameter of ONNX initializer `name`."""
+        return self.params[_key(name)]
+
     def weights(self) -> dict[str, np.ndarray]:
         """The trained initializers by their ONNX names."""
         return {name: self.params[_key(name)].detach().numpy().copy() for name in self.trained}
