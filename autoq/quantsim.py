@@ -49,9 +49,11 @@ def round_activation(x: np.ndarray, low: float, high: float, symmetric: bool = F
 
 
 def _round_channels(w: np.ndarray, axis: int, bits: int, symmetric: bool, group: int,
-                    codebook: np.ndarray | None = None) -> np.ndarray:
+                    codebook: np.ndarray | None = None, signed: bool = False) -> np.ndarray:
     """Integer rounding with one scale per channel along `axis` (per `group` consecutive inputs of each channel
-    of a 2-D weight when `group`); with a `codebook`, to its nearest value once scaled to the block's range."""
+    of a 2-D weight when `group`); `signed`: symmetric weight-only blocks on MatMulNBits' and NNCF's grid (2^bits
+    levels, the scale signed), else +-(2^(bits-1) - 1); with a `codebook`, its nearest value once scaled to the
+    block's range."""
     channels = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1).astype(np.float64)
     width = channels.shape[1]
     if group:  # the last block padded with zeros, as MatMulNBits pads it (SmolLM2's 576 inputs in blocks of 128)
@@ -61,10 +63,15 @@ def _round_channels(w: np.ndarray, axis: int, bits: int, symmetric: bool, group:
         blocks = channels[:, None, :]
     if codebook is not None:
         scale = np.maximum(np.abs(blocks).max(axis=2, keepdims=True), 1e-12) / np.abs(codebook).max()
+        scale = scale.astype(np.float16).astype(np.float64)  # stored in f16 (NNCF): a value near a midpoint moves
         scaled = blocks / scale
         index = np.clip(np.searchsorted(codebook, scaled), 1, len(codebook) - 1)
         nearer_below = scaled - codebook[index - 1] < codebook[index] - scaled
         rounded = codebook[np.where(nearer_below, index - 1, index)] * scale
+    elif symmetric and signed:  # one signed scale per block: its largest |weight| lands on -2^(bits-1) exactly
+        extreme = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=2)[..., None], axis=2)
+        scale = np.where(np.abs(extreme) < 1e-12, 1e-12, extreme / -(2 ** (bits - 1)))
+        rounded = np.clip(np.round(blocks / scale), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1) * scale
     elif symmetric:
         levels = 2 ** (bits - 1) - 1
         scale = np.maximum(np.abs(blocks).max(axis=2, keepdims=True), 1e-12) / levels
@@ -87,7 +94,8 @@ def round_weight(w: np.ndarray, axis: int, precision: Precision) -> np.ndarray:
         return _round_channels(w.reshape(1, -1), 0, precision.bits, True, 0).reshape(w.shape)
     symmetric = precision.symmetric or precision.kind != Kind.WEIGHT_ONLY  # int8 weights are symmetric
     codebook = CODEBOOKS.get(precision.weight_label) if precision.element != "int" else None
-    return _round_channels(w, axis, precision.bits, symmetric, precision.group, codebook)
+    return _round_channels(w, axis, precision.bits, symmetric, precision.group, codebook,
+                           signed=precision.kind == Kind.WEIGHT_ONLY)
 
 
 def noise_ratio(signal: np.ndarray, noisy: np.ndarray, axis: int) -> float:

@@ -251,9 +251,9 @@ class OnnxRuntimeBackend(Backend):
                 consumers.setdefault(name, []).append(node)
         result = {}
         for layer, weight in state_of(candidate, OrtState).weights.items():
-            found = [*consumers.get(f"{weight}_quantized", []), *consumers.get(f"{weight}_Q4", []),
-                     *consumers.get(f"{weight}_Q8", []), *consumers.get(weight, []), *consumers.get(f"@{layer}", []),
-                     *consumers.get(f"@{layer}_Q4", []), *consumers.get(f"@{layer}_Q8", [])]  # GPTQ renames weights
+            names = [f"{weight}_quantized", *(f"{weight}_Q{b}" for b in (2, 4, 8)), weight, f"@{layer}",
+                     *(f"@{layer}_Q{b}" for b in (2, 4, 8))]  # MatMulNBits' `_Q<bits>`; GPTQ renames weights
+            found = [node for name in names for node in consumers.get(name, [])]
             result[layer] = next((n for n in found if n.op_type in INTEGER_OPS | set(WEIGHT_ONLY_KERNELS)),
                                  found[0] if found else None)
         return result

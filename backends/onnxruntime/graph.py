@@ -84,7 +84,7 @@ def integer_chains(graph: onnx.GraphProto, kernels: dict[str, onnx.NodeProto | N
 def attribute_profile(model: onnx.GraphProto, regions: Regions, per_node: dict[str, float],
                layers: list[str]) -> dict[str, float]:
     """Per-layer ms from ORT's per-node profile: each event is traced back to a node of the model (ORT names
-    fused kernels `<node>_token_<n>`, `fused <node>`, `<node>_quant`, weight-only `<node>_Q4` / `_Q8`, NCHWc
+    fused kernels `<node>_token_<n>`, `fused <node>`, `<node>_quant`, weight-only `<node>_Q<bits>`, NCHWc
     kernels `<output tensor>_nchwc`, quantize/dequantize nodes `<tensor>_QuantizeLinear`) and its time goes to the
     layers whose region holds that node, in equal shares; a quantize/dequantize goes with the tensor's producer
     (or its consumers' layers), a smoothing Mul with the layers it feeds."""
@@ -100,7 +100,7 @@ def attribute_profile(model: onnx.GraphProto, regions: Regions, per_node: dict[s
 
     def holders(event: str) -> set[str]:
         name = event.removeprefix("fused ").split("_token_")[0].removesuffix("_quant")
-        name = name.removesuffix("_Q4").removesuffix("_Q8")  # MatMulNBits / GatherBlockQuantized
+        name = name.removesuffix("_Q2").removesuffix("_Q4").removesuffix("_Q8")  # MatMulNBits, GatherBlockQuantized
         if name in owners:
             return owners[name]
         if name.endswith(MUL) and SMOOTHED in name:  # a smoothing Mul: the layers reading the tensor it smooths
