@@ -59,10 +59,17 @@ def _float_only(option: str, precision: Precision) -> bool:
 
 def _weights_only_form(precision: str, allowed: list[str]) -> str:
     """For a layer that does not offer `precision`: its weight format (`Precision.weight_format`) where the layer
-    offers that, else the layer's first choice. A tied table then shares its head's weights in the uniform
-    baselines too."""
+    offers that (a tied table then shares its head's weights in the uniform baselines too), else the layer's
+    weight-only spec nearest in bytes per weight (an embedding table offering no NF4 takes 4 bits, not float), else
+    the layer's first choice."""
     plain = Precision.parse(precision).weight_format()
-    return str(plain) if plain is not None and str(plain) in allowed else allowed[0]
+    if plain is None:
+        return allowed[0]
+    if str(plain) in allowed:
+        return str(plain)
+    stored = [p for p in allowed if Precision.parse(p).kind == Kind.WEIGHT_ONLY]
+    return min(stored, key=lambda p: abs(Precision.parse(p).bytes_per_weight() - plain.bytes_per_weight()),
+               default=allowed[0])
 
 
 def _enqueue_baselines(study: optuna.Study, choices: dict[str, list[str]], options: dict[str, list],

@@ -271,7 +271,8 @@ def test_an_option_that_changes_no_layer_of_a_trial_takes_its_first_value():
 
 def test_a_uniform_baseline_gives_a_table_the_weight_format_without_runtime_knobs():
     """`uniform-w4g32-acc4` puts an embedding table, which offers no accuracy level, in `w4g32` (the same weights:
-    a tied table then shares its head's); a layer offering neither stays at its first choice."""
+    a tied table then shares its head's); a table without the format (NF4) takes its weight-only spec nearest in
+    bytes; a layer offering no weight-only spec stays at its first choice."""
     from autoq.objective import _enqueue_baselines
 
     study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
@@ -279,6 +280,11 @@ def test_a_uniform_baseline_gives_a_table_the_weight_format_without_runtime_knob
     _enqueue_baselines(study, choices, {}, lambda option, precision: False)
     enqueued = {t.user_attrs["baseline"]: t.system_attrs["fixed_params"] for t in study.get_trials(deepcopy=False)}
     assert enqueued["uniform-w4g32-acc4"] == {"fc": "w4g32-acc4", "table": "w4g32", "conv": "fp32"}
+    choices = {"fc": ["fp32", "nf4g64", "w8"], "table": ["fp32", "w8", "w4g64", "w4g32"], "conv": ["fp32", "int8"]}
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    _enqueue_baselines(study, choices, {}, lambda option, precision: False)
+    enqueued = {t.user_attrs["baseline"]: t.system_attrs["fixed_params"] for t in study.get_trials(deepcopy=False)}
+    assert enqueued["uniform-nf4g64"] == {"fc": "nf4g64", "table": "w4g64", "conv": "fp32"}  # the nearest in bytes
 
 
 def test_a_long_single_step_phase_still_says_it_is_working(capsys, monkeypatch):
