@@ -65,7 +65,7 @@ class OpenVinoBackend(Backend):
     name = "openvino"
     default_space = "openvino-cpu"
     search_settings = deployed_settings = "one stream, the LATENCY hint"
-    deployed_instances = 3  # two compilations of one model time 4-8% apart on this CPU (measured, Nov 30)
+    deployed_instances = 3  # two compilations of one model can time several percent apart: verify times three
     # the float precision and the shapes change every build: the glue between int8 or compressed layers runs in the
     # model-wide float too (an int8 CNN can run faster with the f32 hint than with bf16), and static shapes
     # plan every kernel
