@@ -15,6 +15,7 @@ from contextlib import contextmanager
 import optuna
 from optuna.trial import TrialState
 
+from autoq import trial_record
 from autoq.costmodel import Screen, screen_was_wrong
 from autoq.evaluate import CandidateError, Measurement
 from autoq.precision import Assignment, Kind, Precision
@@ -23,11 +24,12 @@ from autoq.seeds import Affects
 from autoq.settings import RunSettings
 from autoq.space import SearchSpace
 from autoq.study import OPTION_PREFIX, WORKER, budget_used, recover_interrupted
+from autoq.trial_record import TrialRecord
 
 
 def _constrain(trial: optuna.Trial, violations: list[float]) -> None:
     """Record the constraint values (<= 0 when met) for the samplers and for the trials table."""
-    trial.set_user_attr("constraints", violations)
+    trial_record.write(trial, constraints=tuple(violations))
     for name, value in zip(("quality", "latency", "size"), violations, strict=True):
         trial.set_constraint(name, value)
 
@@ -83,34 +85,34 @@ def _enqueue_baselines(study: optuna.Study, choices: dict[str, list[str]], optio
     uniform = {p: {name: p if p in c else _weights_only_form(p, c) for name, c in choices.items() if len(c) > 1}
                for p in precisions}
     for precision, params in uniform.items():
-        study.enqueue_trial(params | first, user_attrs={"baseline": f"uniform-{precision}"})
+        study.enqueue_trial(params | first, user_attrs=trial_record.attrs(baseline=f"uniform-{precision}"))
     between()
     for precision, params in uniform.items():
         for key, values in options.items():
             if affects(key, Precision.parse(precision)):
                 for value in values[1:]:
-                    study.enqueue_trial(params | first | {OPTION_PREFIX + key: value},
-                                        user_attrs={"baseline": f"uniform-{precision} {key}={value}"})
+                    study.enqueue_trial(params | first | {OPTION_PREFIX + key: value}, user_attrs=trial_record.attrs(
+                        baseline=f"uniform-{precision} {key}={value}"))
 
 
 def _over_budget(study: optuna.Study, trial: optuna.Trial, trials: int) -> bool:
     """With several workers, a trial started when the others' running ones already fill the budget."""
     running = sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                  if t.number < trial.number and "screened" not in t.user_attrs)
+                  if t.number < trial.number and not TrialRecord.of(t).screened)
     return budget_used(study) + running >= trials
 
 
-def _measurements(study: optuna.Study) -> dict[str, tuple[tuple, dict]]:
-    """Every measured assignment in the study (all workers'): key -> (objective values, attributes)."""
-    return {t.user_attrs["key"]: (tuple(t.values), t.user_attrs)
-            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if "key" in t.user_attrs}
+def _measurements(study: optuna.Study) -> dict[str, tuple[tuple, TrialRecord]]:
+    """Every measured assignment in the study (all workers'): key -> (objective values, its record)."""
+    records = [(t, TrialRecord.of(t)) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    return {r.key: (tuple(t.values), r) for t, r in records if r.key}
 
 
 def _wait_for_twin(study: optuna.Study, trial: optuna.Trial, key: str, timeout: float) -> None:
     """Another worker measuring the same assignment (an earlier trial): wait for it instead of timing it twice."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and any(
-            t.number < trial.number and t.user_attrs.get("key") == key and "screened" not in t.user_attrs
+            t.number < trial.number and TrialRecord.of(t).key == key and not TrialRecord.of(t).screened
             for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))):
         time.sleep(0.5)
 
@@ -145,54 +147,49 @@ def run_search(study: optuna.Study, evaluate: Callable[[Assignment], Measurement
             for seed in assignments:  # with the first value of each option it does not set, as the baselines
                 params = {n: p for n, p in seed.layers.items() if len(choices[n]) > 1}
                 chosen = {OPTION_PREFIX + k: v for k, v in seed.options.items() if len(space.options.get(k, ())) > 1}
-                study.enqueue_trial(params | first | chosen, user_attrs={"seeded": True})
+                study.enqueue_trial(params | first | chosen, user_attrs=trial_record.attrs(seeded=True))
 
         _enqueue_baselines(study, choices, space.options, affects, lambda: enqueue(recipes))
         enqueue(seeds)
     recover_interrupted(study, settings.local)
 
     def measured_pairs(known: dict) -> list[tuple[Assignment, tuple]]:
-        return [(Assignment.from_dict(json.loads(attrs["assignment"])), values) for values, attrs in known.values()]
+        return [(Assignment.from_dict(json.loads(record.assignment)), values) for values, record in known.values()]
 
     def objective(trial: optuna.Trial) -> tuple[float, float, float]:
         if _over_budget(study, trial, trials):
-            trial.set_user_attr("over_budget", True)
+            trial_record.write(trial, over_budget=True)
             study.stop()
             raise optuna.TrialPruned("the budget is filled by other workers")
         assignment = suggest(trial, choices, space.options, affects)
         key = assignment.key()
-        trial.set_user_attr("worker", WORKER)
-        trial.set_user_attr("key", key)
-        trial.set_user_attr("assignment", json.dumps(assignment.to_dict()))
+        trial_record.write(trial, worker=WORKER, key=key, assignment=json.dumps(assignment.to_dict()))
         if not settings.local:
             _wait_for_twin(study, trial, key, settings.trial_timeout)
         known = _measurements(study)
         if key in known:  # same assignment: reuse the measurement, never time it twice
-            values, attrs = known[key]
-            trial.set_user_attr("duplicate", True)
-            for name, value in attrs.items():
-                if name not in ("key", "assignment", "baseline", "duplicate", "constraints", "seeded", "retry_of"):
-                    trial.set_user_attr(name, value)
+            values, earlier = known[key]
+            trial_record.write(trial, duplicate=True)
+            trial_record.write_measurement(trial, earlier.measurement)
             _constrain(trial, constraints.violations(values, fp32_quality))
             return values
-        enqueued = any(k in trial.user_attrs for k in ("baseline", "seeded", "retry_of"))
+        mine = TrialRecord.of(trial)  # with what was enqueued with it
+        enqueued = bool(mine.baseline or mine.seeded or mine.retry_of is not None)
         verdict, prediction = ("measure", None) if screen is None or enqueued else screen.verdict(
             assignment, measured_pairs(known))
         if prediction is not None and verdict != "measure":
-            trial.set_user_attr("predicted", [float(v) for v in prediction.values])
-            trial.set_user_attr("screened", verdict)
+            trial_record.write(trial, predicted=tuple(float(v) for v in prediction.values), screened=verdict)
             if verdict == "screen":
                 raise optuna.TrialPruned("screened: the cost model finds it dominated by the front")
         try:
             record = evaluate(assignment)
         except CandidateError as exc:
-            trial.set_user_attr("error", str(exc))
+            trial_record.write(trial, error=str(exc))
             raise
-        for name, value in record.as_dict().items():
-            trial.set_user_attr(name, value)
+        trial_record.write_measurement(trial, record.as_dict())
         values = record.values
         if verdict == "audit":
-            trial.set_user_attr("screen_wrong", screen_was_wrong(values, measured_pairs(known)))
+            trial_record.write(trial, screen_wrong=screen_was_wrong(values, measured_pairs(known)))
         _constrain(trial, constraints.violations(values, fp32_quality))
         return values
 

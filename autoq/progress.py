@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from autoq.constraints import Constraints
 from autoq.pareto import MAXIMIZE, pareto_mask
 from autoq.study import is_measured
+from autoq.trial_record import TrialRecord
 
 PLAIN_EVERY, PLAIN_SECONDS = 5, 60.0
 HEARTBEAT_SECONDS = 5.0  # how often a phase's heartbeat checks whether a plain line is due
@@ -55,8 +56,8 @@ class SearchProgress:
         pool = feasible or done
         front = [t for t, keep in zip(pool, pareto_mask(np.array([t.values for t in pool]), MAXIMIZE), strict=True)
                  if keep] if pool else []
-        screened = sum(1 for t in trials if t.state == TrialState.PRUNED and "screened" in t.user_attrs)
-        text = f"front {len({t.user_attrs.get('key') for t in front})}"
+        screened = sum(1 for t in trials if t.state == TrialState.PRUNED and TrialRecord.of(t).screened)
+        text = f"front {len({TrialRecord.of(t).key for t in front})}"
         if feasible:
             fastest = min(feasible, key=lambda t: t.values[1])
             text += f" | fastest feasible {fastest.values[1]:.2f} ms, q {fastest.values[0]:.4f}"

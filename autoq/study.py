@@ -24,6 +24,7 @@ from autoq.errors import AutoqError
 from autoq.pareto import DIRECTIONS
 from autoq.samplers import get_sampler
 from autoq.space import SearchSpace
+from autoq.trial_record import TrialRecord, attrs
 
 WORKER = f"{socket.gethostname()}:{os.getpid()}"  # who ran a trial, when several workers share a study
 OPTION_PREFIX = "option:"
@@ -114,12 +115,13 @@ def open_study(run_dir: Path, space: SearchSpace, seed: int, hardware: str, prob
 
 def _interrupted(trial: optuna.trial.FrozenTrial) -> bool:
     """Failed without a candidate error: cut short by Ctrl-C or a killed process, not by the candidate."""
-    return trial.state == TrialState.FAIL and "error" not in trial.user_attrs
+    return trial.state == TrialState.FAIL and not TrialRecord.of(trial).error
 
 
 def _retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-    keep = {k: v for k, v in trial.user_attrs.items() if k in ("baseline", "seeded")}
-    study.enqueue_trial(trial.params, user_attrs={**keep, "retry_of": trial.number})
+    record = TrialRecord.of(trial)
+    study.enqueue_trial(trial.params, user_attrs=attrs(baseline=record.baseline, seeded=record.seeded,
+                                                       retry_of=trial.number))
 
 
 def recover_interrupted(study: optuna.Study, local: bool) -> None:
@@ -129,7 +131,7 @@ def recover_interrupted(study: optuna.Study, local: bool) -> None:
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
     trials = study.get_trials(deepcopy=False)
-    retried = {t.user_attrs.get("retry_of") for t in trials}
+    retried = {TrialRecord.of(t).retry_of for t in trials}
     for trial in trials:
         if _interrupted(trial) and trial.number not in retried:
             _retry(study, trial)
@@ -143,4 +145,4 @@ def budget_used(study: optuna.Study) -> int:
 def is_measured(trial: optuna.trial.FrozenTrial) -> bool:
     """A trial that was measured and counts toward the budget: complete, or failed by its candidate (interrupted
     trials are retried and screened ones cost nothing)."""
-    return trial.state == TrialState.COMPLETE or (trial.state == TrialState.FAIL and "error" in trial.user_attrs)
+    return trial.state == TrialState.COMPLETE or (trial.state == TrialState.FAIL and bool(TrialRecord.of(trial).error))

@@ -305,3 +305,24 @@ def test_a_long_single_step_phase_still_says_it_is_working(capsys, monkeypatch):
     assert lines[0] == "autoq: exporting ..." and lines[-1].startswith("autoq: exporting 1/1")
     assert sum(line.startswith("autoq: exporting 0/1") for line in lines) >= 2  # the heartbeat, mid-step
     assert "third-party chatter" not in lines
+
+
+def test_a_trial_record_names_every_key_a_trial_stores():
+    """Bookkeeping is written and read by the record's names only (a misspelt key is an error, not a silent new
+    column); a measurement keeps only the evaluator's fields; what was enqueued with a trial reads back."""
+    from autoq.trial_record import TrialRecord, attrs, write, write_measurement
+
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    study.enqueue_trial({"x": "a"}, user_attrs=attrs(baseline="uniform-fp32", seeded=True))
+    trial = study.ask()
+    trial.suggest_categorical("x", ["a", "b"])
+    assert TrialRecord.of(trial).baseline == "uniform-fp32"  # readable while it runs
+    write(trial, key="k1", constraints=(0.1, -1.0, 0.0))
+    write_measurement(trial, {"quality": 0.9, "latency_ms": 1.5, "not_a_measurement": 3})
+    study.tell(trial, [0.9, 1.5, 10.0])
+    record = TrialRecord.of(study.trials[0])
+    assert (record.baseline, record.seeded, record.key, record.constraints) == ("uniform-fp32", True, "k1",
+                                                                                  (0.1, -1.0, 0.0))
+    assert record.measurement == {"quality": 0.9, "latency_ms": 1.5} and record.retry_of is None
+    with pytest.raises(KeyError, match="qualty"):
+        attrs(qualty=1.0)
