@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 import shutil
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
@@ -21,31 +19,22 @@ import pandas as pd
 from autoq import data as data_mod
 from autoq import recipes as recipes_mod
 from autoq import sensitivity as sensitivity_mod
-from autoq.backends import get_backend
-from autoq.calibrate import calibrate
-from autoq.causal_lm import LABELS, folder_files
 from autoq.costmodel import Screen
 from autoq.errors import AutoqError
 from autoq.evaluate import CandidateError, Evaluator
-from autoq.graph import first_run, prepare
-from autoq.measure import fingerprint, hardware_key
-from autoq.metrics import get_metric
+from autoq.measure import hardware_key
 from autoq.objective import run_search
 from autoq.pareto import front as pareto_front
-from autoq.precision import Assignment, Precision, calibrations
+from autoq.precision import Assignment, Precision
+from autoq.problem import DataArg, open_problem
 from autoq.progress import PhaseProgress
 from autoq.recovery import rounding
 from autoq.reporting import run as run_report
 from autoq.reporting import trials_frame
 from autoq.seeds import starting_points
 from autoq.settings import RunSettings
-from autoq.space import SearchSpace, load_space
-from autoq.study import open_study, run_lock
-from autoq.torch_input import is_torch_model, to_onnx
+from autoq.study import open_study
 from autoq.worker import Worker, WorkerSpec
-
-REPORTS = Path("reports")
-DataArg = str | Path | Mapping[str, np.ndarray] | None
 
 
 @dataclass
@@ -56,119 +45,6 @@ class SearchResult:
     report: Path
     sensitivity: pd.DataFrame | None = None
     recipes: pd.DataFrame | None = None  # the backend's one-line recipes and the verdict against the front
-
-
-@dataclass
-class _Problem:
-    """Everything a run needs, validated: the model, data splits, metric, space and per-layer choices."""
-
-    run_dir: Path
-    model_name: str
-    evaluator: Evaluator
-    space: SearchSpace
-    choices: dict[str, list[str]]
-    metric: str
-    machine: dict
-    seed: int
-    config: str  # hash of what the run is about: workers sharing a study must agree on it
-
-
-@contextmanager
-def _problem(model: str | Path | object | None, data: DataArg, example_inputs, settings: RunSettings,
-             searching: bool) -> Iterator[_Problem]:
-    """Load and validate everything; for a search (`searching`) its run directory is also checked."""
-    backend, metric, labels, space = settings.backend, settings.metric, settings.labels, settings.space
-    stem = label = None
-    if settings.text is not None and not (isinstance(model, str | Path) and Path(model).is_dir()):
-        raise AutoqError("--text goes with a Hugging Face causal LM folder as the model (autoq search FOLDER --text "
-                         "FILE)")
-    chosen_backend = get_backend(backend)
-    if model is None and chosen_backend.takes_module and settings.demo == "minilm":  # the module, not its ONNX
-        from autoq.demo import demo_module
-
-        model, example_inputs, data = demo_module()
-        metric = metric or "cosine"
-    elif model is None:
-        from autoq.demo import DEMOS
-
-        demo = DEMOS[settings.demo]  # a known name: RunSettings checks it
-        if demo.language_model and chosen_backend.llm_space is None:
-            raise AutoqError(f"the {demo.name} demo runs on a backend with a language-model space, not {backend}")
-        model, data = demo.files(chosen_backend)
-        metric, labels = metric or demo.metric, labels if labels is not None else demo.labels
-        space = space if space is not None or not demo.language_model else chosen_backend.llm_space
-        stem, label = demo.stem, f"{demo.stem}: {demo.summary}"
-    elif isinstance(model, str | Path) and Path(model).is_dir():  # a Hugging Face causal LM and a text file
-        stem, label = Path(model).name, f"{Path(model).name}: causal LM, perplexity on {settings.text}"
-        run_dir = Path(settings.out) if settings.out else REPORTS / f"{stem}-{backend}"
-        model, data = folder_files(Path(model), settings.text, data, chosen_backend, run_dir / "cache" / "causal-lm")
-        metric, labels = metric or "ppl_ratio", labels if labels is not None else LABELS
-        space = space if space is not None else chosen_backend.llm_space
-    if data is None:
-        raise AutoqError("no data: pass --data DATA.npz with arrays named as the model inputs")
-    search_space = load_space(space if space is not None else chosen_backend.default_space)
-    if space is None and chosen_backend.default_space_note and searching:
-        print(f"autoq: {chosen_backend.default_space_note}", file=sys.stderr)
-    if settings.sampler is not None:
-        search_space = search_space.with_sampler(settings.sampler)
-    search_space.options = chosen_backend.options(search_space.options)
-    seed = search_space.seed if settings.seed is None else settings.seed
-    is_file = isinstance(model, str | Path)
-    label = label or (str(model) if is_file else f"{type(model).__name__} (torch module)")  # a demo says its reference
-    stem = stem or (Path(model).stem if isinstance(model, str | Path) else type(model).__name__)
-    run_dir = Path(settings.out) if settings.out else REPORTS / f"{stem}-{backend}"
-    try:
-        (run_dir / "cache").mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        msg = f"cannot create the run directory {run_dir} ({exc.strerror}): give --out a folder you can write"
-        raise AutoqError(msg) from exc
-    module = model if is_torch_model(model) and not is_file else None
-    if is_torch_model(model):  # exported once; layers named by module FQN
-        model = to_onnx(model, example_inputs, run_dir / "cache")
-    if not isinstance(model, str | Path):
-        msg = f"the model must be an ONNX or .pt2 file or a torch nn.Module, not {type(model).__name__}"
-        raise AutoqError(msg)
-    onnx_model = prepare(model, run_dir)
-    onnx_model.module = module
-    dataset = data_mod.load(data, labels)
-    data_mod.validate(dataset, onnx_model.inputs)
-    first_run(onnx_model, next(dataset.batches(data_mod.batch_size(onnx_model.inputs, 2))))  # a fixed batch too
-    splits = data_mod.split(dataset, seed=0)
-    metric_name, metric_fn = get_metric(metric, dataset.labels is not None)
-    choices = search_space.choices(onnx_model.layers, chosen_backend.unbuildable, chosen_backend.lacks)
-    choices = {la.name: chosen_backend.layer_precisions(la, choices[la.name]) for la in onnx_model.layers}
-    config = {"model": hashlib.sha1(onnx_model.path.read_bytes()).hexdigest(),
-              "data": data_mod.fingerprint(dataset), "backend": backend, "metric": metric_name,
-              "choices": choices, "options": search_space.options, "seed": seed,
-              "sensitivity": search_space.sensitivity, "max_layer_drop": search_space.max_layer_drop,
-              "constraints": settings.constraints.as_dict()}
-    if searching:
-        _check_run(run_dir, config)
-    with run_lock(run_dir):
-        with PhaseProgress("calibration", 1, settings.progress and searching) as bar:
-            calibration = calibrate(onnx_model, splits.calibration, run_dir / "cache", calibrations(choices))
-            bar.advance(1)
-        evaluator = Evaluator(chosen_backend, onnx_model, calibration, splits, metric_fn, settings.threads)
-        try:
-            yield _Problem(run_dir, label, evaluator, search_space, choices, metric_name,
-                           fingerprint(settings.threads), seed,
-                           hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16])
-        finally:
-            evaluator.close()
-
-
-def _check_run(run_dir: Path, config: dict) -> None:
-    """A run directory holds one problem; resuming it with another model/data/space is an error."""
-    path = run_dir / "run.json"
-    if path.is_file():
-        old = json.loads(path.read_text())
-        changed = [k for k in config if old.get(k) != config[k]]
-        if changed:
-            msg = (f"{run_dir} holds a run with a different {', '.join(changed)}: "
-                   "choose another --out (or delete it) to start a new run")
-            raise AutoqError(msg)
-    else:
-        path.write_text(json.dumps(config, indent=2))
 
 
 def fit_learned_rounding(evaluator: Evaluator, choices: dict[str, list[str]], progress: bool) -> None:
@@ -204,7 +80,7 @@ def search(model: str | Path | object | None = None, data: DataArg = None, *more
     if more:  # search(module, example_inputs, data)
         example_inputs, data = data, more[0]
     settings = (settings or RunSettings()).changed(**changes)
-    with _problem(model, data, example_inputs, settings, searching=True) as problem:
+    with open_problem(model, data, example_inputs, settings, searching=True) as problem:
         run_dir, evaluator, choices = problem.run_dir, problem.evaluator, problem.choices
         scores = None
         fit_learned_rounding(evaluator, choices, settings.progress)
@@ -293,7 +169,7 @@ def finetune(run_dir: str | Path, point: int, data: DataArg, labels: str | Path 
                            progress=progress)
     if data is None:
         raise AutoqError("give the run's data (--data), as given to its search")
-    with _problem(run_dir / "model.onnx", data, None, settings, searching=False) as problem:
+    with open_problem(run_dir / "model.onnx", data, None, settings, searching=False) as problem:
         if data_mod.fingerprint(data_mod.load(data, labels)) != config["data"]:
             raise AutoqError(f"this is not the data {run_dir} was searched with: give the same --data (and --labels)")
         front = finetune_point(problem.evaluator, run_dir, point, epochs, minutes, progress)
@@ -338,7 +214,7 @@ def analyse_sensitivity(model: str | Path | object | None = None, data: DataArg 
     if more:
         example_inputs, data = data, more[0]
     settings = (settings or RunSettings()).changed(**changes)
-    with _problem(model, data, example_inputs, settings, searching=False) as problem:
+    with open_problem(model, data, example_inputs, settings, searching=False) as problem:
         table = sensitivity_mod.analyse(problem.evaluator, problem.choices, method, problem.run_dir / "cache")
     table.to_csv(problem.run_dir / "sensitivity.csv", index=False)
     run_report.write_sensitivity_html(problem.run_dir / "sensitivity.html", table, problem.model_name, method)
