@@ -11,6 +11,7 @@ import pytest
 from autoq import data, graph
 from autoq.backends import get_backend
 from autoq.calibrate import Calibration, calibrate
+from autoq.errors import AutoqError
 from autoq.precision import Assignment, Precision
 
 
@@ -25,6 +26,18 @@ class BackendContract:
         model = graph.prepare(digits_cnn, workdir)
         dataset = data.load(digits_npz, "label")
         splits = data.split(dataset)
+        calibration = calibrate(model, splits.calibration, workdir / "cache")
+        return get_backend(self.backend_name), model, splits, calibration, workdir
+
+    @pytest.fixture(scope="class")
+    def matmul_setup(self, tmp_path_factory):
+        """A token-embedding MLP: an embedding table (Gather) and MatMul layers, as transformers have them."""
+        from tests.models import embedding_mlp
+
+        workdir = tmp_path_factory.mktemp(f"{self.backend_name}-matmul")
+        source, samples = embedding_mlp(workdir)
+        model = graph.prepare(source, workdir / "run")
+        splits = data.split(data.load(samples, None))
         calibration = calibrate(model, splits.calibration, workdir / "cache")
         return get_backend(self.backend_name), model, splits, calibration, workdir
 
@@ -91,3 +104,62 @@ class BackendContract:
         self._build(setup, {n: self.low_precision for n in model.layer_names}, "again")
         assert {p: p.stat().st_mtime_ns for p in files} == before  # no range or sample file rewritten
         assert isinstance(calibration, Calibration) and calibration.ranges() and calibration.samples()
+
+    def test_options_it_does_not_read_are_one_line_errors(self, setup):
+        """Every option value it declares is accepted (a machine may drop one it cannot run); an unknown option or
+        value names what it knows."""
+        backend = setup[0]
+        declared = {key: list(values) for key, values in backend.option_values.items()}
+        kept = backend.options(declared)
+        assert set(kept) == set(declared) and all(set(kept[k]) <= set(declared[k]) and kept[k] for k in kept)
+        with pytest.raises(AutoqError, match=f"means nothing to the {backend.name} backend"):
+            backend.options({"no_such_option": [1]})
+        for key, values in declared.items():
+            with pytest.raises(AutoqError, match="unknown value"):
+                backend.options({key: [*values, "no-such-value"]})
+
+    def test_the_deployed_runner_computes_what_the_search_runner_does(self, setup):
+        """Deployment settings (threads spinning, streams) change the speed, not the outputs."""
+        backend, model, splits = setup[0], setup[1], setup[2]
+        candidate = self._build(setup, {n: self.low_precision for n in model.layer_names}, "deployed")
+        feeds = {k: v[:8] for k, v in splits.validation.arrays.items()}
+        searched = backend.runner(candidate, 1)(feeds)[0]
+        deployed = backend.deployed_runner(candidate, 1)(feeds)[0]
+        np.testing.assert_allclose(deployed, searched, rtol=1e-3, atol=1e-3 * float(np.abs(searched).max()))
+
+    def test_layer_latency_covers_every_layer(self, setup):
+        """The per-layer profile (or None where the runtime has none from Python) names every layer, with time
+        spent in the layers that run."""
+        backend, model, splits = setup[0], setup[1], setup[2]
+        candidate = self._build(setup, {n: self.low_precision for n in model.layer_names}, "profiled")
+        times = backend.layer_latency(candidate, {k: v[:1] for k, v in splits.search.arrays.items()}, 1, runs=3)
+        if times is None:
+            pytest.skip(f"the {backend.name} backend has no per-layer profile")
+        assert set(times) == set(model.layer_names) and all(t >= 0 for t in times.values())
+        assert sum(times.values()) > 0
+
+    def test_recipes_build_from_the_cached_calibration_and_run(self, setup):
+        """Each one-line recipe builds from the run's calibration alone and runs; one expressible in autoq's specs
+        names only specs this backend builds."""
+        backend, model, splits, calibration, workdir = setup
+        feeds = {k: v[:4] for k, v in splits.validation.arrays.items()}
+        recipes = backend.recipes(model)
+        assert recipes, "every backend measures at least one recipe"
+        for i, recipe in enumerate(recipes[:3]):
+            built = recipe.build(model, calibration, workdir / f"recipe-{i}")
+            assert built.size_bytes > 0 and np.isfinite(backend.deployed_runner(built, 1)(feeds)[0]).all()
+            if recipe.layers is not None:
+                assert all(backend.unbuildable(Precision.parse(s)) is None for s in recipe.layers(model).values())
+
+    def test_a_matmul_model_executes_as_asked(self, matmul_setup):
+        """MatMul layers (and a table) take the low precision where the backend offers it to them, and run it."""
+        backend, model, splits = matmul_setup[0], matmul_setup[1], matmul_setup[2]
+        if backend.takes_module:
+            pytest.skip(f"the {backend.name} backend builds from an nn.Module (its own tests cover Linear layers)")
+        layers = {la.name: self.low_precision if self.low_precision in backend.layer_precisions(la, [
+            "fp32", self.low_precision]) else "fp32" for la in model.layers}
+        assert sum(p == self.low_precision for p in layers.values()) >= 2, layers
+        candidate = self._build(matmul_setup, layers, "matmul-low")
+        assert backend.executed(candidate) == backend.expected(Assignment(layers))
+        output = backend.runner(candidate, 1)({k: v[:4] for k, v in splits.search.arrays.items()})[0]
+        assert np.isfinite(output).all()
