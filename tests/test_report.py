@@ -13,7 +13,6 @@ import onnxruntime as ort
 import pandas as pd
 import pytest
 
-import autoq
 from autoq.reporting import TRIAL_COLUMNS
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -23,10 +22,8 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 
 
 @pytest.fixture(scope="module")
-def run_dir(digits_cnn, digits_npz, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("report") / "cnn"
-    autoq.search(digits_cnn, digits_npz, labels="label", trials=6, out=out, progress=False)
-    return out
+def run_dir(digits_run) -> Path:
+    return digits_run[1]
 
 
 def _autoq(*args: str) -> subprocess.CompletedProcess:

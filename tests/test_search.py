@@ -22,9 +22,8 @@ from autoq.settings import RunSettings
 
 
 @pytest.fixture(scope="module")
-def run(digits_cnn, digits_npz, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run") / "cnn"
-    return autoq.search(digits_cnn, digits_npz, labels="label", trials=10, out=out, progress=False), out
+def run(digits_run):
+    return digits_run
 
 
 def test_uniform_baselines_come_first(run):
@@ -71,8 +70,11 @@ def test_run_directory_holds_tables_report_and_runnable_front_points(run, digits
     assert "Pareto front" in html and "plotly" in html and len(html) > 1_000_000  # plotly.js inlined: offline
 
 
-def test_the_same_call_resumes_instead_of_starting_over(run, digits_cnn, digits_npz):
-    result, out = run
+def test_the_same_call_resumes_instead_of_starting_over(run, digits_cnn, digits_npz, tmp_path):
+    import shutil
+
+    result = run[0]
+    out = shutil.copytree(run[1], tmp_path / "cnn", ignore=shutil.ignore_patterns(".lock"))  # the shared run stays
     again = autoq.search(digits_cnn, digits_npz, labels="label", trials=10, out=out, progress=False)
     assert len(again.trials) == len(result.trials)
     more = autoq.search(digits_cnn, digits_npz, labels="label", trials=12, out=out, progress=False)
