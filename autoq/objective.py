@@ -112,7 +112,7 @@ def _wait_for_twin(study: optuna.Study, trial: optuna.Trial, key: str, timeout: 
     """Another worker measuring the same assignment (an earlier trial): wait for it instead of timing it twice."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and any(
-            t.number < trial.number and TrialRecord.of(t).key == key and not TrialRecord.of(t).screened
+            t.number < trial.number and (record := TrialRecord.of(t)).key == key and not record.screened
             for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))):
         time.sleep(0.5)
 

@@ -48,6 +48,14 @@ def round_activation(x: np.ndarray, low: float, high: float, symmetric: bool = F
     return (np.clip(np.round(x / scale) + zero, 0, 255) - zero) * scale
 
 
+def signed_scales(blocks: np.ndarray, axis: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """One signed scale per block along `axis`, its largest |weight| landing on -2^(bits-1) exactly (MatMulNBits'
+    and NNCF's symmetric grid), and where that weight sits in each block."""
+    at = np.abs(blocks).argmax(axis=axis)
+    extreme = np.take_along_axis(blocks, np.expand_dims(at, axis), axis=axis)
+    return np.where(np.abs(extreme) < 1e-12, 1e-12, extreme / -(2 ** (bits - 1))), at
+
+
 def _round_channels(w: np.ndarray, axis: int, bits: int, symmetric: bool, group: int,
                     codebook: np.ndarray | None = None, signed: bool = False) -> np.ndarray:
     """Integer rounding with one scale per channel along `axis` (per `group` consecutive inputs of each channel
@@ -68,9 +76,8 @@ def _round_channels(w: np.ndarray, axis: int, bits: int, symmetric: bool, group:
         index = np.clip(np.searchsorted(codebook, scaled), 1, len(codebook) - 1)
         nearer_below = scaled - codebook[index - 1] < codebook[index] - scaled
         rounded = codebook[np.where(nearer_below, index - 1, index)] * scale
-    elif symmetric and signed:  # one signed scale per block: its largest |weight| lands on -2^(bits-1) exactly
-        extreme = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=2)[..., None], axis=2)
-        scale = np.where(np.abs(extreme) < 1e-12, 1e-12, extreme / -(2 ** (bits - 1)))
+    elif symmetric and signed:
+        scale, _ = signed_scales(blocks, 2, bits)
         rounded = np.clip(np.round(blocks / scale), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1) * scale
     elif symmetric:
         levels = 2 ** (bits - 1) - 1

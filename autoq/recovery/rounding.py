@@ -33,7 +33,7 @@ from autoq.data import Dataset, batch_size
 from autoq.errors import AutoqError
 from autoq.graph import Layer, OnnxModel, probe_session, weight_array
 from autoq.precision import Kind, Precision
-from autoq.quantsim import round_activation
+from autoq.quantsim import round_activation, signed_scales
 
 VERSION = 3  # 3: FP32 inputs, a held-out share judging the fit
 LEARNED = ("adaround",)  # the roundings fitted here (Precision.rounding)
@@ -213,10 +213,8 @@ def grid(w: np.ndarray, layer: Layer, spec: Precision) -> Grid:
         raise AutoqError(f"learned rounding fits static int8 and symmetric weight-only blocks, not {spec}")
     inputs, group = w.shape[0], spec.group  # a MatMul weight: (inputs, outputs), blocks along the inputs
     blocks = np.pad(w, ((0, -inputs % group), (0, 0))).reshape(-1, group, w.shape[1])
-    at = np.abs(blocks).argmax(1)
-    extreme = np.take_along_axis(blocks, at[:, None, :], 1)
+    scale, at = signed_scales(blocks, 1, spec.bits)
     levels = 2 ** (spec.bits - 1)
-    scale = np.where(np.abs(extreme) < 1e-12, 1e-12, extreme / -levels)
     keep = np.zeros(blocks.shape, dtype=bool)
     np.put_along_axis(keep, at[:, None, :], True, 1)
     full = np.broadcast_to(scale, blocks.shape).reshape(-1, w.shape[1])[:inputs]
