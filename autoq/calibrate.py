@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
 import tempfile
 from contextlib import redirect_stdout
 from dataclasses import dataclass
@@ -104,6 +105,22 @@ class Calibration:
     def derived(self, suffix: str) -> Path:
         """A cache file computed from this calibration (e.g. `channel-max.npz`), beside it."""
         return self.path.with_name(f"{self.path.stem}-{suffix}")
+
+    def with_ranges(self, ranges: dict[str, tuple[float, float]], folder: Path) -> Calibration:
+        """A copy of this calibration in `folder` whose tensors in `ranges` take those ranges under every method
+        (fine-tuning's learned activation ranges); the samples and resolutions stay (so do the regions)."""
+        from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData, save_tensors_data
+
+        folder.mkdir(parents=True, exist_ok=True)
+        copy = Calibration(folder / self.name)
+        shutil.copyfile(self.samples_file, copy.samples_file)
+        shutil.copyfile(resolution_path(self.path), resolution_path(copy.path))
+        for source in {self.path, *self.path.parent.glob(method_path(self.path, "*").name)}:
+            merged = _ranges_of(source) | {name: (float(low), float(high)) for name, (low, high) in ranges.items()}
+            save_tensors_data(TensorsData(CalibrationMethod.MinMax, {
+                name: TensorData(lowest=np.float32(low), highest=np.float32(high))
+                for name, (low, high) in merged.items()}), copy.path.with_name(source.name))
+        return copy
 
 
 @lru_cache(maxsize=8)

@@ -65,6 +65,16 @@ class Recipe:
     layers: Callable[[OnnxModel], dict[str, str]] | None = None
 
 
+@dataclass(frozen=True)
+class TensorRange:
+    """The uint8 range a built model quantizes an activation tensor on (symmetric: about 0, as the quantizer makes
+    it from the calibration's range)."""
+
+    low: float
+    high: float
+    symmetric: bool
+
+
 @dataclass
 class GlueCheck:
     """What the runtime really made of the glue between layers."""
@@ -113,6 +123,12 @@ class Backend(ABC):
     def lacks(self, precision: Precision) -> str | None:
         """Why this machine cannot run `precision` as it is stored, though the backend builds it (a probe of the
         runtime here), or None: a space's precision lacked here is left out with a note, not an error."""
+        return None
+
+    def activation_ranges(self, candidate: Candidate) -> dict[str, TensorRange] | None:
+        """Every activation tensor the built `candidate` quantizes (by the float graph's names) and its range, where
+        the backend's static int8 reads those ranges from the Calibration (so fine-tuning can simulate them all and
+        train them); None where its quantizer observes the samples itself."""
         return None
 
     @abstractmethod

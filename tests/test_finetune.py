@@ -175,3 +175,80 @@ def test_an_interrupted_finetune_resumes_from_its_last_epoch(searched, tmp_path,
     assert seen[0] == 2 and seen[-1] == 4  # went on from epoch 2, not from the start
     record = json.loads((run / "front" / f"point-{int(front['point'].max())}" / "finetune.json").read_text())
     assert record["epochs"] == 4
+
+
+def test_fine_tuning_simulates_every_tensor_the_built_int8_model_quantizes(digits_cnn, digits_npz, tmp_path):
+    """The all-int8 digits CNN in torch, each tensor ORT's build quantizes (the glue's too) rounded on the built grid,
+    computes what ORT's int8 kernels compute, closer than rounding only the layers' inputs and far inside the
+    quantization error itself."""
+    import onnxruntime as ort
+
+    from autoq import data as data_mod
+    from autoq.backends import get_backend
+    from autoq.calibrate import calibrate
+    from autoq.precision import Assignment
+    from autoq.recovery.fake_quant import activation_ranges, hooks
+    from autoq.recovery.onnx_torch import OnnxModule
+
+    model = graph.prepare(digits_cnn, tmp_path)
+    splits = data_mod.split(data_mod.load(digits_npz, "label"))
+    calibration = calibrate(model, splits.calibration, tmp_path / "cache")
+    backend = get_backend("onnxruntime")
+    assignment = Assignment.uniform(model.layer_names, "int8")
+    candidate = backend.build(model, assignment, calibration, tmp_path / "build")
+    built = backend.activation_ranges(candidate)
+    assert {model.proto.graph.node[0].input[0]} < set(built)  # the image and the glue between the layers
+    images = splits.search.arrays["image"]
+    theirs = ort.InferenceSession(str(candidate.path)).run(None, {"image": images})[0]
+    fp32 = ort.InferenceSession(str(model.path)).run(None, {"image": images})[0]
+
+    def simulated(tensors):
+        module = OnnxModule(model.proto, model.layers)
+        ranges = activation_ranges(model, assignment, calibration, tensors, learned=False)
+        module.hooks, module.tensor_hooks = hooks(model, assignment, calibration, ranges), ranges.tensor_hooks()
+        with torch.no_grad():
+            return module(torch.from_numpy(images))[0].numpy()
+
+    every, inputs_only = np.abs(simulated(built) - theirs).mean(), np.abs(simulated(None) - theirs).mean()
+    assert every <= inputs_only and every < 0.1 * np.abs(theirs - fp32).mean()
+    # ranges put into a copy of the calibration are the ranges ORT then builds with, glue and output included
+    moved = {tensor: (0.8 * r.low, 0.7 * r.high) for tensor, r in built.items()}
+    rebuilt = backend.activation_ranges(backend.build(model, assignment, calibration.with_ranges(
+        moved, tmp_path / "moved"), tmp_path / "rebuilt"))
+    assert set(rebuilt) == set(moved)
+    for tensor, (low, high) in moved.items():  # to the zero point's rounding: one uint8 step
+        step = (high - min(low, 0.0)) / 255
+        assert abs(rebuilt[tensor].low - min(low, 0.0)) <= step and abs(rebuilt[tensor].high - high) <= step
+
+
+def test_trained_activation_ranges_are_the_ranges_the_rebuilt_model_runs(digits_run, digits_npz, tmp_path):
+    """Fine-tuning a static int8 point trains the ranges of the tensors its build quantizes; the fine-tuned model ORT
+    builds quantizes each of them on the trained range (to its uint8 rounding), not on the calibrated one."""
+    import shutil
+
+    from onnx import numpy_helper
+
+    from autoq.calibrate import Calibration
+
+    result, source = digits_run
+    run = tmp_path / "run"
+    shutil.copytree(source, run)
+    shutil.rmtree(run / "finetune", ignore_errors=True)
+    static = result.front[result.front["assignment"].map(
+        lambda a: any(p.startswith("int8") and "dyn" not in p for p in json.loads(a)["layers"].values()))]
+    point = int(static["point"].iloc[0])
+    tuned = autoq.finetune(run, point, digits_npz, labels="label", epochs=3, progress=False).iloc[-1]
+    record = json.loads((run / "front" / f"point-{int(tuned['point'])}" / "finetune.json").read_text())
+    proto = onnx.load(str(run / str(tuned["model"])))
+    stored = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    built = {node.input[0].removesuffix("_QuantizeLinear_Input"): (float(stored[node.input[1]]),
+                                                                   int(stored[node.input[2]]))
+             for node in proto.graph.node if node.op_type == "QuantizeLinear" and node.input[0] not in stored}
+    trained = record["activation_ranges"]
+    assert tuned["val_executed_ok"] and trained and set(trained) <= set(built)
+    calibrated = Calibration(next((run / "cache").glob("calibration-*-minmax-*[0-9a-f].json"))).ranges()
+    for tensor, (low, high) in trained.items():
+        scale, zero = built[tensor]
+        low, high = min(low, 0.0), max(high, 0.0)
+        assert scale == pytest.approx((high - low) / 255, rel=1e-5) and zero == round(-low / scale)
+    assert set(trained) <= set(calibrated)

@@ -1,12 +1,13 @@
 """`autoq finetune`: quantization-aware training of one front point's exact assignment, distilled from FP32.
 
 The model runs in torch (`onnx_torch.OnnxModule`); each layer computes with its input and weight fake-quantized as
-its spec will run them (static int8: the input on its calibrated uint8 range, the weights per channel on 127
-levels; int8-dyn: the input on its own range; weight-only: the weights in their bits and groups; bf16: both
-rounded), gradients passing straight through the rounding. The loss is the distance to FP32's outputs on the
-calibration split (no labels needed); the search split picks the best epoch; the state is saved after every
-epoch, so an interrupted fine-tune resumes where it stopped. The trained float weights go back into the ONNX
-model, which the backend then builds with the point's own activation ranges: its own kernels, nothing simulated.
+its spec will run them (`fake_quant`), gradients passing straight through the rounding. Where the backend builds
+static int8 from the calibration's ranges (`Backend.reads_ranges`), the static inputs' ranges are trained too:
+round-to-nearest of the activations is most of a static int8 CNN's error. A point with learned rounding starts
+from its learned weights. The loss is the distance to FP32's outputs on the calibration split (no labels needed);
+the search split picks the best epoch; the state is saved after every epoch, so an interrupted fine-tune resumes
+where it stopped. The trained float weights go back into the ONNX model, which the backend then builds with the
+trained ranges (or the point's own): its own kernels, nothing simulated.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,30 +25,36 @@ import pandas as pd
 import torch
 from onnx import numpy_helper
 
+from autoq.backends.base import TensorRange
 from autoq.calibrate import Calibration
 from autoq.data import Dataset, Splits, batch_size
 from autoq.errors import AutoqError
 from autoq.evaluate import Evaluator
 from autoq.graph import OnnxModel, save_onnx
-from autoq.precision import Assignment, Kind, Precision
+from autoq.precision import Assignment, Kind
 from autoq.progress import PhaseProgress
-from autoq.quantsim import round_weight, smoothing_scale
+from autoq.recovery.fake_quant import ActivationRanges, activation_ranges, hooks
 from autoq.recovery.onnx_torch import OnnxModule
-from autoq.recovery.rounding import input_range
+from autoq.recovery.rounding import is_learned, substitute
 
-BATCH, PATIENCE = 16, 4
+BATCH, PATIENCE = 16, 8  # STE training is jagged: an epoch or three can lose before the next gains
 LR = 1e-5  # biases and float layers' weights (Adam's steps are per weight: larger ones moved a CNN's small
 # depthwise weights by 10% and broke it)
 STEP_FRACTION = 0.02  # a quantized weight's Adam step, as a share of its layer's median rounding step: a few dozen
 # steps can move a weight across one rounding boundary, not across many
+RANGE_FRACTION = 0.001  # an activation range end's Adam step, as a share of the range's width; where the ranges
+# train, a static layer's weights step at a quarter of STEP_FRACTION (the ranges hold most of its error; PaddleOCR's
+# classifier trained steadier so)
 
 
 @dataclass(frozen=True)
 class Trained:
-    """The best weights found (ONNX initializer -> array), their quality and distance to FP32 on the search split
-    (fake-quantized, in torch), before and after, and the epochs run."""
+    """The best weights found (ONNX initializer -> array) with the static inputs' ranges they were trained with,
+    their quality and distance to FP32 on the search split (fake-quantized, in torch), before and after, and the
+    epochs run."""
 
     weights: dict[str, np.ndarray]
+    ranges: dict[str, tuple[float, float]]
     search_quality: float
     start_quality: float
     epochs: int
@@ -55,101 +62,12 @@ class Trained:
     start_distance: float
 
 
-def _ste(x: torch.Tensor, rounded: torch.Tensor) -> torch.Tensor:
-    """`rounded` forward, the identity backward (straight-through)."""
-    return x + (rounded - x).detach()
-
-
-def _activation(x: torch.Tensor, low: float, high: float, symmetric: bool = False) -> torch.Tensor:
-    low, high = min(low, 0.0), max(high, 0.0)
-    if symmetric:
-        low, high = -max(-low, high), max(-low, high)
-    step = max(high - low, 1e-12) / 255
-    zero = round(-low / step)
-    return _ste(x, (torch.clamp(torch.round(x / step) + zero, 0, 255) - zero) * step)
-
-
-def _dynamic(x: torch.Tensor) -> torch.Tensor:
-    """`x` quantized as a dynamic int8 kernel does at run time: uint8 on each sample's own range (a deployed
-    model runs one sample per call)."""
-    dims = tuple(range(1, x.dim()))
-    low = x.detach().amin(dim=dims, keepdim=True).clamp(max=0)
-    high = x.detach().amax(dim=dims, keepdim=True).clamp(min=0)
-    step = (high - low).clamp_min(1e-12) / 255
-    zero = torch.round(-low / step)
-    return _ste(x, (torch.clamp(torch.round(x / step) + zero, 0, 255) - zero) * step)
-
-
-def _weight(w: torch.Tensor, axis: int, spec: Precision) -> torch.Tensor:
-    """`w` as `spec` stores it: symmetric per channel (or per tensor, or in groups along the inputs of a 2-D
-    weight), asymmetric where the spec says so; a non-uniform format (NF4, codebook, float8/4) as its numpy simulation
-    rounds it."""
-    if spec.element != "int":
-        return _ste(w, torch.from_numpy(round_weight(w.detach().numpy(), axis, spec)).to(w.dtype))
-    levels = 2 ** (spec.bits - 1) - 1
-    moved = w.movedim(axis, 0).reshape(w.shape[axis], -1) if spec.granularity != "tensor" else w.reshape(1, -1)
-    width = moved.shape[1]
-    group = spec.group or width
-    blocks = torch.nn.functional.pad(moved, (0, -width % group)).reshape(moved.shape[0], -1, group)
-    with torch.no_grad():
-        if spec.kind != Kind.WEIGHT_ONLY:  # int8 weights: +-127 per channel (ORT's and NNCF's)
-            scale = blocks.abs().amax(2, keepdim=True).clamp_min(1e-12) / levels
-            zero = torch.zeros_like(scale)
-            low, high = -levels, levels
-        elif spec.symmetric:  # MatMulNBits' signed scale: a block's largest weight lands on -2^(bits-1) exactly
-            extreme = blocks.gather(2, blocks.abs().argmax(2, keepdim=True))
-            scale = torch.where(extreme.abs() < 1e-12, torch.full_like(extreme, 1e-12), extreme / -(levels + 1))
-            zero, low, high = torch.zeros_like(scale), -(levels + 1), levels
-        else:
-            lo, hi = blocks.amin(2, keepdim=True).clamp(max=0), blocks.amax(2, keepdim=True).clamp(min=0)
-            scale = (hi - lo).clamp_min(1e-12) / (2 ** spec.bits - 1)
-            zero, low, high = torch.round(-lo / scale), 0, 2 ** spec.bits - 1
-    rounded = (torch.clamp(torch.round(blocks / scale) + zero, low, high) - zero) * scale
-    rounded = rounded.reshape(moved.shape[0], -1)[:, :width]
-    if spec.granularity == "tensor":
-        return _ste(w, rounded.reshape(w.shape))
-    return _ste(w, rounded.reshape(w.movedim(axis, 0).shape).movedim(0, axis))
-
-
-def _bf16(x: torch.Tensor) -> torch.Tensor:
-    return _ste(x, x.to(torch.bfloat16).float())
-
-
-def hooks(model: OnnxModel, assignment: Assignment, calibration: Calibration) -> dict[str, Callable]:
-    """Layer -> what its kernel computes with, (input, weight) fake-quantized as its spec says."""
-    nodes = {node.name: node for node in model.proto.graph.node}
-    made: dict[str, Callable] = {}
-    for layer in model.layers:
-        spec = assignment.specs().get(layer.name)
-        if spec is None or layer.name not in nodes or spec.fmt == "fp32":
-            continue
-        axis = layer.channel_axis
-        if spec.kind == Kind.STATIC:
-            low, high = input_range(calibration, nodes[layer.name], spec)
-
-            def static(x, w, low=low, high=high, spec=spec, axis=axis):
-                return _activation(x, low, high, spec.symmetric), _weight(w, axis, spec)
-            made[layer.name] = static
-        elif spec.kind == Kind.DYNAMIC:
-            peaks = _input_peaks(model, calibration, nodes[layer.name].input[0]) if spec.smooth else None
-
-            def dynamic(x, w, spec=spec, axis=axis, peaks=peaks):
-                if peaks is not None:  # smoothed as the backend builds it: the input / s, the weight rows * s
-                    scale = torch.from_numpy(smoothing_scale(peaks, w.detach().abs().amax(1).numpy(), spec.smooth))
-                    x, w = x / scale, w * scale[:, None]
-                return _dynamic(x), _weight(w, axis, spec)
-            made[layer.name] = dynamic
-        elif spec.kind == Kind.WEIGHT_ONLY:
-            made[layer.name] = lambda x, w, spec=spec, axis=axis: (x, _weight(w, axis, spec))
-        else:
-            made[layer.name] = lambda x, w: (_bf16(x), _bf16(w))
-    return made
-
-
-def _param_groups(module: OnnxModule, model: OnnxModel, assignment: Assignment) -> list[dict]:
+def _param_groups(module: OnnxModule, model: OnnxModel, assignment: Assignment, ranges: ActivationRanges
+                  ) -> list[dict]:
     """Adam's parameter groups: each quantized layer's weight with a step sized to its rounding step (the median over
     channels of max|w| / (2^(bits-1) - 1)): a fixed step too small to cross any rounding boundary of an int8 weight
-    leaves the deployed integers as they were; the rest (biases, float layers) at `LR`."""
+    leaves the deployed integers as they were; each trained activation range at `RANGE_FRACTION` of its width;
+    the rest (biases, float layers) at `LR`."""
     specs = assignment.specs()
     nodes = {node.name: node for node in model.proto.graph.node}
     groups, grouped = [], set()
@@ -163,17 +81,13 @@ def _param_groups(module: OnnxModule, model: OnnxModel, assignment: Assignment) 
         weight = module.parameter(name).detach()
         channels = weight.movedim(layer.channel_axis, 0).reshape(weight.shape[layer.channel_axis], -1)
         step = float(channels.abs().amax(1).median()) / (2 ** (spec.bits - 1) - 1)
-        groups.append({"params": [module.parameter(name)], "lr": max(STEP_FRACTION * step, LR)})
+        fraction = STEP_FRACTION / 4 if spec.kind == Kind.STATIC and ranges.learned else STEP_FRACTION
+        groups.append({"params": [module.parameter(name)], "lr": max(fraction * step, LR)})
         grouped.add(name)
     rest = [module.parameter(name) for name in module.trained if name not in grouped]
-    return groups + ([{"params": rest, "lr": LR}] if rest else [])
-
-
-def _input_peaks(model: OnnxModel, calibration: Calibration, tensor: str) -> np.ndarray:
-    """The largest |value| per channel of `tensor` on the calibration samples (what smoothing divides by)."""
-    from autoq.backends.onnxruntime.smooth import channel_maxima  # smoothed specs are ORT's
-
-    return channel_maxima(model, calibration)[tensor]
+    bounds = [{"params": [b], "lr": RANGE_FRACTION * max(float(b.detach()[1] - b.detach()[0]), 1e-6)}
+              for b in ranges.bounds if b.requires_grad]
+    return groups + ([{"params": rest, "lr": LR}] if rest else []) + bounds
 
 
 def _distance(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
@@ -189,13 +103,17 @@ def _distance(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch
 
 def train(model: OnnxModel, assignment: Assignment, calibration: Calibration, splits: Splits,
           references: dict[str, list[np.ndarray]], metric: Callable, state_path: Path, epochs: int,
-          minutes: float | None, progress: bool = True) -> Trained:
+          minutes: float | None, built: dict[str, TensorRange] | None, progress: bool = True) -> Trained:
     """Fine-tune the weights of `model`'s layers under `assignment`'s fake quantization toward FP32's outputs
-    (`references[split]`), keeping the epoch best on the search split; resumes from `state_path` if present."""
+    (`references[split]`), keeping the epoch best on the search split; resumes from `state_path` if present.
+    `built`: every activation tensor the backend's build quantizes, simulated and trained too (None: the static
+    layers' calibrated input ranges, fixed)."""
     torch.manual_seed(0)
     module = OnnxModule(model.proto, model.layers)
-    module.hooks = hooks(model, assignment, calibration)
-    optimizer = torch.optim.Adam(_param_groups(module, model, assignment))
+    ranges = activation_ranges(model, assignment, calibration, built, learned=built is not None)
+    module.hooks = hooks(model, assignment, calibration, ranges)
+    module.tensor_hooks = ranges.tensor_hooks()
+    optimizer = torch.optim.Adam(_param_groups(module, model, assignment, ranges))
     size = batch_size(model.inputs, BATCH)
     names = [spec.name for spec in model.inputs]
 
@@ -215,12 +133,13 @@ def train(model: OnnxModel, assignment: Assignment, calibration: Calibration, sp
 
     first = judged()
     state: dict[str, Any] = {"epoch": 0, "best": first, "start": first, "since_best": 0}
-    best = module.weights()
-    if state_path.is_file():  # resume: the last epoch's weights and optimizer, the best so far
+    best = module.weights(), ranges.values()
+    if state_path.is_file():  # resume: the last epoch's weights, ranges and optimizer, the best so far
         saved = torch.load(state_path, weights_only=False)
         module.load_state_dict(saved["module"])
+        ranges.load_state_dict(saved["ranges"])
         optimizer.load_state_dict(saved["optimizer"])
-        state, best = saved["state"], saved["best_weights"]
+        state, best = saved["state"], saved["best"]
     started = time.monotonic()
     teacher = [torch.from_numpy(r) for r in references["calibration"]]
     count = len(splits.calibration)
@@ -238,19 +157,36 @@ def train(model: OnnxModel, assignment: Assignment, calibration: Calibration, sp
             state["epoch"] += 1
             now = judged()
             if now[0] < state["best"][0]:
-                state["best"], state["since_best"], best = now, 0, module.weights()
+                state["best"], state["since_best"], best = now, 0, (module.weights(), ranges.values())
             else:
                 state["since_best"] += 1
             state_path.parent.mkdir(parents=True, exist_ok=True)
             partial = state_path.with_suffix(".partial")
-            torch.save({"module": module.state_dict(), "optimizer": optimizer.state_dict(), "state": state,
-                        "best_weights": best}, partial)
+            torch.save({"module": module.state_dict(), "ranges": ranges.state_dict(),
+                        "optimizer": optimizer.state_dict(), "state": state, "best": best}, partial)
             partial.replace(state_path)  # a Ctrl-C mid-save leaves the last whole state
             bar.advance(state["epoch"])
             if minutes is not None and time.monotonic() - started > 60 * minutes:
                 break
-    return Trained(best, state["best"][1], state["start"][1], int(state["epoch"]), state["best"][0],
+    return Trained(*best, state["best"][1], state["start"][1], int(state["epoch"]), state["best"][0],
                    state["start"][0])
+
+
+def starting_point(model: OnnxModel, assignment: Assignment, calibration: Calibration, folder: Path
+                   ) -> tuple[OnnxModel, Assignment]:
+    """The model and assignment training starts from: a layer with learned rounding starts from its learned weights
+    (on its grid) and trains as round-to-nearest, so the backend builds the trained weights, not the cached ones."""
+    from autoq.graph import prepare
+
+    specs = assignment.specs()
+    if not any(is_learned(spec) for spec in specs.values()):
+        return model, assignment
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model.proto)
+    substitute(proto, model, specs, calibration)
+    plain = {name: str(replace(spec, rounding="rtn")) if is_learned(spec) else str(spec)
+             for name, spec in specs.items()}
+    return prepare(save_onnx(proto, folder / "source.onnx"), folder), Assignment(plain, assignment.options)
 
 
 def with_weights(model: OnnxModel, weights: dict[str, np.ndarray], path: Path) -> Path:
@@ -268,7 +204,8 @@ def record(trained: Trained, path: Path) -> None:
     path.write_text(json.dumps({"search_quality_fake_quantized": trained.search_quality,
                                 "search_quality_before": trained.start_quality, "epochs": trained.epochs,
                                 "search_distance": trained.search_distance,
-                                "search_distance_before": trained.start_distance}, indent=2))
+                                "search_distance_before": trained.start_distance,
+                                "activation_ranges": trained.ranges}, indent=2))
 
 
 def finetune_point(evaluator: Evaluator, run_dir: Path, point: int, epochs: int, minutes: float | None,
@@ -291,26 +228,28 @@ def finetune_point(evaluator: Evaluator, run_dir: Path, point: int, epochs: int,
     assignment = Assignment.load(run_dir / "front" / f"point-{point}" / "assignment.yaml")
     work = run_dir / "finetune" / f"point-{point}"
     references = {split: evaluator.reference(split) for split in ("calibration", "search", "validation")}
-    trained = train(evaluator.model, assignment, evaluator.calibration, evaluator.splits, references,
-                    evaluator.metric, work / "state.pt", epochs, minutes, progress)
-    tuned = prepare(with_weights(evaluator.model, trained.weights, work / "source.onnx"), work)
-    backend, threads = evaluator.backend, evaluator.threads
-    # the point's own activation ranges (tensors keep their names): what the training fake-quantized with, and the
-    # same regions, so the fine-tuned point differs from its PTQ twin in its weights alone
-    candidate = backend.build(tuned, assignment, evaluator.calibration, work / "build")
+    backend, threads, calibration = evaluator.backend, evaluator.threads, evaluator.calibration
+    start, trained_as = starting_point(evaluator.model, assignment, calibration, work / "start")
+    before = evaluator.build(assignment, work / "ptq")  # the PTQ twin: its quantized tensors are simulated
+    built = backend.activation_ranges(before)
+    trained = train(start, trained_as, calibration, evaluator.splits, references, evaluator.metric,
+                    work / "state.pt", epochs, minutes, built, progress)
+    tuned = prepare(with_weights(start, trained.weights, work / "source.onnx"), work)
+    if built is not None:  # the trained ranges; the regions stay those of the PTQ twin
+        calibration = calibration.with_ranges(trained.ranges, work / "calibration")
+    candidate = backend.build(tuned, trained_as, calibration, work / "build")
     run = backend.runner(candidate, threads)
     outputs = evaluator.outputs(run, evaluator.splits.validation)
     quality = float(evaluator.metric(references["validation"], outputs, evaluator.splits.validation.labels))
     executed = backend.executed(candidate)
-    executed_ok = all(executed.get(name) == spec for name, spec in backend.expected(assignment).items())
-    before = evaluator.build(assignment, work / "ptq")
+    executed_ok = all(executed.get(name) == spec for name, spec in backend.expected(trained_as).items())
     before_run, feeds = backend.runner(before, threads), evaluator.latency_feeds
     rounds = ratio_rounds({"ptq": lambda: before_run(feeds), "tuned": lambda: run(feeds)}, "ptq")
     median, low, high = interval(rounds["tuned"][1])  # the point's ms over the fine-tuned one's
     new = int(front["point"].max()) + 1
     point_dir = run_dir / "front" / f"point-{new}"
     point_dir.mkdir(parents=True, exist_ok=True)
-    assignment.save(point_dir / "assignment.yaml")
+    trained_as.save(point_dir / "assignment.yaml")
     model = backend.export(candidate, point_dir / "model.onnx")
     record(trained, point_dir / "finetune.json")
     latency = row.get("val_latency_ms", row["latency_ms"]) / median

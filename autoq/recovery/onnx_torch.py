@@ -196,6 +196,10 @@ def _key(name: str) -> str:
     return name.replace(".", "_")
 
 
+def _same(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 class OnnxModule(torch.nn.Module):
     """`proto` (a float model whose layers are `layers`) as a torch module: the layers' weights and biases are
     parameters, every other initializer a constant; `hooks[layer]` changes what a layer computes with."""
@@ -225,6 +229,7 @@ class OnnxModule(torch.nn.Module):
                        not in self.params]
         self.outputs = [o.name for o in proto.graph.output]
         self.hooks: dict[str, Hook] = {}
+        self.tensor_hooks: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}  # applied where a tensor is made
 
     def parameter(self, name: str) -> torch.nn.Parameter:
         """The trained parameter of ONNX initializer `name`."""
@@ -235,7 +240,8 @@ class OnnxModule(torch.nn.Module):
         return {name: self.params[_key(name)].detach().numpy().copy() for name in self.trained}
 
     def forward(self, *args: torch.Tensor) -> list[torch.Tensor]:
-        values: dict[str, torch.Tensor] = dict(zip(self.inputs, args, strict=True))
+        values: dict[str, torch.Tensor] = {name: self.tensor_hooks.get(name, _same)(value)
+                                           for name, value in zip(self.inputs, args, strict=True)}
 
         def get(name: str) -> torch.Tensor:
             if name in values:
@@ -254,5 +260,6 @@ class OnnxModule(torch.nn.Module):
                 outputs = [LAYERS[node.op_type](x, w, bias, a)]
             else:
                 outputs = [OPS[node.op_type]([get(i) if i else None for i in node.input], a)]
-            values.update(zip(node.output, outputs, strict=False))
+            values.update((name, self.tensor_hooks.get(name, _same)(value))
+                          for name, value in zip(node.output, outputs, strict=False))
         return [values[name] for name in self.outputs]

@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import numpy_helper
 
-from autoq.backends.base import Backend, Candidate, Feeds, GlueCheck, Outputs, Recipe, state_of
+from autoq.backends.base import Backend, Candidate, Feeds, GlueCheck, Outputs, Recipe, TensorRange, state_of
 from autoq.backends.onnxruntime.bias import correct_biases
 from autoq.backends.onnxruntime.graph import (
     INTEGER_OPS,
@@ -43,6 +44,7 @@ from autoq.backends.onnxruntime.quantize import (
     quantize_dynamic_layers,
     quantize_regions,
     quantize_weight_only,
+    symmetric_inputs,
     weight_only_spec,
 )
 from autoq.backends.onnxruntime.smooth import smooth, smoothed
@@ -257,6 +259,27 @@ class OnnxRuntimeBackend(Backend):
             result[layer] = next((n for n in found if n.op_type in INTEGER_OPS | set(WEIGHT_ONLY_KERNELS)),
                                  found[0] if found else None)
         return result
+
+    def activation_ranges(self, candidate: Candidate) -> dict[str, TensorRange]:
+        """The QuantizeLinear of every float tensor in the built QDQ model, as the range quantize_static made it
+        from (uint8: scale * (0 - zero, 255 - zero); symmetric where the layer's spec overrode it)."""
+        proto = onnx.load(str(candidate.path))
+        stored = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+        symmetric = symmetric_inputs(state_of(candidate, OrtState).graph, candidate.assignment.specs())
+        found: dict[str, TensorRange] = {}
+        for node in proto.graph.node:
+            if node.op_type != "QuantizeLinear" or node.input[0] in stored or len(node.input) < 3:
+                continue
+            scale, zero = stored.get(node.input[1]), stored.get(node.input[2])
+            if scale is None or zero is None or scale.size != 1 or zero.dtype != np.uint8:
+                continue
+            step, offset = float(scale), float(zero)
+            tensor = node.input[0].removesuffix("_QuantizeLinear_Input")  # a graph output keeps its name after it
+            if tensor in symmetric:
+                found[tensor] = TensorRange(-127.5 * step, 127.5 * step, True)
+            else:
+                found[tensor] = TensorRange(-offset * step, (255 - offset) * step, False)
+        return found
 
     def executed(self, candidate: Candidate) -> dict[str, str]:
         return self._executed(self._optimized(candidate), candidate)

@@ -51,19 +51,25 @@ def quiet_root_logger() -> Iterator[None]:
         root.setLevel(level)
 
 
+def symmetric_inputs(graph: onnx.GraphProto, specs: dict[str, Precision]) -> set[str]:
+    """The static layers' inputs quantized symmetrically: their spec's symmetry, except that ORT's quantizer drops a
+    Relu/Clip into its output's range even under a zero point of 128, which would let negative values through: a
+    rectified input stays asymmetric (it has no negative half to keep)."""
+    producer = {out: node.op_type for node in graph.node for out in node.output}
+    return {node.input[0] for node in graph.node if (spec := specs.get(node.name)) is not None
+            and spec.kind == Kind.STATIC and spec.symmetric and producer.get(node.input[0]) not in REMOVABLE}
+
+
 def static_overrides(graph: onnx.GraphProto, specs: dict[str, Precision], calibration: Calibration) -> dict[str, list]:
     """TensorQuantOverrides setting each static layer's input to its spec's calibrated range and symmetry."""
 
     overrides: dict[str, list] = {}
-    producer = {out: node.op_type for node in graph.node for out in node.output}
+    symmetric = symmetric_inputs(graph, specs)
     for node in graph.node:
         spec = specs.get(node.name)
         if spec is None or spec.kind != Kind.STATIC or node.input[0] in overrides:
             continue
-        # ORT's quantizer drops a Relu/Clip into its output's range even under a zero point of 128, which would
-        # let negative values through: a rectified input stays asymmetric (it has no negative half to keep)
-        symmetric = spec.symmetric and producer.get(node.input[0]) not in REMOVABLE
-        override: dict[str, object] = {"symmetric": True} if symmetric else {}
+        override: dict[str, object] = {"symmetric": True} if node.input[0] in symmetric else {}
         if spec.calibration != "minmax":
             known = calibration.ranges(spec.calibration_key).get(node.input[0])
             if known is not None:
