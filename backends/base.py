@@ -24,8 +24,10 @@ BACKENDS = {
     "onnxruntime": "autoq.backends.onnxruntime:OnnxRuntimeBackend",
     "openvino": "autoq.backends.openvino:OpenVinoBackend",
     "torch": "autoq.backends.torch:TorchBackend",
+    "litert": "autoq.backends.litert:LiteRtBackend",
 }
-LIBRARIES = {"onnxruntime": ("onnxruntime",), "openvino": ("openvino", "nncf"), "torch": ("torch",)}  # each
+LIBRARIES = {"onnxruntime": ("onnxruntime",), "openvino": ("openvino", "nncf"), "torch": ("torch",),
+             "litert": ("ai-edge-litert", "ai-edge-quantizer", "litert-torch")}  # each
 # backend's packages, named with their versions in a run's machine fingerprint (without importing them)
 
 
@@ -73,6 +75,17 @@ class TensorRange:
     low: float
     high: float
     symmetric: bool
+
+
+@dataclass(frozen=True)
+class QuantizedForm:
+    """What a built candidate computes with beyond its specs, for fine-tuning to simulate and train: the range of
+    every activation tensor it quantizes (by the float graph's names), the biases it stores where its build changed
+    them (bias correction), and the options that rebuild trained weights and biases as they were trained."""
+
+    ranges: dict[str, TensorRange]
+    biases: dict[str, np.ndarray]
+    options: dict[str, object]
 
 
 @dataclass
@@ -125,10 +138,10 @@ class Backend(ABC):
         runtime here), or None: a space's precision lacked here is left out with a note, not an error."""
         return None
 
-    def activation_ranges(self, candidate: Candidate) -> dict[str, TensorRange] | None:
-        """Every activation tensor the built `candidate` quantizes (by the float graph's names) and its range, where
-        the backend's static int8 reads those ranges from the Calibration (so fine-tuning can simulate them all and
-        train them); None where its quantizer observes the samples itself."""
+    def quantized_form(self, candidate: Candidate) -> QuantizedForm | None:
+        """What the built `candidate` quantizes and stores, where the backend's static int8 reads its ranges from
+        the Calibration (so fine-tuning can simulate them all and train them); None where its quantizer observes
+        the samples itself."""
         return None
 
     @abstractmethod

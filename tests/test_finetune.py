@@ -196,7 +196,7 @@ def test_fine_tuning_simulates_every_tensor_the_built_int8_model_quantizes(digit
     backend = get_backend("onnxruntime")
     assignment = Assignment.uniform(model.layer_names, "int8")
     candidate = backend.build(model, assignment, calibration, tmp_path / "build")
-    built = backend.activation_ranges(candidate)
+    built = backend.quantized_form(candidate).ranges
     assert {model.proto.graph.node[0].input[0]} < set(built)  # the image and the glue between the layers
     images = splits.search.arrays["image"]
     theirs = ort.InferenceSession(str(candidate.path)).run(None, {"image": images})[0]
@@ -213,8 +213,8 @@ def test_fine_tuning_simulates_every_tensor_the_built_int8_model_quantizes(digit
     assert every <= inputs_only and every < 0.1 * np.abs(theirs - fp32).mean()
     # ranges put into a copy of the calibration are the ranges ORT then builds with, glue and output included
     moved = {tensor: (0.8 * r.low, 0.7 * r.high) for tensor, r in built.items()}
-    rebuilt = backend.activation_ranges(backend.build(model, assignment, calibration.with_ranges(
-        moved, tmp_path / "moved"), tmp_path / "rebuilt"))
+    rebuilt = backend.quantized_form(backend.build(model, assignment, calibration.with_ranges(
+        moved, tmp_path / "moved"), tmp_path / "rebuilt")).ranges
     assert set(rebuilt) == set(moved)
     for tensor, (low, high) in moved.items():  # to the zero point's rounding: one uint8 step
         step = (high - min(low, 0.0)) / 255

@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 from onnx import numpy_helper
 
-from autoq.backends.base import TensorRange
+from autoq.backends.base import QuantizedForm, TensorRange
 from autoq.calibrate import Calibration
 from autoq.data import Dataset, Splits, batch_size
 from autoq.errors import AutoqError
@@ -172,21 +172,29 @@ def train(model: OnnxModel, assignment: Assignment, calibration: Calibration, sp
                    state["start"][0])
 
 
-def starting_point(model: OnnxModel, assignment: Assignment, calibration: Calibration, folder: Path
-                   ) -> tuple[OnnxModel, Assignment]:
+def starting_point(model: OnnxModel, assignment: Assignment, calibration: Calibration, folder: Path,
+                   form: QuantizedForm | None) -> tuple[OnnxModel, Assignment]:
     """The model and assignment training starts from: a layer with learned rounding starts from its learned weights
-    (on its grid) and trains as round-to-nearest, so the backend builds the trained weights, not the cached ones."""
+    (on its grid) and trains as round-to-nearest, so the backend builds the trained weights, not the cached ones;
+    biases the PTQ build changed (`form.biases`, bias correction) start as built, and the trained model is built
+    with `form.options` (not corrected again)."""
     from autoq.graph import prepare
 
     specs = assignment.specs()
-    if not any(is_learned(spec) for spec in specs.values()):
+    learned = any(is_learned(spec) for spec in specs.values())
+    if not learned and (form is None or not form.biases):
         return model, assignment
     proto = onnx.ModelProto()
     proto.CopyFrom(model.proto)
     substitute(proto, model, specs, calibration)
+    for tensor in proto.graph.initializer:
+        if form is not None and tensor.name in form.biases:
+            tensor.CopyFrom(numpy_helper.from_array(form.biases[tensor.name], tensor.name))
     plain = {name: str(replace(spec, rounding="rtn")) if is_learned(spec) else str(spec)
              for name, spec in specs.items()}
-    return prepare(save_onnx(proto, folder / "source.onnx"), folder), Assignment(plain, assignment.options)
+    options = {**assignment.options, **(form.options if form is not None else {})}
+    folder.mkdir(parents=True, exist_ok=True)
+    return prepare(save_onnx(proto, folder / "source.onnx"), folder), Assignment(plain, options)
 
 
 def with_weights(model: OnnxModel, weights: dict[str, np.ndarray], path: Path) -> Path:
@@ -229,13 +237,13 @@ def finetune_point(evaluator: Evaluator, run_dir: Path, point: int, epochs: int,
     work = run_dir / "finetune" / f"point-{point}"
     references = {split: evaluator.reference(split) for split in ("calibration", "search", "validation")}
     backend, threads, calibration = evaluator.backend, evaluator.threads, evaluator.calibration
-    start, trained_as = starting_point(evaluator.model, assignment, calibration, work / "start")
-    before = evaluator.build(assignment, work / "ptq")  # the PTQ twin: its quantized tensors are simulated
-    built = backend.activation_ranges(before)
+    before = evaluator.build(assignment, work / "ptq")  # the PTQ twin: what it quantizes and stores is simulated
+    form = backend.quantized_form(before)
+    start, trained_as = starting_point(evaluator.model, assignment, calibration, work / "start", form)
     trained = train(start, trained_as, calibration, evaluator.splits, references, evaluator.metric,
-                    work / "state.pt", epochs, minutes, built, progress)
+                    work / "state.pt", epochs, minutes, None if form is None else form.ranges, progress)
     tuned = prepare(with_weights(start, trained.weights, work / "source.onnx"), work)
-    if built is not None:  # the trained ranges; the regions stay those of the PTQ twin
+    if form is not None:  # the trained ranges; the regions stay those of the PTQ twin
         calibration = calibration.with_ranges(trained.ranges, work / "calibration")
     candidate = backend.build(tuned, trained_as, calibration, work / "build")
     run = backend.runner(candidate, threads)

@@ -25,7 +25,17 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
-from autoq.backends.base import Backend, Candidate, Feeds, GlueCheck, Outputs, Recipe, TensorRange, state_of
+from autoq.backends.base import (
+    Backend,
+    Candidate,
+    Feeds,
+    GlueCheck,
+    Outputs,
+    QuantizedForm,
+    Recipe,
+    TensorRange,
+    state_of,
+)
 from autoq.backends.onnxruntime.bias import correct_biases
 from autoq.backends.onnxruntime.graph import (
     INTEGER_OPS,
@@ -260,14 +270,22 @@ class OnnxRuntimeBackend(Backend):
                                  found[0] if found else None)
         return result
 
-    def activation_ranges(self, candidate: Candidate) -> dict[str, TensorRange]:
-        """The QuantizeLinear of every float tensor in the built QDQ model, as the range quantize_static made it
-        from (uint8: scale * (0 - zero, 255 - zero); symmetric where the layer's spec overrode it)."""
+    def quantized_form(self, candidate: Candidate) -> QuantizedForm:
+        """Each float tensor's QuantizeLinear in the built QDQ model, as the range quantize_static made it from
+        (uint8: scale * (0 - zero, 255 - zero); symmetric where the layer's spec overrode it), and the static
+        layers' biases as stored (bias correction's included: rebuilt without it, trained biases stay as trained)."""
         proto = onnx.load(str(candidate.path))
         stored = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
-        symmetric = symmetric_inputs(state_of(candidate, OrtState).graph, candidate.assignment.specs())
-        found: dict[str, TensorRange] = {}
+        graph = state_of(candidate, OrtState).graph
+        symmetric = symmetric_inputs(graph, candidate.assignment.specs())
+        biases = {node.input[2] for node in graph.node if len(node.input) > 2 and node.input[2]}
+        ranges: dict[str, TensorRange] = {}
+        stored_biases: dict[str, np.ndarray] = {}
         for node in proto.graph.node:
+            if node.op_type == "DequantizeLinear" and node.output[0] in biases and node.input[0] in stored:
+                bias_zero = stored[node.input[2]] if len(node.input) > 2 else np.zeros(1)
+                stored_biases[node.output[0]] = ((stored[node.input[0]].astype(np.float64) - bias_zero)
+                                                 * stored[node.input[1]]).astype(np.float32)
             if node.op_type != "QuantizeLinear" or node.input[0] in stored or len(node.input) < 3:
                 continue
             scale, zero = stored.get(node.input[1]), stored.get(node.input[2])
@@ -276,10 +294,10 @@ class OnnxRuntimeBackend(Backend):
             step, offset = float(scale), float(zero)
             tensor = node.input[0].removesuffix("_QuantizeLinear_Input")  # a graph output keeps its name after it
             if tensor in symmetric:
-                found[tensor] = TensorRange(-127.5 * step, 127.5 * step, True)
+                ranges[tensor] = TensorRange(-127.5 * step, 127.5 * step, True)
             else:
-                found[tensor] = TensorRange(-offset * step, (255 - offset) * step, False)
-        return found
+                ranges[tensor] = TensorRange(-offset * step, (255 - offset) * step, False)
+        return QuantizedForm(ranges, stored_biases, {BIAS_CORRECTION: False})
 
     def executed(self, candidate: Candidate) -> dict[str, str]:
         return self._executed(self._optimized(candidate), candidate)

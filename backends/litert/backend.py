@@ -1,0 +1,217 @@
+"""LiteRT (TensorFlow Lite) on the CPU through XNNPACK, per layer, from the user's torch module.
+
+The module is converted once by `litert-torch` (`model.float_model`); each assignment is built by AI Edge
+Quantizer from a per-op recipe, one rule per layer naming that layer's op by its output tensor: `int8` (static:
+int8 activations calibrated on the run's samples, int8 weights per channel), `int8-dyn` / `int8-dyn-pc` (int8
+weights per tensor / channel, activations quantized at run time), `w8` / `w4` (weights stored in int8 / int4 and
+dequantized to float; `w4` on fully connected ops). The model-wide option `glue` decides the ops between the layers:
+`int8` quantizes every other op the quantizer supports statically too (as its `static_wi8_ai8` recipe does), so a
+chain of int8 layers runs without float round trips; `float` leaves them in fp32. Inputs and outputs stay float.
+What each layer ran in is read from the built flatbuffer (`model.layer_ops`). Timing runs the interpreter with
+XNNPACK and the run's threads, one sample per call; it has no per-op profiler from Python, so per-layer latency
+is not measured (the cost model estimates it from the whole-model timings).
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from autoq.backends.base import Backend, Candidate, Feeds, Outputs, Recipe, state_of
+from autoq.backends.litert.model import (
+    SIGNATURE,
+    float_model,
+    interpreter,
+    layer_ops,
+    quiet,
+    ran_as,
+    scope,
+)
+from autoq.calibrate import Calibration
+from autoq.errors import AutoqError
+from autoq.graph import InputSpec, Layer, OnnxModel
+from autoq.precision import Assignment, Kind, Precision
+
+GLUE = "glue"
+SPECS = ("fp32", "int8", "int8-dyn", "int8-dyn-pc", "w8", "w4")
+_QSVS: dict[tuple[str, str], dict] = {}  # (float model, calibration) -> the quantizer's tensor statistics
+
+
+@dataclass
+class LiteRtState:
+    """An interpreter-ready build: the inputs in model order and the layers' scopes."""
+
+    inputs: list[InputSpec]
+    scopes: dict[str, str] = field(default_factory=dict)
+
+
+def _ordered(names: list[str]) -> list[str]:
+    """Signature names (`args_0`, `args_1`, ..., `output_0`, ...) in their numeric order."""
+    return sorted(names, key=lambda n: (len(n), n))
+
+
+def _quantizer_of(detail: dict) -> Callable[[np.ndarray, bool], np.ndarray]:
+    """How to feed (True) or read (False) a signature tensor: float as it is; an integer one (AI Edge Quantizer's
+    static recipe makes int8 I/O) quantized in, dequantized out with its scale and zero point."""
+    scales, zeros = detail["quantization_parameters"]["scales"], detail["quantization_parameters"]["zero_points"]
+    dtype = np.dtype(detail["dtype"])
+    if dtype.kind == "f" or len(scales) != 1:
+        return lambda x, feeding: x.astype(np.float32)
+    scale, zero, info = float(scales[0]), int(zeros[0]), np.iinfo(dtype)
+
+    def convert(x: np.ndarray, feeding: bool) -> np.ndarray:
+        if feeding:
+            return np.clip(np.round(x / scale) + zero, info.min, info.max).astype(dtype)
+        return ((x.astype(np.float32) - zero) * scale).astype(np.float32)
+    return convert
+
+
+class LiteRtBackend(Backend):
+    name = "litert"
+    default_space = "litert-cpu"
+    search_settings = deployed_settings = "LiteRT interpreter, XNNPACK, the run's threads, batch 1"
+    option_values = {GLUE: ("int8", "float")}
+    option_kinds = {GLUE: ("static",)}
+    builds = {Kind.FLOAT: (32,), Kind.STATIC: (8,), Kind.DYNAMIC: (8,), Kind.WEIGHT_ONLY: (8, 4)}
+    unbuilt = {Kind.FLOAT: "the litert backend builds fp32 floats (XNNPACK computes fp16/bf16 weights in fp32 on "
+                           "x86)"}
+    takes_module = True
+    verify_refusal = "autoq verify re-times ONNX files; a litert run's points are .tflite files"
+
+    def refuses(self, precision: Precision) -> str | None:
+        if str(precision) in SPECS:
+            return None
+        return f"the litert backend builds {', '.join(SPECS)} (AI Edge Quantizer's per-op configs)"
+
+    def fits(self, layer: Layer, precision: Precision) -> bool:
+        if precision.kind == Kind.WEIGHT_ONLY and precision.bits == 4:
+            return layer.op_type in ("Gemm", "MatMul")  # no int4 depthwise or conv kernels
+        return layer.op_type in ("Conv", "Gemm", "MatMul") or precision.kind == Kind.FLOAT
+
+    def _scopes(self, model: OnnxModel) -> dict[str, str]:
+        return {layer.name: scope(model.module, layer.name.split("#")[0]) for layer in model.layers}
+
+    def _qsvs(self, source: Path, calibration: Calibration) -> dict:
+        """Every tensor's statistics on the calibration samples (one sample per call, as deployed), computed once
+        per model and calibration and cached beside the calibration."""
+        key = (str(source), str(calibration.path))
+        if key not in _QSVS:
+            cached = calibration.derived(f"litert-{source.stem}.pkl")
+            if cached.is_file():
+                _QSVS[key] = pickle.loads(cached.read_bytes())
+            else:
+                from ai_edge_quantizer import quantizer, recipe
+
+                made = quantizer.Quantizer(str(source))
+                made.load_quantization_recipe(recipe.static_wi8_ai8())
+                samples = calibration.samples()
+                names = _ordered(list(interpreter(source).get_signature_list()[SIGNATURE]["inputs"]))  # type: ignore[attr-defined]
+                count = len(next(iter(samples.values())))
+                feeds = [{signature: samples[name][i:i + 1] for signature, name in zip(names, samples, strict=False)}
+                         for i in range(count)]
+                with quiet():
+                    _QSVS[key] = made.calibrate({SIGNATURE: feeds}, num_threads=1)
+                cached.write_bytes(pickle.dumps(_QSVS[key]))
+        return _QSVS[key]
+
+    def build(self, model: OnnxModel, assignment: Assignment, calibration: Calibration, workdir: Path) -> Candidate:
+        from ai_edge_quantizer import algorithm_manager, quantizer, recipe
+        from ai_edge_quantizer.qtyping import QuantGranularity, TFLOperationName
+
+        source = float_model(model, calibration.samples(), calibration.folder)
+        scopes = self._scopes(model)
+        ops = layer_ops(source, scopes)
+        specs = {name: spec for name, spec in assignment.specs().items() if spec.fmt != "fp32"}
+        missing = sorted(set(specs) - set(ops))
+        if missing:
+            raise AutoqError(f"no TFLite op carries the weights of {', '.join(missing[:3])} in litert-torch's "
+                             "conversion: leave those layers fp32")
+        workdir.mkdir(parents=True, exist_ok=True)
+        out = workdir / "model.tflite"
+        state = LiteRtState(list(model.inputs), scopes)
+        if not specs:
+            shutil.copyfile(source, out)
+            return Candidate(assignment, out, out.stat().st_size, state)
+        made = quantizer.Quantizer(str(source))
+        static = any(spec.kind == Kind.STATIC for spec in specs.values())
+        if static and assignment.options.get(GLUE, "int8") == "int8":
+            made.load_quantization_recipe(recipe.static_wi8_ai8())
+            for end in (TFLOperationName.INPUT, TFLOperationName.OUTPUT):  # float I/O
+                made.update_quantization_recipe(".*", end, None, algorithm_manager.AlgorithmName.NO_QUANTIZE)
+        for layer, op in ops.items():
+            spec, regex, kind = specs.get(layer), f"^{re.escape(op.output)};$", TFLOperationName(op.kind)
+            if spec is None:
+                made.update_quantization_recipe(regex, kind, None, algorithm_manager.AlgorithmName.NO_QUANTIZE)
+            elif spec.kind == Kind.STATIC:
+                made.add_static_config(regex, kind, 8, 8)
+            elif spec.kind == Kind.DYNAMIC:
+                made.add_dynamic_config(regex, kind, 8, QuantGranularity.CHANNELWISE if spec.granularity == "channel"
+                                        else QuantGranularity.TENSORWISE)
+            else:
+                made.add_weight_only_config(regex, kind, spec.bits)
+        with quiet():
+            result = made.quantize(self._qsvs(source, calibration) if made.need_calibration else None)
+            result.export_model(str(out), overwrite=True)
+        return Candidate(assignment, out, out.stat().st_size, state)
+
+    def runner(self, candidate: Candidate, threads: int) -> Callable[[Feeds], Outputs]:
+        state = state_of(candidate, LiteRtState)
+        made = interpreter(candidate.path, threads)
+        signature = made.get_signature_list()[SIGNATURE]  # type: ignore[attr-defined]
+        inputs, outputs = _ordered(list(signature["inputs"])), _ordered(list(signature["outputs"]))
+        run_one = made.get_signature_runner(SIGNATURE)  # type: ignore[attr-defined]
+        names = [spec.name for spec in state.inputs]
+
+        details = run_one.get_input_details()
+        given = {sig: _quantizer_of(details[sig]) for sig in inputs}  # an int8 input is fed quantized
+        taken = {sig: _quantizer_of(d) for sig, d in run_one.get_output_details().items()}
+
+        def run(feeds: Feeds) -> Outputs:
+            count = len(feeds[names[0]])
+            results = [run_one(**{sig: given[sig](feeds[name][i:i + 1], True)
+                                  for sig, name in zip(inputs, names, strict=True)}) for i in range(count)]
+            return [taken[o](np.concatenate([r[o] for r in results]), False) for o in outputs]
+
+        return run
+
+    def executed(self, candidate: Candidate) -> dict[str, str]:
+        state = state_of(candidate, LiteRtState)
+        ops = layer_ops(candidate.path, state.scopes)
+        return {layer: ran_as(ops[layer]) if layer in ops else "fp32" for layer in candidate.assignment.layers}
+
+    def export(self, candidate: Candidate, path: Path) -> Path:
+        target = path.with_suffix(".tflite")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(candidate.path, target)
+        return target
+
+    def recipes(self, model: OnnxModel) -> list[Recipe]:
+        """AI Edge Quantizer's one-line recipes on the whole converted model, float I/O: static int8 (its
+        `static_wi8_ai8`), dynamic int8 (`dynamic_wi8_afp32`) and weight-only int8 (`weight_only_wi8_afp32`)."""
+
+        def whole(name: str) -> Callable[[OnnxModel, Calibration, Path], Candidate]:
+            def build(m: OnnxModel, calibration: Calibration, workdir: Path) -> Candidate:
+                from ai_edge_quantizer import quantizer, recipe
+
+                source = float_model(m, calibration.samples(), calibration.folder)
+                made = quantizer.Quantizer(str(source))
+                made.load_quantization_recipe(getattr(recipe, name)())
+                workdir.mkdir(parents=True, exist_ok=True)
+                out = workdir / "model.tflite"
+                with quiet():
+                    result = made.quantize(self._qsvs(source, calibration) if made.need_calibration else None)
+                    result.export_model(str(out), overwrite=True)
+                layers = {layer.name: "fp32" for layer in m.layers}
+                return Candidate(Assignment(layers), out, out.stat().st_size, LiteRtState(list(m.inputs),
+                                                                                         self._scopes(m)))
+            return build
+
+        return [Recipe("AI Edge Quantizer static_wi8_ai8", whole("static_wi8_ai8")),
+                Recipe("AI Edge Quantizer dynamic_wi8_afp32", whole("dynamic_wi8_afp32")),
+                Recipe("AI Edge Quantizer weight_only_wi8_afp32", whole("weight_only_wi8_afp32"))]

@@ -1,0 +1,142 @@
+"""A torch module as a LiteRT flatbuffer, and what its ops run in.
+
+`litert-torch` converts the user's module (no TensorFlow) once per model, cached beside the calibration. Each autoq
+layer (a module FQN) maps to the TFLite op whose weight tensor carries that module's scope: litert-torch names a
+weight `<root class>/<class>_<attribute>/...` down the module tree, which `scope` rebuilds from the module itself.
+What an op runs in is read from the built flatbuffer: the types of its input and weight (a weight made by a
+DEQUANTIZE op is stored in that op's input type and computed in float).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from autoq.errors import AutoqError
+from autoq.graph import OnnxModel
+from autoq.quiet import native_stderr_hushed
+
+LAYER_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV", "BATCH_MATMUL")
+SIGNATURE = "serving_default"
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """litert-torch, the converter and the quantizer print progress, reports and absl lines; keep them off the
+    user's console."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
+            native_stderr_hushed():
+        yield
+
+
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def scope(module: object, fqn: str) -> str:
+    """The name litert-torch gives the weights of submodule `fqn` of `module`."""
+    parts, current = [_qualified(type(module))], module
+    for attribute in fqn.split("."):
+        current = getattr(current, attribute)
+        parts.append(f"{_qualified(type(current))}_{attribute}")
+    return "/".join(parts)
+
+
+def float_model(model: OnnxModel, samples: dict[str, np.ndarray], folder: Path) -> Path:
+    """`model.module` converted to an FP32 `.tflite` (batch 1, inputs in `model.inputs` order), cached in `folder`
+    by the exported graph's digest."""
+    import torch
+
+    if model.module is None or not isinstance(model.module, torch.nn.Module):
+        raise AutoqError("the litert backend converts an nn.Module: pass it to autoq.search(module, example_inputs, "
+                         "data, backend='litert')")
+    digest = hashlib.sha1(model.path.read_bytes()).hexdigest()[:12]
+    path = folder / f"litert-fp32-{digest}.tflite"
+    if path.is_file():
+        return path
+    import litert_torch
+
+    example = tuple(torch.from_numpy(samples[spec.name][:1]) for spec in model.inputs)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        with quiet():
+            converted = litert_torch.convert(model.module.eval(), example)
+            converted.export(str(path.with_suffix(".partial")))
+    except Exception as exc:  # the converter raises many types; the user needs the first line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AutoqError(f"litert-torch cannot convert this module: {first[:300]}") from exc
+    path.with_suffix(".partial").replace(path)
+    return path
+
+
+@dataclass(frozen=True)
+class Op:
+    """A layer's op in a flatbuffer: its type, output tensor, and the types of its input and weight as they run
+    (`weight_stored`: the weight's type in the file, before any DEQUANTIZE)."""
+
+    kind: str
+    output: str
+    input_type: str
+    weight_type: str
+    weight_stored: str
+    weight_scales: int
+
+
+def interpreter(path: Path, threads: int = 1) -> object:
+    from ai_edge_litert.interpreter import Interpreter
+
+    with quiet():
+        made = Interpreter(str(path), num_threads=threads)
+        made.allocate_tensors()
+    return made
+
+
+def layer_ops(path: Path, scopes: dict[str, str]) -> dict[str, Op]:
+    """Layer -> its op in the flatbuffer at `path`, found by the scope of its weight's name."""
+    runner = interpreter(path)
+    tensors = {t["index"]: t for t in runner.get_tensor_details()}  # type: ignore[attr-defined]
+    ops = [op for op in runner._get_ops_details() if op["op_name"] != "DELEGATE"]  # type: ignore[attr-defined]
+    made_by = {int(out): op for op in ops for out in op["outputs"]}
+    by_scope = {value: key for key, value in scopes.items()}
+    found: dict[str, Op] = {}
+    for op in ops:
+        if op["op_name"] not in LAYER_OPS or len(op["inputs"]) < 2:
+            continue
+        weight = tensors[int(op["inputs"][1])]
+        stored = weight
+        source = made_by.get(int(op["inputs"][1]))
+        if source is not None and source["op_name"] == "DEQUANTIZE":
+            stored = tensors[int(source["inputs"][0])]
+        layer = by_scope.get(stored["name"].split(";")[0]) or by_scope.get(weight["name"].split(";")[0])
+        if layer is None:
+            continue
+        scales = stored.get("quantization_parameters", {}).get("scales", np.zeros(0))
+        found[layer] = Op(op["op_name"], tensors[int(op["outputs"][0])]["name"],
+                          np.dtype(tensors[int(op["inputs"][0])]["dtype"]).name, np.dtype(weight["dtype"]).name,
+                          np.dtype(stored["dtype"]).name, int(len(scales)))
+    return found
+
+
+def ran_as(op: Op) -> str:
+    """The autoq spec an op runs as: int8 input and weight: static int8; float input, int8 weight: dynamic int8
+    (per channel where the weight has a scale per channel); a weight dequantized to float: weight-only in its
+    stored width; all float: fp32."""
+    if op.input_type == "int8" and op.weight_type == "int8":
+        return "int8"
+    if op.input_type == "float32" and op.weight_type == "int8":
+        return "int8-dyn-pc" if op.weight_scales > 1 else "int8-dyn"
+    if op.weight_stored == "int8" and op.weight_type == "float32":
+        return "w8"
+    if op.weight_stored == "int4" and op.weight_type == "float32":
+        return "w4"
+    if op.weight_stored == "float16":
+        return "fp16"
+    return "fp32" if op.input_type == op.weight_type == "float32" else f"{op.input_type}/{op.weight_type}"

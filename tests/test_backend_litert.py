@@ -1,0 +1,108 @@
+"""The LiteRT backend against the real stack: litert-torch's conversion, AI Edge Quantizer, the XNNPACK interpreter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from autoq import data, graph
+from autoq.backends import get_backend
+from autoq.calibrate import calibrate
+from autoq.errors import AutoqError
+from autoq.precision import Assignment
+from autoq.torch_input import to_onnx
+from tests.backend_contract import BackendContract
+from tests.models import DigitsClassifier, train_digits_module
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("litert_torch")
+pytest.importorskip("ai_edge_quantizer")
+
+
+@pytest.fixture(scope="module")
+def digits_module():
+    return DigitsClassifier(train_digits_module())
+
+
+def _setup(module, digits_npz, workdir: Path):
+    model = graph.prepare(to_onnx(module, (torch.zeros(1, 1, 8, 8),), workdir / "export"), workdir)
+    model.module = module
+    splits = data.split(data.load(digits_npz, "label"))
+    return get_backend("litert"), model, splits, calibrate(model, splits.calibration, workdir / "cache"), workdir
+
+
+class TestLiteRt(BackendContract):
+    backend_name = "litert"
+    low_precision = "int8"
+    shrink = 0.4  # int8 weights: a quarter of the floats, plus the flatbuffer's own tables
+
+    @pytest.fixture(scope="class")
+    def setup(self, digits_module, digits_npz, tmp_path_factory):
+        return _setup(digits_module, digits_npz, tmp_path_factory.mktemp("litert"))
+
+    def run_exported(self, setup, candidate, path: Path, feeds: dict) -> np.ndarray:
+        from ai_edge_litert.interpreter import Interpreter
+
+        runner = Interpreter(str(path)).get_signature_runner("serving_default")
+        return np.concatenate([next(iter(runner(args_0=x[None]).values())) for x in feeds["image"]])
+
+    def test_each_spec_runs_as_built_and_a_layer_maps_to_its_op(self, setup):
+        """Static int8, dynamic int8 and weight-only int8 side by side in one model: each layer's op reads back as
+        its spec from the flatbuffer (input and weight types), and the model still agrees with FP32."""
+        backend, model, splits = setup[0], setup[1], setup[2]
+        asked = dict(zip(model.layer_names, ["int8", "fp32", "int8-dyn-pc", "w8"], strict=True))
+        candidate = self._build(setup, asked, "every-spec")
+        assert backend.executed(candidate) == asked
+        feeds = {"image": splits.search.arrays["image"]}
+        fp32 = backend.runner(self._build(setup, {n: "fp32" for n in model.layer_names}, "ref"), 1)(feeds)[0]
+        mixed = backend.runner(candidate, 1)(feeds)[0]
+        assert (mixed.argmax(1) == fp32.argmax(1)).mean() > 0.95 and not np.allclose(mixed, fp32)
+
+    def test_float_glue_puts_float_round_trips_between_int8_layers(self, setup):
+        """`glue: float` quantizes the int8 layers alone (QUANTIZE/DEQUANTIZE around each); `glue: int8` leaves
+        none between two int8 layers: its flatbuffer holds fewer conversion ops."""
+        backend, model = setup[0], setup[1]
+        layers = {n: "int8" for n in model.layer_names}
+        counts = {}
+        for glue in ("int8", "float"):
+            candidate = backend.build(model, Assignment(layers, {"glue": glue}), setup[3], setup[4] / f"glue-{glue}")
+            assert backend.executed(candidate) == layers
+            from autoq.backends.litert.model import interpreter
+
+            ops = [op["op_name"] for op in interpreter(candidate.path)._get_ops_details()]
+            counts[glue] = sum(op in ("QUANTIZE", "DEQUANTIZE") for op in ops)
+        assert counts["int8"] < counts["float"]
+
+    def test_the_static_recipe_takes_int8_input_and_is_fed_quantized(self, setup):
+        """AI Edge Quantizer's static_wi8_ai8 makes int8 model inputs: the runner quantizes the floats in with the
+        input's scale and reads the outputs back in float, so the recipe is judged on the same data."""
+        backend, model, splits, calibration, workdir = setup
+        recipe = next(r for r in backend.recipes(model) if "static_wi8_ai8" in r.label)
+        built = recipe.build(model, calibration, workdir / "static-recipe")
+        from autoq.backends.litert.model import interpreter
+
+        runner = interpreter(built.path).get_signature_runner("serving_default")
+        assert next(iter(runner.get_input_details().values()))["dtype"] == np.int8
+        feeds = {"image": splits.search.arrays["image"]}
+        fp32 = backend.runner(self._build(setup, {n: "fp32" for n in model.layer_names}, "ref2"), 1)(feeds)[0]
+        assert (backend.runner(built, 1)(feeds)[0].argmax(1) == fp32.argmax(1)).mean() > 0.95
+
+
+def test_a_module_litert_torch_cannot_convert_gets_one_line(digits_npz, tmp_path):
+    class Untraceable(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(64, 10)
+
+        def forward(self, image):
+            if image.sum() > 0:  # data-dependent control flow: torch.export refuses it
+                return self.fc(image.flatten(1))
+            return -self.fc(image.flatten(1))
+
+    module = Untraceable().eval()
+    backend, model, _, calibration, workdir = _setup(module, digits_npz, tmp_path)
+    with pytest.raises(AutoqError, match="litert-torch cannot convert this module") as caught:
+        backend.build(model, Assignment({n: "int8" for n in model.layer_names}), calibration, workdir / "b")
+    assert "\n" not in str(caught.value)
