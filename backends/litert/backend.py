@@ -32,6 +32,7 @@ from autoq.backends.litert.model import (
     quiet,
     ran_as,
     scope,
+    weight_sizes,
 )
 from autoq.calibrate import Calibration
 from autoq.errors import AutoqError
@@ -49,6 +50,7 @@ class LiteRtState:
 
     inputs: list[InputSpec]
     scopes: dict[str, str] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)  # layer -> its weight's element count
 
 
 def _ordered(names: list[str]) -> list[str]:
@@ -57,12 +59,12 @@ def _ordered(names: list[str]) -> list[str]:
 
 
 def _quantizer_of(detail: dict) -> Callable[[np.ndarray, bool], np.ndarray]:
-    """How to feed (True) or read (False) a signature tensor: float as it is; an integer one (AI Edge Quantizer's
-    static recipe makes int8 I/O) quantized in, dequantized out with its scale and zero point."""
+    """How to feed (True) or read (False) a signature tensor: cast to its type; a quantized one (AI Edge
+    Quantizer's static recipe makes int8 I/O) quantized in, dequantized out with its scale and zero point."""
     scales, zeros = detail["quantization_parameters"]["scales"], detail["quantization_parameters"]["zero_points"]
     dtype = np.dtype(detail["dtype"])
-    if dtype.kind == "f" or len(scales) != 1:
-        return lambda x, feeding: x.astype(np.float32)
+    if len(scales) != 1:  # not quantized: fed in its type (token ids as int32), read as float
+        return lambda x, feeding: x.astype(dtype) if feeding else x.astype(np.float32)
     scale, zero, info = float(scales[0]), int(zeros[0]), np.iinfo(dtype)
 
     def convert(x: np.ndarray, feeding: bool) -> np.ndarray:
@@ -111,10 +113,11 @@ class LiteRtBackend(Backend):
                 made = quantizer.Quantizer(str(source))
                 made.load_quantization_recipe(recipe.static_wi8_ai8())
                 samples = calibration.samples()
-                names = _ordered(list(interpreter(source).get_signature_list()[SIGNATURE]["inputs"]))  # type: ignore[attr-defined]
+                details = interpreter(source).get_signature_runner(SIGNATURE).get_input_details()
+                names = _ordered(list(details))
                 count = len(next(iter(samples.values())))
-                feeds = [{signature: samples[name][i:i + 1] for signature, name in zip(names, samples, strict=False)}
-                         for i in range(count)]
+                feeds = [{signature: samples[name][i:i + 1].astype(details[signature]["dtype"])
+                          for signature, name in zip(names, samples, strict=False)} for i in range(count)]
                 with quiet():
                     _QSVS[key] = made.calibrate({SIGNATURE: feeds}, num_threads=1)
                 cached.write_bytes(pickle.dumps(_QSVS[key]))
@@ -126,7 +129,7 @@ class LiteRtBackend(Backend):
 
         source = float_model(model, calibration.samples(), calibration.folder)
         scopes = self._scopes(model)
-        ops = layer_ops(source, scopes)
+        ops = layer_ops(source, scopes, weight_sizes(model))
         specs = {name: spec for name, spec in assignment.specs().items() if spec.fmt != "fp32"}
         missing = sorted(set(specs) - set(ops))
         if missing:
@@ -134,7 +137,7 @@ class LiteRtBackend(Backend):
                              "conversion: leave those layers fp32")
         workdir.mkdir(parents=True, exist_ok=True)
         out = workdir / "model.tflite"
-        state = LiteRtState(list(model.inputs), scopes)
+        state = LiteRtState(list(model.inputs), scopes, weight_sizes(model))
         if not specs:
             shutil.copyfile(source, out)
             return Candidate(assignment, out, out.stat().st_size, state)
@@ -182,7 +185,7 @@ class LiteRtBackend(Backend):
 
     def executed(self, candidate: Candidate) -> dict[str, str]:
         state = state_of(candidate, LiteRtState)
-        ops = layer_ops(candidate.path, state.scopes)
+        ops = layer_ops(candidate.path, state.scopes, state.sizes)
         return {layer: ran_as(ops[layer]) if layer in ops else "fp32" for layer in candidate.assignment.layers}
 
     def export(self, candidate: Candidate, path: Path) -> Path:
@@ -209,7 +212,8 @@ class LiteRtBackend(Backend):
                     result.export_model(str(out), overwrite=True)
                 layers = {layer.name: "fp32" for layer in m.layers}
                 return Candidate(Assignment(layers), out, out.stat().st_size, LiteRtState(list(m.inputs),
-                                                                                         self._scopes(m)))
+                                                                                         self._scopes(m),
+                                                                                         weight_sizes(m)))
             return build
 
         return [Recipe("AI Edge Quantizer static_wi8_ai8", whole("static_wi8_ai8")),

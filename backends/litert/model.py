@@ -2,7 +2,7 @@
 
 `litert-torch` converts the user's module (no TensorFlow) once per model, cached beside the calibration. Each autoq
 layer (a module FQN) maps to the TFLite op whose weight tensor carries that module's scope: litert-torch names a
-weight `<root class>/<class>_<attribute>/...` down the module tree, which `scope` rebuilds from the module itself.
+weight `<root class>/<class>_<attribute>/...` down the modules called, which `scope` rebuilds from the module itself.
 What an op runs in is read from the built flatbuffer: the types of its input and weight (a weight made by a
 DEQUANTIZE op is stored in that op's input type and computed in float).
 """
@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from autoq.errors import AutoqError
 from autoq.graph import OnnxModel
-from autoq.quiet import native_stderr_hushed
+from autoq.quiet import captured, native_stderr_hushed
 
 LAYER_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV", "BATCH_MATMUL")
 SIGNATURE = "serving_default"
@@ -29,12 +29,22 @@ SIGNATURE = "serving_default"
 
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
-    """litert-torch, the converter and the quantizer print progress, reports and absl lines; keep them off the
-    user's console."""
+    """litert-torch, the converter and the quantizer print progress, reports and absl lines (natively too), and
+    importing them loads torchao, which reports its missing CUDA kernels: keep all of it off the user's console
+    (unless verbose). Their imports happen inside it."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
-            native_stderr_hushed():
+    with captured(), native_stderr_hushed():
         yield
+
+
+def stack() -> tuple[object, object, object]:
+    """(litert_torch, ai_edge_quantizer's quantizer module, the LiteRT Interpreter class), imported quietly."""
+    with quiet():
+        import litert_torch
+        from ai_edge_litert.interpreter import Interpreter
+        from ai_edge_quantizer import quantizer
+
+    return litert_torch, quantizer, Interpreter
 
 
 def _qualified(cls: type) -> str:
@@ -42,11 +52,15 @@ def _qualified(cls: type) -> str:
 
 
 def scope(module: object, fqn: str) -> str:
-    """The name litert-torch gives the weights of submodule `fqn` of `module`."""
+    """The name litert-torch gives the weights of submodule `fqn` of `module`: the modules called on the way down
+    (a ModuleList or ModuleDict is never called, so it is not named)."""
+    import torch
+
     parts, current = [_qualified(type(module))], module
     for attribute in fqn.split("."):
         current = getattr(current, attribute)
-        parts.append(f"{_qualified(type(current))}_{attribute}")
+        if not isinstance(current, torch.nn.ModuleList | torch.nn.ModuleDict):
+            parts.append(f"{_qualified(type(current))}_{attribute}")
     return "/".join(parts)
 
 
@@ -62,13 +76,12 @@ def float_model(model: OnnxModel, samples: dict[str, np.ndarray], folder: Path) 
     path = folder / f"litert-fp32-{digest}.tflite"
     if path.is_file():
         return path
-    import litert_torch
-
+    litert_torch, _, _ = stack()
     example = tuple(torch.from_numpy(samples[spec.name][:1]) for spec in model.inputs)
     folder.mkdir(parents=True, exist_ok=True)
     try:
         with quiet():
-            converted = litert_torch.convert(model.module.eval(), example)
+            converted = litert_torch.convert(model.module.eval(), example)  # type: ignore[attr-defined]
             converted.export(str(path.with_suffix(".partial")))
     except Exception as exc:  # the converter raises many types; the user needs the first line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -90,36 +103,47 @@ class Op:
     weight_scales: int
 
 
-def interpreter(path: Path, threads: int = 1) -> object:
-    from ai_edge_litert.interpreter import Interpreter
-
+def interpreter(path: Path, threads: int = 1) -> Any:
+    """The LiteRT interpreter (XNNPACK by default) on `path`, tensors allocated."""
+    _, _, made_by = stack()
     with quiet():
-        made = Interpreter(str(path), num_threads=threads)
+        made = made_by(str(path), num_threads=threads)  # type: ignore[operator]
         made.allocate_tensors()
     return made
 
 
-def layer_ops(path: Path, scopes: dict[str, str]) -> dict[str, Op]:
-    """Layer -> its op in the flatbuffer at `path`, found by the scope of its weight's name."""
+def weight_sizes(model: OnnxModel) -> dict[str, int]:
+    """Layer -> the element count of its weight (what tells apart layers whose names one op's weight shares)."""
+    stored = {t.name: int(np.prod(t.dims)) for t in model.proto.graph.initializer}
+    return {layer.name: stored.get(layer.weight, 0) for layer in model.layers}
+
+
+def layer_ops(path: Path, scopes: dict[str, str], sizes: dict[str, int]) -> dict[str, Op]:
+    """Layer -> its op in the flatbuffer at `path`. An op's weight is named by the scopes of the modules it came
+    from, `;`-joined (a fused op's weight names its neighbours too, e.g. a key projection also names the query's):
+    the op takes the first module named there that is a layer not taken yet, with the weight's size."""
     runner = interpreter(path)
-    tensors = {t["index"]: t for t in runner.get_tensor_details()}  # type: ignore[attr-defined]
-    ops = [op for op in runner._get_ops_details() if op["op_name"] != "DELEGATE"]  # type: ignore[attr-defined]
+    tensors = {t["index"]: t for t in runner.get_tensor_details()}
+    ops = [op for op in runner._get_ops_details() if op["op_name"] != "DELEGATE"]
     made_by = {int(out): op for op in ops for out in op["outputs"]}
-    by_scope = {value: key for key, value in scopes.items()}
+    by_scope: dict[str, list[str]] = {}
+    for layer, name in scopes.items():
+        by_scope.setdefault(name, []).append(layer)
     found: dict[str, Op] = {}
     for op in ops:
         if op["op_name"] not in LAYER_OPS or len(op["inputs"]) < 2:
             continue
-        weight = tensors[int(op["inputs"][1])]
-        stored = weight
+        weight = stored = tensors[int(op["inputs"][1])]
         source = made_by.get(int(op["inputs"][1]))
         if source is not None and source["op_name"] == "DEQUANTIZE":
             stored = tensors[int(source["inputs"][0])]
-        layer = by_scope.get(stored["name"].split(";")[0]) or by_scope.get(weight["name"].split(";")[0])
-        if layer is None:
+        size = int(np.prod(weight["shape"]))
+        named = [layer for part in stored["name"].split(";") for layer in by_scope.get(part, [])]
+        taker = next((la for la in named if la not in found and sizes.get(la, size) == size), None)
+        if taker is None:
             continue
         scales = stored.get("quantization_parameters", {}).get("scales", np.zeros(0))
-        found[layer] = Op(op["op_name"], tensors[int(op["outputs"][0])]["name"],
+        found[taker] = Op(op["op_name"], tensors[int(op["outputs"][0])]["name"],
                           np.dtype(tensors[int(op["inputs"][0])]["dtype"]).name, np.dtype(weight["dtype"]).name,
                           np.dtype(stored["dtype"]).name, int(len(scales)))
     return found
