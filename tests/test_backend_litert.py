@@ -106,3 +106,20 @@ def test_a_module_litert_torch_cannot_convert_gets_one_line(digits_npz, tmp_path
     with pytest.raises(AutoqError, match="litert-torch cannot convert this module") as caught:
         backend.build(model, Assignment({n: "int8" for n in model.layer_names}), calibration, workdir / "b")
     assert "\n" not in str(caught.value)
+
+
+def test_a_litert_search_of_a_module_reaches_int8_and_judges_the_recipes(digits_module, digits_npz, tmp_path):
+    """`autoq.search(module, example_inputs, data, backend="litert")`: the front holds a point with int8 layers that
+    executed as assigned, and every AI Edge Quantizer recipe got a verdict against it."""
+    import pandas as pd
+
+    import autoq
+
+    arrays = dict(np.load(digits_npz))
+    result = autoq.search(digits_module, (torch.zeros(1, 1, 8, 8),), {"image": arrays["image"]},
+                          labels=arrays["label"], backend="litert", trials=6, out=tmp_path / "run", progress=False)
+    assert result.front["val_executed_ok"].all()
+    assert result.front["summary"].str.contains("int8").any(), result.front["summary"].tolist()
+    recipes = pd.read_csv(tmp_path / "run" / "recipes.csv", keep_default_na=False)
+    assert len(recipes) == 3 and recipes["verdict"].str.len().gt(0).all()
+    assert not recipes["verdict"].str.startswith("failed").any(), recipes["verdict"].tolist()
