@@ -19,6 +19,7 @@ import pandas as pd
 from autoq import data as data_mod
 from autoq import recipes as recipes_mod
 from autoq import sensitivity as sensitivity_mod
+from autoq.backends import get_backend
 from autoq.costmodel import Screen
 from autoq.errors import AutoqError
 from autoq.evaluate import CandidateError, Evaluator
@@ -165,6 +166,10 @@ def finetune(run_dir: str | Path, point: int, data: DataArg, labels: str | Path 
     from autoq.recovery.finetune import finetune_point
 
     config = json.loads((run_dir / "run.json").read_text())
+    if get_backend(config["backend"]).takes_module:
+        raise AutoqError(f"autoq finetune trains the run's ONNX graph; the {config['backend']} backend builds from "
+                         "your nn.Module, which it cannot hand the trained weights yet: fine-tune an onnxruntime or "
+                         "openvino run")
     settings = RunSettings(backend=config["backend"], metric=config["metric"], labels=labels, out=str(run_dir),
                            progress=progress)
     if data is None:

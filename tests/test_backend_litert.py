@@ -123,3 +123,7 @@ def test_a_litert_search_of_a_module_reaches_int8_and_judges_the_recipes(digits_
     recipes = pd.read_csv(tmp_path / "run" / "recipes.csv", keep_default_na=False)
     assert len(recipes) == 3 and recipes["verdict"].str.len().gt(0).all()
     assert not recipes["verdict"].str.startswith("failed").any(), recipes["verdict"].tolist()
+    with pytest.raises(AutoqError, match="builds from your nn.Module") as caught:  # not silently untrained
+        autoq.finetune(tmp_path / "run", int(result.front["point"].iloc[0]), {"image": arrays["image"]},
+                       labels=arrays["label"], epochs=1, progress=False)
+    assert "\n" not in str(caught.value)
