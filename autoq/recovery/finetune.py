@@ -2,12 +2,13 @@
 
 The model runs in torch (`onnx_torch.OnnxModule`); each layer computes with its input and weight fake-quantized as
 its spec will run them (`fake_quant`), gradients passing straight through the rounding. Where the backend builds
-static int8 from the calibration's ranges (`Backend.reads_ranges`), the static inputs' ranges are trained too:
-round-to-nearest of the activations is most of a static int8 CNN's error. A point with learned rounding starts
-from its learned weights. The loss is the distance to FP32's outputs on the calibration split (no labels needed);
-the search split picks the best epoch; the state is saved after every epoch, so an interrupted fine-tune resumes
-where it stopped. The trained float weights go back into the ONNX model, which the backend then builds with the
-trained ranges (or the point's own): its own kernels, nothing simulated.
+static int8 from the calibration's ranges (`Backend.quantized_form`), every activation tensor its PTQ build
+quantizes (the glue's too) is rounded on the built grid and its range trains with the weights: rounding the
+activations is most of a static int8 CNN's error. Training starts from the biases that build stored (bias
+correction) and, for learned rounding, from the learned weights. The loss is the distance to FP32's outputs on the
+calibration split (no labels needed); the search split picks the best epoch; the state is saved after every epoch,
+so an interrupted fine-tune resumes where it stopped. The trained float weights go back into the ONNX model, which
+the backend then builds with the trained ranges (or the point's own): its own kernels, nothing simulated.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ RANGE_FRACTION = 0.001  # an activation range end's Adam step, as a share of the
 
 @dataclass(frozen=True)
 class Trained:
-    """The best weights found (ONNX initializer -> array) with the static inputs' ranges they were trained with,
+    """The best weights found (ONNX initializer -> array) with the activation ranges they were trained with,
     their quality and distance to FP32 on the search split (fake-quantized, in torch), before and after, and the
     epochs run."""
 
