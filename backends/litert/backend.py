@@ -26,6 +26,7 @@ import numpy as np
 from autoq.backends.base import Backend, Candidate, Feeds, Outputs, Recipe, state_of
 from autoq.backends.litert.model import (
     SIGNATURE,
+    Op,
     float_model,
     interpreter,
     layer_ops,
@@ -42,6 +43,7 @@ from autoq.precision import Assignment, Kind, Precision
 GLUE = "glue"
 SPECS = ("fp32", "int8", "int8-dyn", "int8-dyn-pc", "w8", "w4")
 _QSVS: dict[tuple[str, str], dict] = {}  # (float model, calibration) -> the quantizer's tensor statistics
+_SOURCE_OPS: dict[tuple[str, int], dict[str, Op]] = {}  # (float model, its mtime) -> layer -> op
 
 
 @dataclass
@@ -99,9 +101,10 @@ class LiteRtBackend(Backend):
     def _scopes(self, model: OnnxModel) -> dict[str, str]:
         return {layer.name: scope(model.module, layer.name.split("#")[0]) for layer in model.layers}
 
-    def _qsvs(self, source: Path, calibration: Calibration) -> dict:
-        """Every tensor's statistics on the calibration samples (one sample per call, as deployed), computed once
-        per model and calibration and cached beside the calibration."""
+    def _qsvs(self, source: Path, calibration: Calibration, inputs: list[InputSpec]) -> dict:
+        """Every tensor's statistics on the calibration samples (one sample per call, as deployed; `inputs` in the
+        model's order, as the signature numbers them), computed once per model and calibration and cached beside
+        the calibration."""
         key = (str(source), str(calibration.path))
         if key not in _QSVS:
             cached = calibration.derived(f"litert-{source.stem}.pkl")
@@ -116,8 +119,8 @@ class LiteRtBackend(Backend):
                 details = interpreter(source).get_signature_runner(SIGNATURE).get_input_details()
                 names = _ordered(list(details))
                 count = len(next(iter(samples.values())))
-                feeds = [{signature: samples[name][i:i + 1].astype(details[signature]["dtype"])
-                          for signature, name in zip(names, samples, strict=False)} for i in range(count)]
+                feeds = [{signature: samples[spec.name][i:i + 1].astype(details[signature]["dtype"])
+                          for signature, spec in zip(names, inputs, strict=True)} for i in range(count)]
                 with quiet():
                     _QSVS[key] = made.calibrate({SIGNATURE: feeds}, num_threads=1)
                 cached.write_bytes(pickle.dumps(_QSVS[key]))
@@ -129,7 +132,10 @@ class LiteRtBackend(Backend):
 
         source = float_model(model, calibration.samples(), calibration.folder)
         scopes = self._scopes(model)
-        ops = layer_ops(source, scopes, weight_sizes(model))
+        key = (str(source), source.stat().st_mtime_ns)
+        if key not in _SOURCE_OPS:  # the float model's op map, read once per process
+            _SOURCE_OPS[key] = layer_ops(source, scopes, weight_sizes(model))
+        ops = _SOURCE_OPS[key]
         specs = {name: spec for name, spec in assignment.specs().items() if spec.fmt != "fp32"}
         missing = sorted(set(specs) - set(ops))
         if missing:
@@ -158,8 +164,9 @@ class LiteRtBackend(Backend):
                                         else QuantGranularity.TENSORWISE)
             else:
                 made.add_weight_only_config(regex, kind, spec.bits)
+        statistics = self._qsvs(source, calibration, list(model.inputs)) if made.need_calibration else None
         with quiet():
-            result = made.quantize(self._qsvs(source, calibration) if made.need_calibration else None)
+            result = made.quantize(statistics)
             result.export_model(str(out), overwrite=True)
         return Candidate(assignment, out, out.stat().st_size, state)
 
@@ -208,7 +215,8 @@ class LiteRtBackend(Backend):
                 workdir.mkdir(parents=True, exist_ok=True)
                 out = workdir / "model.tflite"
                 with quiet():
-                    result = made.quantize(self._qsvs(source, calibration) if made.need_calibration else None)
+                    result = made.quantize(self._qsvs(source, calibration, list(m.inputs)) if made.need_calibration
+                                         else None)
                     result.export_model(str(out), overwrite=True)
                 layers = {layer.name: "fp32" for layer in m.layers}
                 return Candidate(Assignment(layers), out, out.stat().st_size, LiteRtState(list(m.inputs),
