@@ -75,16 +75,24 @@ class TestLiteRt(BackendContract):
             counts[glue] = sum(op in ("QUANTIZE", "DEQUANTIZE") for op in ops)
         assert counts["int8"] < counts["float"]
 
-    def test_the_static_recipe_takes_int8_input_and_is_fed_quantized(self, setup):
-        """AI Edge Quantizer's static_wi8_ai8 makes int8 model inputs: the runner quantizes the floats in with the
-        input's scale and reads the outputs back in float, so the recipe is judged on the same data."""
+    @pytest.mark.parametrize("label", ["static_wi8_ai8", "PT2E"])
+    def test_the_static_recipes_take_int8_input_and_are_fed_quantized(self, setup, label):
+        """AI Edge Quantizer's static_wi8_ai8 and litert-torch's PT2E recipe make int8 model inputs: the runner
+        quantizes the floats in with the input's scale and reads the outputs back in float, so each recipe is judged
+        on the same data; every conv and fully connected op of theirs reads int8 input and weights."""
         backend, model, splits, calibration, workdir = setup
-        recipe = next(r for r in backend.recipes(model) if "static_wi8_ai8" in r.label)
-        built = recipe.build(model, calibration, workdir / "static-recipe")
+        recipe = next(r for r in backend.recipes(model) if label in r.label)
+        built = recipe.build(model, calibration, workdir / f"recipe-{label}")
         from autoq.backends.litert.model import interpreter
 
-        runner = interpreter(built.path).get_signature_runner("serving_default")
+        made = interpreter(built.path)
+        runner = made.get_signature_runner("serving_default")
         assert next(iter(runner.get_input_details().values()))["dtype"] == np.int8
+        dtypes = {t["index"]: np.dtype(t["dtype"]).name for t in made.get_tensor_details()}
+        layers = [op for op in made._get_ops_details() if op["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D",
+                                                                           "FULLY_CONNECTED")]
+        assert len(layers) == 4 and all(dtypes[op["inputs"][0]] == dtypes[op["inputs"][1]] == "int8"
+                                        for op in layers)
         feeds = {"image": splits.search.arrays["image"]}
         fp32 = backend.runner(self._build(setup, {n: "fp32" for n in model.layer_names}, "ref2"), 1)(feeds)[0]
         assert (backend.runner(built, 1)(feeds)[0].argmax(1) == fp32.argmax(1)).mean() > 0.95
@@ -121,7 +129,7 @@ def test_a_litert_search_of_a_module_reaches_int8_and_judges_the_recipes(digits_
     assert result.front["val_executed_ok"].all()
     assert result.front["summary"].str.contains("int8").any(), result.front["summary"].tolist()
     recipes = pd.read_csv(tmp_path / "run" / "recipes.csv", keep_default_na=False)
-    assert len(recipes) == 3 and recipes["verdict"].str.len().gt(0).all()
+    assert len(recipes) == 4 and recipes["verdict"].str.len().gt(0).all()
     assert not recipes["verdict"].str.startswith("failed").any(), recipes["verdict"].tolist()
     with pytest.raises(AutoqError, match="builds from your nn.Module") as caught:  # not silently untrained
         autoq.finetune(tmp_path / "run", int(result.front["point"].iloc[0]), {"image": arrays["image"]},

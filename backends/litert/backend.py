@@ -30,6 +30,7 @@ from autoq.backends.litert.model import (
     float_model,
     interpreter,
     layer_ops,
+    pt2e_model,
     quiet,
     ran_as,
     scope,
@@ -202,8 +203,9 @@ class LiteRtBackend(Backend):
         return target
 
     def recipes(self, model: OnnxModel) -> list[Recipe]:
-        """AI Edge Quantizer's one-line recipes on the whole converted model, float I/O: static int8 (its
-        `static_wi8_ai8`), dynamic int8 (`dynamic_wi8_afp32`) and weight-only int8 (`weight_only_wi8_afp32`)."""
+        """AI Edge Quantizer's one-line recipes on the whole converted model: static int8 (its `static_wi8_ai8`,
+        int8 I/O), dynamic int8 (`dynamic_wi8_afp32`) and weight-only int8 (`weight_only_wi8_afp32`); and
+        litert-torch's own PT2E quantizer (symmetric, per-channel weights, int8 I/O)."""
 
         def whole(name: str) -> Callable[[OnnxModel, Calibration, Path], Candidate]:
             def build(m: OnnxModel, calibration: Calibration, workdir: Path) -> Candidate:
@@ -224,6 +226,13 @@ class LiteRtBackend(Backend):
                                                                                          weight_sizes(m)))
             return build
 
+        def pt2e(m: OnnxModel, calibration: Calibration, workdir: Path) -> Candidate:
+            workdir.mkdir(parents=True, exist_ok=True)
+            out = pt2e_model(m, calibration.samples(), workdir / "model.tflite")
+            return Candidate(Assignment({layer.name: "fp32" for layer in m.layers}), out, out.stat().st_size,
+                             LiteRtState(list(m.inputs), self._scopes(m), weight_sizes(m)))
+
         return [Recipe("AI Edge Quantizer static_wi8_ai8", whole("static_wi8_ai8")),
                 Recipe("AI Edge Quantizer dynamic_wi8_afp32", whole("dynamic_wi8_afp32")),
-                Recipe("AI Edge Quantizer weight_only_wi8_afp32", whole("weight_only_wi8_afp32"))]
+                Recipe("AI Edge Quantizer weight_only_wi8_afp32", whole("weight_only_wi8_afp32")),
+                Recipe("litert-torch PT2E int8 (per channel)", pt2e)]

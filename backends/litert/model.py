@@ -90,6 +90,30 @@ def float_model(model: OnnxModel, samples: dict[str, np.ndarray], folder: Path) 
     return path
 
 
+def pt2e_model(model: OnnxModel, samples: dict[str, np.ndarray], path: Path) -> Path:
+    """`model.module` quantized by litert-torch's own recipe (its PT2E quantizer, symmetric int8 with per-channel
+    weights, observed on `samples` one at a time) and converted to `path`."""
+    import torch
+
+    litert_torch, _, _ = stack()
+    with quiet():
+        from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+        from litert_torch.quantize.quant_config import QuantConfig
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+        quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+        names = [spec.name for spec in model.inputs]
+        example = tuple(torch.from_numpy(samples[name][:1]) for name in names)
+        graph = prepare_pt2e(torch.export.export(model.module, example).module(), quantizer)  # type: ignore[arg-type]
+        with torch.no_grad():
+            for i in range(len(samples[names[0]])):
+                graph(*(torch.from_numpy(samples[name][i:i + 1]) for name in names))
+        graph = convert_pt2e(graph, fold_quantize=False)
+        converted = litert_torch.convert(graph, example, quant_config=QuantConfig(pt2e_quantizer=quantizer))  # type: ignore[attr-defined]
+        converted.export(str(path))
+    return path
+
+
 @dataclass(frozen=True)
 class Op:
     """A layer's op in a flatbuffer: its type, output tensor, and the types of its input and weight as they run
