@@ -70,7 +70,16 @@ class ActivationRanges(torch.nn.Module):
         return {name: partial(self.quantize, name) for name in self.names}
 
     def values(self) -> dict[str, tuple[float, float]]:
-        return {n: (float(b[0].detach()), float(b[1].detach())) for n, b in zip(self.names, self.bounds, strict=True)}
+        """Tensor -> the range it is quantized on, as `_activation` uses it (widened to hold 0, symmetric where
+        the tensor is): what a build from these ranges makes."""
+        found = {}
+        for name, bounds in zip(self.names, self.bounds, strict=True):
+            low, high = min(float(bounds[0].detach()), 0.0), max(float(bounds[1].detach()), 0.0)
+            if name in self.symmetric:
+                high = max(-low, high)
+                low = -high
+            found[name] = (low, high)
+        return found
 
 
 def _dynamic(x: torch.Tensor) -> torch.Tensor:
