@@ -52,13 +52,14 @@ class ActivationRanges(torch.nn.Module):
         super().__init__()
         self.learned, self.on_tensors = learned, on_tensors
         self.names = sorted(ranges)
+        self._index = {name: i for i, name in enumerate(self.names)}  # every forward looks each tensor up
         self.symmetric = {n for n in self.names if ranges[n].symmetric}
         self.bounds = torch.nn.ParameterList(
             torch.nn.Parameter(torch.tensor([ranges[n].low, ranges[n].high], dtype=torch.float32),
                                requires_grad=learned) for n in self.names)
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        return self.bounds[self.names.index(name)]
+        return self.bounds[self._index[name]]
 
     def quantize(self, name: str, x: torch.Tensor) -> torch.Tensor:
         return _activation(x, self[name], name in self.symmetric)
