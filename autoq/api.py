@@ -19,6 +19,7 @@ import pandas as pd
 from autoq import data as data_mod
 from autoq import recipes as recipes_mod
 from autoq import sensitivity as sensitivity_mod
+from autoq import union
 from autoq.backends import get_backend
 from autoq.costmodel import Screen
 from autoq.errors import AutoqError
@@ -27,7 +28,7 @@ from autoq.measure import hardware_key
 from autoq.objective import run_search
 from autoq.pareto import front as pareto_front
 from autoq.precision import Assignment, Precision
-from autoq.problem import DataArg, open_problem
+from autoq.problem import REPORTS, DataArg, open_problem
 from autoq.progress import PhaseProgress
 from autoq.recovery import rounding
 from autoq.reporting import run as run_report
@@ -81,6 +82,8 @@ def search(model: str | Path | object | None = None, data: DataArg = None, *more
     if more:  # search(module, example_inputs, data)
         example_inputs, data = data, more[0]
     settings = (settings or RunSettings()).changed(**changes)
+    if len(union.backends_of(settings.backend)) > 1:
+        return _search_union(model, data, example_inputs, settings)
     with open_problem(model, data, example_inputs, settings, searching=True) as problem:
         run_dir, evaluator, choices = problem.run_dir, problem.evaluator, problem.choices
         scores = None
@@ -128,6 +131,23 @@ def search(model: str | Path | object | None = None, data: DataArg = None, *more
             "glue_kept_float": dict(regions.kept_float) if regions is not None else None}
     (run_dir / run_report.META).write_text(json.dumps(meta, indent=2))
     return SearchResult(run_dir, table, front, run_report.regenerate(run_dir), scores, recipe_table)
+
+
+def _search_union(model: object, data: DataArg, example_inputs: object, settings: RunSettings) -> SearchResult:
+    """One search per backend in one run directory, then their union front (`autoq.union`). A backend that cannot
+    search this model is left out with its one-line reason."""
+    names = union.backends_of(settings.backend)
+    run_dir = Path(settings.out) if settings.out else REPORTS / f"{union.model_stem(model, settings.demo)}-union"
+    for name, part in union.parts(settings, names, run_dir):
+        try:
+            search(model, data, example_inputs=example_inputs, settings=part)
+        except AutoqError as exc:
+            print(f"autoq: {name}: {exc} (the union goes on without {name})", file=sys.stderr)
+    if not union.searched(run_dir):
+        raise AutoqError(f"none of {', '.join(names)} could search this model (their reasons are above)")
+    front, recipes, _ = union.retime(run_dir, progress=settings.progress)
+    return SearchResult(run_dir, union.trials(run_dir), front, run_dir / "report.html", None,
+                        recipes if not recipes.empty else None)
 
 
 def _worker(evaluator: Evaluator, timeout: float) -> Worker | None:
@@ -184,6 +204,8 @@ def finetune(run_dir: str | Path, point: int, data: DataArg, labels: str | Path 
 
 def report(run_dir: str | Path) -> Path:
     """Regenerate report.html of a run (also of one still in progress)."""
+    if union.is_union(Path(run_dir)):
+        return union.write_report(Path(run_dir))
     return run_report.regenerate(Path(run_dir))
 
 
@@ -201,6 +223,11 @@ def verify(run_dir: str | Path, points: list[int] | None = None, against: Sequen
     from autoq.retime import PASS_PAUSE_S
     from autoq.retime import verify as verify_run
 
+    if union.is_union(Path(run_dir)):  # every backend's points and recipes, re-timed together
+        if points is not None or against:
+            raise AutoqError("verify re-times a union run whole: leave out --point and --against")
+        return union.retime(Path(run_dir), rounds, passes, PASS_PAUSE_S if pass_pause_s is None else pass_pause_s,
+                            progress)[2]
     return verify_run(run_dir, points, against, rounds, passes,
                       PASS_PAUSE_S if pass_pause_s is None else pass_pause_s, progress)
 

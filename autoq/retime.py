@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -30,10 +30,10 @@ FIRST = "verify.json"  # in the run directory: FP32's speed and ratios at the fi
 PASS_PAUSE_S = 20.0  # between verify's passes
 
 
-def run_models(run_dir: Path, points: list[int] | None = None,
+def run_models(run_dir: Path, reference: Path, points: list[int] | None = None,
                against: Sequence[Path] = ()) -> dict[str, tuple[Path, dict]]:
-    """Label -> (model file, model-wide options) of everything to time; FP32 first."""
-    models: dict[str, tuple[Path, dict]] = {FP32: (run_dir / "model.onnx", {})}
+    """Label -> (model file, model-wide options) of everything to time; FP32 (`reference`) first."""
+    models: dict[str, tuple[Path, dict]] = {FP32: (reference, {})}
     front = pd.read_csv(run_dir / "pareto.csv")
     wanted = set(points) if points is not None else set(front["point"])
     unknown = wanted - set(front["point"])
@@ -89,36 +89,53 @@ def verify(run_dir: str | Path, points: list[int] | None = None, against: Sequen
     if samples is None:
         msg = f"{run_dir}/cache has no calibration samples to feed the models: run the search there again"
         raise AutoqError(msg)
-    models = run_models(run_dir, points, [Path(p) for p in against])
+    models = run_models(run_dir, backend.reference_model(run_dir), points, [Path(p) for p in against])
     instances = backend.deployed_instances
     runners = {label: [backend.deployed_runner(Candidate(Assignment({}, options), path, 0), threads)
                        for _ in range(instances)] for label, (path, options) in models.items()}
-    proto = onnx.load(str(models[FP32][0]), load_external_data=False)
-    feeds = timing_feeds(runners[FP32][0], {k: v[:1] for k, v in np.load(samples).items()}, input_specs(proto),
-                         [o.name for o in proto.graph.output])  # a language model: one decode step
+    feeds = run_feeds(run_dir, runners[FP32][0], samples)
     runs = {label: [partial(run, feeds) for run in each] for label, each in runners.items()}
+    table = time_models(runs, FP32, rounds, passes, pass_pause_s, progress)
+    return _against_first(table, run_dir / FIRST, table.attrs["fp32_ms"])
+
+
+def run_feeds(run_dir: Path, runner: Callable, samples: Path) -> dict[str, np.ndarray]:
+    """One sample of the run's cached calibration data, as its FP32 model is fed (a language model: one decode
+    step)."""
+    proto = onnx.load(str(run_dir / "model.onnx"), load_external_data=False)
+    return timing_feeds(runner, {k: v[:1] for k, v in np.load(samples).items()}, input_specs(proto),
+                        [o.name for o in proto.graph.output])
+
+
+def time_models(runs: Mapping[str, Sequence[Callable[[], object]]], reference: str, rounds: int, passes: int,
+                pass_pause_s: float, progress: bool) -> pd.DataFrame:
+    """Time every model against `reference` in alternating rounds spread over `passes` passes (each model given as
+    its separately compiled instances, as many for every model): one row per model with its median ms and its
+    ratio to the reference with the 95% interval (passes and instances resampled first). `attrs`: the reference's
+    median ms, and at the start and end of the rounds with whether it drifted."""
+    instances = len(runs[reference])
     per_pass = -(-rounds // (passes * instances)) * instances  # each instance as often in every pass
     passes_timed = []
     with PhaseProgress(f"verify: {len(runs)} models, {passes} passes", passes, progress, stderr=True) as bar:
         for index in range(passes):
             if index:
                 time.sleep(pass_pause_s)
-            passes_timed.append(ratio_rounds(runs, FP32, rounds=per_pass))
+            passes_timed.append(ratio_rounds(runs, reference, rounds=per_pass))
             bar.advance(index + 1)
     rows = []
     for label in runs:
         ms = np.concatenate([timed[label][0] for timed in passes_timed])
-        ratios = [timed[label][1] for timed in passes_timed]  # FP32's (all 1.0): one per model and round
+        ratios = [timed[label][1] for timed in passes_timed]  # the reference's (all 1.0): one per model and round
         clusters = [index * instances + np.arange(len(r)) * per_pass // len(r) % instances  # pass, then instance
                     for index, r in enumerate(ratios)]
         ratio, low, high = interval(np.concatenate(ratios), clusters=np.concatenate(clusters))
         rows.append({"model": label, "ms": float(np.median(ms)), "vs FP32": ratio, "95% low": low, "95% high": high})
     table = pd.DataFrame(rows)
-    fp32_ms = np.concatenate([timed[FP32][0] for timed in passes_timed])
-    start, end, table.attrs["drifted"] = fp32_drift(fp32_ms)
+    reference_ms = np.concatenate([timed[reference][0] for timed in passes_timed])
+    start, end, table.attrs["drifted"] = fp32_drift(reference_ms)
     table.attrs["fp32_ms_start_end"] = (start, end)
-    now = table.attrs["fp32_ms"] = float(np.median(fp32_ms))
-    return _against_first(table, run_dir / FIRST, now)
+    table.attrs["fp32_ms"] = float(np.median(reference_ms))
+    return table
 
 
 def _against_first(table: pd.DataFrame, first: Path, now: float) -> pd.DataFrame:

@@ -216,6 +216,10 @@ class Backend(ABC):
     def export(self, candidate: Candidate, path: Path) -> Path:
         """Write the candidate as a model file a user can deploy; return its path."""
 
+    def reference_model(self, run_dir: Path) -> Path:
+        """The FP32 model file of a finished run that `autoq verify` times its points against."""
+        return run_dir / "model.onnx"
+
     def deployed_runner(self, candidate: Candidate, threads: int) -> Callable[[Feeds], Outputs]:
         """The candidate run with the session settings a user deploys with (`autoq verify`); the search's own
         `runner` may differ where that makes alternating timing rounds honest."""

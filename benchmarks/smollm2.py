@@ -52,7 +52,7 @@ def _prefill(run_dir: Path, backend_name: str, windows: Path, threads: int) -> d
     backend = get_backend(backend_name)
     feeds = {k: v[:1] for k, v in data_mod.split(data_mod.load(windows, "labels")).validation.arrays.items()}
     runs = {label: partial(backend.deployed_runner(Candidate(Assignment({}, options), path, 0), threads), feeds)
-            for label, (path, options) in run_models(run_dir).items()}
+            for label, (path, options) in run_models(run_dir, run_dir / "model.onnx").items()}
     timed = ratio_rounds(runs, "FP32", rounds=9)
     return {label: interval(ratios) for label, (_, ratios) in timed.items() if label != "FP32"}
 

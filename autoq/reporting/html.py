@@ -294,3 +294,42 @@ def write_compare_html(path: Path, runs: dict[str, tuple[pd.DataFrame, pd.DataFr
 <body style="font-family:sans-serif;margin:2em"><h1>autoq: fronts compared</h1>{_table(pd.DataFrame(rows))}
 {fig.to_html(full_html=False, include_plotlyjs=True)}</body></html>""")
     return path
+
+
+def write_union_html(path: Path, front: pd.DataFrame, candidates: pd.DataFrame, recipes: pd.DataFrame,
+                     timed: pd.DataFrame, meta: dict, backends: list[str]) -> Path:
+    """The union of several backends' fronts (`autoq.union`): every backend's points and recipes on one latency
+    axis (one set of alternating rounds), the union front, the recipes' verdicts and every model's timing."""
+    fig = go.Figure()
+    for backend in backends:
+        own = candidates[candidates["backend"] == backend] if not candidates.empty else candidates
+        fig.add_scatter(x=own.get("latency_ms"), y=own.get("quality"), mode="markers", name=f"{backend}: its front",
+                        marker={"size": 9, "opacity": 0.5}, text=own.get("summary"))
+        made = recipes[recipes["backend"] == backend] if not recipes.empty else recipes
+        fig.add_scatter(x=made.get("val_latency_ms"), y=made.get("val_quality"), mode="markers",
+                        name=f"{backend}: recipes", marker={"symbol": "x", "size": 11}, text=made.get("recipe"))
+    fig.add_scatter(x=front.get("latency_ms"), y=front.get("quality"), mode="lines+markers", name="union front",
+                    line={"shape": "hv", "color": "black"}, marker={"size": 5, "color": "black"},
+                    text=front.get("summary"))
+    fig.update_layout(title="One front across runtimes", xaxis_title="latency (ms, one set of alternating rounds)",
+                      yaxis_title=str(meta.get("metric", "quality")), height=560, template="plotly_white")
+    recipes_top, recipes_section = recipe_verdicts_html(recipes if not recipes.empty else None)
+    answer = choices(front, recipes if not recipes.empty else None)
+    machine = meta.get("machine", {})
+    facts = (f"{html.escape(str(machine.get('cpu')))}, {machine.get('threads')} threads; every model timed in "
+             f"{meta.get('rounds')} alternating rounds over {meta.get('passes')} passes against "
+             f"{html.escape(str(meta.get('reference')))} ({meta.get('fp32_ms', 0):.2f} ms)"
+             + ("; <b>FP32's speed drifted during the rounds</b>" if meta.get("drifted") else ""))
+    links = " ".join(f'<a href="{b}/report.html">{b}</a>' for b in backends)
+    path.write_text(f"""<!doctype html><html><head><meta charset="utf-8"><title>autoq union report</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1200px}} table{{border-collapse:collapse;max-width:100%}}
+th,td{{padding:3px 10px;text-align:left;border-bottom:1px solid #ddd;font-size:14px}}</style></head><body>
+<h1>autoq: {html.escape(str(meta.get("model", "")))} across {html.escape(", ".join(backends))}</h1>
+<p>{facts}. Each backend's own run: {links}.</p>
+<h2>What to take</h2>{_table(answer) if not answer.empty else "<p>No front point.</p>"}
+{recipes_top}{fig.to_html(full_html=False, include_plotlyjs=True)}
+<h2>The union front</h2>{_table(front_table(front).assign(backend=front["backend"].to_numpy()))
+                          if not front.empty else ""}
+{toggle("all columns", _table(front))}{recipes_section}
+<h2>Every model timed</h2>{_table(timed)}</body></html>""")
+    return path

@@ -19,12 +19,13 @@ from autoq.study import LOCATION, load_run_study
 
 META = "meta.json"
 RECIPES = "recipes.csv"
+UNION = "union.json"  # in a run directory holding one search per backend and their union front (`autoq.union`)
 __all__ = ["compare", "export_point", "load", "regenerate", "write_sensitivity_html"]
 
 
 def _check(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
-    if not (run_dir / "study.db").is_file() and not (run_dir / LOCATION).is_file():
+    if not any((run_dir / marker).is_file() for marker in ("study.db", LOCATION, UNION)):
         msg = f"{run_dir} is not an autoq run directory (no study.db or study.json): give the --out of a search"
         raise AutoqError(msg)
     return run_dir

@@ -14,6 +14,7 @@ is not measured (the cost model estimates it from the whole-model timings).
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 import re
 import shutil
@@ -49,9 +50,10 @@ _SOURCE_OPS: dict[tuple[str, int], dict[str, Op]] = {}  # (float model, its mtim
 
 @dataclass
 class LiteRtState:
-    """An interpreter-ready build: the inputs in model order and the layers' scopes."""
+    """An interpreter-ready build: the inputs in model order (none known: a file `autoq verify` times, fed in the
+    order of its feeds) and the layers' scopes."""
 
-    inputs: list[InputSpec]
+    inputs: list[InputSpec] = field(default_factory=list)
     scopes: dict[str, str] = field(default_factory=dict)
     sizes: dict[str, int] = field(default_factory=dict)  # layer -> its weight's element count
 
@@ -87,7 +89,6 @@ class LiteRtBackend(Backend):
     unbuilt = {Kind.FLOAT: "the litert backend builds fp32 floats (XNNPACK computes fp16/bf16 weights in fp32 on "
                            "x86)"}
     takes_module = True
-    verify_refusal = "autoq verify re-times ONNX files; a litert run's points are .tflite files"
 
     def refuses(self, precision: Precision) -> str | None:
         if str(precision) in SPECS:
@@ -177,13 +178,14 @@ class LiteRtBackend(Backend):
         signature = made.get_signature_list()[SIGNATURE]  # type: ignore[attr-defined]
         inputs, outputs = _ordered(list(signature["inputs"])), _ordered(list(signature["outputs"]))
         run_one = made.get_signature_runner(SIGNATURE)  # type: ignore[attr-defined]
-        names = [spec.name for spec in state.inputs]
+        known = [spec.name for spec in state.inputs]
 
         details = run_one.get_input_details()
         given = {sig: _quantizer_of(details[sig]) for sig in inputs}  # an int8 input is fed quantized
         taken = {sig: _quantizer_of(d) for sig, d in run_one.get_output_details().items()}
 
         def run(feeds: Feeds) -> Outputs:
+            names = known or list(feeds)
             count = len(feeds[names[0]])
             results = [run_one(**{sig: given[sig](feeds[name][i:i + 1], True)
                                   for sig, name in zip(inputs, names, strict=True)}) for i in range(count)]
@@ -195,6 +197,13 @@ class LiteRtBackend(Backend):
         state = state_of(candidate, LiteRtState)
         ops = layer_ops(candidate.path, state.scopes, state.sizes)
         return {layer: ran_as(ops[layer]) if layer in ops else "fp32" for layer in candidate.assignment.layers}
+
+    def reference_model(self, run_dir: Path) -> Path:
+        digest = hashlib.sha1((run_dir / "model.onnx").read_bytes()).hexdigest()[:12]
+        found = sorted((run_dir / "cache").rglob(f"litert-fp32-{digest}.tflite"))
+        if not found:
+            raise AutoqError(f"{run_dir}/cache has no converted FP32 model: run the search there again")
+        return found[0]
 
     def export(self, candidate: Candidate, path: Path) -> Path:
         target = path.with_suffix(".tflite")

@@ -1,0 +1,100 @@
+"""One front across runtimes (`autoq.union`): one search per backend in one run directory, every backend's points,
+FP32 and recipes timed in one set of alternating rounds, one front, export and verify on it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import autoq
+from autoq import union
+from autoq.errors import AutoqError
+from autoq.pareto import MAXIMIZE, OBJECTIVES, pareto_mask
+from tests.models import DigitsClassifier, train_digits_module
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("openvino")
+pytest.importorskip("ai_edge_quantizer")
+BACKENDS = ["onnxruntime", "openvino", "litert"]
+
+
+@pytest.mark.parametrize(("names", "reason"), [("onnxruntime,tensorrt", "unknown backend 'tensorrt'"),
+                                               ("onnxruntime,onnxruntime", "names a backend twice"),
+                                               ("onnxruntime,torch", "leave it out of --backend")])
+def test_a_union_of_backends_it_cannot_time_together_is_one_line(names, reason):
+    with pytest.raises(AutoqError, match=reason) as caught:
+        union.backends_of(names)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.fixture(scope="module")
+def union_run(digits_npz, tmp_path_factory):
+    """A union search of a digits CNN (as a torch module) on the three file-based runtimes, two trials each."""
+    union.PASS_PAUSE_S = 0.0
+    arrays = dict(np.load(digits_npz))
+    out = tmp_path_factory.mktemp("union") / "run"
+    result = autoq.search(DigitsClassifier(train_digits_module()), (torch.zeros(1, 1, 8, 8),),
+                          {"image": arrays["image"]}, labels=arrays["label"], backend=",".join(BACKENDS), trials=6,
+                          out=out, progress=False)
+    return result, out
+
+
+@pytest.mark.slow
+def test_the_union_front_keeps_what_no_runtime_beats_timed_in_one_set_of_rounds(union_run):
+    result, out = union_run
+    assert union.searched(out) == BACKENDS
+    for name in BACKENDS:  # each backend searched its share of the budget in its own run directory
+        assert len(pd.read_csv(out / name / "trials.csv")) >= 2
+    timed = pd.read_csv(out / union.TIMED).set_index("model")
+    assert {f"{name} FP32" for name in BACKENDS} <= set(timed.index)
+    candidates = pd.read_csv(out / union.CANDIDATES)
+    assert set(candidates["backend"]) == set(BACKENDS)
+    assert set(candidates["timed_as"]) <= set(timed.index)  # every point's latency is from the one set of rounds
+    front = result.front
+    assert np.allclose(front["latency_ms"], timed.loc[front["timed_as"], "ms"])
+    keep = pareto_mask(candidates[list(OBJECTIVES)].to_numpy(dtype=float), MAXIMIZE,
+                       candidates["val_quality_spread"].to_numpy(dtype=float))
+    assert sorted(candidates.loc[keep, "timed_as"]) == sorted(front["timed_as"])
+    assert front["latency_ms"].is_monotonic_increasing and front["val_executed_ok"].all()
+    recipes = pd.read_csv(out / "recipes.csv")
+    assert {r.split(": ")[0] for r in recipes["recipe"]} == set(BACKENDS)
+    assert recipes["verdict"].str.len().gt(0).all()
+    assert not recipes["verdict"].str.startswith("failed").any(), recipes["verdict"].tolist()
+    assert (out / "report.html").read_text().count("union front") >= 1
+
+
+@pytest.mark.slow
+def test_a_union_point_exports_as_its_runtime_runs_it_and_verify_retimes_the_union(union_run, tmp_path):
+    result, out = union_run
+    suffix = {"onnxruntime": ".onnx", "openvino": ".xml", "litert": ".tflite"}
+    for row in result.front.itertuples():
+        files = autoq.export(out, int(row.point), tmp_path / f"p{row.point}")
+        names = {f.name for f in files}
+        assert "assignment.yaml" in names and "backend.txt" in names
+        assert any(name.endswith(suffix[row.backend]) for name in names), (row.backend, names)
+    table = autoq.verify(out, rounds=3, passes=1, progress=False)
+    assert set(table["model"]) == set(pd.read_csv(out / union.TIMED)["model"])
+    assert (table["vs FP32"] > 0).all() and (table["95% low"] <= table["95% high"]).all()
+
+
+def test_a_backend_that_cannot_take_the_model_is_left_out_with_its_reason(digits_cnn, digits_npz, tmp_path, capsys):
+    """An ONNX file on onnxruntime and litert: litert converts only a torch module, so the union is onnxruntime's
+    front alone, and the user reads why in one line."""
+    union.PASS_PAUSE_S = 0.0
+    result = autoq.search(digits_cnn, digits_npz, labels="label", backend="onnxruntime,litert", trials=2,
+                          out=tmp_path / "run", progress=False, recipes="none")
+    assert union.searched(tmp_path / "run") == ["onnxruntime"]
+    assert set(result.front["backend"]) == {"onnxruntime"}
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("autoq: litert:")]
+    assert len(said) == 1 and "converts an nn.Module" in said[0], said
+    with pytest.raises(AutoqError, match="holds a union of onnxruntime, litert"):
+        autoq.search(digits_cnn, digits_npz, labels="label", backend="onnxruntime,openvino", trials=2,
+                     out=tmp_path / "run", progress=False)
+
+
+def test_a_union_of_one_backend_is_a_plain_run(digits_cnn, digits_npz, tmp_path):
+    assert union.backends_of("onnxruntime") == ["onnxruntime"]
+    assert not union.is_union(Path(tmp_path))
