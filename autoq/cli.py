@@ -27,7 +27,8 @@ def _problem_args(parser: argparse.ArgumentParser) -> None:
                         "its own, labels = next tokens) (default: accuracy with labels, else cosine)")
     parser.add_argument("--space", help="search space: a YAML file or a bundled name (default: the backend's)")
     parser.add_argument("--backend", default=RunSettings.backend, help=" | ".join(
-        f"{name} (default)" if name == RunSettings.backend else name for name in BACKENDS))
+        f"{name} (default)" if name == RunSettings.backend else name for name in BACKENDS)
+        + "; several, comma-separated (search: one front across runtimes, timed together)")
     parser.add_argument("--threads", type=int, default=RunSettings.threads,
                         help=f"inference threads for every measurement ({RunSettings.threads})")
     parser.add_argument("--demo", default=RunSettings.demo, choices=DEMO_NAMES, help="with no model, the embedded "

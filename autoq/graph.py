@@ -30,6 +30,8 @@ class Layer:
     params: int
     macs: int
     channel_axis: int = 0  # the weight's output-channel axis (a table's rows), what per-channel scales follow
+    constant_lookup: bool = False  # a table read at indices no input's values decide (positions): a converter
+    # with static shapes folds the lookup into a constant, leaving no op to quantize (LiteRT)
 
 
 @dataclass(frozen=True)
@@ -155,7 +157,8 @@ def find_layers(model: onnx.ModelProto) -> list[Layer]:
     for node in graph.node:
         if node.op_type in TABLE_OPS and node.input[0] in weights and len(weights[node.input[0]]) == 2:
             table = weights[node.input[0]]
-            layers.append(Layer(node.name, node.op_type, node.input[0], table, int(np.prod(table)), 0, 0))
+            layers.append(Layer(node.name, node.op_type, node.input[0], table, int(np.prod(table)), 0, 0,
+                                constant_lookup=not _reads_input_values(graph, node.input[1])))
             continue
         if node.op_type not in LAYER_OPS or len(node.input) < 2 or node.input[1] not in weights:
             continue
@@ -174,6 +177,24 @@ def find_layers(model: onnx.ModelProto) -> list[Layer]:
             macs, axis = out * w[0], len(w) - 1
         layers.append(Layer(node.name, node.op_type, node.input[1], w, params, int(macs), axis))
     return layers
+
+
+def _reads_input_values(graph: onnx.GraphProto, tensor: str) -> bool:
+    """Whether `tensor` depends on the values of a graph input, not only on constants and inputs' shapes."""
+    made_by = {out: node for node in graph.node for out in node.output}
+    inputs = {value.name for value in graph.input} - {tensor.name for tensor in graph.initializer}
+    pending, seen = [tensor], set()
+    while pending:
+        name = pending.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        if name in inputs:
+            return True
+        node = made_by.get(name)
+        if node is not None and node.op_type not in ("Shape", "Size"):
+            pending.extend(i for i in node.input if i)
+    return False
 
 
 def input_specs(model: onnx.ModelProto) -> list[InputSpec]:

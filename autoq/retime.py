@@ -108,7 +108,7 @@ def run_feeds(run_dir: Path, runner: Callable, samples: Path) -> dict[str, np.nd
 
 
 def time_models(runs: Mapping[str, Sequence[Callable[[], object]]], reference: str, rounds: int, passes: int,
-                pass_pause_s: float, progress: bool) -> pd.DataFrame:
+                pass_pause_s: float, progress: bool, title: str = "verify") -> pd.DataFrame:
     """Time every model against `reference` in alternating rounds spread over `passes` passes (each model given as
     its separately compiled instances, as many for every model): one row per model with its median ms and its
     ratio to the reference with the 95% interval (passes and instances resampled first). `attrs`: the reference's
@@ -116,7 +116,7 @@ def time_models(runs: Mapping[str, Sequence[Callable[[], object]]], reference: s
     instances = len(runs[reference])
     per_pass = -(-rounds // (passes * instances)) * instances  # each instance as often in every pass
     passes_timed = []
-    with PhaseProgress(f"verify: {len(runs)} models, {passes} passes", passes, progress, stderr=True) as bar:
+    with PhaseProgress(f"{title}: {len(runs)} models, {passes} passes", passes, progress, stderr=True) as bar:
         for index in range(passes):
             if index:
                 time.sleep(pass_pause_s)

@@ -26,7 +26,7 @@ from autoq.backends.base import BACKENDS, Candidate
 from autoq.calibrate import cached_samples
 from autoq.errors import AutoqError
 from autoq.measure import interval, ratio_rounds
-from autoq.pareto import MAXIMIZE, OBJECTIVES, pareto_mask
+from autoq.pareto import OBJECTIVES
 from autoq.precision import Assignment
 from autoq.recipes import SIDE_BY_SIDE_ROUNDS, verdicts
 from autoq.reporting.run import META, RECIPES, UNION
@@ -36,6 +36,7 @@ from autoq.settings import RunSettings
 TIMED = "timed.csv"  # every model the union's rounds timed, with its ratio to the reference FP32
 CANDIDATES = "candidates.csv"  # every backend's front points as the union timed them, before the union's front
 PASS_PAUSE_S = 5.0  # between the union's timing passes
+SIZE_TOLERANCE = 1.01  # sizes within 1% are one size to the union front (a file's headers differ by bytes)
 
 
 def backends_of(names: str) -> list[str]:
@@ -133,7 +134,8 @@ def time_union(run_dir: Path, rounds: int, passes: int, pass_pause_s: float, pro
             for text in ("error", "model", "options"):  # an all-empty column reads back as NaN floats
                 table[text] = table[text].astype(object).where(table[text].notna(), "").astype(str)
             recipes.append(table.assign(backend=name, timed_as=[f"{name} recipe: {r}" for r in table["recipe"]]))
-    table = time_models(runs, f"{names[0]} {FP32}", rounds, passes, pass_pause_s, progress)
+    table = time_models(runs, f"{names[0]} {FP32}", rounds, passes, pass_pause_s, progress,
+                        f"timing every runtime together against {names[0]} FP32")
     return Timed(table, runs, pd.concat(points, ignore_index=True),
                  pd.concat(recipes, ignore_index=True) if recipes else pd.DataFrame())
 
@@ -157,9 +159,7 @@ def union_front(run_dir: Path, timed: Timed) -> pd.DataFrame:
                      "assignment": row.assignment, "source": f"{row.backend}/{row.model}", "timed_as": row.timed_as})
     every = pd.DataFrame(rows)
     every.to_csv(run_dir / CANDIDATES, index=False)
-    keep = pareto_mask(every[list(OBJECTIVES)].to_numpy(dtype=float), MAXIMIZE,
-                       every["val_quality_spread"].to_numpy(dtype=float))
-    front = every[keep].sort_values("latency_ms").reset_index(drop=True)
+    front = every[undominated(every)].sort_values("latency_ms").reset_index(drop=True)
     front.insert(0, "point", range(len(front)))
     shutil.rmtree(run_dir / "front", ignore_errors=True)
     models = []
@@ -172,6 +172,22 @@ def union_front(run_dir: Path, timed: Timed) -> pd.DataFrame:
         (folder / "backend.txt").write_text(f"{row.backend}\n")
         models.append(str((folder / source.name).relative_to(run_dir)))
     return front.assign(model=models)
+
+
+def undominated(points: pd.DataFrame) -> np.ndarray:
+    """True for the points no other point beats: at least as fast, as small (within SIZE_TOLERANCE) and as good
+    (within either's quality spread), and better somewhere beyond those margins. Unlike a study's front, a point
+    does not stay for a difference the measurement cannot tell apart (MiniLM: one OpenVINO assignment under two
+    hints, 6 bytes apart and 8% apart in speed, were both kept)."""
+    quality, latency, size = (points[c].to_numpy(dtype=float) for c in OBJECTIVES)
+    spread = np.nan_to_num(points["val_quality_spread"].to_numpy(dtype=float))
+    keep = np.ones(len(points), dtype=bool)
+    for i in range(len(points)):
+        margin = np.maximum(spread, spread[i])
+        as_good = (latency <= latency[i]) & (size <= size[i] * SIZE_TOLERANCE) & (quality >= quality[i] - margin)
+        better = (latency < latency[i]) | (size * SIZE_TOLERANCE < size[i]) | (quality > quality[i] + margin)
+        keep[i] = not (as_good & better).any()
+    return keep
 
 
 def judge_recipes(timed: Timed, front: pd.DataFrame) -> pd.DataFrame:

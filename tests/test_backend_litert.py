@@ -135,3 +135,43 @@ def test_a_litert_search_of_a_module_reaches_int8_and_judges_the_recipes(digits_
         autoq.finetune(tmp_path / "run", int(result.front["point"].iloc[0]), {"image": arrays["image"]},
                        labels=arrays["label"], epochs=1, progress=False)
     assert "\n" not in str(caught.value)
+
+
+class TinyEncoder(torch.nn.Module):
+    """Token and position embeddings into a linear layer: the position table is read at indices only the input's
+    shape decides."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.words = torch.nn.Embedding(300, 32)
+        self.positions = torch.nn.Embedding(16, 32)
+        self.fc = torch.nn.Linear(32, 8)
+
+    def forward(self, ids):
+        positions = torch.arange(ids.shape[1]).unsqueeze(0)
+        return self.fc(self.words(ids) + self.positions(positions))
+
+
+def test_a_token_table_is_offered_int8_and_runs_as_stored_a_folded_position_table_is_not(tmp_path):
+    """The word table, read at the input's ids, builds as int8 rows that EMBEDDING_LOOKUP reads (executed `w8`,
+    the file smaller, outputs close to FP32); the position table, which litert-torch folds into a constant, is
+    offered fp32 only (there is no op to quantize)."""
+    module = TinyEncoder().eval()
+    ids = np.random.default_rng(0).integers(0, 300, (48, 16)).astype(np.int64)
+    model = graph.prepare(to_onnx(module, (torch.from_numpy(ids[:1]),), tmp_path / "export"), tmp_path)
+    model.module = module
+    backend = get_backend("litert")
+    tables = {layer.name: backend.layer_precisions(layer, ["fp32", "w8"]) for layer in model.layers
+              if layer.op_type == "Gather"}
+    assert tables == {"words": ["fp32", "w8"], "positions": ["fp32"]}
+    splits = data.split(data.load({"ids": ids}))
+    calibration = calibrate(model, splits.calibration, tmp_path / "cache")
+    fp32 = backend.build(model, Assignment({n: "fp32" for n in model.layer_names}), calibration, tmp_path / "f")
+    asked = {"words": "w8", "positions": "fp32", "fc": "int8-dyn-pc"}
+    built = backend.build(model, Assignment(asked), calibration, tmp_path / "q")
+    assert backend.executed(built) == asked
+    assert built.size_bytes < 0.5 * fp32.size_bytes
+    feeds = {"ids": splits.search.arrays["ids"]}
+    reference, quantized = backend.runner(fp32, 1)(feeds)[0], backend.runner(built, 1)(feeds)[0]
+    assert np.abs(quantized - reference).max() < 0.05 * np.abs(reference).max()

@@ -12,7 +12,6 @@ import pytest
 import autoq
 from autoq import union
 from autoq.errors import AutoqError
-from autoq.pareto import MAXIMIZE, OBJECTIVES, pareto_mask
 from tests.models import DigitsClassifier, train_digits_module
 
 torch = pytest.importorskip("torch")
@@ -28,6 +27,17 @@ def test_a_union_of_backends_it_cannot_time_together_is_one_line(names, reason):
     with pytest.raises(AutoqError, match=reason) as caught:
         union.backends_of(names)
     assert "\n" not in str(caught.value)
+
+
+def test_the_union_front_drops_what_the_measurement_cannot_tell_apart():
+    """Kept: a real trade (faster and worse beyond the spread; smaller). Dropped: a twin a few bytes smaller but
+    slower, and a point better only within the quality spread but slower and larger."""
+    points = pd.DataFrame({
+        "quality": [0.990, 0.9902, 0.999, 0.9991, 0.980],
+        "val_quality_spread": [0.001, 0.001, 0.0001, 0.0005, 0.001],
+        "latency_ms": [3.0, 3.2, 4.0, 13.0, 4.5],
+        "size_bytes": [1000, 994, 1000, 3000, 400]})
+    assert union.undominated(points).tolist() == [True, False, True, False, True]
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +65,9 @@ def test_the_union_front_keeps_what_no_runtime_beats_timed_in_one_set_of_rounds(
     assert set(candidates["timed_as"]) <= set(timed.index)  # every point's latency is from the one set of rounds
     front = result.front
     assert np.allclose(front["latency_ms"], timed.loc[front["timed_as"], "ms"])
-    keep = pareto_mask(candidates[list(OBJECTIVES)].to_numpy(dtype=float), MAXIMIZE,
-                       candidates["val_quality_spread"].to_numpy(dtype=float))
-    assert sorted(candidates.loc[keep, "timed_as"]) == sorted(front["timed_as"])
+    assert sorted(candidates.loc[union.undominated(candidates), "timed_as"]) == sorted(front["timed_as"])
+    for row in candidates[~candidates["timed_as"].isin(front["timed_as"])].itertuples():  # each left out is beaten
+        assert ((front["latency_ms"] <= row.latency_ms) & (front["size_bytes"] <= row.size_bytes * 1.01)).any()
     assert front["latency_ms"].is_monotonic_increasing and front["val_executed_ok"].all()
     recipes = pd.read_csv(out / "recipes.csv")
     assert {r.split(": ")[0] for r in recipes["recipe"]} == set(BACKENDS)

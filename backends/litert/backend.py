@@ -26,6 +26,7 @@ import numpy as np
 
 from autoq.backends.base import Backend, Candidate, Feeds, Outputs, Recipe, state_of
 from autoq.backends.litert.model import (
+    LOOKUP,
     SIGNATURE,
     Op,
     float_model,
@@ -96,6 +97,9 @@ class LiteRtBackend(Backend):
         return f"the litert backend builds {', '.join(SPECS)} (AI Edge Quantizer's per-op configs)"
 
     def fits(self, layer: Layer, precision: Precision) -> bool:
+        if layer.op_type == "Gather":  # an embedding table: int8 rows read by EMBEDDING_LOOKUP, unless the
+            # conversion folds the lookup into a constant (positions), which leaves no op to quantize
+            return precision.kind == Kind.FLOAT or (str(precision) == "w8" and not layer.constant_lookup)
         if precision.kind == Kind.WEIGHT_ONLY and precision.bits == 4:
             return layer.op_type in ("Gemm", "MatMul")  # no int4 depthwise or conv kernels
         return layer.op_type in ("Conv", "Gemm", "MatMul") or precision.kind == Kind.FLOAT
@@ -164,6 +168,8 @@ class LiteRtBackend(Backend):
             elif spec.kind == Kind.DYNAMIC:
                 made.add_dynamic_config(regex, kind, 8, QuantGranularity.CHANNELWISE if spec.granularity == "channel"
                                         else QuantGranularity.TENSORWISE)
+            elif op.kind == LOOKUP:  # the hybrid lookup reads int8 rows (one scale each): no float table made
+                made.add_dynamic_config(regex, kind, 8, QuantGranularity.CHANNELWISE)
             else:
                 made.add_weight_only_config(regex, kind, spec.bits)
         statistics = self._qsvs(source, calibration, list(model.inputs)) if made.need_calibration else None

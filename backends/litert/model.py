@@ -23,7 +23,8 @@ from autoq.errors import AutoqError
 from autoq.graph import OnnxModel
 from autoq.quiet import captured, native_stderr_hushed
 
-LAYER_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV", "BATCH_MATMUL")
+LOOKUP = "EMBEDDING_LOOKUP"  # an embedding table's op (ids, table): the table is its input 1, as a weight is
+LAYER_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV", "BATCH_MATMUL", LOOKUP)
 SIGNATURE = "serving_default"
 
 
@@ -162,7 +163,10 @@ def layer_ops(path: Path, scopes: dict[str, str], sizes: dict[str, int]) -> dict
         if source is not None and source["op_name"] == "DEQUANTIZE":
             stored = tensors[int(source["inputs"][0])]
         size = int(np.prod(weight["shape"]))
-        named = [layer for part in stored["name"].split(";") for layer in by_scope.get(part, [])]
+        names = [stored["name"]]
+        if op["op_name"] == LOOKUP:  # a table is named as a constant; the lookup's output names its module
+            names.append(tensors[int(op["outputs"][0])]["name"])
+        named = [layer for name in names for part in name.split(";") for layer in by_scope.get(part, [])]
         taker = next((la for la in named if la not in found and sizes.get(la, size) == size), None)
         if taker is None:
             continue
@@ -177,6 +181,8 @@ def ran_as(op: Op) -> str:
     """The autoq spec an op runs as: int8 input and weight: static int8; float input, int8 weight: dynamic int8
     (per channel where the weight has a scale per channel); a weight dequantized to float: weight-only in its
     stored width; all float: fp32."""
+    if op.kind == LOOKUP:  # ids in, float rows out: the table is stored in its type, read as it is
+        return "w8" if "int8" in (op.weight_type, op.weight_stored) else "fp32"
     if op.input_type == "int8" and op.weight_type == "int8":
         return "int8"
     if op.input_type == "float32" and op.weight_type == "int8":
