@@ -63,7 +63,10 @@ def greedy_seeds(table: pd.DataFrame, choices: dict[str, list[str]],
     rows = rows[faster | ~faster.groupby(rows["layer"]).transform("any")]  # with no native bf16) take no step
     if rows.empty:
         return []
-    gain = rows["latency_saving_ms"].fillna(0).clip(lower=0) + 1e-9 * rows["macs"]
+    # a backend without a per-layer profiler has no savings (None): MACs, then parameters order the layers (a
+    # table has no MACs)
+    gain = (pd.to_numeric(rows["latency_saving_ms"], errors="coerce").fillna(0).clip(lower=0)
+            + 1e-9 * rows["macs"].astype(float) + 1e-15 * rows["params"].astype(float))
     cost = rows["score"] - rows["score"].min()
     best = rows.assign(ratio=cost / gain).sort_values("ratio").drop_duplicates("layer")
     order = list(zip(best["layer"], best["precision"], strict=True))

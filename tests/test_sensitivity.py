@@ -185,6 +185,22 @@ def test_greedy_seeds_skip_a_precision_that_makes_the_model_slower(scores):
     assert seeds and all("bf16" not in s.layers.values() for s in seeds)
 
 
+def test_greedy_seeds_order_layers_without_profiled_savings_tables_included():
+    """A backend with no per-layer profiler (LiteRT) leaves every saving empty; an embedding table has no MACs:
+    the order then follows MACs and parameters, the cheapest in quality first, and nothing divides by zero."""
+    rows = [{"layer": "table", "precision": "w8", "latency_saving_ms": None, "score": -40.0, "macs": 0,
+             "params": 10_000},
+            {"layer": "big", "precision": "int8", "latency_saving_ms": None, "score": -20.0, "macs": 5000,
+             "params": 500},
+            {"layer": "small", "precision": "int8", "latency_saving_ms": None, "score": -20.0, "macs": 50,
+             "params": 50}]
+    table = pd.DataFrame(rows).astype({"latency_saving_ms": object})
+    choices = {"table": ["fp32", "w8"], "big": ["fp32", "int8"], "small": ["fp32", "int8"]}
+    seeds = seeding.greedy_seeds(table, choices, fractions=(0.34, 0.67, 1.0))
+    quantized = [sorted(n for n, p in s.layers.items() if p != "fp32") for s in seeds]
+    assert quantized == [["table"], ["big", "table"], ["big", "small", "table"]]
+
+
 def test_fallback_seeds_protect_the_fast_precisions_most_fragile_layers():
     """Ten layers, a fast spec (saves 1 ms each, layer l9 most fragile) and an accurate slower one: the seeds put
     the fast spec everywhere but the most fragile 10% / 30%, which get the accurate spec or fp32; an embedding

@@ -4,7 +4,8 @@ The module is converted once by `litert-torch` (`model.float_model`); each assig
 Quantizer from a per-op recipe, one rule per layer naming that layer's op by its output tensor: `int8` (static:
 int8 activations calibrated on the run's samples, int8 weights per channel), `int8-dyn` / `int8-dyn-pc` (int8
 weights per tensor / channel, activations quantized at run time), `w8` / `w4` (weights stored in int8 / int4 and
-dequantized to float; `w4` on fully connected ops). The model-wide option `glue` decides the ops between the layers:
+dequantized to float; `w4` on fully connected ops; `w8` on an embedding table: int8 rows the lookup reads). The
+model-wide option `glue` decides the ops between the layers:
 `int8` quantizes every other op the quantizer supports statically too (as its `static_wi8_ai8` recipe does), so a
 chain of int8 layers runs without float round trips; `float` leaves them in fp32. Inputs and outputs stay float.
 What each layer ran in is read from the built flatbuffer (`model.layer_ops`). Timing runs the interpreter with
