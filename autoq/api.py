@@ -179,6 +179,9 @@ def finetune(run_dir: str | Path, point: int, data: DataArg, labels: str | Path 
     run's own data (`data`, `labels`: as given to its search); adds the result to the run's front and returns it.
     Interrupted, the same call resumes from the last finished epoch."""
     run_dir = Path(run_dir)
+    if union.is_union(run_dir):
+        raise AutoqError(f"{run_dir} is a union of runs: fine-tune a point of one backend's run, e.g. autoq finetune "
+                         f"{run_dir / union.searched(run_dir)[0]} --point N (its pareto.csv numbers the points)")
     if not (run_dir / "run.json").is_file() or not (run_dir / "pareto.csv").is_file():
         raise AutoqError(f"{run_dir} holds no finished search (run.json and pareto.csv): run autoq search first")
     if find_spec("torch") is None:

@@ -175,3 +175,8 @@ def test_a_token_table_is_offered_int8_and_runs_as_stored_a_folded_position_tabl
     feeds = {"ids": splits.search.arrays["ids"]}
     reference, quantized = backend.runner(fp32, 1)(feeds)[0], backend.runner(built, 1)(feeds)[0]
     assert np.abs(quantized - reference).max() < 0.05 * np.abs(reference).max()
+    dynamic = next(r for r in backend.recipes(model) if r.label.endswith("dynamic_wi8_afp32"))
+    assert dynamic.layers is not None and dynamic.layers(model) == asked  # the search starts from the recipe
+    recipe = dynamic.build(model, calibration, tmp_path / "recipe")
+    assert abs(recipe.size_bytes - built.size_bytes) < 0.02 * recipe.size_bytes  # its layout, as autoq builds it
+    assert np.allclose(backend.runner(recipe, 1)(feeds)[0], quantized, atol=1e-5)

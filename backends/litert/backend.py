@@ -248,7 +248,16 @@ class LiteRtBackend(Backend):
             return Candidate(Assignment({layer.name: "fp32" for layer in m.layers}), out, out.stat().st_size,
                              LiteRtState(list(m.inputs), self._scopes(m), weight_sizes(m)))
 
+        def layout(linear: str) -> Callable[[OnnxModel], dict[str, str]]:
+            """A whole-model recipe in autoq's specs, for the search to start from: `linear` on every Conv,
+            Gemm and MatMul, a table the lookup reads int8 (the rest of the model as the recipe has it is the
+            space's to express: a seed it cannot is skipped)."""
+            def layers(m: OnnxModel) -> dict[str, str]:
+                return {la.name: "fp32" if la.op_type == "Gather" and la.constant_lookup else
+                        "w8" if la.op_type == "Gather" else linear for la in m.layers}
+            return layers
+
         return [Recipe("AI Edge Quantizer static_wi8_ai8", whole("static_wi8_ai8")),
-                Recipe("AI Edge Quantizer dynamic_wi8_afp32", whole("dynamic_wi8_afp32")),
-                Recipe("AI Edge Quantizer weight_only_wi8_afp32", whole("weight_only_wi8_afp32")),
+                Recipe("AI Edge Quantizer dynamic_wi8_afp32", whole("dynamic_wi8_afp32"), layout("int8-dyn-pc")),
+                Recipe("AI Edge Quantizer weight_only_wi8_afp32", whole("weight_only_wi8_afp32"), layout("w8")),
                 Recipe("litert-torch PT2E int8 (per channel)", pt2e)]
