@@ -26,7 +26,7 @@ from autoq.backends.base import BACKENDS, Candidate
 from autoq.calibrate import cached_samples
 from autoq.errors import AutoqError
 from autoq.measure import interval, ratio_rounds
-from autoq.pareto import OBJECTIVES
+from autoq.pareto import MAXIMIZE, OBJECTIVES, pareto_mask
 from autoq.precision import Assignment
 from autoq.recipes import SIDE_BY_SIDE_ROUNDS, verdicts
 from autoq.reporting.run import META, RECIPES, UNION
@@ -175,18 +175,23 @@ def union_front(run_dir: Path, timed: Timed) -> pd.DataFrame:
 
 
 def undominated(points: pd.DataFrame) -> np.ndarray:
-    """True for the points no other point beats: at least as fast, as small (within SIZE_TOLERANCE) and as good
-    (within either's quality spread), and better somewhere beyond those margins. Unlike a study's front, a point
-    does not stay for a difference the measurement cannot tell apart (MiniLM: one OpenVINO assignment under two
-    hints, 6 bytes apart and 8% apart in speed, were both kept)."""
+    """True for the points no other point beats: at least as fast (within half either's latency interval), as
+    small (within SIZE_TOLERANCE) and as good (within either's quality spread), and better somewhere beyond those
+    margins. Unlike a study's front, a point does not stay for a difference the measurement cannot tell apart
+    (MiniLM: one OpenVINO assignment under two hints, 6 bytes apart, stayed beside its slower twin; a LiteRT point
+    2.5x larger stayed for being 0.01 ms faster within a 0.1 ms interval)."""
     quality, latency, size = (points[c].to_numpy(dtype=float) for c in OBJECTIVES)
     spread = np.nan_to_num(points["val_quality_spread"].to_numpy(dtype=float))
+    jitter = np.nan_to_num(points["val_latency_spread_ms"].to_numpy(dtype=float)) / 2
     keep = np.ones(len(points), dtype=bool)
     for i in range(len(points)):
-        margin = np.maximum(spread, spread[i])
-        as_good = (latency <= latency[i]) & (size <= size[i] * SIZE_TOLERANCE) & (quality >= quality[i] - margin)
-        better = (latency < latency[i]) | (size * SIZE_TOLERANCE < size[i]) | (quality > quality[i] + margin)
+        margin, slack = np.maximum(spread, spread[i]), np.maximum(jitter, jitter[i])
+        as_good = ((latency <= latency[i] + slack) & (size <= size[i] * SIZE_TOLERANCE)
+                   & (quality >= quality[i] - margin))
+        better = (latency < latency[i] - slack) | (size * SIZE_TOLERANCE < size[i]) | (quality > quality[i] + margin)
         keep[i] = not (as_good & better).any()
+    if not keep.any():  # margins can chain into a cycle: then the plain front
+        keep = pareto_mask(points[list(OBJECTIVES)].to_numpy(dtype=float), MAXIMIZE)
     return keep
 
 

@@ -29,12 +29,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--run", type=Path, default=Path("reports/union-minilm"), help="run directory (resumes)")
     parser.add_argument("--out", type=Path, default=Path("reports/benchmarks/union.md"))
+    parser.add_argument("--retime", action="store_true", help="re-time the finished union in --run (`autoq "
+                        "verify`) instead of searching, and write the report from it")
     args = parser.parse_args()
     started = time.perf_counter()
-    result = autoq.search(backend=args.backends, trials=args.trials, threads=args.threads, out=args.run,
-                          progress=False)
+    if args.retime:
+        autoq.verify(args.run, progress=False)
+        front, recipes = pd.read_csv(args.run / "pareto.csv"), pd.read_csv(args.run / "recipes.csv")
+    else:
+        result = autoq.search(backend=args.backends, trials=args.trials, threads=args.threads, out=args.run,
+                              progress=False)
+        front, recipes = result.front, result.recipes if result.recipes is not None else pd.DataFrame()
     wall = time.perf_counter() - started
-    front, timed = result.front, pd.read_csv(args.run / union.TIMED)
+    timed = pd.read_csv(args.run / union.TIMED)
     candidates = pd.read_csv(args.run / union.CANDIDATES)
     machine = fingerprint(args.threads)
 
@@ -60,15 +67,15 @@ def main() -> None:
                          "vs ORT FP32 (95%)": interval(row), "in the union front": row["timed_as"] in
                          set(front["timed_as"])})
     fp32 = timed[timed["model"].str.endswith(" FP32")]
-    recipes = result.recipes if result.recipes is not None else pd.DataFrame()
     lines = [
         "# One front across runtimes: all-MiniLM-L6-v2 on ONNX Runtime, OpenVINO and LiteRT",
         "",
         f"CPU: {machine['cpu']}; flags: {' '.join(machine['cpu_flags'])}; {args.threads} threads, batch 1.",
         "Libraries: " + ", ".join(f"{k} {v}" for k, v in machine["libraries"].items()) + ".",
         "",
-        f"`autoq search --backend {args.backends} --trials {args.trials}` ({args.trials // 3} trials per backend, "
-        f"{wall / 60:.0f} min wall). Every backend's front points, FP32 model and recipes timed together: "
+        f"`autoq search --backend {args.backends} --trials {args.trials}` ({args.trials // 3} trials per backend"
+        + (f", re-timed by `autoq verify` in {wall / 60:.0f} min)." if args.retime else f", {wall / 60:.0f} min wall).")
+        + " Every backend's front points, FP32 model and recipes timed together: "
         "15 alternating rounds in 3 passes against ONNX Runtime's FP32, each with its backend's deployed settings; "
         "latency is that median, the interval the 95% bootstrap of the per-round ratios.",
         "",

@@ -31,13 +31,15 @@ def test_a_union_of_backends_it_cannot_time_together_is_one_line(names, reason):
 
 def test_the_union_front_drops_what_the_measurement_cannot_tell_apart():
     """Kept: a real trade (faster and worse beyond the spread; smaller). Dropped: a twin a few bytes smaller but
-    slower, and a point better only within the quality spread but slower and larger."""
+    slower, a point better only within the quality spread but slower and larger, and one faster only within the
+    latency interval but 2.5x larger."""
     points = pd.DataFrame({
-        "quality": [0.990, 0.9902, 0.999, 0.9991, 0.980],
-        "val_quality_spread": [0.001, 0.001, 0.0001, 0.0005, 0.001],
-        "latency_ms": [3.0, 3.2, 4.0, 13.0, 4.5],
-        "size_bytes": [1000, 994, 1000, 3000, 400]})
-    assert union.undominated(points).tolist() == [True, False, True, False, True]
+        "quality": [0.990, 0.9902, 0.999, 0.9991, 0.980, 0.990],
+        "val_quality_spread": [0.001, 0.001, 0.0001, 0.0005, 0.001, 0.001],
+        "latency_ms": [3.0, 3.2, 4.0, 13.0, 4.5, 2.99],
+        "val_latency_spread_ms": [0.1, 0.1, 0.1, 0.1, 0.1, 0.1],
+        "size_bytes": [1000, 994, 1000, 3000, 400, 2500]})
+    assert union.undominated(points).tolist() == [True, False, True, False, True, False]
 
 
 @pytest.fixture(scope="module")
