@@ -165,10 +165,8 @@ def union_front(run_dir: Path, timed: Timed) -> pd.DataFrame:
     models = []
     for row in front.itertuples():
         folder = run_dir / "front" / f"point-{row.point}"
-        folder.mkdir(parents=True)
         source = run_dir / row.source
-        shutil.copy2(source, folder / source.name)
-        shutil.copy2(source.parent / "assignment.yaml", folder / "assignment.yaml")
+        shutil.copytree(source.parent, folder)  # the model with its weights file (OpenVINO's .bin, ONNX's .data)
         (folder / "backend.txt").write_text(f"{row.backend}\n")
         models.append(str((folder / source.name).relative_to(run_dir)))
     return front.assign(model=models)
