@@ -250,8 +250,9 @@ class LiteRtBackend(Backend):
 
         def layout(linear: str) -> Callable[[OnnxModel], dict[str, str]]:
             """A whole-model recipe in autoq's specs, for the search to start from: `linear` on every Conv,
-            Gemm and MatMul, a table the lookup reads int8 (the rest of the model as the recipe has it is the
-            space's to express: a seed it cannot is skipped)."""
+            Gemm and MatMul, a table the lookup reads int8 (a seed the space cannot express is skipped). autoq
+            builds the dynamic layout to the recipe's own model; in the weight-only one autoq's lookup reads the
+            table's int8 rows where the recipe dequantizes the table."""
             def layers(m: OnnxModel) -> dict[str, str]:
                 return {la.name: "fp32" if la.op_type == "Gather" and la.constant_lookup else
                         "w8" if la.op_type == "Gather" else linear for la in m.layers}
