@@ -11,6 +11,8 @@ drops defaults):
     int8-dyn[-pc][-sq<A>]                               int8 weights (per tensor, `pc` per channel), activations
                                                         quantized at run time; `sq<A>`: the input smoothed first
                                                         (SmoothQuant with alpha A, per-channel weights only)
+    int4-dyn-pc                                         int4 weights per channel, activations quantized to int8
+                                                        at run time (XNNPACK's qd8-f32-qc4w)
     w<2|3|4|8>[g<N>][-asym][-hqq|-gptq|-awq|-se][-acc<L>]
                                                         weight-only integers: symmetric unless `asym`, per channel
                                                         unless in groups of N, rounded to nearest unless named;
@@ -64,7 +66,7 @@ class Kind(str, Enum):
 KINDS = tuple(Kind)
 FORMS = (f"{'|'.join(FLOATS)}, int8[-sym][-{'|-'.join(c for c in CALIBRATIONS[1:] if c != 'percentile')}|-pct<P>]"
          "[-adaround], "
-         f"int8-dyn[-pc][-sq<alpha>], w<2|3|4|8>[g<N>][-asym][-{'|-'.join(ROUNDINGS[1:])}][-acc<0-4>], "
+         f"int8-dyn[-pc][-sq<alpha>], int4-dyn-pc, w<2|3|4|8>[g<N>][-asym][-{'|-'.join(ROUNDINGS[1:])}][-acc<0-4>], "
          "nf4|cb4|fp8|fp4[g<N>]")
 # hue, saturation, value of each kind's base colour (float by width: blue / purple / teal), with the spec named
 # by each; a (kind, bits) not listed takes its kind's nearest width, shifted in hue by the bits
@@ -102,8 +104,10 @@ class Precision:
             return None if FLOATS.get(self.fmt) == self.bits else f"float formats: {', '.join(FLOATS)}"
         if self.fmt:
             return "only a float precision has a float format"
-        if self.kind in (Kind.STATIC, Kind.DYNAMIC) and self.bits != 8:
-            return "activations are quantized to 8 bits"
+        if self.kind == Kind.STATIC and self.bits != 8:
+            return "static weights and activations are 8 bits"
+        if self.kind == Kind.DYNAMIC and self.bits not in (4, 8) or self.bits == 4 and self.granularity == "tensor":
+            return "dynamic weights are int8 (per tensor or channel) or int4 per channel (int4-dyn-pc)"
         if self.element not in ELEMENTS or (self.element != "int" and self.kind != Kind.WEIGHT_ONLY):
             return f"stored elements are {', '.join(ELEMENTS)} (the non-integer ones weight-only)"
         if self.kind == Kind.WEIGHT_ONLY and self.bits not in ELEMENTS[self.element][1]:
@@ -132,7 +136,8 @@ class Precision:
             return f"{self.rounding} fits a zero point per group (it is asymmetric)"
         if self.kind == Kind.DYNAMIC and self.symmetric:
             return "int8-dyn activations are asymmetric"
-        if self.smooth and (self.kind != Kind.DYNAMIC or self.granularity != "channel" or not 0 < self.smooth < 1):
+        if self.smooth and (self.kind != Kind.DYNAMIC or self.granularity != "channel" or self.bits != 8
+                            or not 0 < self.smooth < 1):
             return "smoothing (sq<alpha>, alpha in (0, 1)) is for int8-dyn-pc (per-tensor weights lose by it)"
         return None
 
@@ -147,9 +152,9 @@ class Precision:
                     raise ValueError(f"a float format takes no options ('{rest[0]}')")
                 return cls(Kind.FLOAT, FLOATS[head], head)
             fields: dict[str, Any]
-            if head == "int8" and "dyn" in rest:
+            if head in ("int8", "int4") and "dyn" in rest:
                 rest.remove("dyn")
-                fields = {"kind": Kind.DYNAMIC, "bits": 8, "granularity": "tensor"}
+                fields = {"kind": Kind.DYNAMIC, "bits": int(head[3]), "granularity": "tensor"}
             elif head == "int8":
                 fields = {"kind": Kind.STATIC, "bits": 8}
             elif (found := re.fullmatch(r"(w|nf|cb|fp)(\d+)(?:g(\d+))?", head)) is not None:
@@ -172,7 +177,7 @@ class Precision:
         if self.kind == Kind.FLOAT:
             return self.fmt
         if self.kind == Kind.DYNAMIC:
-            return "int8-dyn" + ("-pc" if self.granularity == "channel" else "") + (
+            return f"int{self.bits}-dyn" + ("-pc" if self.granularity == "channel" else "") + (
                 f"-sq{self.smooth:g}" if self.smooth else "")
         if self.kind == Kind.STATIC:
             tokens = ["int8", "sym" if self.symmetric else ""]

@@ -171,6 +171,8 @@ def test_a_token_table_is_offered_int8_and_runs_as_stored_a_folded_position_tabl
     asked = {"words": "w8", "positions": "fp32", "fc": "int8-dyn-pc"}
     built = backend.build(model, Assignment(asked), calibration, tmp_path / "q")
     assert backend.executed(built) == asked
+    four = backend.build(model, Assignment({**asked, "fc": "int4-dyn-pc"}), calibration, tmp_path / "q4")
+    assert backend.executed(four)["fc"] == "int4-dyn-pc"  # the flatbuffer's int4 type (the interpreter says int8)
     assert built.size_bytes < 0.5 * fp32.size_bytes
     feeds = {"ids": splits.search.arrays["ids"]}
     reference, quantized = backend.runner(fp32, 1)(feeds)[0], backend.runner(built, 1)(feeds)[0]

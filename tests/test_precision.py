@@ -27,8 +27,8 @@ def test_unknown_precisions_and_versions_are_refused():
 
 
 SPECS = ["fp32", "bf16", "fp16", "int8", "int8-sym", "int8-entropy", "int8-mse", "int8-pct99.99",
-         "int8-sym-pct99.9", "int8-dyn", "int8-dyn-pc", "int8-dyn-pc-sq0.7", "w8", "w8-asym", "w4g32", "w4g128-asym",
-         "w4g32-hqq",
+         "int8-sym-pct99.9", "int8-dyn", "int8-dyn-pc", "int8-dyn-pc-sq0.7", "int4-dyn-pc", "w8", "w8-asym", "w4g32",
+         "w4g128-asym", "w4g32-hqq",
          "w8g128-acc4", "w4g64-asym-awq", "w4g128-se", "w4g32-hqq-acc4", "w4g32-kquant-acc4", "w2g64", "w3g128",
          "w2g32-acc4", "nf4", "nf4g64", "cb4g32", "fp8g128", "fp8", "fp4g32"]
 
@@ -69,7 +69,8 @@ def test_specs_carry_their_fields_and_non_canonical_spellings_normalise():
     ("nf8g32", "nf weights have 4 bits"), ("fp4g32-asym", "rounded to nearest"), ("nf4g32-awq", "rounded to nearest"),
     ("fp2", "4 or 8 bits"), ("int8-acc4", "weight-only"),
     ("w4g32-sym-hqq", "hqq fits a zero point"), ("int8-foo", "unknown option 'foo'"),
-    ("int8-dyn-sq0.7", "int8-dyn-pc"), ("int8-sq0.5", "int8-dyn-pc"), ("int8-dyn-pc-sq1", "alpha in")])
+    ("int8-dyn-sq0.7", "int8-dyn-pc"), ("int8-sq0.5", "int8-dyn-pc"), ("int8-dyn-pc-sq1", "alpha in"),
+    ("int4-dyn", "int4 per channel"), ("int4-dyn-pc-sq0.5", "int8-dyn-pc"), ("int4", "unknown form")])
 def test_malformed_specs_are_one_line_errors(text, problem):
     with pytest.raises(AutoqError, match=problem) as error:
         Precision.parse(text)
@@ -111,6 +112,9 @@ def test_a_backend_builds_only_the_kinds_and_widths_it_lists():
     assert "runs float layers in fp32" in ort.unbuildable(Precision.parse("bf16"))
     assert ort.unbuildable(Precision.parse("w4g32")) is None and ort.unbuildable(Precision.parse("w4")) is not None
     assert "no CPU kernel" in torch_backend.unbuildable(Precision.parse("w4g32"))
+    for refusing in (ort, torch_backend, get_backend("openvino")):  # int4 dynamic is LiteRT's (XNNPACK) alone
+        assert refusing.unbuildable(Precision.parse("int4-dyn-pc")) is not None
+    assert get_backend("litert").unbuildable(Precision.parse("int4-dyn-pc")) is None
 
     class FloatOnly(Backend):
         name = "float-only"

@@ -3,7 +3,8 @@
 The module is converted once by `litert-torch` (`model.float_model`); each assignment is built by AI Edge
 Quantizer from a per-op recipe, one rule per layer naming that layer's op by its output tensor: `int8` (static:
 int8 activations calibrated on the run's samples, int8 weights per channel), `int8-dyn` / `int8-dyn-pc` (int8
-weights per tensor / channel, activations quantized at run time), `w8` / `w4` (weights stored in int8 / int4 and
+weights per tensor / channel, activations quantized at run time; `int4-dyn-pc` with int4 weights per channel, XNNPACK's
+qd8-f32-qc4w, on fully connected ops), `w8` / `w4` (weights stored in int8 / int4 and
 dequantized to float; `w4` on fully connected ops; `w8` on an embedding table: int8 rows the lookup reads). The
 model-wide option `glue` decides the ops between the layers:
 `int8` quantizes every other op the quantizer supports statically too (as its `static_wi8_ai8` recipe does), so a
@@ -45,7 +46,7 @@ from autoq.graph import InputSpec, Layer, OnnxModel
 from autoq.precision import Assignment, Kind, Precision
 
 GLUE = "glue"
-SPECS = ("fp32", "int8", "int8-dyn", "int8-dyn-pc", "w8", "w4")
+SPECS = ("fp32", "int8", "int8-dyn", "int8-dyn-pc", "int4-dyn-pc", "w8", "w4")
 _QSVS: dict[tuple[str, str], dict] = {}  # (float model, calibration) -> the quantizer's tensor statistics
 _SOURCE_OPS: dict[tuple[str, int], dict[str, Op]] = {}  # (float model, its mtime) -> layer -> op
 
@@ -87,7 +88,7 @@ class LiteRtBackend(Backend):
     search_settings = deployed_settings = "LiteRT interpreter, XNNPACK, the run's threads, batch 1"
     option_values = {GLUE: ("int8", "float")}
     option_kinds = {GLUE: ("static",)}
-    builds = {Kind.FLOAT: (32,), Kind.STATIC: (8,), Kind.DYNAMIC: (8,), Kind.WEIGHT_ONLY: (8, 4)}
+    builds = {Kind.FLOAT: (32,), Kind.STATIC: (8,), Kind.DYNAMIC: (8, 4), Kind.WEIGHT_ONLY: (8, 4)}
     unbuilt = {Kind.FLOAT: "the litert backend builds fp32 floats (XNNPACK computes fp16/bf16 weights in fp32 on "
                            "x86)"}
     takes_module = True
@@ -101,7 +102,7 @@ class LiteRtBackend(Backend):
         if layer.op_type == "Gather":  # an embedding table: int8 rows read by EMBEDDING_LOOKUP, unless the
             # conversion folds the lookup into a constant (positions), which leaves no op to quantize
             return precision.kind == Kind.FLOAT or (str(precision) == "w8" and not layer.constant_lookup)
-        if precision.kind == Kind.WEIGHT_ONLY and precision.bits == 4:
+        if precision.bits == 4:
             return layer.op_type in ("Gemm", "MatMul")  # no int4 depthwise or conv kernels
         return layer.op_type in ("Conv", "Gemm", "MatMul") or precision.kind == Kind.FLOAT
 
@@ -167,8 +168,8 @@ class LiteRtBackend(Backend):
             elif spec.kind == Kind.STATIC:
                 made.add_static_config(regex, kind, 8, 8)
             elif spec.kind == Kind.DYNAMIC:
-                made.add_dynamic_config(regex, kind, 8, QuantGranularity.CHANNELWISE if spec.granularity == "channel"
-                                        else QuantGranularity.TENSORWISE)
+                made.add_dynamic_config(regex, kind, spec.bits, QuantGranularity.CHANNELWISE
+                                        if spec.granularity == "channel" else QuantGranularity.TENSORWISE)
             elif op.kind == LOOKUP:  # the hybrid lookup reads int8 rows (one scale each): no float table made
                 made.add_dynamic_config(regex, kind, 8, QuantGranularity.CHANNELWISE)
             else:

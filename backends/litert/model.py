@@ -143,6 +143,16 @@ def weight_sizes(model: OnnxModel) -> dict[str, int]:
     return {layer.name: stored.get(layer.weight, 0) for layer in model.layers}
 
 
+def stored_types(path: Path) -> list[str]:
+    """Each tensor's type in the flatbuffer at `path` (main subgraph, by index), lower-case (`float32`, `int8`,
+    `int4`): the interpreter reports an int4 tensor as int8."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    names = {code: name.lower() for name, code in vars(schema.TensorType).items() if not name.startswith("_")}
+    graph = schema.Model.GetRootAsModel(path.read_bytes(), 0).Subgraphs(0)
+    return [names.get(graph.Tensors(i).Type(), "?") for i in range(graph.TensorsLength())]
+
+
 def layer_ops(path: Path, scopes: dict[str, str], sizes: dict[str, int]) -> dict[str, Op]:
     """Layer -> its op in the flatbuffer at `path`. An op's weight is named by the scopes of the modules it came
     from, `;`-joined (a fused op's weight names its neighbours too, e.g. a key projection also names the query's):
@@ -151,6 +161,12 @@ def layer_ops(path: Path, scopes: dict[str, str], sizes: dict[str, int]) -> dict
     tensors = {t["index"]: t for t in runner.get_tensor_details()}
     ops = [op for op in runner._get_ops_details() if op["op_name"] != "DELEGATE"]
     made_by = {int(out): op for op in ops for out in op["outputs"]}
+    types = stored_types(path)
+
+    def type_of(tensor: dict) -> str:
+        index = int(tensor["index"])
+        return types[index] if index < len(types) else np.dtype(tensor["dtype"]).name
+
     by_scope: dict[str, list[str]] = {}
     for layer, name in scopes.items():
         by_scope.setdefault(name, []).append(layer)
@@ -172,8 +188,7 @@ def layer_ops(path: Path, scopes: dict[str, str], sizes: dict[str, int]) -> dict
             continue
         scales = stored.get("quantization_parameters", {}).get("scales", np.zeros(0))
         found[taker] = Op(op["op_name"], tensors[int(op["outputs"][0])]["name"],
-                          np.dtype(tensors[int(op["inputs"][0])]["dtype"]).name, np.dtype(weight["dtype"]).name,
-                          np.dtype(stored["dtype"]).name, int(len(scales)))
+                          type_of(tensors[int(op["inputs"][0])]), type_of(weight), type_of(stored), int(len(scales)))
     return found
 
 
@@ -185,8 +200,8 @@ def ran_as(op: Op) -> str:
         return "w8" if "int8" in (op.weight_type, op.weight_stored) else "fp32"
     if op.input_type == "int8" and op.weight_type == "int8":
         return "int8"
-    if op.input_type == "float32" and op.weight_type == "int8":
-        return "int8-dyn-pc" if op.weight_scales > 1 else "int8-dyn"
+    if op.input_type == "float32" and op.weight_type in ("int8", "int4"):
+        return f"{op.weight_type}-dyn-pc" if op.weight_scales > 1 else f"{op.weight_type}-dyn"
     if op.weight_stored == "int8" and op.weight_type == "float32":
         return "w8"
     if op.weight_stored == "int4" and op.weight_type == "float32":
