@@ -15,6 +15,11 @@ from autoq.precision import Precision
 from autoq.recipes import built
 from autoq.reporting.answer import choices, front_table, toggle
 
+STYLE = """<style>body{font-family:sans-serif;margin:2em;max-width:1200px}
+table{border-collapse:collapse;max-width:100%}
+th,td{padding:3px 10px;text-align:left;border-bottom:1px solid #ddd;font-size:14px;overflow-wrap:break-word}
+details{margin:0.5em 0} summary{cursor:pointer;color:#446}</style>"""  # a run's report and a union's
+
 
 def _front_figure(trials: pd.DataFrame, front: pd.DataFrame, metric: str,
                   recipes: pd.DataFrame | None = None) -> go.Figure:
@@ -256,9 +261,7 @@ def write_html(path: Path, trials: pd.DataFrame, front: pd.DataFrame, meta: dict
              "wall time of this run": f"{meta.get('wall_s', 0):.0f} s"}
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts.items())
     body = f"""<!doctype html><html><head><meta charset="utf-8"><title>autoq report</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:1200px}} table{{border-collapse:collapse;max-width:100%}}
-th,td{{padding:3px 10px;text-align:left;border-bottom:1px solid #ddd;font-size:14px;overflow-wrap:break-word}}
-details{{margin:0.5em 0}} summary{{cursor:pointer;color:#446}}</style></head><body>
+{STYLE}</head><body>
 <h1>autoq: {html.escape(str(meta.get("model", "")))} on {html.escape(str(meta.get("backend", "")))}</h1>
 <h2>What to take</h2>{_table(answer) if not answer.empty else "<p>No front point.</p>"}
 {recipes_top}
@@ -322,8 +325,7 @@ def write_union_html(path: Path, front: pd.DataFrame, candidates: pd.DataFrame, 
              + ("; <b>FP32's speed drifted during the rounds</b>" if meta.get("drifted") else ""))
     links = " ".join(f'<a href="{b}/report.html">{b}</a>' for b in backends)
     path.write_text(f"""<!doctype html><html><head><meta charset="utf-8"><title>autoq union report</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:1200px}} table{{border-collapse:collapse;max-width:100%}}
-th,td{{padding:3px 10px;text-align:left;border-bottom:1px solid #ddd;font-size:14px}}</style></head><body>
+{STYLE}</head><body>
 <h1>autoq: {html.escape(str(meta.get("model", "")))} across {html.escape(", ".join(backends))}</h1>
 <p>{facts}. Each backend's own run: {links}.</p>
 <h2>What to take</h2>{_table(answer) if not answer.empty else "<p>No front point.</p>"}
