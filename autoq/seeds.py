@@ -163,19 +163,28 @@ def recipe_seeds(recipes: list[dict[str, str]], table: pd.DataFrame | None, choi
 
 def learned_twin(seed: Assignment, choices: dict[str, list[str]], keep: frozenset[str] = frozenset()) -> Assignment:
     """`seed` with each layer moved to the learned-rounding form of its spec where the space offers it
-    (`w4g32-acc4` or `w4g32-kquant-acc4` -> `w4g32-adaround-acc4`, `int8` -> `int8-adaround`): the same bits,
-    blocks and kernels, the weights fitted to FP32's outputs. `keep`: layers left as they are (a tied table and
-    LM head, stored once only while they share a format)."""
+    (`w4g32-acc4` -> `w4g32-adaround-acc4`; `w4g32-kquant-acc4` -> `w4g32-asym-adaround-acc4`, else the symmetric
+    form; `int8` -> `int8-adaround`): the same bits, blocks and kernels, the weights fitted to FP32's outputs.
+    `keep`: layers left as they are (a tied table and LM head, stored once only while they share a format)."""
     layers = {}
     for name, text in seed.layers.items():
-        spec = Precision.parse(text)
-        try:
-            twin = text if spec.kind not in (Kind.STATIC, Kind.WEIGHT_ONLY) or name in keep else str(
-                replace(spec, rounding="adaround", symmetric=spec.symmetric or spec.kind == Kind.WEIGHT_ONLY))
-        except AutoqError:  # no learned form of this spec
-            twin = text
-        layers[name] = twin if twin in choices.get(name, []) else text
+        offered = [form for form in _learned_forms(Precision.parse(text)) if form in choices.get(name, [])]
+        layers[name] = offered[0] if offered and name not in keep else text
     return Assignment(layers, dict(seed.options))
+
+
+def _learned_forms(spec: Precision) -> list[str]:
+    """The learned-rounding forms of `spec`, best first: a zero-pointed grid's own, then the symmetric one."""
+    if spec.kind not in (Kind.STATIC, Kind.WEIGHT_ONLY):
+        return []
+    symmetries = [spec.symmetric] if spec.kind == Kind.STATIC else [spec.symmetric, True]
+    forms = []
+    for symmetric in symmetries:
+        try:
+            forms.append(str(replace(spec, rounding="adaround", symmetric=symmetric)))
+        except AutoqError:  # no learned form of this spec
+            continue
+    return forms
 
 
 def at_size(seed: Assignment, table: pd.DataFrame, choices: dict[str, list[str]], keep: frozenset[str] = frozenset(),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import onnx
 import pytest
@@ -173,11 +175,12 @@ def test_a_search_offering_learned_rounding_fits_it_once_before_the_trials(digit
     assert len(learned) == 1 and learned["executed_ok"].all()
 
 
-def test_four_bit_learned_rounding_beats_nearest_and_builds_its_integers(tmp_path):
-    """`w4g32-adaround` on MatMuls: each layer's fit lowers its held-out output error below round-to-nearest's,
-    ONNX Runtime's MatMulNBits stores the learned integers (the build checks them) and runs them as asked, the
-    model computes closer to FP32 than the round-to-nearest build on unseen samples, and a second build fits
-    nothing."""
+@pytest.mark.parametrize("learned", ["w4g32-adaround", "w4g32-asym-adaround"])
+def test_four_bit_learned_rounding_beats_nearest_and_builds_its_integers(learned, tmp_path):
+    """4-bit learned rounding on MatMuls, on the symmetric grid and on the zero-pointed one: each layer's fit
+    lowers its held-out output error below round-to-nearest's, ONNX Runtime's MatMulNBits stores the learned
+    integers (the build checks them, zero points included) and runs them as asked, the model computes closer to
+    FP32 than the round-to-nearest build of the same grid on unseen samples, and a second build fits nothing."""
     from tests.models import embedding_mlp
 
     source, _ = embedding_mlp(tmp_path)
@@ -185,7 +188,8 @@ def test_four_bit_learned_rounding_beats_nearest_and_builds_its_integers(tmp_pat
     model = graph.prepare(source, tmp_path / "run")
     splits = data.split(data.load(tmp_path / "ids.npz", None))
     calibration = calibrate(model, splits.calibration, tmp_path / "cache")
-    spec = Precision.parse("w4g32-adaround")
+    spec = Precision.parse(learned)
+    nearest = str(replace(spec, rounding="rtn"))
     matmuls = [la for la in model.layers if la.op_type == "MatMul"]
     fits = rounding.prepare(model, calibration, [(la, spec) for la in matmuls])
     assert len(fits) == 3 and all(f.learned_error < 0.95 * f.rtn_error for f in fits.values()), fits
@@ -194,11 +198,11 @@ def test_four_bit_learned_rounding_beats_nearest_and_builds_its_integers(tmp_pat
     fp32 = backend.runner(backend.build(model, Assignment({la.name: "fp32" for la in model.layers}), calibration,
                                         tmp_path / "fp32"), 1)(feeds)[0]
     errors = {}
-    for precision in ("w4g32", "w4g32-adaround"):
+    for precision in (nearest, learned):
         assignment = Assignment({la.name: precision if la in matmuls else "fp32" for la in model.layers})
         built = backend.build(model, assignment, calibration, tmp_path / precision)
         out = backend.runner(built, 1)(feeds)[0]
         assert backend.executed(built) == backend.expected(assignment)
         errors[precision] = float(((out - fp32) ** 2).mean())
-    assert errors["w4g32-adaround"] < errors["w4g32"]
+    assert errors[learned] < errors[nearest]
     assert rounding.prepare(model, calibration, [(la, spec) for la in matmuls]) == {}  # cached: nothing refitted

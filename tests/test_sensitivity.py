@@ -313,15 +313,18 @@ def test_at_size_moves_bytes_from_robust_layers_to_fragile_ones_at_the_same_size
 
 def test_a_recipe_seed_has_its_learned_twin_where_the_space_offers_one():
     """A recipe is also tried with learned rounding on the layers whose space offers the learned form of the same
-    bits and blocks (the same kernels and bytes), k-quants included; a spec without one (dynamic int8, or where the
-    space has none) and a kept layer (a tied head) stay as they are."""
+    bits and blocks (the same kernels and bytes), k-quants included (on their zero-pointed grid where offered, else
+    the symmetric one); a spec without one (dynamic int8, or where the space has none) and a kept layer (a tied
+    head) stay as they are."""
     choices = {"a": ["fp32", "w4g32-acc4", "w4g32-adaround-acc4"], "b": ["fp32", "w4g32-acc4"],
                "c": ["fp32", "int8-dyn"], "d": ["fp32", "w4g32-kquant-acc4", "w4g32-adaround-acc4"],
-               "e": ["fp32", "w4g32-acc4", "w4g32-adaround-acc4"]}
-    recipe = {"a": "w4g32-acc4", "b": "w4g32-acc4", "c": "int8-dyn", "d": "w4g32-kquant-acc4", "e": "w4g32-acc4"}
-    twin = {**recipe, "a": "w4g32-adaround-acc4", "d": "w4g32-adaround-acc4"}
+               "e": ["fp32", "w4g32-acc4", "w4g32-adaround-acc4"],
+               "f": ["fp32", "w4g32-kquant-acc4", "w4g32-adaround-acc4", "w4g32-asym-adaround-acc4"]}
+    recipe = {"a": "w4g32-acc4", "b": "w4g32-acc4", "c": "int8-dyn", "d": "w4g32-kquant-acc4", "e": "w4g32-acc4",
+              "f": "w4g32-kquant-acc4"}
+    twin = {**recipe, "a": "w4g32-adaround-acc4", "d": "w4g32-adaround-acc4", "f": "w4g32-asym-adaround-acc4"}
     assert seeding.learned_twin(Assignment(recipe), choices, frozenset({"e"})).layers == twin
     assert [s.layers for s in seeding.recipe_seeds([recipe], None, choices, keep=frozenset({"e"}))] == [recipe, twin]
-    for name in ("a", "d", "e"):
-        choices[name].remove("w4g32-adaround-acc4")
+    for name in ("a", "d", "e", "f"):
+        choices[name] = [c for c in choices[name] if "adaround" not in c]
     assert [s.layers for s in seeding.recipe_seeds([recipe], None, choices)] == [recipe]  # no twin: no duplicate

@@ -7,11 +7,13 @@ round-to-nearest costs.
 The learned weights are cached as float weights that lie exactly on the layer's grid, the grid's largest weight
 kept where it was: static int8, one scale per output channel, max|w| / 127 (the symmetric per-channel weights
 ONNX Runtime and NNCF make); symmetric weight-only (`w4g32-adaround`), one signed scale per block of inputs, the
-block's largest-magnitude weight over -2^(bits-1) (ONNX Runtime's MatMulNBits grid). A backend's own
-round-to-nearest quantizer then reproduces the learned integers exactly from them: `substitute` puts them in the
-float model before the backend quantizes, `check_built` confirms the built integers, and the kernels, the
-executed check and the deployed files are those of round-to-nearest. Torch's PT2E observer spreads weights over
-127.5 levels and NNCF's int4 grid is not MatMulNBits', so those backends do not offer it.
+block's largest-magnitude weight over -2^(bits-1) (ONNX Runtime's MatMulNBits grid); asymmetric weight-only
+(`w4g32-asym-adaround`), MatMulNBits' zero-pointed blocks spanning [min(w, 0), max(w, 0)], the smallest and
+largest weight kept. A backend's own round-to-nearest quantizer then reproduces the learned integers exactly from
+them: `substitute` puts them in the float model before the backend quantizes, `check_built` confirms the built
+integers, and the kernels, the executed check and the deployed files are those of round-to-nearest. Torch's PT2E
+observer spreads weights over 127.5 levels and NNCF's int4 grid is not MatMulNBits', so those backends do not
+offer it.
 """
 
 from __future__ import annotations
@@ -168,17 +170,20 @@ def check_built(proto: onnx.ModelProto, model: OnnxModel, specs: dict[str, Preci
 def _built_weight(proto: onnx.ModelProto, layer: Layer, spec: Precision) -> np.ndarray | None:
     """The weight a built model computes `layer` with, de-quantized: a static layer's DequantizeLinear (integers
     times per-channel scales), a weight-only layer's MatMulNBits (`<layer>_Q<bits>`: unsigned blocks packed low
-    bits first, the symmetric zero point 2^(bits-1), one scale per output and block)."""
+    bits first, one scale per output and block, the zero points packed alike, or 2^(bits-1) when symmetric)."""
     stored = {t.name: t for t in proto.graph.initializer}
     if spec.kind == Kind.WEIGHT_ONLY:
         node = next((n for n in proto.graph.node if n.name == f"{layer.name}_Q{spec.bits}"), None)
         if node is None or node.input[1] not in stored or node.input[2] not in stored:
             return None
         packed, scales = (numpy_helper.to_array(stored[name]) for name in node.input[1:3])
-        per_byte = 8 // spec.bits
-        values = np.stack([(packed >> (spec.bits * i)) & (2 ** spec.bits - 1) for i in range(per_byte)], -1)
-        q = values.reshape(packed.shape[0], packed.shape[1], -1).astype(np.float32) - 2 ** (spec.bits - 1)
-        weight = (q * scales.reshape(packed.shape[0], packed.shape[1], 1)).reshape(packed.shape[0], -1)
+        outputs, blocks = packed.shape[:2]
+        zero: np.ndarray | float = 2 ** (spec.bits - 1)
+        if len(node.input) > 3 and node.input[3] in stored:
+            zero = _unpack(numpy_helper.to_array(stored[node.input[3]]), spec.bits).reshape(outputs, -1)[:, :blocks]
+            zero = zero[:, :, None]
+        q = _unpack(packed, spec.bits).reshape(outputs, blocks, -1) - zero
+        weight = (q * scales.reshape(outputs, blocks, 1)).reshape(outputs, -1)
         return weight[:, :layer.weight_shape[0]].T  # (outputs, padded inputs) -> the MatMul's (inputs, outputs)
     producer = {out: node for node in proto.graph.node for out in node.output}
     node = next((n for n in proto.graph.node if n.name == layer.name), None)
@@ -191,14 +196,20 @@ def _built_weight(proto: onnx.ModelProto, layer: Layer, spec: Precision) -> np.n
     return q.astype(np.float32) * scale.reshape(shape)
 
 
+def _unpack(packed: np.ndarray, bits: int) -> np.ndarray:
+    """MatMulNBits' unsigned `bits`-bit values, packed low bits first in each byte, as float (last axis widened)."""
+    values = np.stack([(packed >> (bits * i)) & (2 ** bits - 1) for i in range(8 // bits)], -1)
+    return values.reshape(*packed.shape[:-1], -1).astype(np.float32)
+
+
 @dataclass(frozen=True)
 class Grid:
     """Where a layer's weights may land: `scale` (the shape of the weight), the integer range, and the weights
     that set the scales (kept on their grid point, so the backend's quantizer finds the same scales)."""
 
     scale: np.ndarray
-    low: int
-    high: int
+    low: int | np.ndarray  # per weight where the grid has zero points
+    high: int | np.ndarray
     keep: np.ndarray
 
 
@@ -209,16 +220,27 @@ def grid(w: np.ndarray, layer: Layer, spec: Precision) -> Grid:
         scale = np.maximum(np.abs(w).max(axis=reduce, keepdims=True), 1e-12) / LEVELS
         return Grid(np.broadcast_to(scale, w.shape).astype(np.float32), -LEVELS, LEVELS,
                     _largest(w, layer.channel_axis))
-    if spec.kind != Kind.WEIGHT_ONLY or not spec.symmetric or spec.group == 0 or w.ndim != 2:
-        raise AutoqError(f"learned rounding fits static int8 and symmetric weight-only blocks, not {spec}")
+    if spec.kind != Kind.WEIGHT_ONLY or spec.group == 0 or w.ndim != 2 or spec.element != "int":
+        raise AutoqError(f"learned rounding fits static int8 and integer weight-only blocks, not {spec}")
     inputs, group = w.shape[0], spec.group  # a MatMul weight: (inputs, outputs), blocks along the inputs
     blocks = np.pad(w, ((0, -inputs % group), (0, 0))).reshape(-1, group, w.shape[1])
-    scale, at = signed_scales(blocks, 1, spec.bits)
-    levels = 2 ** (spec.bits - 1)
     keep = np.zeros(blocks.shape, dtype=bool)
-    np.put_along_axis(keep, at[:, None, :], True, 1)
-    full = np.broadcast_to(scale, blocks.shape).reshape(-1, w.shape[1])[:inputs]
-    return Grid(full.astype(np.float32), -levels, levels - 1, keep.reshape(-1, w.shape[1])[:inputs])
+
+    def full(values: np.ndarray) -> np.ndarray:  # one value per block -> the weight's shape
+        return np.broadcast_to(values, blocks.shape).reshape(-1, w.shape[1])[:inputs]
+
+    if spec.symmetric:
+        scale, at = signed_scales(blocks, 1, spec.bits)
+        levels = 2 ** (spec.bits - 1)
+        np.put_along_axis(keep, at[:, None, :], True, 1)
+        return Grid(full(scale).astype(np.float32), -levels, levels - 1, keep.reshape(-1, w.shape[1])[:inputs])
+    top = 2 ** spec.bits - 1  # MatMulNBits' asymmetric blocks: [min(w, 0), max(w, 0)] over 2^bits - 1 steps, the
+    low, high = np.minimum(blocks.min(1, keepdims=True), 0), np.maximum(blocks.max(1, keepdims=True), 0)  # zero
+    scale = (np.maximum(high - low, 1e-12) / top).astype(np.float32)  # point rounded: the block's smallest and
+    zero = np.clip(np.round(-low / scale), 0, top)  # largest weights keep their levels 0 and 2^bits - 1
+    np.put_along_axis(keep, blocks.argmin(1)[:, None, :], True, 1)
+    np.put_along_axis(keep, blocks.argmax(1)[:, None, :], True, 1)
+    return Grid(full(scale), full(-zero), full(top - zero), keep.reshape(-1, w.shape[1])[:inputs])
 
 
 def _forward(node: onnx.NodeProto, bias: np.ndarray | None, rank: int) -> Callable:
@@ -256,6 +278,7 @@ def fit(node: onnx.NodeProto, proto: onnx.ModelProto, layer: Layer, x: np.ndarra
     w_t, s_t, floor_t = (torch.from_numpy(a.astype(np.float32)) for a in (w, scale, floor))
     keep_t = torch.from_numpy(lattice.keep)  # the weights that set the scales stay on their grid point
     rtn = torch.from_numpy(np.clip(np.round(w / scale), low, high).astype(np.float32))
+    low_t, high_t = (torch.as_tensor(np.asarray(bound, dtype=np.float32)) for bound in (low, high))
     with torch.no_grad():
         target = forward(x_t, w_t)
     rest_t = torch.from_numpy(rest.astype(np.float32))
@@ -265,7 +288,7 @@ def fit(node: onnx.NodeProto, proto: onnx.ModelProto, layer: Layer, x: np.ndarra
         return torch.clamp(torch.sigmoid(alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
 
     def weight(h: torch.Tensor) -> torch.Tensor:
-        return torch.where(keep_t, rtn, torch.clamp(floor_t + h, low, high)) * s_t
+        return torch.where(keep_t, rtn, torch.clamp(floor_t + h, low_t, high_t)) * s_t
 
     generator = torch.Generator().manual_seed(0)
     order = torch.randperm(x_t.shape[0], generator=generator)

@@ -106,8 +106,6 @@ class OnnxRuntimeBackend(Backend):
             return f"MatMulNBits quantizes in blocks: give a group size (e.g. w{precision.bits}g128)"
         if is_learned(precision) and find_spec("torch") is None:
             return "learned rounding is fitted with torch: pip install 'autoq[torch]'"
-        if precision.kind == Kind.WEIGHT_ONLY and is_learned(precision) and not precision.symmetric:
-            return "learned rounding of weight-only blocks is symmetric (MatMulNBits' signed scales)"
         if precision.kind == Kind.WEIGHT_ONLY and precision.rounding not in WEIGHT_ROUNDINGS:
             offered = ", ".join(WEIGHT_ROUNDINGS)
             return f"{precision.rounding} is not offered on ORT (its weight-only roundings: {offered})"
