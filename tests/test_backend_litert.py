@@ -116,6 +116,30 @@ def test_a_module_litert_torch_cannot_convert_gets_one_line(digits_npz, tmp_path
     assert "\n" not in str(caught.value)
 
 
+def test_an_onnx_file_runs_on_litert_through_its_graph_in_torch(digits_cnn, digits_npz, tmp_path):
+    """An ONNX file (no module) converts through autoq's own ONNX-in-torch graph: FP32 computes what ONNX Runtime
+    computes, in one XNNPACK partition with no layout transposes between the layers (the graph's scalars and
+    shapes are fixed before tracing), every layer maps to its op, and int8 executes as assigned."""
+    from autoq.backends.litert.model import interpreter
+
+    model = graph.prepare(digits_cnn, tmp_path)
+    splits = data.split(data.load(digits_npz, "label"))
+    calibration = calibrate(model, splits.calibration, tmp_path / "cache")
+    backend, ort = get_backend("litert"), get_backend("onnxruntime")
+    fp32 = {n: "fp32" for n in model.layer_names}
+    built = backend.build(model, Assignment(fp32), calibration, tmp_path / "fp32")
+    feeds = {"image": splits.search.arrays["image"]}
+    reference = ort.runner(ort.build(model, Assignment(fp32), calibration, tmp_path / "ort"), 1)(feeds)[0]
+    np.testing.assert_allclose(backend.runner(built, 1)(feeds)[0], reference, rtol=1e-4, atol=1e-4)
+    ops = [op["op_name"] for op in interpreter(built.path)._get_ops_details()]
+    assert ops.count("DELEGATE") == 1 and ops.count("TRANSPOSE") <= 1, ops
+    int8 = {n: "int8" for n in model.layer_names}
+    candidate = backend.build(model, Assignment(int8), calibration, tmp_path / "int8")
+    assert backend.executed(candidate) == int8
+    agreement = (backend.runner(candidate, 1)(feeds)[0].argmax(1) == reference.argmax(1)).mean()
+    assert agreement > 0.95
+
+
 def test_a_litert_search_of_a_module_reaches_int8_and_judges_the_recipes(digits_module, digits_npz, tmp_path):
     """`autoq.search(module, example_inputs, data, backend="litert")`: the front holds a point with int8 layers that
     executed as assigned, and every AI Edge Quantizer recipe got a verdict against it."""

@@ -6,8 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pandas as pd
 import pytest
+from onnx import helper
 
 import autoq
 from autoq import union
@@ -98,17 +100,25 @@ def test_a_union_point_exports_as_its_runtime_runs_it_and_verify_retimes_the_uni
 
 
 def test_a_backend_that_cannot_take_the_model_is_left_out_with_its_reason(digits_cnn, digits_npz, tmp_path, capsys):
-    """An ONNX file on onnxruntime and litert: litert converts only a torch module, so the union is onnxruntime's
-    front alone, and the user reads why in one line."""
+    """An ONNX file with an op autoq does not run in torch (an Einsum after the CNN) on onnxruntime and litert:
+    litert converts an ONNX file through that torch graph, so the union is onnxruntime's front alone, and the user
+    reads why in one line."""
+    proto = onnx.load(str(digits_cnn))
+    output = proto.graph.output[0].name
+    for node in proto.graph.node:
+        node.output[:] = [f"{name}_pre" if name == output else name for name in node.output]
+    proto.graph.node.append(helper.make_node("Einsum", [f"{output}_pre"], [output], equation="ij->ij", name="odd"))
+    odd = tmp_path / "odd.onnx"
+    onnx.save(proto, odd)
     union.PASS_PAUSE_S = 0.0
-    result = autoq.search(digits_cnn, digits_npz, labels="label", backend="onnxruntime,litert", trials=2,
+    result = autoq.search(odd, digits_npz, labels="label", backend="onnxruntime,litert", trials=2,
                           out=tmp_path / "run", progress=False, recipes="none")
     assert union.searched(tmp_path / "run") == ["onnxruntime"]
     assert set(result.front["backend"]) == {"onnxruntime"}
     said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("autoq: litert:")]
-    assert len(said) == 1 and "converts an nn.Module" in said[0], said
+    assert len(said) == 1 and "does not run its Einsum op (odd)" in said[0], said
     with pytest.raises(AutoqError, match="holds a union of onnxruntime, litert"):
-        autoq.search(digits_cnn, digits_npz, labels="label", backend="onnxruntime,openvino", trials=2,
+        autoq.search(odd, digits_npz, labels="label", backend="onnxruntime,openvino", trials=2,
                      out=tmp_path / "run", progress=False)
 
 

@@ -31,9 +31,11 @@ def _conv(x, w, b, a):
     pads = list(a.get("pads", [0] * 2 * spatial))
     if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
         raise AutoqError("a Conv with auto_pad is not run in torch yet")
-    x = F.pad(x, [p for i in reversed(range(spatial)) for p in (pads[i], pads[i + spatial])])
+    padding = pads[:spatial]
+    if pads[:spatial] != pads[spatial:]:  # the conv pads each side alike (one op for a converter); else pad first
+        x, padding = F.pad(x, [p for i in reversed(range(spatial)) for p in (pads[i], pads[i + spatial])]), [0]
     conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[spatial]
-    return conv(x, w, b, a.get("strides", 1), 0, a.get("dilations", 1), a.get("group", 1))
+    return conv(x, w, b, a.get("strides", 1), padding, a.get("dilations", 1), a.get("group", 1))
 
 
 def _conv_transpose(x, w, b, a):
@@ -54,7 +56,7 @@ def _resize(i, a):
     mode = mode.decode() if isinstance(mode, bytes) else mode
     transform = a.get("coordinate_transformation_mode", b"half_pixel")
     transform = transform.decode() if isinstance(transform, bytes) else transform
-    sizes = i[3] if len(i) > 3 and i[3] is not None and i[3].numel() else None
+    sizes = i[3] if len(i) > 3 and i[3] is not None and np.size(i[3]) else None
     size = [int(v) for v in sizes.tolist()[2:]] if sizes is not None else None
     scales = None if size is not None else [float(v) for v in i[2].tolist()[2:]]
     if mode == "nearest" and transform == "asymmetric" and a.get("nearest_mode", b"floor") in (b"floor", "floor"):
@@ -102,6 +104,7 @@ def _unsqueeze(x, axes):
 
 def _gather(x, indices, axis):
     axis %= x.dim()
+    indices = torch.as_tensor(indices)
     taken = torch.index_select(x, axis, indices.reshape(-1).long() % x.shape[axis])
     return taken.reshape([*x.shape[:axis], *indices.shape, *x.shape[axis + 1:]])
 
@@ -158,9 +161,11 @@ OPS: dict[str, Callable] = {  # op -> f(inputs, attributes) for the non-layer op
     "Sqrt": lambda i, a: torch.sqrt(i[0]),
     "Sigmoid": lambda i, a: torch.sigmoid(i[0]), "Tanh": lambda i, a: torch.tanh(i[0]),
     "Erf": lambda i, a: torch.erf(i[0]), "Identity": lambda i, a: i[0],
-    "HardSigmoid": lambda i, a: torch.clamp(a.get("alpha", 0.2) * i[0] + a.get("beta", 0.5), 0, 1),
+    "HardSigmoid": lambda i, a: F.relu6(6 * a.get("alpha", 0.2) * i[0] + 6 * a.get("beta", 0.5)) / 6,  # XNNPACK
+    # runs RELU6; a clamp to [0, 1] becomes RELU_0_TO_1, which it does not (the graph then splits around it)
     "HardSwish": lambda i, a: F.hardswish(i[0]), "LeakyRelu": lambda i, a: F.leaky_relu(i[0], a.get("alpha", 0.01)),
-    "GlobalAveragePool": lambda i, a: i[0].mean(dim=tuple(range(2, i[0].dim())), keepdim=True),
+    "GlobalAveragePool": lambda i, a: F.adaptive_avg_pool2d(i[0], 1) if i[0].dim() == 4 else i[0].mean(
+        dim=tuple(range(2, i[0].dim())), keepdim=True),
     "MaxPool": lambda i, a: _pool("max")(i[0], a), "AveragePool": lambda i, a: _pool("avg")(i[0], a),
     "Flatten": lambda i, a: i[0].reshape(int(np.prod(i[0].shape[:a.get("axis", 1)])), -1),
     "Reshape": lambda i, a: _reshape(i[0], i[1]), "Shape": lambda i, a: torch.tensor(i[0].shape, dtype=torch.int64),
@@ -174,7 +179,7 @@ OPS: dict[str, Callable] = {  # op -> f(inputs, attributes) for the non-layer op
     "Cast": lambda i, a: i[0].to(_DTYPES.get(a["to"], i[0].dtype)),
     "Unsqueeze": lambda i, a: _unsqueeze(i[0], _axes(i, a, [])),
     "LayerNormalization": _layer_norm, "ConstantOfShape": lambda i, a: _constant_of_shape(i[0], a),
-    "Where": lambda i, a: torch.where(i[0].bool(), i[1], i[2]),
+    "Where": lambda i, a: torch.where(torch.as_tensor(i[0]).bool(), i[1], i[2]),
     "Expand": lambda i, a: i[0].expand(torch.broadcast_shapes(i[0].shape, tuple(int(s) for s in i[1].tolist()))),
     "Equal": lambda i, a: torch.eq(i[0], i[1]), "And": lambda i, a: torch.logical_and(i[0], i[1]),
     "GreaterOrEqual": lambda i, a: torch.ge(i[0], i[1]), "Greater": lambda i, a: torch.gt(i[0], i[1]),
@@ -200,6 +205,27 @@ def _same(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+class LayerCall(torch.nn.Module):
+    """One layer's op, called as a submodule of its own so that a converter tracing the model (litert-torch) names
+    the layer's weight by that submodule."""
+
+    def __init__(self, node: onnx.NodeProto) -> None:
+        super().__init__()
+        self.op_type, self.attributes = node.op_type, _attrs(node)
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return LAYERS[self.op_type](x, w, bias, self.attributes)
+
+
+def _static(proto: onnx.ModelProto) -> set[str]:
+    """The tensors whose values do not depend on the inputs' values once the inputs' shapes are fixed."""
+    known = {t.name for t in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type in ("Constant", "Shape") or all(not i or i in known for i in node.input):
+            known.update(node.output)
+    return known
+
+
 class OnnxModule(torch.nn.Module):
     """`proto` (a float model whose layers are `layers`) as a torch module: the layers' weights and biases are
     parameters, every other initializer a constant; `hooks[layer]` changes what a layer computes with."""
@@ -207,10 +233,11 @@ class OnnxModule(torch.nn.Module):
     def __init__(self, proto: onnx.ModelProto, layers: list[Layer]) -> None:
         super().__init__()
         self.nodes = list(proto.graph.node)
+        self.static = _static(proto)
         for node in self.nodes:
             if node.op_type not in OPS and node.op_type not in LAYERS and node.op_type != "Constant":
-                raise AutoqError(f"fine-tuning runs the model in torch, which does not run its {node.op_type} op "
-                                 f"({node.name}) yet")
+                raise AutoqError(f"autoq runs an ONNX model in torch (to fine-tune it or convert it to LiteRT) and "
+                                 f"does not run its {node.op_type} op ({node.name}) yet")
         layer_nodes = {layer.name for layer in layers}
         stored = {tensor.name for tensor in proto.graph.initializer}
         trained = {name for node in self.nodes if node.name in layer_nodes and node.op_type in LAYERS
@@ -230,6 +257,29 @@ class OnnxModule(torch.nn.Module):
         self.outputs = [o.name for o in proto.graph.output]
         self.hooks: dict[str, Hook] = {}
         self.tensor_hooks: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}  # applied where a tensor is made
+        self.calls = torch.nn.ModuleDict({f"layer{i}": LayerCall(node) for i, node in enumerate(self.nodes)
+                                          if node.op_type in LAYERS})
+        self.call_of = {node.name: f"layer{i}" for i, node in enumerate(self.nodes) if node.op_type in LAYERS}
+        self.folded: dict[str, np.ndarray] = {}  # tensor -> its value, fixed for fixed input shapes (`freeze`)
+
+    def freeze(self, *example: torch.Tensor) -> OnnxModule:
+        """Fix the tensors computed from shapes and constants (shapes, indices, masks, scalars) at their values for
+        the shapes of `example`, so that tracing (torch.export) sees a graph of float ops on the inputs only: what a
+        converter to a fixed-shape runtime needs."""
+        values: dict[str, np.ndarray] = {}
+        original = self.tensor_hooks
+        self.tensor_hooks = {}
+        with torch.no_grad():
+            self._run(example, values)
+        self.tensor_hooks = original
+        values.update((name, value.numpy()) for name, value in self.constants.items())
+        self.folded = {name: value for name, value in values.items() if name in self.static and _key(name) not in
+                       self.params and (not np.issubdtype(value.dtype, np.floating) or value.size == 1)}
+        return self
+
+    def layer_path(self, layer: str) -> str:
+        """The submodule path (`calls.layerN`) that runs `layer`'s op."""
+        return f"calls.{self.call_of[layer]}"
 
     def parameter(self, name: str) -> torch.nn.Parameter:
         """The trained parameter of ONNX initializer `name`."""
@@ -240,15 +290,24 @@ class OnnxModule(torch.nn.Module):
         return {name: self.params[_key(name)].detach().numpy().copy() for name in self.trained}
 
     def forward(self, *args: torch.Tensor) -> list[torch.Tensor]:
+        return self._run(args, None)
+
+    def _run(self, args: tuple[torch.Tensor, ...], record: dict[str, np.ndarray] | None) -> list[torch.Tensor]:
+        """The graph on `args`; `record` (when given) receives every tensor made, as numpy."""
         values: dict[str, torch.Tensor] = {name: self.tensor_hooks.get(name, _same)(value)
                                            for name, value in zip(self.inputs, args, strict=True)}
 
         def get(name: str) -> torch.Tensor:
             if name in values:
                 return values[name]
+            if name in self.folded:  # shapes and indices stay numpy, constant scalars Python floats, when traced
+                value = self.folded[name]  # (a tensor constant would keep a converter's layout pass in NCHW)
+                return float(value.reshape(-1)[0]) if value.dtype.kind == "f" else value  # type: ignore[return-value]
             return self.params[_key(name)] if _key(name) in self.params else self.constants[name]
 
         for node in self.nodes:
+            if node.output and all(name in self.folded for name in node.output):
+                continue
             a = _attrs(node)
             if node.op_type == "Constant":
                 outputs = [torch.from_numpy(numpy_helper.to_array(a["value"]).copy())]
@@ -257,9 +316,12 @@ class OnnxModule(torch.nn.Module):
                 if node.name in self.hooks:
                     x, w = self.hooks[node.name](x, w)
                 bias = get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-                outputs = [LAYERS[node.op_type](x, w, bias, a)]
+                outputs = [self.calls[self.call_of[node.name]](x, w, bias)]
             else:
                 outputs = [OPS[node.op_type]([get(i) if i else None for i in node.input], a)]
             values.update((name, self.tensor_hooks.get(name, _same)(value))
                           for name, value in zip(node.output, outputs, strict=False))
+            if record is not None:
+                record.update((name, value.detach().numpy()) for name, value in zip(node.output, outputs,
+                                                                                    strict=False))
         return [values[name] for name in self.outputs]

@@ -38,6 +38,7 @@ from autoq.backends.litert.model import (
     quiet,
     ran_as,
     scope,
+    torch_module,
     weight_sizes,
 )
 from autoq.calibrate import Calibration
@@ -107,7 +108,8 @@ class LiteRtBackend(Backend):
         return layer.op_type in ("Conv", "Gemm", "MatMul") or precision.kind == Kind.FLOAT
 
     def _scopes(self, model: OnnxModel) -> dict[str, str]:
-        return {layer.name: scope(model.module, layer.name.split("#")[0]) for layer in model.layers}
+        module, paths = torch_module(model)
+        return {layer: scope(module, path) for layer, path in paths.items()}
 
     def _qsvs(self, source: Path, calibration: Calibration, inputs: list[InputSpec]) -> dict:
         """Every tensor's statistics on the calibration samples (one sample per call, as deployed; `inputs` in the

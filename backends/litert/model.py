@@ -1,6 +1,7 @@
 """A torch module as a LiteRT flatbuffer, and what its ops run in.
 
-`litert-torch` converts the user's module (no TensorFlow) once per model, cached beside the calibration. Each autoq
+`litert-torch` converts the user's module (no TensorFlow), or an ONNX file's graph run in torch, once per model,
+cached beside the calibration. Each autoq
 layer (a module FQN) maps to the TFLite op whose weight tensor carries that module's scope: litert-torch names a
 weight `<root class>/<class>_<attribute>/...` down the modules called, which `scope` rebuilds from the module itself.
 What an op runs in is read from the built flatbuffer: the types of its input and weight (a weight made by a
@@ -65,24 +66,48 @@ def scope(module: object, fqn: str) -> str:
     return "/".join(parts)
 
 
-def float_model(model: OnnxModel, samples: dict[str, np.ndarray], folder: Path) -> Path:
-    """`model.module` converted to an FP32 `.tflite` (batch 1, inputs in `model.inputs` order), cached in `folder`
-    by the exported graph's digest."""
+_FROM_ONNX: dict[Path, Any] = {}  # an ONNX model's file -> its graph as a torch module (OnnxModule)
+
+
+def torch_module(model: OnnxModel) -> tuple[Any, dict[str, str]]:
+    """The torch module litert-torch converts, and each layer's submodule path in it: the user's module (layers
+    are its FQNs), or an ONNX file's graph run op by op in torch (`OnnxModule`, one submodule per layer); a graph
+    with an op it does not run is a one-line error naming the op."""
+    if model.module is not None:
+        return model.module, {layer.name: layer.name.split("#")[0] for layer in model.layers}
+    from autoq.recovery.onnx_torch import OnnxModule
+
+    if model.path not in _FROM_ONNX:
+        _FROM_ONNX[model.path] = OnnxModule(model.proto, model.layers).eval()
+    module = _FROM_ONNX[model.path]
+    return module, {layer.name: module.layer_path(layer.name) for layer in model.layers}
+
+
+def _example(model: OnnxModel, samples: dict[str, np.ndarray]) -> tuple[Any, tuple]:
+    """The module to convert, ready for tracing at batch 1, and its example inputs."""
     import torch
 
-    if model.module is None or not isinstance(model.module, torch.nn.Module):
-        raise AutoqError("the litert backend converts an nn.Module: pass it to autoq.search(module, example_inputs, "
-                         "data, backend='litert')")
+    module, _ = torch_module(model)
+    module.eval()
+    example = tuple(torch.from_numpy(samples[spec.name][:1]) for spec in model.inputs)
+    if model.module is None:  # the ONNX graph's shape arithmetic fixed at these shapes
+        module.freeze(*example)
+    return module, example
+
+
+def float_model(model: OnnxModel, samples: dict[str, np.ndarray], folder: Path) -> Path:
+    """The model (`torch_module`) converted to an FP32 `.tflite` (batch 1, inputs in `model.inputs` order), cached
+    in `folder` by the exported graph's digest."""
     digest = hashlib.sha1(model.path.read_bytes()).hexdigest()[:12]
     path = folder / f"litert-fp32-{digest}.tflite"
     if path.is_file():
         return path
     litert_torch, _, _ = stack()
-    example = tuple(torch.from_numpy(samples[spec.name][:1]) for spec in model.inputs)
+    module, example = _example(model, samples)
     folder.mkdir(parents=True, exist_ok=True)
     try:
         with quiet():
-            converted = litert_torch.convert(model.module.eval(), example)  # type: ignore[attr-defined]
+            converted = litert_torch.convert(module, example)  # type: ignore[attr-defined]
             converted.export(str(path.with_suffix(".partial")))
     except Exception as exc:  # the converter raises many types; the user needs the first line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -92,11 +117,12 @@ def float_model(model: OnnxModel, samples: dict[str, np.ndarray], folder: Path) 
 
 
 def pt2e_model(model: OnnxModel, samples: dict[str, np.ndarray], path: Path) -> Path:
-    """`model.module` quantized by litert-torch's own recipe (its PT2E quantizer, symmetric int8 with per-channel
-    weights, observed on `samples` one at a time) and converted to `path`."""
+    """The model (`torch_module`) quantized by litert-torch's own recipe (its PT2E quantizer, symmetric int8 with
+    per-channel weights, observed on `samples` one at a time) and converted to `path`."""
     import torch
 
     litert_torch, _, _ = stack()
+    module, example = _example(model, samples)
     with quiet():
         from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
         from litert_torch.quantize.quant_config import QuantConfig
@@ -104,8 +130,7 @@ def pt2e_model(model: OnnxModel, samples: dict[str, np.ndarray], path: Path) -> 
 
         quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
         names = [spec.name for spec in model.inputs]
-        example = tuple(torch.from_numpy(samples[name][:1]) for name in names)
-        graph = prepare_pt2e(torch.export.export(model.module, example).module(), quantizer)  # type: ignore[arg-type]
+        graph = prepare_pt2e(torch.export.export(module, example).module(), quantizer)
         with torch.no_grad():
             for i in range(len(samples[names[0]])):
                 graph(*(torch.from_numpy(samples[name][i:i + 1]) for name in names))
