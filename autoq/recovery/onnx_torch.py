@@ -1,6 +1,8 @@
 """An ONNX graph run op by op in torch, so that quantization-aware training can fine-tune an ONNX model's layers:
 each layer's weight and bias are parameters named by their initializers (trained values go back into the ONNX
-file by name), and a hook per layer can fake-quantize its input and weight as its spec will run.
+file by name), and a hook per layer can fake-quantize its input and weight as its spec will run. Frozen at fixed
+input shapes (`freeze`), it is also what litert-torch converts when an ONNX file is searched on LiteRT: each
+layer's op runs as a submodule of its own (`layer_path`), so the converted weight names its layer.
 
 Covers the ops of convolutional and MLP classifiers and of BERT-style encoders (a converter such as onnx2torch
 needs torchvision, which has no build for this torch on PyPI); any other op is a one-line error naming it.
