@@ -75,6 +75,37 @@ class TestLiteRt(BackendContract):
             counts[glue] = sum(op in ("QUANTIZE", "DEQUANTIZE") for op in ops)
         assert counts["int8"] < counts["float"]
 
+    def test_learned_rounding_runs_its_integers_in_the_int8_kernels(self, setup, tmp_path):
+        """`int8-adaround`: the learned weights go into the float model before AI Edge Quantizer quantizes it, whose
+        per-channel grid is the one they were learned on: the built file stores the learned integers (the build
+        reads them back), each layer runs in the int8 kernel, and the model computes closer to FP32 on unseen
+        samples than round-to-nearest. A cache moved off its grid fails the build instead of running unlearned."""
+        from autoq.recovery import rounding
+
+        backend, model, splits, calibration, workdir = setup
+        feeds = {"image": splits.validation.arrays["image"]}
+        fp32 = backend.runner(self._build(setup, {n: "fp32" for n in model.layer_names}, "ref3"), 1)(feeds)[0]
+        errors = {}
+        for spec in ("int8", "int8-adaround"):
+            layers = {n: spec if la.op_type == "Conv" or spec == "int8" else "int8" for n, la in zip(
+                model.layer_names, model.layers, strict=True)}
+            candidate = self._build(setup, layers, f"learned-{spec}")
+            assert backend.executed(candidate) == layers
+            errors[spec] = float(((backend.runner(candidate, 1)(feeds)[0] - fp32) ** 2).mean())
+        assert errors["int8-adaround"] < errors["int8"], errors
+        conv = next(la for la in model.layers if la.op_type == "Conv")
+        path = rounding.cache_file(calibration, conv.name, rounding.Precision.parse("int8-adaround"))
+        with np.load(path) as stored:
+            kept = {key: stored[key] for key in stored.files}
+        moved = kept["weight"].copy()  # one weight 0.4 of its channel's step off the grid: rounded back on build
+        moved[0].flat[np.abs(moved[0]).argmin()] += 0.4 * np.abs(moved[0]).max() / 127
+        np.savez(path, **{**kept, "weight": moved})
+        try:
+            with pytest.raises(AutoqError, match="did not keep the learned integers"):
+                self._build(setup, {conv.name: "int8-adaround"}, "off-grid")
+        finally:
+            np.savez(path, **kept)
+
     @pytest.mark.parametrize("label", ["static_wi8_ai8", "PT2E"])
     def test_the_static_recipes_take_int8_input_and_are_fed_quantized(self, setup, label):
         """AI Edge Quantizer's static_wi8_ai8 and litert-torch's PT2E recipe make int8 model inputs: the runner

@@ -21,12 +21,13 @@ import pickle
 import re
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from autoq.backends.base import Backend, Candidate, Feeds, Outputs, Recipe, state_of
+from autoq.backends.litert import learned
 from autoq.backends.litert.model import (
     LOOKUP,
     SIGNATURE,
@@ -47,7 +48,7 @@ from autoq.graph import InputSpec, Layer, OnnxModel
 from autoq.precision import Assignment, Kind, Precision
 
 GLUE = "glue"
-SPECS = ("fp32", "int8", "int8-dyn", "int8-dyn-pc", "int4-dyn-pc", "w8", "w4")
+SPECS = ("fp32", "int8", "int8-adaround", "int8-dyn", "int8-dyn-pc", "int4-dyn-pc", "w8", "w4")
 _QSVS: dict[tuple[str, str], dict] = {}  # (float model, calibration) -> the quantizer's tensor statistics
 _SOURCE_OPS: dict[tuple[str, int], dict[str, Op]] = {}  # (float model, its mtime) -> layer -> op
 
@@ -157,7 +158,9 @@ class LiteRtBackend(Backend):
         if not specs:
             shutil.copyfile(source, out)
             return Candidate(assignment, out, out.stat().st_size, state)
-        made = quantizer.Quantizer(str(source))
+        fitted = workdir / "learned-fp32.tflite"  # the float model with the learned weights, for the quantizer
+        layouts = learned.substitute(source, fitted, model, specs, calibration, ops)
+        made = quantizer.Quantizer(str(fitted if layouts else source))
         static = any(spec.kind == Kind.STATIC for spec in specs.values())
         if static and assignment.options.get(GLUE, "int8") == "int8":
             made.load_quantization_recipe(recipe.static_wi8_ai8())
@@ -180,6 +183,9 @@ class LiteRtBackend(Backend):
         with quiet():
             result = made.quantize(statistics)
             result.export_model(str(out), overwrite=True)
+        if layouts:
+            fitted.unlink()
+            learned.check(out, layouts, specs, calibration, ops)
         return Candidate(assignment, out, out.stat().st_size, state)
 
     def runner(self, candidate: Candidate, threads: int) -> Callable[[Feeds], Outputs]:
@@ -204,9 +210,15 @@ class LiteRtBackend(Backend):
         return run
 
     def executed(self, candidate: Candidate) -> dict[str, str]:
+        """Each layer's spec as its op runs it; a learned spec where its kernel is its round-to-nearest form's (the
+        build checked the learned integers)."""
         state = state_of(candidate, LiteRtState)
         ops = layer_ops(candidate.path, state.scopes, state.sizes)
-        return {layer: ran_as(ops[layer]) if layer in ops else "fp32" for layer in candidate.assignment.layers}
+        found = {layer: ran_as(ops[layer]) if layer in ops else "fp32" for layer in candidate.assignment.layers}
+        for layer, spec in candidate.assignment.specs().items():
+            if spec.rounding == "adaround" and found[layer] == str(replace(spec, rounding="rtn")):
+                found[layer] = str(spec)
+        return found
 
     def reference_model(self, run_dir: Path) -> Path:
         digest = hashlib.sha1((run_dir / "model.onnx").read_bytes()).hexdigest()[:12]
