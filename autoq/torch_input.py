@@ -136,9 +136,25 @@ def _digest(array: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest()
 
 
+def _scaled_owner(weight: np.ndarray, candidates: list[tuple[str, np.ndarray]]) -> str | None:
+    """The one candidate (FQN, weight) of which `weight` is a per-output-channel rescaling: a convolution the
+    exporter folded its batch norm into."""
+    found = []
+    for fqn, array in candidates:
+        if array.shape != weight.shape:
+            continue
+        ours, theirs = weight.reshape(len(weight), -1).astype(np.float64), array.reshape(len(array), -1)
+        scale = (ours * theirs).sum(1) / np.maximum((theirs ** 2).sum(1), 1e-30)
+        if np.allclose(ours, scale[:, None] * theirs, rtol=1e-4, atol=1e-6 * np.abs(ours).max()):
+            found.append(fqn)
+    return found[0] if len(found) == 1 else None
+
+
 def _name_by_module(proto: onnx.ModelProto, module) -> None:
-    """Rename each layer node to the FQN of the module whose weight it multiplies (in place)."""
+    """Rename each layer node to the FQN of the module whose weight it multiplies (in place), a convolution's
+    weight possibly rescaled per channel by the batch norm the exporter folded into it."""
     owners: dict[str, str] = {}
+    convolutions: list[tuple[str, np.ndarray]] = []
     for fqn, sub in module.named_modules():
         weight = getattr(sub, "weight", None)
         if fqn and weight is not None and hasattr(weight, "detach") and weight.dim() >= 2:
@@ -146,10 +162,15 @@ def _name_by_module(proto: onnx.ModelProto, module) -> None:
             owners.setdefault(_digest(array), fqn)
             if array.ndim == 2:
                 owners.setdefault(_digest(array.T), fqn)
+            else:
+                convolutions.append((fqn, array))
     taken: dict[str, int] = {}
     nodes = {node.name: node for node in proto.graph.node}
     for layer in find_layers(proto):
-        fqn = owners.get(_digest(weight_array(proto, layer.weight)))
+        weight = weight_array(proto, layer.weight)
+        fqn = owners.get(_digest(weight))
+        if fqn is None and weight.ndim > 2:
+            fqn = _scaled_owner(weight, convolutions)
         if fqn is None:
             continue
         taken[fqn] = taken.get(fqn, 0) + 1

@@ -60,6 +60,25 @@ def test_a_module_called_twice_gets_one_name_per_call(tmp_path):
     assert sorted(layer.name for layer in prepare(path, tmp_path / "run").layers) == ["shared", "shared#2"]
 
 
+def test_a_convolution_with_its_batch_norm_folded_keeps_its_module_name(tmp_path):
+    """The exporter folds each eval-mode BatchNorm into the convolution before it (a per-channel rescaling of its
+    weight): the layer is still named by the convolution's FQN, and two convolutions of the same shape are told
+    apart by their values."""
+    nn = torch.nn
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                           nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                           nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
+    for norm in (module[1], module[4], module[7]):
+        norm.running_var.uniform_(0.5, 2.0)
+        norm.weight.data.uniform_(0.5, 1.5)
+    from autoq.graph import prepare
+    from autoq.torch_input import to_onnx
+
+    path = to_onnx(module.eval(), (torch.randn(1, 3, 8, 8),), tmp_path)
+    assert [layer.name for layer in prepare(path, tmp_path / "run").layers] == ["0", "3", "6"]
+
+
 def test_a_pt2_file_through_the_cli(classifier, digits, tmp_path):
     data, labels = digits
     program = torch.export.export(classifier, (torch.from_numpy(data["image"][:1]),))

@@ -73,14 +73,23 @@ def torch_module(model: OnnxModel) -> tuple[Any, dict[str, str]]:
     """The torch module litert-torch converts, and each layer's submodule path in it: the user's module (layers
     are its FQNs), or an ONNX file's graph run op by op in torch (`OnnxModule`, one submodule per layer); a graph
     with an op it does not run is a one-line error naming the op."""
-    if model.module is not None:
-        return model.module, {layer.name: layer.name.split("#")[0] for layer in model.layers}
+    if model.module is not None:  # a layer not named by a module (no FQN found for its weight) maps to no op
+        fqns = {layer.name: layer.name.split("#")[0] for layer in model.layers}
+        return model.module, {layer: fqn for layer, fqn in fqns.items() if _submodule(model.module, fqn)}
     from autoq.recovery.onnx_torch import OnnxModule
 
     if model.path not in _FROM_ONNX:
         _FROM_ONNX[model.path] = OnnxModule(model.proto, model.layers).eval()
     module = _FROM_ONNX[model.path]
     return module, {layer.name: module.layer_path(layer.name) for layer in model.layers}
+
+
+def _submodule(module: Any, fqn: str) -> bool:
+    try:
+        module.get_submodule(fqn)
+    except AttributeError:
+        return False
+    return True
 
 
 def _example(model: OnnxModel, samples: dict[str, np.ndarray]) -> tuple[Any, tuple]:
