@@ -18,9 +18,12 @@ drops defaults):
                                                         unless in groups of N, rounded to nearest unless named;
                                                         `acc<L>` is ONNX Runtime MatMulNBits' accuracy_level (4: int8
                                                         compute)
-    nf4[g<N>] | cb4[g<N>] | fp8[g<N>] | fp4[g<N>]       weight-only, non-uniform: NormalFloat4, a 4-bit codebook
-                                                        (NNCF's CB4), float8 E4M3, float4 E2M1, one scale per channel
-                                                        or group (fp8/fp4 are stored weights; fp16/bf16 are compute)
+    nf4[g<N>] | cb4[g<N>] | km4[g<N>] | fp8[g<N>] | fp4[g<N>]
+                                                        weight-only, non-uniform: NormalFloat4, a 4-bit codebook
+                                                        (NNCF's CB4, or `km4`: 16 values fitted to the layer's own
+                                                        weights by k-means), float8 E4M3, float4 E2M1, one scale per
+                                                        channel or group (fp8/fp4 are stored weights; fp16/bf16 are
+                                                        compute)
 
 Everything else (bits, colours, size estimates, the rounding the sensitivity simulates) is derived from the spec.
 """
@@ -48,7 +51,8 @@ ROUNDINGS = ("rtn", "hqq", "gptq", "awq", "se", "kquant", "adaround")  # se: NNC
 STATIC_ROUNDINGS = ("rtn", "adaround")
 ZERO_POINTED = ("hqq", "kquant")  # roundings that fit a zero point per group: asymmetric by themselves
 # a weight-only spec's stored element: its string prefix and the bits it comes in
-ELEMENTS = {"int": ("w", (2, 3, 4, 8)), "nf": ("nf", (4,)), "cb": ("cb", (4,)), "fp": ("fp", (4, 8))}
+ELEMENTS = {"int": ("w", (2, 3, 4, 8)), "nf": ("nf", (4,)), "cb": ("cb", (4,)), "km": ("km", (4,)),
+            "fp": ("fp", (4, 8))}
 
 
 class Kind(str, Enum):
@@ -67,7 +71,7 @@ KINDS = tuple(Kind)
 FORMS = (f"{'|'.join(FLOATS)}, int8[-sym][-{'|-'.join(c for c in CALIBRATIONS[1:] if c != 'percentile')}|-pct<P>]"
          "[-adaround], "
          f"int8-dyn[-pc][-sq<alpha>], int4-dyn-pc, w<2|3|4|8>[g<N>][-asym][-{'|-'.join(ROUNDINGS[1:])}][-acc<0-4>], "
-         "nf4|cb4|fp8|fp4[g<N>]")
+         "nf4|cb4|km4|fp8|fp4[g<N>]")
 # hue, saturation, value of each kind's base colour (float by width: blue / purple / teal), with the spec named
 # by each; a (kind, bits) not listed takes its kind's nearest width, shifted in hue by the bits
 HUES = {(Kind.FLOAT, 32): ((0.60, 0.55, 0.70), "fp32"), (Kind.FLOAT, 16): ((0.72, 0.40, 0.70), "bf16"),
@@ -90,7 +94,7 @@ class Precision:
     rounding: str = "rtn"  # weight-only: rtn | hqq | gptq | awq | se | kquant
     accuracy_level: int = 0  # weight-only: ONNX Runtime MatMulNBits accuracy_level (0: the runtime's default)
     smooth: float = 0.0  # int8-dyn-pc: SmoothQuant's alpha for the layer's input (0: not smoothed)
-    element: str = "int"  # weight-only: the stored element (`ELEMENTS`): int | nf | cb | fp
+    element: str = "int"  # weight-only: the stored element (`ELEMENTS`): int | nf | cb | km | fp
 
     def __post_init__(self) -> None:
         problem = self._problem()
@@ -157,7 +161,7 @@ class Precision:
                 fields = {"kind": Kind.DYNAMIC, "bits": int(head[3]), "granularity": "tensor"}
             elif head == "int8":
                 fields = {"kind": Kind.STATIC, "bits": 8}
-            elif (found := re.fullmatch(r"(w|nf|cb|fp)(\d+)(?:g(\d+))?", head)) is not None:
+            elif (found := re.fullmatch(r"(w|nf|cb|km|fp)(\d+)(?:g(\d+))?", head)) is not None:
                 group = int(found.group(3) or 0)
                 element = next(e for e, (prefix, _) in ELEMENTS.items() if prefix == found.group(1))
                 fields = {"kind": Kind.WEIGHT_ONLY, "bits": int(found.group(2)), "symmetric": True,
@@ -197,7 +201,7 @@ class Precision:
 
     @property
     def weight_label(self) -> str:
-        """The stored weight's type as executed checks name it: `w4`, `w2`, `nf4`, `cb4`, `fp8`, `fp4`."""
+        """The stored weight's type as executed checks name it: `w4`, `w2`, `nf4`, `cb4`, `km4`, `fp8`, `fp4`."""
         return f"{ELEMENTS[self.element][0]}{self.bits}"
 
     def weight_format(self) -> Precision | None:

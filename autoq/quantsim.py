@@ -1,7 +1,7 @@
 """Numpy simulation of what a precision does to a weight or an activation, read from its spec; the sensitivity
 analyzers (SQNR, HAWQ) measure the noise of these. Weight-only roundings beyond nearest (HQQ, GPTQ, AWQ, scale
 estimation) are simulated as round-to-nearest: an upper bound on their noise. Non-uniform formats (NF4, a
-codebook, float8/float4 weights) round to their nearest value."""
+codebook fixed or fitted by k-means to the layer, float8/float4 weights) round to their nearest value."""
 
 from __future__ import annotations
 
@@ -93,6 +93,28 @@ def _round_channels(w: np.ndarray, axis: int, bits: int, symmetric: bool, group:
     return np.moveaxis(rounded.reshape(moved.shape), 0, axis).astype(w.dtype)
 
 
+KMEANS_ITERATIONS = 25
+
+
+def kmeans_codebook(w: np.ndarray, axis: int, group: int, values: int = 16) -> np.ndarray:
+    """`values` levels fitted by k-means (Lloyd, from the quantiles) to a weight's values, each divided by its
+    block's largest |value| (output channels along `axis`, blocks of `group` inputs or whole channels), the ends
+    kept at -1 and 1 (every block has one of them, and NNCF scales a block by its largest |value| over the
+    codebook's): the codebook of `km4`, one per layer."""
+    channels = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1).astype(np.float64)
+    blocks = (np.pad(channels, ((0, 0), (0, -channels.shape[1] % group))).reshape(len(channels), -1, group)
+              if group else channels[:, None, :])
+    normalised = (blocks / np.maximum(np.abs(blocks).max(axis=2, keepdims=True), 1e-12)).reshape(-1)
+    centres = np.quantile(normalised, np.linspace(0, 1, values))
+    centres[0], centres[-1] = -1.0, 1.0
+    for _ in range(KMEANS_ITERATIONS):
+        nearest = np.searchsorted((centres[1:] + centres[:-1]) / 2, normalised)
+        sums, counts = np.bincount(nearest, normalised, values), np.bincount(nearest, minlength=values)
+        inner = np.where(counts > 0, sums / np.maximum(counts, 1), centres)
+        centres = np.sort(np.concatenate([[-1.0], inner[1:-1], [1.0]]))
+    return centres.astype(np.float32)
+
+
 def round_weight(w: np.ndarray, axis: int, precision: Precision) -> np.ndarray:
     """The weight as `precision` stores it (output channels along `axis`)."""
     if precision.kind == Kind.FLOAT:
@@ -101,6 +123,8 @@ def round_weight(w: np.ndarray, axis: int, precision: Precision) -> np.ndarray:
         return _round_channels(w.reshape(1, -1), 0, precision.bits, True, 0).reshape(w.shape)
     symmetric = precision.symmetric or precision.kind != Kind.WEIGHT_ONLY  # int8 weights are symmetric
     codebook = CODEBOOKS.get(precision.weight_label) if precision.element != "int" else None
+    if precision.element == "km":
+        codebook = kmeans_codebook(w, axis, precision.group).astype(np.float64)
     return _round_channels(w, axis, precision.bits, symmetric, precision.group, codebook,
                            signed=precision.kind == Kind.WEIGHT_ONLY)
 

@@ -30,7 +30,7 @@ SPECS = ["fp32", "bf16", "fp16", "int8", "int8-sym", "int8-entropy", "int8-mse",
          "int8-sym-pct99.9", "int8-dyn", "int8-dyn-pc", "int8-dyn-pc-sq0.7", "int4-dyn-pc", "w8", "w8-asym", "w4g32",
          "w4g128-asym", "w4g32-hqq",
          "w8g128-acc4", "w4g64-asym-awq", "w4g128-se", "w4g32-hqq-acc4", "w4g32-kquant-acc4", "w2g64", "w3g128",
-         "w2g32-acc4", "nf4", "nf4g64", "cb4g32", "fp8g128", "fp8", "fp4g32"]
+         "w2g32-acc4", "nf4", "nf4g64", "cb4g32", "km4g32", "km4", "fp8g128", "fp8", "fp4g32"]
 
 
 @pytest.mark.parametrize("text", SPECS)

@@ -16,8 +16,8 @@ ORT_SPECS = ["int8", "int8-sym", "int8-entropy", "int8-mse", "int8-pct99.9", "in
              "int8-dyn-pc-sq0.7", "w8g32", "w8g128-acc4", "w4g32", "w4g32-asym-acc4", "w4g64-hqq", "w4g32-gptq",
              "w4g32-kquant-acc4", "w8g32-kquant", "w2g32", "w2g32-acc4"]
 OV_SPECS = ["int8", "w8", "w8-asym", "w4g32", "w4g128-asym", "w4g32-se", "w4g32-gptq", "w4g32-awq"]
-OV_FORMATS = ["w3g32", "w2g32", "nf4g32", "nf4", "cb4g32", "fp8g32", "fp4g32"]  # built where the plugin's kernels
-# read them as stored (`stored_weight_type`): each machine says which
+OV_FORMATS = ["w3g32", "w2g32", "nf4g32", "nf4", "cb4g32", "km4g32", "fp8g32", "fp4g32"]  # built where the plugin's
+# kernels read them as stored (`stored_weight_type`): each machine says which
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def test_openvino_weight_formats_build_where_a_kernel_runs_them(small, spec):
         assert "does not store" in get_backend("onnxruntime").unbuildable(precision)
 
 
-@pytest.mark.parametrize("spec", ["w2g32", "w3g32", "nf4g32", "cb4g32", "fp8g32", "fp4g32", "w4g32"])
+@pytest.mark.parametrize("spec", ["w2g32", "w3g32", "nf4g32", "cb4g32", "km4g32", "km4", "fp8g32", "fp4g32", "w4g32"])
 def test_the_simulated_rounding_is_what_nncf_stores(spec):
     """The sensitivity's numpy rounding of each weight format equals the weights NNCF compresses and OpenVINO
     decompresses (read back through an identity input): the integers exactly (MatMulNBits' and NNCF's signed grid),
@@ -100,18 +100,37 @@ def test_the_simulated_rounding_is_what_nncf_stores(spec):
     from openvino import opset13 as ops
 
     from autoq.backends.openvino.nncf_build import _mode_arguments
-    from autoq.quantsim import noise_ratio, round_weight
+    from autoq.quantsim import kmeans_codebook, noise_ratio, round_weight
 
     weight = np.random.default_rng(0).normal(0, 0.1, (64, 96)).astype(np.float32)  # (inputs, outputs)
     x = ops.parameter([64, 64], np.float32, name="x")
     model = ov.Model([ops.matmul(x, ops.constant(weight), False, False)], [x])
+    precision = Precision.parse(spec)
+    codebook = kmeans_codebook(weight, 1, precision.group) if precision.element == "km" else None
     with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
-        compressed = nncf.compress_weights(model, **_mode_arguments(Precision.parse(spec)))
+        compressed = nncf.compress_weights(model, **_mode_arguments(precision, codebook))
     compiled = ov.Core().compile_model(compressed, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     stored = compiled(np.eye(64, dtype=np.float32))[0]
     simulated = round_weight(weight, 1, Precision.parse(spec))  # groups along the inputs of each output channel
-    share = 0.1 if spec.startswith("fp8") else 0.02  # OpenVINO's E4M3 conversion rounds ~0.4% of values otherwise
+    share = 0.1 if spec.startswith("fp8") else 0.05 if spec.startswith("km") else 0.02  # OpenVINO's E4M3
+    # conversion rounds ~0.4% of values otherwise; a fitted codebook's midpoints lie where the values are dense,
+    # so the f16 scales' rounding moves more of them to the next value
     assert noise_ratio(stored, simulated, 1) < share * noise_ratio(weight, simulated, 1), spec
+
+
+def test_a_k_means_codebook_fits_the_layer_better_than_a_fixed_one():
+    """`km4`'s 16 values, fitted by k-means to a layer's own normalised weights (heavy-tailed here, as trained
+    weights are), lose less of it than NormalFloat4's and NNCF's CB4 fixed values at the same bits and blocks,
+    and they differ from layer to layer."""
+    from autoq.quantsim import kmeans_codebook, noise_ratio, round_weight
+
+    rng = np.random.default_rng(0)
+    heavy, light = rng.standard_t(3, (256, 128)).astype(np.float32), rng.uniform(-1, 1, (256, 128)).astype(np.float32)
+    for weight in (heavy, light):
+        noise = {spec: noise_ratio(weight, round_weight(weight, 1, Precision.parse(spec)), 1)
+                 for spec in ("km4g32", "nf4g32", "cb4g32")}
+        assert noise["km4g32"] < min(noise["nf4g32"], noise["cb4g32"]), noise
+    assert not np.allclose(kmeans_codebook(heavy, 1, 32), kmeans_codebook(light, 1, 32), atol=0.05)
 
 
 @pytest.mark.parametrize("backend_name", ["onnxruntime", "openvino"])

@@ -41,8 +41,9 @@ from autoq.backends.openvino.nncf_build import (
 )
 from autoq.backends.openvino.runtime import FUSED_KERNELS, INTEGER, layer_kernels, table_type
 from autoq.calibrate import Calibration
-from autoq.graph import Layer, OnnxModel, save_onnx, tied_tables
+from autoq.graph import Layer, OnnxModel, save_onnx, tied_tables, weight_array
 from autoq.precision import Assignment, Kind, Precision
+from autoq.quantsim import kmeans_codebook
 from autoq.recovery.rounding import is_learned, substitute
 
 FLOAT_OPTION = "inference_precision"
@@ -89,7 +90,7 @@ class OpenVinoBackend(Backend):
         return self._converted[1].clone()
 
     builds = {Kind.FLOAT: (32,), Kind.STATIC: (8,), Kind.WEIGHT_ONLY: (2, 3, 4, 8)}
-    elements = ("int", "nf", "cb", "fp")
+    elements = ("int", "nf", "cb", "km", "fp")
     llm_space, llm_exporter = "llm-openvino", "torch"  # standard ONNX ops: OpenVINO reads no GenAI contrib op
     unbuilt = {Kind.FLOAT: "OpenVINO's float precision is model-wide (per-node marks are not honoured): use the "
                            f"`{FLOAT_OPTION}` option",
@@ -175,7 +176,10 @@ class OpenVinoBackend(Backend):
         for spec in dict.fromkeys(s for s in assignment.specs().values() if s.kind == Kind.WEIGHT_ONLY):
             chosen = [n for n, s in assignment.specs().items() if s == spec]
             dataset = calibration.samples() if spec.rounding != "rtn" else None
-            ov_model = compress_layers(ov_model, {n: names[n] for n in chosen}, spec, dataset)
+            codebooks = {layer.name: kmeans_codebook(weight_array(model.proto, layer.weight), layer.channel_axis,
+                                                     spec.group) for layer in model.layers
+                         if layer.name in chosen and spec.element == "km"}
+            ov_model = compress_layers(ov_model, {n: names[n] for n in chosen}, spec, dataset, codebooks)
         xml = workdir / "model.xml"
         workdir.mkdir(parents=True, exist_ok=True)
         ov.save_model(ov_model, str(xml), compress_to_fp16=False)

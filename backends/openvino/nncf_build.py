@@ -15,6 +15,7 @@ import openvino as ov
 
 from autoq.graph import OnnxModel
 from autoq.precision import Precision
+from autoq.quantsim import kmeans_codebook
 
 KERNELS = {"FullyConnected", "MatMul", "Convolution", "GroupConvolution", "Deconvolution", "Gemm"}
 COMPRESSIBLE = KERNELS | {"Gather"}  # ov.Model ops NNCF compresses weights of (an embedding table: Gather)
@@ -24,8 +25,8 @@ SMOOTH_QUANT = "smooth_quant"  # option: NNCF's SmoothQuant on (its default alph
 
 # a weight-only spec's (element, bits) -> NNCF's mode beyond its int4/int8 (symmetric or not); `runs_compressed`
 # says which of these the CPU plugin's kernels read as stored
-MODES = {("int", 3): "INT3_SYM", ("int", 2): "INT2_SYM", ("nf", 4): "NF4", ("cb", 4): "CB4", ("fp", 8): "FP8_E4M3",
-         ("fp", 4): "FP4"}
+MODES = {("int", 3): "INT3_SYM", ("int", 2): "INT2_SYM", ("nf", 4): "NF4", ("cb", 4): "CB4", ("km", 4): "CODEBOOK",
+         ("fp", 8): "FP8_E4M3", ("fp", 4): "FP4"}  # CODEBOOK: the layer's own k-means codebook (one call per layer)
 # the runtime element type of a kernel's weight input -> the weight label of the spec that stores it
 WEIGHT_LABELS = {"u8": "w8", "i8": "w8", "u4": "w4", "i4": "w4", "u3": "w3", "u2": "w2", "nf4": "nf4",
                  "f4e2m1": "fp4", "f8e4m3": "fp8"}
@@ -65,9 +66,15 @@ def quantize_int8(ov_model: ov.Model, floating: dict[str, set[str]], samples: di
 
 
 def compress_layers(ov_model: ov.Model, chosen: dict[str, set[str]], spec: Precision,
-                    samples: dict[str, np.ndarray] | None) -> ov.Model:
+                    samples: dict[str, np.ndarray] | None, codebooks: dict[str, np.ndarray] | None = None) -> ov.Model:
     """NNCF weight-only compression of the `chosen` layers' weights alone (every other weighted op ignored) at
-    `spec`'s bits, symmetry and group size; AWQ / scale estimation / GPTQ on the calibration `samples`."""
+    `spec`'s bits, symmetry and group size; AWQ / scale estimation / GPTQ on the calibration `samples`; a
+    codebook spec one layer at a time, each with its own of `codebooks`."""
+    if spec.element == "km":
+        for layer, names in chosen.items():
+            ov_model = compress_layers(ov_model, {layer: names}, replace(spec, element="cb"), samples,
+                                       {"": (codebooks or {})[layer]})
+        return ov_model
     weighted = [op.get_friendly_name() for op in ov_model.get_ordered_ops() if op.get_type_name() in COMPRESSIBLE]
     targets = {name for name in weighted for layer, names in chosen.items() if owns(layer, names, {name})}
     missing = [layer for layer, names in chosen.items() if not any(owns(layer, names, {t}) for t in targets)]
@@ -76,7 +83,8 @@ def compress_layers(ov_model: ov.Model, chosen: dict[str, set[str]], spec: Preci
         raise ValueError(msg)
     logging.getLogger("nncf").setLevel(logging.ERROR)  # NNCF prints a statistics table per call
     ignored = nncf.IgnoredScope(names=[n for n in weighted if n not in targets])
-    arguments = _mode_arguments(spec) | WEIGHT_ROUNDINGS[spec.rounding]
+    arguments = _mode_arguments(spec, next(iter(codebooks.values())) if codebooks else None) | WEIGHT_ROUNDINGS[
+        spec.rounding]
     if samples is not None:
         count = len(next(iter(samples.values())))
         arguments["dataset"] = nncf.Dataset([{k: v[i:i + 1] for k, v in samples.items()} for i in range(count)])
@@ -85,11 +93,17 @@ def compress_layers(ov_model: ov.Model, chosen: dict[str, set[str]], spec: Preci
         return nncf.compress_weights(ov_model, ignored_scope=ignored, **arguments)
 
 
-def _mode_arguments(spec: Precision) -> dict:
+def _mode_arguments(spec: Precision, codebook: np.ndarray | None = None) -> dict:
     """nncf.compress_weights' mode and group arguments for `spec` (8-bit integers are per channel, all else in
-    `spec`'s groups or per channel, every chosen layer in that mode: no backup precision)."""
+    `spec`'s groups or per channel, every chosen layer in that mode: no backup precision); with a `codebook`, NNCF's
+    CODEBOOK mode with it (`km4`, or `cb4` given one)."""
+    from nncf.quantization.advanced_parameters import AdvancedCompressionParameters
+
     name = MODES.get((spec.element, spec.bits), f"INT{spec.bits}_{'SYM' if spec.symmetric else 'ASYM'}")
     arguments: dict = {"mode": getattr(nncf.CompressWeightsMode, name)}
+    if codebook is not None:
+        arguments = {"mode": nncf.CompressWeightsMode.CODEBOOK,
+                     "advanced_parameters": AdvancedCompressionParameters(codebook=codebook.astype(np.float32))}
     if name not in ("INT8_SYM", "INT8_ASYM"):
         arguments |= {"group_size": spec.group or -1, "ratio": 1.0, "all_layers": True,
                       "backup_mode": nncf.BackupMode.NONE}
@@ -107,8 +121,10 @@ def stored_weight_type(spec: Precision) -> str:
     weight = np.random.default_rng(0).normal(0, 0.1, (128, 64)).astype(np.float32)
     model = ov.Model([ops.matmul(x, ops.constant(weight), False, False)], [x])
     logging.getLogger("nncf").setLevel(logging.ERROR)
+    probe = replace(spec, group=32 if spec.group else 0)
+    codebook = kmeans_codebook(weight, 1, probe.group) if spec.element == "km" else None
     with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
-        compressed = nncf.compress_weights(model, **_mode_arguments(replace(spec, group=32 if spec.group else 0)))
+        compressed = nncf.compress_weights(model, **_mode_arguments(probe, codebook))
     compiled = ov.Core().compile_model(compressed, "CPU")
     kernel = next(op for op in compiled.get_runtime_model().get_ordered_ops()
                   if str(op.get_rt_info()["layerType"].astype(str)) in KERNELS)
