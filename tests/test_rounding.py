@@ -206,3 +206,29 @@ def test_four_bit_learned_rounding_beats_nearest_and_builds_its_integers(learned
         errors[precision] = float(((out - fp32) ** 2).mean())
     assert errors[learned] < errors[nearest]
     assert rounding.prepare(model, calibration, [(la, spec) for la in matmuls]) == {}  # cached: nothing refitted
+
+
+def test_zero_pointed_blocks_with_a_tied_zero_point_keep_their_grid():
+    """Weights from an already-quantized checkpoint (SmolLM2's came from a GGUF) put a block's zero point exactly
+    between two levels (min -8.5 steps): the grid rounds it as MatMulNBits does, so ONNX Runtime's quantizer,
+    given weights on that grid, stores exactly them (a mismatch failed SmolLM2's learned builds)."""
+    from onnx import TensorProto, helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    rng = np.random.default_rng(0)
+    weight = (rng.integers(-8, 8, (64, 16)) * 0.03125 - 0.015625).astype(np.float32)  # half-steps: ties
+    weight[0], weight[1] = -0.265625, 0.203125  # every block's zero point 8.5 steps up
+    spec = Precision.parse("w4g32-asym-adaround")
+    lattice = rounding.grid(weight, None, spec)
+    on_grid = (np.clip(rounding._nearest(weight / lattice.scale), lattice.low, lattice.high)
+               * lattice.scale).astype(np.float32)
+    proto = helper.make_model(helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])], [numpy_helper.from_array(on_grid, "w")]),
+        opset_imports=[helper.make_opsetid("", 21)])
+    config = DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=False, bits=4)
+    quantizer = MatMulNBitsQuantizer(proto, bits=4, block_size=32, is_symmetric=False, algo_config=config)
+    quantizer.process()
+    layer = graph.Layer("mm", "MatMul", "w", (64, 16), 1024, 1024, channel_axis=1)
+    np.testing.assert_array_equal(rounding._built_weight(quantizer.model.model, layer, spec), on_grid)

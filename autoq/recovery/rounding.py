@@ -196,6 +196,14 @@ def _built_weight(proto: onnx.ModelProto, layer: Layer, spec: Precision) -> np.n
     return q.astype(np.float32) * scale.reshape(shape)
 
 
+def _nearest(x: np.ndarray) -> np.ndarray:
+    """Rounded half away from zero, as MatMulNBits' quantizer rounds its zero points (C's roundf): a block of an
+    already-quantized checkpoint (SmolLM2's) often has its zero point exactly between two. Its smallest and largest
+    weights then land on the grid's ends (-zero, 2^bits - 1 - zero), so the learned block spans them and the
+    quantizer finds the same scale and zero point in it."""
+    return np.sign(x) * np.floor(np.abs(x) + 0.5)
+
+
 def _unpack(packed: np.ndarray, bits: int) -> np.ndarray:
     """MatMulNBits' unsigned `bits`-bit values, packed low bits first in each byte, as float (last axis widened)."""
     values = np.stack([(packed >> (bits * i)) & (2 ** bits - 1) for i in range(8 // bits)], -1)
@@ -237,7 +245,7 @@ def grid(w: np.ndarray, layer: Layer, spec: Precision) -> Grid:
     top = 2 ** spec.bits - 1  # MatMulNBits' asymmetric blocks: [min(w, 0), max(w, 0)] over 2^bits - 1 steps, the
     low, high = np.minimum(blocks.min(1, keepdims=True), 0), np.maximum(blocks.max(1, keepdims=True), 0)  # zero
     scale = (np.maximum(high - low, 1e-12) / top).astype(np.float32)  # point rounded: the block's smallest and
-    zero = np.clip(np.round(-low / scale), 0, top)  # largest weights keep their levels 0 and 2^bits - 1
+    zero = np.clip(_nearest(-low / scale), 0, top)  # largest weights keep their levels 0 and 2^bits - 1
     np.put_along_axis(keep, blocks.argmin(1)[:, None, :], True, 1)
     np.put_along_axis(keep, blocks.argmax(1)[:, None, :], True, 1)
     return Grid(full(scale), full(-zero), full(top - zero), keep.reshape(-1, w.shape[1])[:inputs])
@@ -277,7 +285,8 @@ def fit(node: onnx.NodeProto, proto: onnx.ModelProto, layer: Layer, x: np.ndarra
         x_t, x_q = x_t.reshape(-1, x.shape[-1]), x_q.reshape(-1, x.shape[-1])
     w_t, s_t, floor_t = (torch.from_numpy(a.astype(np.float32)) for a in (w, scale, floor))
     keep_t = torch.from_numpy(lattice.keep)  # the weights that set the scales stay on their grid point
-    rtn = torch.from_numpy(np.clip(np.round(w / scale), low, high).astype(np.float32))
+    nearest = _nearest(w / scale) if spec.kind == Kind.WEIGHT_ONLY else np.round(w / scale)
+    rtn = torch.from_numpy(np.clip(nearest, low, high).astype(np.float32))
     low_t, high_t = (torch.as_tensor(np.asarray(bound, dtype=np.float32)) for bound in (low, high))
     with torch.no_grad():
         target = forward(x_t, w_t)
