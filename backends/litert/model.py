@@ -1,9 +1,9 @@
 """A torch module as a LiteRT flatbuffer, and what its ops run in.
 
 `litert-torch` converts the user's module (no TensorFlow), or an ONNX file's graph run in torch, once per model,
-cached beside the calibration. Each autoq
-layer (a module FQN) maps to the TFLite op whose weight tensor carries that module's scope: litert-torch names a
-weight `<root class>/<class>_<attribute>/...` down the modules called, which `scope` rebuilds from the module itself.
+cached beside the calibration. Each autoq layer (a module FQN, or its op's submodule in the ONNX graph) maps to
+the TFLite op whose weight tensor carries that module's scope: litert-torch names a weight
+`<root class>/<class>_<attribute>/...` down the modules called, which `scope` rebuilds from the module itself.
 What an op runs in is read from the built flatbuffer: the types of its input and weight (a weight made by a
 DEQUANTIZE op is stored in that op's input type and computed in float).
 """
