@@ -21,6 +21,7 @@ from autoq import recipes as recipes_mod
 from autoq import sensitivity as sensitivity_mod
 from autoq import union
 from autoq.backends import get_backend
+from autoq.backends.base import Candidate
 from autoq.costmodel import Screen
 from autoq.errors import AutoqError
 from autoq.evaluate import CandidateError, Evaluator
@@ -257,7 +258,8 @@ def analyse_sensitivity(model: str | Path | object | None = None, data: DataArg 
 
 
 def finalize_front(evaluator: Evaluator, front: pd.DataFrame, run_dir: Path, progress: bool = False) -> pd.DataFrame:
-    """Re-measure every front point on the validation split with more runs, and export it."""
+    """Re-measure every front point on the validation split with more runs, and export it. A point an earlier call
+    on this run directory measured (the same assignment) keeps its figures: a resumed run measures only new points."""
     rows = []
     with PhaseProgress("re-measuring the front on the validation split", len(front), progress) as bar:
         for index, row in front.iterrows():
@@ -272,24 +274,34 @@ def _finalize_point(evaluator: Evaluator, index: Any, row: pd.Series, run_dir: P
     point_dir.mkdir(parents=True, exist_ok=True)
     assignment = Assignment.from_dict(json.loads(row["assignment"]))
     assignment.save(point_dir / "assignment.yaml")
-    extra = {"point": index}
+    saved = run_dir / "cache" / "validation" / f"{assignment.key()}.json"
+    extra: dict[str, Any] = {"point": index}
     try:
         candidate = evaluator.build(assignment, point_dir / "build")
-        measured = evaluator.evaluate(assignment, "validation", candidate, min_runs=20, max_runs=80)
-        if evaluator.backend.deployed_settings == evaluator.backend.search_settings:  # the same sessions
-            deployed, deployed_spread = measured.speedup or 0.0, measured.speedup_spread
-        else:
-            deployed, deployed_spread = evaluator.deployed_speedup(candidate, min_runs=20, max_runs=60)
+        figures = json.loads(saved.read_text()) if saved.exists() else _validation_figures(evaluator, candidate)
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps(figures))
         model_path = evaluator.backend.export(candidate, point_dir / "model.onnx")
-        disagree = abs(deployed - (measured.speedup or 0.0)) > max(measured.speedup_spread, deployed_spread)
-        extra |= {"val_quality": measured.quality, "val_quality_spread": measured.quality_spread,
-                  "val_latency_ms": measured.latency_ms, "val_measured_latency_ms": measured.measured_latency_ms,
-                  "val_latency_spread_ms": measured.latency_spread_ms, "val_load": measured.load,
-                  "val_fp32_latency_ms": measured.fp32_latency_ms, "val_executed_ok": measured.executed_ok,
-                  "val_deployed_speedup": deployed, "val_deployed_spread": deployed_spread,
-                  "settings_disagree": disagree, "model": str(model_path.relative_to(run_dir))}
+        extra |= figures | {"model": str(model_path.relative_to(run_dir))}
     except CandidateError as exc:
         extra |= {"error": f"re-measure failed: {exc}"}
     finally:
         shutil.rmtree(point_dir / "build", ignore_errors=True)
     return {**row.to_dict(), **extra}
+
+
+def _validation_figures(evaluator: Evaluator, candidate: Candidate) -> dict[str, Any]:
+    """A built point's validation columns: quality, latency against FP32 and with the deployed settings, executed."""
+    measured = evaluator.evaluate(candidate.assignment, "validation", candidate, min_runs=20, max_runs=80)
+    if evaluator.backend.deployed_settings == evaluator.backend.search_settings:  # the same sessions
+        deployed, deployed_spread = measured.speedup or 0.0, measured.speedup_spread
+    else:
+        deployed, deployed_spread = evaluator.deployed_speedup(candidate, min_runs=20, max_runs=60)
+    disagree = abs(deployed - (measured.speedup or 0.0)) > max(measured.speedup_spread, deployed_spread)
+    figures = {"val_quality": measured.quality, "val_quality_spread": measured.quality_spread,
+               "val_latency_ms": measured.latency_ms, "val_measured_latency_ms": measured.measured_latency_ms,
+               "val_latency_spread_ms": measured.latency_spread_ms, "val_load": measured.load,
+               "val_fp32_latency_ms": measured.fp32_latency_ms, "val_executed_ok": measured.executed_ok,
+               "val_deployed_speedup": deployed, "val_deployed_spread": deployed_spread,
+               "settings_disagree": disagree}
+    return {k: v.item() if isinstance(v, np.generic) else v for k, v in figures.items()}

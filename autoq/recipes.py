@@ -1,8 +1,9 @@
 """The backend's one-line recipes measured beside the front, and whether the front dominates each.
 
-Each recipe is built into `recipes/<name>/` of the run directory (anew at the end of each run) from the run's
-cached calibration data, and measured by the evaluator like a front point (validation split, alternating
-rounds with FP32). A recipe that fails is a row with its one-line reason; the run goes on.
+Each recipe is built into `recipes/<name>/` of the run directory from the run's cached calibration data, and
+measured by the evaluator like a front point (validation split, alternating rounds with FP32), once per run
+directory: a resumed run keeps the measurement (`measured.json` beside the model) and judges it against its new
+front. A recipe that fails is a row with its one-line reason, tried again by the next call; the run goes on.
 
 A front point dominates a recipe when its quality is at least the recipe's, its model no larger (1% slack for
 the file format) and it runs at least as fast: the fastest such points are timed against the recipe in one set of
@@ -103,15 +104,24 @@ def usable_floor(evaluator: Evaluator,
 
 
 def _recipe_row(label: str, measure: Callable[[str, Path], RecipeMeasurement], run_dir: Path) -> dict:
+    """The recipe's row: measured by an earlier call on this run directory if its model is still there, else now."""
+    saved = run_dir / "recipes" / _slug(label) / "measured.json"
+    if saved.exists():
+        row = json.loads(saved.read_text())
+        if (run_dir / row["model"]).exists():
+            return row
     try:
-        built = measure(label, run_dir / "recipes" / _slug(label))
+        built = measure(label, saved.parent)
     except CandidateError as exc:
         return {"recipe": label, "error": str(exc)}
     measured = built.measurement
-    return {"recipe": label, "val_quality": measured.quality, "val_latency_ms": measured.latency_ms,
-            "speedup": measured.speedup, "size_bytes": measured.size_bytes,
-            "model": str(built.path.relative_to(run_dir)), "options": json.dumps(built.options), "error": "",
-            "quality_spread": measured.quality_spread, "speedup_spread": measured.speedup_spread}
+    row = {"recipe": label, "val_quality": measured.quality, "val_latency_ms": measured.latency_ms,
+           "speedup": measured.speedup, "size_bytes": measured.size_bytes,
+           "model": str(built.path.relative_to(run_dir)), "options": json.dumps(built.options), "error": "",
+           "quality_spread": measured.quality_spread, "speedup_spread": measured.speedup_spread}
+    row = {k: v.item() if isinstance(v, np.generic) else v for k, v in row.items()}
+    saved.write_text(json.dumps(row))
+    return row
 
 
 def _side_by_side(evaluator: Evaluator, run_dir: Path, front: pd.DataFrame, points: list[int],

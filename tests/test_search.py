@@ -77,6 +77,11 @@ def test_the_same_call_resumes_instead_of_starting_over(run, digits_cnn, digits_
     out = shutil.copytree(run[1], tmp_path / "cnn", ignore=shutil.ignore_patterns(".lock"))  # the shared run stays
     again = autoq.search(digits_cnn, digits_npz, labels="label", trials=10, out=out, progress=False)
     assert len(again.trials) == len(result.trials)
+    # nothing new to measure: the front's and the recipes' validation figures are the first call's, not re-timed
+    figures = ["key", "val_quality", "val_latency_ms", "val_deployed_speedup"]
+    pd.testing.assert_frame_equal(again.front[figures], result.front[figures])
+    recipes = ["recipe", "val_latency_ms"]
+    pd.testing.assert_frame_equal(again.recipes[recipes], result.recipes[recipes])
     more = autoq.search(digits_cnn, digits_npz, labels="label", trials=12, out=out, progress=False)
     assert len(more.trials) == len(result.trials) + 2
     pd.testing.assert_frame_equal(more.trials[["key", "quality", "latency_ms"]].iloc[: len(result.trials)],

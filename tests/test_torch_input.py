@@ -34,10 +34,11 @@ def digits():
 def test_a_module_is_searched_with_its_module_names(classifier, digits, backend, tmp_path):
     data, labels = digits
     example = (torch.from_numpy(data["image"][:1]),)
-    result = autoq.search(classifier, example, data, labels=labels, backend=backend, trials=6, out=tmp_path / "run",
-                          progress=False)
+    space = "torch-cpu" if backend == "torch" else None  # eager: inductor's compiles have their own test
+    result = autoq.search(classifier, example, data, labels=labels, backend=backend, trials=4, out=tmp_path / "run",
+                          progress=False, recipes="none", space=space)  # the recipes' tests build them from modules
     done = result.trials[result.trials["state"] == "COMPLETE"]
-    assert len(done) == 6 and done["executed_ok"].all()
+    assert len(done) == 4 and done["executed_ok"].all()
     for assignment in done["assignment"]:
         assert set(json.loads(assignment)["layers"]) == FQNS
     assert set(pd.read_csv(tmp_path / "run" / "sensitivity.csv")["layer"]) == FQNS
