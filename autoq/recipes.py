@@ -120,7 +120,9 @@ def _recipe_row(label: str, measure: Callable[[str, Path], RecipeMeasurement], r
            "model": str(built.path.relative_to(run_dir)), "options": json.dumps(built.options), "error": "",
            "quality_spread": measured.quality_spread, "speedup_spread": measured.speedup_spread}
     row = {k: v.item() if isinstance(v, np.generic) else v for k, v in row.items()}
-    saved.write_text(json.dumps(row))
+    partial = saved.with_suffix(".partial")  # whole or absent: a run killed here resumes
+    partial.write_text(json.dumps(row))
+    partial.replace(saved)
     return row
 
 
