@@ -171,6 +171,16 @@ class TestTorchCompiled:
         assert backend.executed(candidate) == candidate.assignment.layers
         assert (outputs.argmax(1) == splits.search.labels).mean() > 0.9
 
+    def test_int8_stays_compiled_at_every_batch_size_and_thread_count_a_run_feeds(self, compiled):
+        """A run calls a candidate at several batch sizes and thread counts, each a compile of its own: past
+        dynamo's default 8 per graph it ran the graph uncompiled (every int8 layer in float), and a compile the
+        freezing config missed (a new thread count alone) would run without oneDNN's int8 kernels."""
+        backend, _, splits, _, _, candidate = compiled
+        images, run = splits.search.arrays["image"], backend.runner(candidate, 2)
+        for batch in range(1, 10):
+            run({"image": images[:batch]})
+        assert backend.executed(candidate) == candidate.assignment.layers  # one sample, one thread: a 10th compile
+
     def test_int8_dyn_pc_compiles_to_onednn_int8_linears_with_run_time_scales(self, compiled):
         """PT2E's dynamic config per module FQN: the two Linears run oneDNN int8 kernels (no calibration
         needed), the graph and the profile agree, and the predictions survive."""

@@ -131,10 +131,23 @@ def _compile(floating: torch.nn.Module, assignment: Assignment, samples: dict[st
             graph = convert_pt2e(graph)
     compiled = torch.compile(graph, dynamic=False)
 
-    def run(*args):  # inductor compiles at a new shape's first call; freezing must be on then (the options=
-        with torch._inductor.config.patch(freezing=True), warnings.catch_warnings():  # argument of torch.compile
-            warnings.simplefilter("ignore")  # does not reach it); its lowering warns (copying tensors)
+    compiled_for: set[tuple] = set()  # the call signatures inductor has compiled the graph for
+
+    def run(*args):
+        """Inductor compiles the graph again for each new signature (grad mode, thread count, each input's dtype
+        and shape: dynamo's guards). At that call freezing must be on (torch.compile's options do not reach it),
+        its lowering's warnings hushed (copying tensors) and dynamo allowed more than its 8 compiles per graph (past
+        them it runs the graph uncompiled: every int8 layer in float). Later calls run the graph bare: the config
+        patches cost ~30 us a call, a timed small model's share."""
+        signature = (torch.is_grad_enabled(), torch.get_num_threads(), *((a.dtype, *a.shape) for a in args))
+        if signature in compiled_for:
             return compiled(*args)
+        with (torch._inductor.config.patch(freezing=True), torch._dynamo.config.patch(recompile_limit=64),
+              warnings.catch_warnings()):
+            warnings.simplefilter("ignore")
+            out = compiled(*args)
+        compiled_for.add(signature)
+        return out
 
     used = {node.target for node in graph.graph.nodes if node.op == "get_attr"}  # not the float weights left
     size = sum(t.nbytes for name, t in graph.state_dict().items() if name in used)  # behind by convert_pt2e
