@@ -171,6 +171,7 @@ def test_an_onnx_file_runs_on_litert_through_its_graph_in_torch(digits_cnn, digi
     assert agreement > 0.95
 
 
+@pytest.mark.slow
 def test_a_litert_search_of_a_module_reaches_int8_and_judges_the_recipes(digits_module, digits_npz, tmp_path):
     """`autoq.search(module, example_inputs, data, backend="litert")`: the front holds a point with int8 layers that
     executed as assigned, and every AI Edge Quantizer recipe got a verdict against it."""

@@ -244,6 +244,7 @@ def test_an_embedding_tables_executed_precision_is_read_in_fp32_and_bf16(tmp_pat
         assert backend.executed(candidate) == layers
 
 
+@pytest.mark.slow
 def test_the_default_torch_search_reaches_compiled_int8_where_a_compiler_exists(digits_module, digits_npz, tmp_path):
     """With a C++ compiler, the default space is the compiled one: the search's uniform int8 baseline is a PT2E
     candidate compiled by inductor whose layers executed in int8 (without one, the eager space and a printed

@@ -320,6 +320,7 @@ def test_k_quant_mixed_places_int8_by_llama_cpps_rule():
     assert sum(s == "w8g32-kquant-acc4" for s in mixed.values()) == 29
 
 
+@pytest.mark.slow
 def test_a_hugging_face_folder_and_a_text_file_are_searched_in_one_command(decoder, tmp_path):
     """`autoq search HF_FOLDER --text FILE`: the folder is exported once, the text cut into windows by the model's
     tokenizer, scored by perplexity on the language-model space; a rerun reuses the export. Bad folders, empty or

@@ -30,7 +30,8 @@ def digits():
     return {"image": images[1400:1640]}, labels[1400:1640]
 
 
-@pytest.mark.parametrize("backend", ["onnxruntime", "openvino", "torch"])
+@pytest.mark.parametrize("backend", ["onnxruntime", pytest.param("openvino", marks=pytest.mark.slow),
+                                     pytest.param("torch", marks=pytest.mark.slow)])
 def test_a_module_is_searched_with_its_module_names(classifier, digits, backend, tmp_path):
     data, labels = digits
     example = (torch.from_numpy(data["image"][:1]),)
