@@ -238,3 +238,21 @@ def test_a_token_table_is_offered_int8_and_runs_as_stored_a_folded_position_tabl
     recipe = dynamic.build(model, calibration, tmp_path / "recipe")
     assert abs(recipe.size_bytes - built.size_bytes) < 0.02 * recipe.size_bytes  # its layout, as autoq builds it
     assert np.allclose(backend.runner(recipe, 1)(feeds)[0], quantized, atol=1e-5)
+
+
+def test_a_module_class_of_the_users_script_maps_its_layers_in_a_spawned_worker(digits_module, digits_npz, tmp_path):
+    """A class defined in the user's script is `__main__.X` where the model converts and `__mp_main__.X` in the
+    spawned trial worker that builds the candidates: its layers still map to their TFLite ops there (every
+    EfficientNet-class module of a benchmark script failed its builds with "no TFLite op carries the weights")."""
+    import copy
+
+    from autoq.backends.litert.model import float_model
+
+    module = copy.deepcopy(digits_module)
+    module.__class__ = type("Scripted", (type(digits_module),), {"__module__": "__main__"})
+    backend, model, _, calibration, workdir = _setup(module, digits_npz, tmp_path)
+    float_model(model, calibration.samples(), calibration.folder)  # converted where the class is __main__'s
+    type(module).__module__ = "__mp_main__"  # the class as the worker imports it
+    layers = {name: "int8" for name in model.layer_names}
+    candidate = backend.build(model, Assignment(layers), calibration, workdir / "int8")
+    assert backend.executed(candidate) == layers

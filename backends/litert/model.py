@@ -50,7 +50,13 @@ def stack() -> tuple[object, object, object]:
 
 
 def _qualified(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
+    """`module.Class` as litert-torch names it; a class of the user's script is `__main__`'s in every process (a
+    spawned trial worker imports that script as `__mp_main__`)."""
+    return f"{_main(cls.__module__)}.{cls.__qualname__}"
+
+
+def _main(name: str) -> str:
+    return "__main__" + name.removeprefix("__mp_main__") if name.startswith("__mp_main__") else name
 
 
 def scope(module: object, fqn: str) -> str:
@@ -216,7 +222,7 @@ def layer_ops(path: Path, scopes: dict[str, str], sizes: dict[str, int]) -> dict
         names = [stored["name"]]
         if op["op_name"] == LOOKUP:  # a table is named as a constant; the lookup's output names its module
             names.append(tensors[int(op["outputs"][0])]["name"])
-        named = [layer for name in names for part in name.split(";") for layer in by_scope.get(part, [])]
+        named = [layer for name in names for part in name.split(";") for layer in by_scope.get(_main(part), [])]
         taker = next((la for la in named if la not in found and sizes.get(la, size) == size), None)
         if taker is None:
             continue
