@@ -173,24 +173,30 @@ def union_front(run_dir: Path, timed: Timed) -> pd.DataFrame:
 
 
 def undominated(points: pd.DataFrame) -> np.ndarray:
-    """True for the points no other point beats: at least as fast (within half either's latency interval), as
-    small (within SIZE_TOLERANCE) and as good (within either's quality spread), and better somewhere beyond those
-    margins. Unlike a study's front, a point does not stay for a difference the measurement cannot tell apart
-    (MiniLM: one OpenVINO assignment under two hints, 6 bytes apart, stayed beside its slower twin; a LiteRT point
-    2.5x larger stayed for being 0.01 ms faster within a 0.1 ms interval)."""
+    """True for the points no other point on the front beats: at least as fast (within half either's latency
+    interval), as small (within SIZE_TOLERANCE) and as good (within either's quality spread), and better somewhere
+    beyond those margins (a point beaten only by points that are themselves beaten stays). Unlike a study's
+    front, a point does not stay for a difference the measurement cannot tell apart (MiniLM: one OpenVINO
+    assignment under two hints, 6 bytes apart, stayed beside its slower twin; a LiteRT point 2.5x larger stayed
+    for being 0.01 ms faster within a 0.1 ms interval)."""
     quality, latency, size = (points[c].to_numpy(dtype=float) for c in OBJECTIVES)
     spread = np.nan_to_num(points["val_quality_spread"].to_numpy(dtype=float))
     jitter = np.nan_to_num(points["val_latency_spread_ms"].to_numpy(dtype=float)) / 2
-    keep = np.ones(len(points), dtype=bool)
+    beaten_by = np.zeros((len(points), len(points)), dtype=bool)  # [i, j]: j beats i
     for i in range(len(points)):
         margin, slack = np.maximum(spread, spread[i]), np.maximum(jitter, jitter[i])
         as_good = ((latency <= latency[i] + slack) & (size <= size[i] * SIZE_TOLERANCE)
                    & (quality >= quality[i] - margin))
         better = (latency < latency[i] - slack) | (size * SIZE_TOLERANCE < size[i]) | (quality > quality[i] + margin)
-        keep[i] = not (as_good & better).any()
+        beaten_by[i] = as_good & better
+    keep = np.logical_not(beaten_by.any(axis=1))
     if not keep.any():  # margins can chain into a cycle: then the plain front
-        keep = pareto_mask(points[list(OBJECTIVES)].to_numpy(dtype=float), MAXIMIZE)
-    return keep
+        return pareto_mask(points[list(OBJECTIVES)].to_numpy(dtype=float), MAXIMIZE)
+    while True:  # margins do not chain: a point only a left-out point beats stays (it may be the fastest of all)
+        orphaned = ~keep & ~beaten_by[:, keep].any(axis=1)
+        if not orphaned.any():
+            return keep
+        keep |= orphaned
 
 
 def judge_recipes(timed: Timed, front: pd.DataFrame) -> pd.DataFrame:

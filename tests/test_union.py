@@ -44,6 +44,15 @@ def test_the_union_front_drops_what_the_measurement_cannot_tell_apart():
     assert union.undominated(points).tolist() == [True, False, True, False, True, False]
 
 
+def test_a_point_only_a_left_out_point_beats_stays_on_the_union_front():
+    """Margins do not chain: the smallest point beats the middle one (as fast within the interval), the middle one
+    beats the fastest, but the fastest is faster than the smallest beyond the interval, so it stays."""
+    points = pd.DataFrame({"quality": [0.99, 0.99, 0.99], "val_quality_spread": [0.001] * 3,
+                           "latency_ms": [1.12, 1.06, 1.0], "val_latency_spread_ms": [0.15] * 3,
+                           "size_bytes": [800, 900, 1000]})
+    assert union.undominated(points).tolist() == [True, False, True]
+
+
 @pytest.fixture(scope="module")
 def union_run(digits_npz, tmp_path_factory):
     """A union search of a digits CNN (as a torch module) on the three file-based runtimes, two trials each."""
