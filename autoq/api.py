@@ -278,11 +278,14 @@ def _finalize_point(evaluator: Evaluator, index: Any, row: pd.Series, run_dir: P
     extra: dict[str, Any] = {"point": index}
     try:
         candidate = evaluator.build(assignment, point_dir / "build")
-        figures = json.loads(saved.read_text()) if saved.exists() else _validation_figures(evaluator, candidate)
-        saved.parent.mkdir(parents=True, exist_ok=True)
-        partial = saved.with_suffix(".partial")  # whole or absent: a run killed here resumes
-        partial.write_text(json.dumps(figures))
-        partial.replace(saved)
+        if saved.exists():
+            figures = json.loads(saved.read_text())
+        else:
+            figures = _validation_figures(evaluator, candidate)
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            partial = saved.with_suffix(".partial")  # whole or absent: a run killed here resumes
+            partial.write_text(json.dumps(figures))
+            partial.replace(saved)
         model_path = evaluator.backend.export(candidate, point_dir / "model.onnx")
         extra |= figures | {"model": str(model_path.relative_to(run_dir))}
     except CandidateError as exc:
