@@ -180,6 +180,7 @@ def open_problem(model: object, data: DataArg, example_inputs: object, settings:
     metric_name, metric_fn = get_metric(source.metric, dataset.labels is not None)
     choices = space.choices(prepared.layers, backend.unbuildable, backend.lacks)
     choices = {la.name: backend.layer_precisions(la, choices[la.name]) for la in prepared.layers}
+    space.options = backend.model_options(prepared, space.options)
     config = {"model": hashlib.sha1(prepared.path.read_bytes()).hexdigest(),
               "data": data_mod.fingerprint(dataset), "backend": backend.name, "metric": metric_name,
               "choices": choices, "options": space.options, "seed": seed,

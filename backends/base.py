@@ -163,6 +163,10 @@ class Backend(ABC):
                 raise AutoqError(msg)
         return requested
 
+    def model_options(self, model: OnnxModel, options: dict[str, list]) -> dict[str, list]:
+        """The options without the values that would build this model exactly as another value does."""
+        return options
+
     def option_affects(self, option: str, precision: Precision) -> bool:
         """Whether the model-wide `option` changes how a layer in `precision` is built (by default: its kind)."""
         return precision.kind in self.option_kinds.get(option, ())

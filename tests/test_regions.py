@@ -158,12 +158,51 @@ def test_glue_float_quantizes_the_layers_alone(tmp_path):
     layers = {"conv1": "int8", "conv2": "int8", "conv3": "int8"}
     regions = backend.regions(model, calibration)
     assert regions.absorbed == {"clip1", "clip2"}
+    # nothing here is fused into a float kernel: int8-unfused would build what int8 builds, so it is not offered
+    assert backend.model_options(model, {"glue": ["int8", "int8-unfused", "float"]}) == {"glue": ["int8", "float"]}
     assert regions.int8_nodes(Assignment(layers), glue=False) == {*layers, "clip1", "clip2"}
     assert "residual" in regions.int8_nodes(Assignment(layers))
     candidate = backend.build(model, Assignment(layers, {"glue": "float"}), calibration, tmp_path / "float-glue")
     backend.runner(candidate, 1)
     assert backend.executed(candidate) == layers
     assert any(c.endswith("-> float") for c in backend.glue_check(candidate).conversions)
+
+
+def _silu_model(path):
+    """x -> conv1 -> SiLU (x * Sigmoid(x)) -> conv2 -> SiLU -> conv3: the activation ORT fuses into QuickGelu."""
+    conv = [_const(f"w{i}", RNG.normal(0, 0.3, (8, 8 if i else 3, 3, 3))) for i in range(3)]
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c1"], "conv1", pads=[1, 1, 1, 1])]
+    for i in (1, 2):
+        nodes += [helper.make_node("Sigmoid", [f"c{i}"], [f"s{i}"], f"sigmoid{i}"),
+                  helper.make_node("Mul", [f"c{i}", f"s{i}"], [f"a{i}"], f"silu{i}"),
+                  helper.make_node("Conv", [f"a{i}", f"w{i}"], ["y" if i == 2 else f"c{i + 1}"], f"conv{i + 1}",
+                                   pads=[1, 1, 1, 1])]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 16, 16])
+    return _save(nodes, [x], conv, path)
+
+
+def test_glue_int8_unfused_chains_through_the_silu_ort_fuses_into_a_float_kernel(tmp_path):
+    """`glue: int8` keeps a SiLU float where ORT fuses it into QuickGelu (so an all-int8 CNN converts around every
+    activation); `glue: int8-unfused` runs it as QLinearSigmoid and QLinearMul: one integer chain, no conversion."""
+    arrays = {"x": RNG.normal(0, 1, (16, 3, 16, 16)).astype(np.float32)}
+    model = graph.prepare(_silu_model(tmp_path / "silu.onnx"), tmp_path / "run")
+    calibration = calibrate(model, Dataset(arrays), tmp_path / "cache")
+    backend = get_backend("onnxruntime")
+    layers = {"conv1": "int8", "conv2": "int8", "conv3": "int8"}
+    assert "QuickGelu" in backend.regions(model, calibration).kept_float["sigmoid1"]
+    offered = {"glue": ["int8", "int8-unfused", "float"]}
+    assert backend.model_options(model, offered) == offered
+    fused = backend.build(model, Assignment(layers), calibration, tmp_path / "fused")
+    unfused = backend.build(model, Assignment(layers, {"glue": "int8-unfused"}), calibration, tmp_path / "unfused")
+    for candidate in (fused, unfused):
+        backend.runner(candidate, 1)
+        assert backend.executed(candidate) == layers
+    assert len(backend.glue_check(fused).conversions) >= 4  # out of and back into int8 around each SiLU
+    check = backend.glue_check(unfused)
+    assert check.conversions == []
+    assert [sorted(chain) for chain in check.chains] == [["conv1", "conv2", "conv3"]]
+    ops = {node.op_type for node in onnx.load(str(unfused.path.with_name("optimized.onnx"))).graph.node}
+    assert {"QLinearSigmoid", "QLinearMul"} <= ops
 
 
 def test_openvino_keeps_a_float_layer_float_and_chains_the_rest(tmp_path):

@@ -73,6 +73,7 @@ DYNAMIC_OPS = {"DynamicQuantizeMatMul", "MatMulInteger", "MatMulIntegerToFloat"}
 OPTIMIZED = "optimized.onnx"
 BIAS_CORRECTION = "bias_correction"  # option
 GLUE = "glue"  # option
+UNFUSED = "int8-unfused"  # its value that also quantizes glue ORT would fuse into a float kernel
 
 
 @dataclass
@@ -91,9 +92,12 @@ class OnnxRuntimeBackend(Backend):
     deployed_settings = "ORT's default sessions (thread spinning on)"
     # reduce_range: 7-bit weights (for CPUs without VNNI); bias_correction: each static int8 Conv/Gemm's bias
     # corrected for the mean shift its own rounding causes (`ort_bias.py`)
-    # glue: `int8` runs each int8 layer's region in integer kernels, `float` quantizes the layers alone
+    # glue: `int8` runs each int8 layer's region in integer kernels, stopping at glue ORT fuses into a float
+    # kernel (Gelu, SkipLayerNormalization, QuickGelu); `int8-unfused` goes through those fusions too (as
+    # quantize_static on all op types: a CNN's SiLU as QLinearSigmoid and QLinearMul); `float` quantizes the
+    # layers alone
     # (SmoothQuant is a per-layer spec, `int8-dyn-pc-sq0.7`: `ort_smooth.py`)
-    option_values = {"reduce_range": (False, True), BIAS_CORRECTION: (True, False), GLUE: ("int8", "float")}
+    option_values = {"reduce_range": (False, True), BIAS_CORRECTION: (True, False), GLUE: ("int8", UNFUSED, "float")}
     option_kinds = {"reduce_range": ("static",), BIAS_CORRECTION: ("static",), GLUE: ("static",)}
 
     builds = {Kind.FLOAT: (32,), Kind.STATIC: (8,), Kind.DYNAMIC: (8,), Kind.WEIGHT_ONLY: (2, 4, 8)}  # no 3-bit:
@@ -139,9 +143,19 @@ class OnnxRuntimeBackend(Backend):
     def tied_tables(self, model: OnnxModel) -> dict[str, str]:
         return tied_tables(model.proto)
 
-    def regions(self, model: OnnxModel, calibration: Calibration) -> Regions:
-        """The model's regions on ORT (computed once per model and calibration in each process)."""
-        key = (str(model.path), str(calibration.path))
+    def model_options(self, model: OnnxModel, options: dict[str, list]) -> dict[str, list]:
+        """`glue: int8-unfused` only where ORT fuses some glue into a float kernel (else it builds as `int8`)."""
+        if UNFUSED not in options.get(GLUE, ()):
+            return options
+        fused = self._float_fusions(model)
+        if any(node.op_type in INTEGER_GLUE and node.name in fused for node in model.proto.graph.node):
+            return options
+        return options | {GLUE: [value for value in options[GLUE] if value != UNFUSED]}
+
+    def regions(self, model: OnnxModel, calibration: Calibration, unfused: bool = False) -> Regions:
+        """The model's regions on ORT (computed once per model and calibration in each process); `unfused`:
+        through the glue ORT fuses into float kernels too."""
+        key = (str(model.path), str(calibration.path), unfused)
         if key not in _REGIONS:
             constants = {t.name: t for t in model.proto.graph.initializer}
 
@@ -150,7 +164,7 @@ class OnnxRuntimeBackend(Backend):
                         or constant_divisor(node, constants) is not None)
 
             _REGIONS[key] = find_regions(model.proto.graph, model.layer_names, int8_glue, calibration.resolution(),
-                                         self._float_fusions(model))
+                                         {} if unfused else self._float_fusions(model))
         return _REGIONS[key]
 
     def _float_fusions(self, model: OnnxModel) -> dict[str, str]:
@@ -187,9 +201,10 @@ class OnnxRuntimeBackend(Backend):
     def build(self, model: OnnxModel, assignment: Assignment, calibration: Calibration, workdir: Path) -> Candidate:
         workdir.mkdir(parents=True, exist_ok=True)
         out = workdir / "model.onnx"
-        regions = self.regions(model, calibration)
+        glue = assignment.options.get(GLUE, "int8")
+        regions = self.regions(model, calibration, unfused=glue == UNFUSED)
         specs = assignment.specs()
-        nodes = regions.int8_nodes(assignment, glue=assignment.options.get(GLUE, "int8") == "int8")
+        nodes = regions.int8_nodes(assignment, glue=glue != "float")
         learned = any(is_learned(spec) for spec in specs.values())
         proto = model.proto
         if learned or nodes:  # a copy to change: learned weights put on their grid, Divs turned into Muls
@@ -372,4 +387,4 @@ class OnnxRuntimeBackend(Backend):
         return path
 
 
-_REGIONS: dict[tuple[str, str], Regions] = {}
+_REGIONS: dict[tuple[str, str, bool], Regions] = {}
