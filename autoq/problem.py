@@ -26,6 +26,7 @@ from autoq.graph import OnnxModel, first_run, prepare
 from autoq.measure import fingerprint
 from autoq.metrics import Metric, get_metric
 from autoq.precision import calibrations
+from autoq.probe import unexecuted
 from autoq.progress import PhaseProgress
 from autoq.settings import RunSettings
 from autoq.space import SearchSpace, load_space
@@ -161,6 +162,25 @@ def check_run(run_dir: Path, config: dict) -> None:
         path.write_text(json.dumps(config, indent=2))
 
 
+def offered_here(evaluator: Evaluator, choices: dict[str, list[str]], cache_dir: Path,
+                 say: bool) -> dict[str, list[str]]:
+    """The choices without the precisions the backend does not run on a layer (`autoq.probe`), said in one line."""
+    try:
+        dropped = unexecuted(evaluator, choices, cache_dir)
+    except Exception as exc:  # noqa: BLE001 - a probe that fails leaves the executed check to flag each trial
+        if say:
+            print(f"autoq: the probe of which layers {evaluator.backend.name} runs as asked failed ({exc})",
+                  file=sys.stderr)
+        return choices
+    if dropped and say:
+        names = sorted(dropped)
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        specs = "/".join(sorted({p for ps in dropped.values() for p in ps}))
+        print(f"autoq: {evaluator.backend.name} does not run {specs} on {len(names)} layers here, whatever is "
+              f"asked ({shown}): not offered there", file=sys.stderr)
+    return {name: [p for p in offered if p not in dropped.get(name, ())] for name, offered in choices.items()}
+
+
 @contextmanager
 def open_problem(model: object, data: DataArg, example_inputs: object, settings: RunSettings,
                  searching: bool) -> Iterator[Problem]:
@@ -193,6 +213,7 @@ def open_problem(model: object, data: DataArg, example_inputs: object, settings:
             calibration = calibrate(prepared, splits.calibration, run_dir / "cache", calibrations(choices))
             bar.advance(1)
         evaluator = Evaluator(backend, prepared, calibration, splits, metric_fn, settings.threads)
+        choices = offered_here(evaluator, choices, run_dir / "cache", settings.progress and searching)
         try:
             yield Problem(run_dir, label, evaluator, space, choices, metric_name, fingerprint(settings.threads), seed,
                           hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16])

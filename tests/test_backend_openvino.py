@@ -165,3 +165,48 @@ def test_the_executed_check_finds_weight_only_layers_the_plugin_renamed(tmp_path
     listed = [set(op.get_rt_info()["originalLayersNames"].astype(str).split(",")) for op in kernels]
     assert len(kernels) == 3 and not any({"q/Add", "k/Add", "v/Add"} & names for names in listed)  # renamed
     assert backend.executed(candidate) == assignment.layers
+
+
+def _se_block(path: Path) -> Path:
+    """conv1 -> ReLU -> squeeze-and-excitation (pool, 1x1 conv, ReLU, 1x1 conv, Sigmoid, Mul) -> conv2."""
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    rng = np.random.default_rng(0)
+    shapes = {"w1": (16, 3, 3, 3), "ws1": (4, 16, 1, 1), "ws2": (16, 4, 1, 1), "w2": (16, 16, 3, 3)}
+    weights = [numpy_helper.from_array(rng.normal(0, 0.3, s).astype(np.float32), n) for n, s in shapes.items()]
+    weights += [numpy_helper.from_array(rng.normal(0, 0.1, s[0]).astype(np.float32), f"b{n}")
+                for n, s in shapes.items()]
+    nodes = [helper.make_node("Conv", ["x", "w1", "bw1"], ["c1"], "conv1", pads=[1] * 4),
+             helper.make_node("Relu", ["c1"], ["r1"], "relu1"),
+             helper.make_node("GlobalAveragePool", ["r1"], ["g"], "pool"),
+             helper.make_node("Conv", ["g", "ws1", "bws1"], ["s1"], "se_reduce"),
+             helper.make_node("Relu", ["s1"], ["sr"], "se_relu"),
+             helper.make_node("Conv", ["sr", "ws2", "bws2"], ["s2"], "se_expand"),
+             helper.make_node("Sigmoid", ["s2"], ["gate"], "se_gate"),
+             helper.make_node("Mul", ["r1", "gate"], ["m"], "se_scale"),
+             helper.make_node("Conv", ["m", "w2", "bw2"], ["y"], "conv2", pads=[1] * 4)]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 16, 16])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16, 16, 16])
+    save(helper.make_model(helper.make_graph(nodes, "se", [x], [y], weights),
+                           opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_int8_is_not_offered_on_layers_nncf_leaves_float(tmp_path, capsys):
+    """NNCF leaves a squeeze-and-excitation block's convolutions float whatever is asked: one probe build finds
+    them, the search never offers them int8 (so no point is flagged `executed: NO`), and says so in one line."""
+    from autoq.problem import open_problem
+    from autoq.settings import RunSettings
+
+    model = _se_block(tmp_path / "se.onnx")
+    data = {"x": np.random.default_rng(1).normal(0, 1, (48, 3, 16, 16)).astype(np.float32)}
+    settings = RunSettings(backend="openvino", out=str(tmp_path / "run"), space="openvino-cpu", progress=True)
+    with open_problem(model, data, None, settings, searching=True) as problem:
+        choices = problem.choices
+        assert [n for n, c in choices.items() if "int8" in c] == ["conv1", "conv2"]
+        asked = {n: c[-1] for n, c in choices.items()}
+        evaluator = problem.evaluator
+        assert evaluator.backend.executed(evaluator.build(Assignment(asked))) == asked
+    said = [line for line in capsys.readouterr().err.splitlines() if "not offered" in line]
+    assert len(said) == 1 and "se_expand, se_reduce" in said[0]
+    assert len(list((tmp_path / "run" / "cache").glob("probe-*.json"))) == 1  # found once, read on a resume

@@ -64,6 +64,7 @@ class OpenVinoState:
 
 class OpenVinoBackend(Backend):
     name = "openvino"
+    probed_kinds = (Kind.STATIC,)  # NNCF leaves the layers of its ignored patterns (SE blocks) float
     default_space = "openvino-cpu"
     search_settings = deployed_settings = "one stream, the LATENCY hint"
     deployed_instances = 3  # two compilations of one model can time several percent apart: verify times three
