@@ -208,27 +208,37 @@ def test_four_bit_learned_rounding_beats_nearest_and_builds_its_integers(learned
     assert rounding.prepare(model, calibration, [(la, spec) for la in matmuls]) == {}  # cached: nothing refitted
 
 
-def test_zero_pointed_blocks_with_a_tied_zero_point_keep_their_grid():
-    """Weights from an already-quantized checkpoint (SmolLM2's came from a GGUF) put a block's zero point exactly
-    between two levels (min -8.5 steps): the grid rounds it as MatMulNBits does, so ONNX Runtime's quantizer,
-    given weights on that grid, stores exactly them (a mismatch failed SmolLM2's learned builds)."""
-    from onnx import TensorProto, helper
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+def test_zero_pointed_learned_blocks_are_k_quants_blocks_with_learned_integers(tmp_path):
+    """`w4g32-asym-adaround` learns on k-quant's searched grid: the built MatMulNBits stores exactly the scales and
+    zero points ORT's k-quant quantizer stores for the same weights (only the rounding differs), and it computes
+    closer to FP32 than that k-quant build on unseen samples."""
+    from tests.models import two_layer_mlp
 
-    rng = np.random.default_rng(0)
-    weight = (rng.integers(-8, 8, (64, 16)) * 0.03125 - 0.015625).astype(np.float32)  # half-steps: ties
-    weight[0], weight[1] = -0.265625, 0.203125  # every block's zero point 8.5 steps up
-    spec = Precision.parse("w4g32-asym-adaround")
-    lattice = rounding.grid(weight, None, spec)
-    on_grid = (np.clip(rounding._nearest(weight / lattice.scale), lattice.low, lattice.high)
-               * lattice.scale).astype(np.float32)
-    proto = helper.make_model(helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])], [numpy_helper.from_array(on_grid, "w")]),
-        opset_imports=[helper.make_opsetid("", 21)])
-    config = DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=False, bits=4)
-    quantizer = MatMulNBitsQuantizer(proto, bits=4, block_size=32, is_symmetric=False, algo_config=config)
-    quantizer.process()
-    layer = graph.Layer("mm", "MatMul", "w", (64, 16), 1024, 1024, channel_axis=1)
-    np.testing.assert_array_equal(rounding._built_weight(quantizer.model.model, layer, spec), on_grid)
+    rng = np.random.default_rng(0)  # k-quant packs an even number of blocks: 128 and 64 inputs
+    weights = [rng.normal(0, 0.1, shape).astype(np.float32) for shape in ((128, 64), (64, 16))]
+    model = graph.prepare(two_layer_mlp(tmp_path / "mlp.onnx", *weights), tmp_path / "run")
+    splits = data.split(data.Dataset({"x": rng.normal(0, 1, (512, 128)).astype(np.float32)}))
+    calibration = calibrate(model, splits.calibration, tmp_path / "cache")
+    backend = get_backend("onnxruntime")
+    feeds = {"x": splits.validation.arrays["x"]}
+    matmuls = [la.name for la in model.layers if la.op_type == "MatMul"]
+    built, errors = {}, {}
+    for spec in ("fp32", "w4g32-kquant", "w4g32-asym-adaround"):
+        assignment = Assignment({la.name: spec if la.name in matmuls else "fp32" for la in model.layers})
+        candidate = backend.build(model, assignment, calibration, tmp_path / spec)
+        assert backend.executed(candidate) == backend.expected(assignment)
+        proto = onnx.load(str(candidate.path))
+        stored = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+        built[spec] = [[stored[name] for name in node.input[1:4]] for node in proto.graph.node
+                       if node.op_type == "MatMulNBits"]  # each layer's integers, scales, zero points
+        errors[spec] = backend.runner(candidate, 1)(feeds)[0]
+    kquant, learned = built["w4g32-kquant"], built["w4g32-asym-adaround"]
+    assert len(kquant) == len(learned) == len(matmuls)
+    for (k_ints, *k_blocks), (l_ints, *l_blocks) in zip(kquant, learned, strict=True):
+        for k_values, l_values in zip(k_blocks, l_blocks, strict=True):
+            np.testing.assert_array_equal(l_values, k_values)
+        assert k_ints.shape == l_ints.shape
+    assert any(not np.array_equal(k[0], la[0]) for k, la in zip(kquant, learned, strict=True))  # learned rounding
+    fp32 = errors.pop("fp32")
+    error = {spec: float(((out - fp32) ** 2).mean()) for spec, out in errors.items()}
+    assert error["w4g32-asym-adaround"] < error["w4g32-kquant"], error

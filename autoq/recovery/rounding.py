@@ -7,11 +7,13 @@ round-to-nearest costs.
 The learned weights are cached as float weights that lie exactly on the layer's grid, the grid's largest weight
 kept where it was: static int8, one scale per output channel, max|w| / 127 (the symmetric per-channel weights
 ONNX Runtime and NNCF make); symmetric weight-only (`w4g32-adaround`), one signed scale per block of inputs, the
-block's largest-magnitude weight over -2^(bits-1) (ONNX Runtime's MatMulNBits grid); asymmetric weight-only
-(`w4g32-asym-adaround`), MatMulNBits' zero-pointed blocks spanning [min(w, 0), max(w, 0)], the smallest and
-largest weight kept. A backend's own round-to-nearest quantizer then reproduces the learned integers exactly from
-them: `substitute` puts them in the float model before the backend quantizes, `check_built` confirms the built
-integers, and the kernels, the executed check and the deployed files are those of round-to-nearest. Torch's PT2E
+block's largest-magnitude weight over -2^(bits-1) (ONNX Runtime's MatMulNBits grid). A backend's own
+round-to-nearest quantizer then reproduces the learned integers exactly from them: `substitute` puts them in the
+float model before the backend quantizes, `check_built` confirms the built integers, and the kernels, the executed
+check and the deployed files are those of round-to-nearest. Asymmetric weight-only (`w4g32-asym-adaround`, the
+learned twin of the `kquant` recipe) learns on k-quant's zero-pointed blocks (each block's scale and minimum
+searched to fit its weights), which no min-max quantizer finds again: `store_blocks` writes its integers, scales
+and zero points into the MatMulNBits node the quantizer made. Torch's PT2E
 observer spreads weights over 127.5 levels and NNCF's int4 grid is not MatMulNBits', so those backends do not
 offer it.
 """
@@ -38,6 +40,7 @@ from autoq.precision import Kind, Precision
 from autoq.quantsim import round_activation, signed_scales
 
 VERSION = 3  # 3: FP32 inputs, a held-out share judging the fit
+ZERO_POINTED_VERSION = 2  # 2: zero-pointed blocks on k-quant's grid (1: min-max blocks)
 LEARNED = ("adaround",)  # the roundings fitted here (Precision.rounding)
 LEVELS = 127  # symmetric static int8 weights: [-127, 127]
 ITERATIONS, BATCH, MAX_SAMPLES, LR = 500, 16, 256, 1e-2
@@ -63,7 +66,8 @@ class Fitted:
 
 def cache_file(calibration: Calibration, layer: str, spec: Precision) -> Path:
     """Where the learned weights of (`layer`, `spec`) are kept: beside the calibration they were fitted on."""
-    key = json.dumps([VERSION, calibration.name, layer, str(spec)])
+    key = json.dumps([VERSION, calibration.name, layer, str(spec)]
+                     + ([ZERO_POINTED_VERSION] if spec.kind == Kind.WEIGHT_ONLY and not spec.symmetric else []))
     return calibration.folder / "rounding" / f"{hashlib.sha1(key.encode()).hexdigest()[:20]}.npz"
 
 
@@ -167,6 +171,38 @@ def check_built(proto: onnx.ModelProto, model: OnnxModel, specs: dict[str, Preci
             raise AutoqError(f"{layer.name} ({spec}): the quantizer did not keep the learned integers")
 
 
+def store_blocks(proto: onnx.ModelProto, model: OnnxModel, specs: dict[str, Precision],
+                 calibration: Calibration) -> int:
+    """Write each learned zero-pointed layer's integers, scales and zero points into its MatMulNBits node (built
+    by round-to-nearest of the learned weights), in place: k-quant's searched blocks are not the min-max blocks
+    ORT's quantizer would find in them. Returns how many layers were written."""
+    stored = {t.name: t for t in proto.graph.initializer}
+    nodes = {node.name: node for node in proto.graph.node}
+    written = 0
+    for layer in model.layers:
+        spec = specs.get(layer.name)
+        if spec is None or not is_learned(spec) or spec.kind != Kind.WEIGHT_ONLY or spec.symmetric:
+            continue
+        node, fitted = nodes.get(f"{layer.name}_Q{spec.bits}"), load(calibration, layer.name, spec)
+        if node is None or fitted is None or len(node.input) < 4:
+            raise AutoqError(f"{layer.name} ({spec}): no zero-pointed MatMulNBits to write its learned blocks into")
+        lattice = grid(weight_array(model.proto, layer.weight).astype(np.float32), layer, spec)
+        group, inputs = spec.group, layer.weight_shape[0]
+        zero = -np.asarray(lattice.low)[::group].T  # (outputs, blocks)
+        q = np.round(fitted.weight / lattice.scale) + zero.T.repeat(group, 0)[:inputs]
+        q = np.concatenate([q, np.repeat(zero[:, -1:].T, -inputs % group, 0)])  # padding dequantizes to 0
+        values = {node.input[1]: _pack(q.T.reshape(zero.shape[0], zero.shape[1], group), spec.bits),
+                  node.input[2]: lattice.scale[::group].T}
+        points = _unpack(numpy_helper.to_array(stored[node.input[3]]), spec.bits).reshape(zero.shape[0], -1)
+        points[:, :zero.shape[1]] = zero
+        values[node.input[3]] = _pack(points, spec.bits)
+        for name, value in values.items():
+            old = numpy_helper.to_array(stored[name])
+            stored[name].CopyFrom(numpy_helper.from_array(value.astype(old.dtype).reshape(old.shape), name))
+        written += 1
+    return written
+
+
 def _built_weight(proto: onnx.ModelProto, layer: Layer, spec: Precision) -> np.ndarray | None:
     """The weight a built model computes `layer` with, de-quantized: a static layer's DequantizeLinear (integers
     times per-channel scales), a weight-only layer's MatMulNBits (`<layer>_Q<bits>`: unsigned blocks packed low
@@ -196,18 +232,19 @@ def _built_weight(proto: onnx.ModelProto, layer: Layer, spec: Precision) -> np.n
     return q.astype(np.float32) * scale.reshape(shape)
 
 
-def _nearest(x: np.ndarray) -> np.ndarray:
-    """Rounded half away from zero, as MatMulNBits' quantizer rounds its zero points (C's roundf): a block of an
-    already-quantized checkpoint (SmolLM2's) often has its zero point exactly between two. Its smallest and largest
-    weights then land on the grid's ends (-zero, 2^bits - 1 - zero), so the learned block spans them and the
-    quantizer finds the same scale and zero point in it."""
-    return np.sign(x) * np.floor(np.abs(x) + 0.5)
-
-
 def _unpack(packed: np.ndarray, bits: int) -> np.ndarray:
     """MatMulNBits' unsigned `bits`-bit values, packed low bits first in each byte, as float (last axis widened)."""
     values = np.stack([(packed >> (bits * i)) & (2 ** bits - 1) for i in range(8 // bits)], -1)
     return values.reshape(*packed.shape[:-1], -1).astype(np.float32)
+
+
+def _pack(values: np.ndarray, bits: int) -> np.ndarray:
+    """`_unpack`'s inverse: unsigned `bits`-bit values packed low bits first, 8 // bits to a byte (last axis)."""
+    grouped = values.astype(np.uint8).reshape(*values.shape[:-1], -1, 8 // bits)
+    packed = np.zeros(grouped.shape[:-1], dtype=np.uint8)
+    for i in range(8 // bits):
+        packed |= grouped[..., i] << (bits * i)
+    return packed
 
 
 @dataclass(frozen=True)
@@ -242,13 +279,14 @@ def grid(w: np.ndarray, layer: Layer, spec: Precision) -> Grid:
         levels = 2 ** (spec.bits - 1)
         np.put_along_axis(keep, at[:, None, :], True, 1)
         return Grid(full(scale).astype(np.float32), -levels, levels - 1, keep.reshape(-1, w.shape[1])[:inputs])
-    top = 2 ** spec.bits - 1  # MatMulNBits' asymmetric blocks: [min(w, 0), max(w, 0)] over 2^bits - 1 steps, the
-    low, high = np.minimum(blocks.min(1, keepdims=True), 0), np.maximum(blocks.max(1, keepdims=True), 0)  # zero
-    scale = (np.maximum(high - low, 1e-12) / top).astype(np.float32)  # point rounded: the block's smallest and
-    zero = np.clip(_nearest(-low / scale), 0, top)  # largest weights keep their levels 0 and 2^bits - 1
-    np.put_along_axis(keep, blocks.argmin(1)[:, None, :], True, 1)
-    np.put_along_axis(keep, blocks.argmax(1)[:, None, :], True, 1)
-    return Grid(full(scale), full(-zero), full(top - zero), keep.reshape(-1, w.shape[1])[:inputs])
+    from onnxruntime.quantization.neural_compressor.weight_only import quant_tensor_k_quant_cpu
+
+    # zero-pointed blocks as k-quant searches them (each block's scale and minimum fitted to its weights, llama.cpp's
+    # make_qkx2, in ORT's own code): the grid of the `kquant` recipe this spec is the learned twin of
+    padded = np.ascontiguousarray(np.pad(w, ((0, -inputs % group), (0, 0))).T)  # (outputs, inputs) in blocks
+    _, scale, zero = quant_tensor_k_quant_cpu(padded, spec.bits, group)
+    scale, zero = (a.astype(np.float32).reshape(w.shape[1], -1).T[:, None, :] for a in (scale, zero))
+    return Grid(full(scale), full(-zero), full(2 ** spec.bits - 1 - zero), keep.reshape(-1, w.shape[1])[:inputs])
 
 
 def _forward(node: onnx.NodeProto, bias: np.ndarray | None, rank: int) -> Callable:
@@ -285,8 +323,7 @@ def fit(node: onnx.NodeProto, proto: onnx.ModelProto, layer: Layer, x: np.ndarra
         x_t, x_q = x_t.reshape(-1, x.shape[-1]), x_q.reshape(-1, x.shape[-1])
     w_t, s_t, floor_t = (torch.from_numpy(a.astype(np.float32)) for a in (w, scale, floor))
     keep_t = torch.from_numpy(lattice.keep)  # the weights that set the scales stay on their grid point
-    nearest = _nearest(w / scale) if spec.kind == Kind.WEIGHT_ONLY else np.round(w / scale)
-    rtn = torch.from_numpy(np.clip(nearest, low, high).astype(np.float32))
+    rtn = torch.from_numpy(np.clip(np.round(w / scale), low, high).astype(np.float32))
     low_t, high_t = (torch.as_tensor(np.asarray(bound, dtype=np.float32)) for bound in (low, high))
     with torch.no_grad():
         target = forward(x_t, w_t)

@@ -63,7 +63,7 @@ from autoq.calibrate import Calibration
 from autoq.fold import KEEP_LAYER_NAMES, constant_divisor, div_as_mul
 from autoq.graph import Layer, OnnxModel, save_onnx, tied_tables
 from autoq.precision import Assignment, Kind, Precision
-from autoq.recovery.rounding import check_built, is_learned, substitute
+from autoq.recovery.rounding import check_built, is_learned, store_blocks, substitute
 from autoq.regions import REMOVABLE, Regions, find_regions
 
 # Glue ORT's CPU provider runs on int8 (its QDQ selectors): integer kernels, and ops that pass int8 through.
@@ -228,7 +228,10 @@ class OnnxRuntimeBackend(Backend):
         quantize_dynamic_layers(out, specs)
         quantize_weight_only(out, specs, calibration)
         if learned:
-            check_built(onnx.load(str(out)), model, specs, calibration)
+            built = onnx.load(str(out))
+            if store_blocks(built, model, specs, calibration):
+                save_onnx(built, out)
+            check_built(built, model, specs, calibration)
         return Candidate(assignment, out, out.stat().st_size,
                          OrtState({layer.name: layer.weight for layer in model.layers}, regions, model.proto.graph))
 
