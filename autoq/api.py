@@ -25,6 +25,7 @@ from autoq.backends.base import Candidate
 from autoq.costmodel import Screen
 from autoq.errors import AutoqError
 from autoq.evaluate import CandidateError, Evaluator
+from autoq.files import write_json
 from autoq.measure import hardware_key
 from autoq.objective import run_search
 from autoq.pareto import front as pareto_front
@@ -282,10 +283,7 @@ def _finalize_point(evaluator: Evaluator, index: Any, row: pd.Series, run_dir: P
             figures = json.loads(saved.read_text())
         else:
             figures = _validation_figures(evaluator, candidate)
-            saved.parent.mkdir(parents=True, exist_ok=True)
-            partial = saved.with_suffix(".partial")  # whole or absent: a run killed here resumes
-            partial.write_text(json.dumps(figures))
-            partial.replace(saved)
+            write_json(saved, figures)  # whole or absent: a run killed here resumes
         model_path = evaluator.backend.export(candidate, point_dir / "model.onnx")
         extra |= figures | {"model": str(model_path.relative_to(run_dir))}
     except CandidateError as exc:

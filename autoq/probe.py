@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tempfile
 from pathlib import Path
 
 from autoq.evaluate import Evaluator
+from autoq.files import write_json
 from autoq.precision import Assignment, Precision
 
 VERSION = 1
@@ -40,9 +40,7 @@ def unexecuted(evaluator: Evaluator, choices: dict[str, list[str]], cache_dir: P
             candidate = evaluator.build(Assignment(layers), Path(tmp) / "probe")
             evaluator.backend.runner(candidate, evaluator.threads)
             ran = evaluator.backend.executed(candidate)
-        partial = path.with_suffix(".partial")
-        partial.write_text(json.dumps(ran, indent=1))
-        os.replace(partial, path)
+        write_json(path, ran, indent=1)
     dropped = {}
     for layer, spec in asked.items():
         kind = Precision.parse(spec).kind

@@ -29,6 +29,7 @@ import pandas as pd
 
 from autoq.backends.base import Candidate
 from autoq.evaluate import CandidateError, Evaluator, Measurement
+from autoq.files import write_json
 from autoq.measure import interval, ratio_rounds
 from autoq.precision import Assignment
 from autoq.progress import PhaseProgress
@@ -120,9 +121,7 @@ def _recipe_row(label: str, measure: Callable[[str, Path], RecipeMeasurement], r
            "model": str(built.path.relative_to(run_dir)), "options": json.dumps(built.options), "error": "",
            "quality_spread": measured.quality_spread, "speedup_spread": measured.speedup_spread}
     row = {k: v.item() if isinstance(v, np.generic) else v for k, v in row.items()}
-    partial = saved.with_suffix(".partial")  # whole or absent: a run killed here resumes
-    partial.write_text(json.dumps(row))
-    partial.replace(saved)
+    write_json(saved, row)  # whole or absent: a run killed here resumes
     return row
 
 

@@ -31,6 +31,7 @@ from autoq.calibrate import Calibration
 from autoq.data import Dataset, Splits, batch_size
 from autoq.errors import AutoqError
 from autoq.evaluate import Evaluator
+from autoq.files import written_whole
 from autoq.graph import OnnxModel, save_onnx
 from autoq.precision import Assignment, Kind
 from autoq.progress import PhaseProgress
@@ -161,11 +162,9 @@ def train(model: OnnxModel, assignment: Assignment, calibration: Calibration, sp
                 state["best"], state["since_best"], best = now, 0, (module.weights(), ranges.values())
             else:
                 state["since_best"] += 1
-            state_path.parent.mkdir(parents=True, exist_ok=True)
-            partial = state_path.with_suffix(".partial")
-            torch.save({"module": module.state_dict(), "ranges": ranges.state_dict(),
-                        "optimizer": optimizer.state_dict(), "state": state, "best": best}, partial)
-            partial.replace(state_path)  # a Ctrl-C mid-save leaves the last whole state
+            with written_whole(state_path) as partial:  # a Ctrl-C mid-save leaves the last whole state
+                torch.save({"module": module.state_dict(), "ranges": ranges.state_dict(),
+                            "optimizer": optimizer.state_dict(), "state": state, "best": best}, partial)
             bar.advance(state["epoch"])
             if minutes is not None and time.monotonic() - started > 60 * minutes:
                 break

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from onnx import helper, numpy_helper
 from autoq.calibrate import Calibration
 from autoq.data import Dataset, batch_size
 from autoq.errors import AutoqError
+from autoq.files import written_whole
 from autoq.graph import Layer, OnnxModel, probe_session, weight_array
 from autoq.precision import Kind, Precision
 from autoq.quantsim import round_activation, signed_scales
@@ -81,11 +81,9 @@ def load(calibration: Calibration, layer: str, spec: Precision) -> Fitted | None
 
 
 def _save(path: Path, fitted: Fitted) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(f".{os.getpid()}.partial.npz")  # atomic: workers may fit the same layer at once
-    np.savez(partial, weight=fitted.weight, rtn_error=fitted.rtn_error, learned_error=fitted.learned_error,
-             seconds=fitted.seconds)
-    partial.replace(path)
+    with written_whole(path) as partial:  # workers may fit the same layer at once
+        np.savez(partial, weight=fitted.weight, rtn_error=fitted.rtn_error, learned_error=fitted.learned_error,
+                 seconds=fitted.seconds)
 
 
 def missing(calibration: Calibration, pairs: list[tuple[Layer, Precision]]) -> list[tuple[Layer, Precision]]:

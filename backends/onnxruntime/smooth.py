@@ -20,6 +20,7 @@ from onnx import helper, numpy_helper
 
 from autoq.calibrate import Calibration
 from autoq.data import Dataset, batch_size
+from autoq.files import written_whole
 from autoq.graph import OnnxModel, probe_session, save_onnx
 from autoq.quantsim import smoothing_scale
 
@@ -49,9 +50,8 @@ def channel_maxima(model: OnnxModel, calibration: Calibration) -> dict[str, np.n
         for tensor, value in zip(tensors, session.run(tensors, feeds), strict=True):
             found = np.abs(value).reshape(-1, value.shape[-1]).max(axis=0)
             maxima[tensor] = np.maximum(maxima.get(tensor, found), found)
-    partial = cache.with_suffix(".tmp.npz")
-    np.savez(partial, **maxima)  # type: ignore[arg-type]
-    partial.replace(cache)
+    with written_whole(cache) as partial:
+        np.savez(partial, **maxima)  # type: ignore[arg-type]
     return maxima
 
 
