@@ -256,3 +256,29 @@ def test_a_module_class_of_the_users_script_maps_its_layers_in_a_spawned_worker(
     layers = {name: "int8" for name in model.layer_names}
     candidate = backend.build(model, Assignment(layers), calibration, workdir / "int8")
     assert backend.executed(candidate) == layers
+
+
+def test_int8_glue_keeps_hard_swish_float_where_xnnpack_has_no_int8_kernel(digits_npz, tmp_path):
+    """A HardSwish between int8 convolutions runs float (its input is dequantized, its output quantized again):
+    XNNPACK does not run int8 HARD_SWISH, which split the delegated graph and ran PaddleOCR's classifier 4x slower
+    than with it float. The convolutions still run int8."""
+    from autoq.backends.litert.model import interpreter, stored_types
+
+    class HardSwishNet(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1, self.conv2 = torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1)
+            self.head = torch.nn.Linear(8 * 8 * 8, 10)
+
+        def forward(self, image: torch.Tensor) -> torch.Tensor:
+            h = torch.nn.functional.hardswish(self.conv2(torch.nn.functional.hardswish(self.conv1(image))))
+            return self.head(h.flatten(1))
+
+    torch.manual_seed(0)
+    backend, model, _, calibration, workdir = _setup(HardSwishNet().eval(), digits_npz, tmp_path)
+    layers = {n: "int8" for n in model.layer_names}
+    candidate = backend.build(model, Assignment(layers), calibration, workdir / "int8")
+    assert backend.executed(candidate) == layers
+    types = stored_types(candidate.path)
+    swishes = [op for op in interpreter(candidate.path)._get_ops_details() if op["op_name"] == "HARD_SWISH"]
+    assert len(swishes) == 2 and all(types[int(op["inputs"][0])] == "float32" for op in swishes)
