@@ -147,8 +147,9 @@ class OnnxRuntimeBackend(Backend):
         """`glue: int8-unfused` only where ORT fuses some glue into a float kernel (else it builds as `int8`)."""
         if UNFUSED not in options.get(GLUE, ()):
             return options
-        fused = self._float_fusions(model)
-        if any(node.op_type in INTEGER_GLUE and node.name in fused for node in model.proto.graph.node):
+        fused, layers = self._float_fusions(model), set(model.layer_names)  # a Gemm+Relu layer fuses too: not glue
+        if any(node.op_type in INTEGER_GLUE and node.name in fused and node.name not in layers
+               for node in model.proto.graph.node):
             return options
         return options | {GLUE: [value for value in options[GLUE] if value != UNFUSED]}
 
