@@ -282,3 +282,31 @@ def test_int8_glue_keeps_hard_swish_float_where_xnnpack_has_no_int8_kernel(digit
     types = stored_types(candidate.path)
     swishes = [op for op in interpreter(candidate.path)._get_ops_details() if op["op_name"] == "HARD_SWISH"]
     assert len(swishes) == 2 and all(types[int(op["inputs"][0])] == "float32" for op in swishes)
+
+
+def test_learned_rounding_finds_a_weight_the_converter_scaled(tmp_path):
+    """A convolution before a HardSigmoid (as in PaddleOCR's squeeze-and-excitation blocks) is stored times 1.2 in
+    the converted model (relu6(1.2 x + 3) / 6 folded into it): its learned integers still go in and read back, so
+    `int8-adaround` builds there (every such build failed with "laid out in no way autoq can match")."""
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    rng = np.random.default_rng(0)
+    shapes = {"w1": (8, 1, 3, 3), "w2": (8, 8, 1, 1), "w3": (4, 8, 3, 3)}
+    weights = [numpy_helper.from_array(rng.normal(0, 0.4, s).astype(np.float32), n) for n, s in shapes.items()]
+    nodes = [helper.make_node("Conv", ["image", "w1"], ["c1"], "conv1", pads=[1] * 4),
+             helper.make_node("Relu", ["c1"], ["r1"], "relu1"),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], "gate_conv"),
+             helper.make_node("HardSigmoid", ["c2"], ["gate"], "gate", alpha=0.2, beta=0.5),
+             helper.make_node("Mul", ["r1", "gate"], ["m"], "scale"),
+             helper.make_node("Conv", ["m", "w3"], ["y"], "conv3", pads=[1] * 4)]
+    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 1, 8, 8])
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, 8, 8])
+    save(helper.make_model(helper.make_graph(nodes, "g", [image], [out], weights),
+                           opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "gate.onnx"))
+    model = graph.prepare(tmp_path / "gate.onnx", tmp_path / "run")
+    splits = data.split(data.Dataset({"image": rng.normal(0, 1, (96, 1, 8, 8)).astype(np.float32)}))
+    calibration = calibrate(model, splits.calibration, tmp_path / "cache")
+    backend = get_backend("litert")
+    learned = {n: "int8-adaround" for n in model.layer_names}
+    candidate = backend.build(model, Assignment(learned), calibration, tmp_path / "learned")
+    assert backend.executed(candidate) == learned

@@ -5,7 +5,7 @@ Its static int8 weights are symmetric per output channel over [-127, 127] with s
 weights were learned on, so it stores the learned integers; `check` reads them back from the built file. A
 layer's weight is found by its op's output tensor (`Op.output`) and laid out as the flatbuffer has it (a
 convolution's OHWI, a depthwise's 1HWO, a fully connected's (out, in)): the permutation of the ONNX weight that
-gives the stored float weight.
+gives the stored float weight, times the constant the converter may fold into it (`_layout`).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from autoq.precision import Precision
 from autoq.recovery import rounding
 
 _Weight = tuple[np.ndarray, int]  # the stored weight's bytes (a view into the file) and its tensor index
+Layout = tuple[tuple[int, ...], float]  # the permutation of the ONNX weight, and the factor folded into it
 
 
 def _weights(data: bytearray, outputs: dict[str, str]) -> dict[str, _Weight]:
@@ -54,18 +55,25 @@ def _shape(data: bytearray, index: int) -> tuple[int, ...]:
     return tuple(int(d) for d in schema.Model.GetRootAsModel(data, 0).Subgraphs(0).Tensors(index).ShapeAsNumpy())
 
 
-def _layout(weight: np.ndarray, stored: np.ndarray, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The axes permutation of the ONNX `weight` that gives the flatbuffer's float weight `stored` (of `shape`)."""
+def _layout(weight: np.ndarray, stored: np.ndarray, shape: tuple[int, ...]) -> Layout:
+    """The axes permutation of the ONNX `weight`, and the factor, that give the flatbuffer's float weight `stored`
+    (of `shape`): the converter folds a constant scaling of the output into the weight (HardSigmoid's 0.2 after a
+    squeeze-and-excitation convolution, written as relu6(1.2 x + 3) / 6), which leaves the per-channel grid's
+    integers as they were."""
     for order in itertools.permutations(range(weight.ndim)):
         moved = weight.transpose(order)
-        if moved.size == stored.size and np.allclose(moved.reshape(shape), stored.reshape(shape), rtol=1e-4,
-                                                     atol=1e-6):
-            return order
+        if moved.size != stored.size:
+            continue
+        moved, found = moved.reshape(shape), stored.reshape(shape)
+        nonzero = np.abs(moved) > 1e-12
+        factor = float(np.median(found[nonzero] / moved[nonzero])) if nonzero.any() else 1.0
+        if factor > 0 and np.allclose(factor * moved, found, rtol=1e-4, atol=1e-6):
+            return order, factor
     raise AutoqError("learned rounding: a layer's weight is laid out in the LiteRT model in no way autoq can match")
 
 
 def substitute(source: Path, out: Path, model: OnnxModel, specs: dict[str, Precision], calibration: Calibration,
-               ops: dict[str, Op]) -> dict[str, tuple[int, ...]]:
+               ops: dict[str, Op]) -> dict[str, Layout]:
     """Write `source` to `out` with the learned weights of the layers whose spec is learned (fitting what is not
     cached yet); returns each such layer's layout (`_layout`)."""
     learned = {layer: spec for layer, spec in specs.items() if rounding.is_learned(spec)}
@@ -80,13 +88,13 @@ def substitute(source: Path, out: Path, model: OnnxModel, specs: dict[str, Preci
         if fitted is None:
             raise AutoqError(f"no learned weights for {name} ({learned[name]})")
         stored, shape = raw.view(np.float32), _shape(data, index)
-        layouts[name] = _layout(weight_array(model.proto, layers[name].weight), stored, shape)
-        stored[:] = fitted.weight.transpose(layouts[name]).reshape(-1)
+        layouts[name] = order, factor = _layout(weight_array(model.proto, layers[name].weight), stored, shape)
+        stored[:] = factor * fitted.weight.transpose(order).reshape(-1)
     out.write_bytes(bytes(data))
     return layouts
 
 
-def check(built: Path, layouts: dict[str, tuple[int, ...]], specs: dict[str, Precision], calibration: Calibration,
+def check(built: Path, layouts: dict[str, Layout], specs: dict[str, Precision], calibration: Calibration,
           ops: dict[str, Op]) -> None:
     """Raise unless each learned layer's int8 weight in `built`, times its per-channel scales, is its cached grid
     weight laid out as `layouts` says (the quantizer kept the learned integers)."""
@@ -105,5 +113,6 @@ def check(built: Path, layouts: dict[str, tuple[int, ...]], specs: dict[str, Pre
         along = [1] * len(shape)
         along[int(quantization.QuantizedDimension())] = -1
         stored = raw.view(np.int8).reshape(shape) * quantization.ScaleAsNumpy().astype(np.float32).reshape(along)
-        if not np.allclose(stored, fitted.weight.transpose(layouts[name]).reshape(shape), rtol=1e-5, atol=1e-7):
+        order, factor = layouts[name]
+        if not np.allclose(stored, factor * fitted.weight.transpose(order).reshape(shape), rtol=1e-5, atol=1e-7):
             raise AutoqError(f"{name} ({specs[name]}): the LiteRT quantizer did not keep the learned integers")
