@@ -170,7 +170,10 @@ class OnnxRuntimeBackend(Backend):
 
     def _float_fusions(self, model: OnnxModel) -> dict[str, str]:
         """Node -> the float kernel ORT fuses it into in the FP32 model (Gelu, SkipLayerNormalization...):
-        the nodes missing from ORT's extended-level optimised graph, except the Relu/Clip int8 absorbs too."""
+        the nodes missing from ORT's extended-level optimised graph, except the Relu/Clip int8 absorbs too (found
+        once per model in each process: the options and the regions both read it)."""
+        if str(model.path) in _FUSIONS:
+            return _FUSIONS[str(model.path)]
         with tempfile.TemporaryDirectory(prefix="autoq-fusions-") as tmp:
             options = self._options(1)
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
@@ -196,8 +199,9 @@ class OnnxRuntimeBackend(Backend):
                 tensors += [o for c in consumers.get(tensor, []) for o in c.output if o not in seen]
             return "fused"
 
-        return {node.name: kernel(node) for node in model.proto.graph.node
-                if node.name not in kept and node.op_type not in REMOVABLE}
+        _FUSIONS[str(model.path)] = {node.name: kernel(node) for node in model.proto.graph.node
+                                     if node.name not in kept and node.op_type not in REMOVABLE}
+        return _FUSIONS[str(model.path)]
 
     def build(self, model: OnnxModel, assignment: Assignment, calibration: Calibration, workdir: Path) -> Candidate:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -392,3 +396,4 @@ class OnnxRuntimeBackend(Backend):
 
 
 _REGIONS: dict[tuple[str, str, bool], Regions] = {}
+_FUSIONS: dict[str, dict[str, str]] = {}  # model path -> its float fusions
