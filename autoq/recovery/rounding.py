@@ -40,7 +40,7 @@ from autoq.precision import Kind, Precision
 from autoq.quantsim import round_activation, signed_scales
 
 VERSION = 3  # 3: FP32 inputs, a held-out share judging the fit
-ZERO_POINTED_VERSION = 2  # 2: zero-pointed blocks on k-quant's grid (1: min-max blocks)
+ZERO_POINTED_VERSION = 3  # 2: zero-pointed blocks on k-quant's grid (1: min-max blocks); 3: the blocks kept
 LEARNED = ("adaround",)  # the roundings fitted here (Precision.rounding)
 LEVELS = 127  # symmetric static int8 weights: [-127, 127]
 ITERATIONS, BATCH, MAX_SAMPLES, LR = 500, 16, 256, 1e-2
@@ -62,6 +62,8 @@ class Fitted:
     rtn_error: float  # relative output MSE of round-to-nearest against FP32, on held-out calibration samples
     learned_error: float
     seconds: float
+    block_scale: np.ndarray | None = None  # zero-pointed blocks: (outputs, blocks) scales and zero points, as
+    block_zero: np.ndarray | None = None  # k-quant searched them at the fit (a build writes them, not searches)
 
 
 def cache_file(calibration: Calibration, layer: str, spec: Precision) -> Path:
@@ -77,13 +79,13 @@ def load(calibration: Calibration, layer: str, spec: Precision) -> Fitted | None
         return None
     with np.load(path) as stored:
         return Fitted(stored["weight"], float(stored["rtn_error"]), float(stored["learned_error"]),
-                      float(stored["seconds"]))
+                      float(stored["seconds"]), stored.get("block_scale"), stored.get("block_zero"))
 
 
 def _save(path: Path, fitted: Fitted) -> None:
+    fields = {name: value for name, value in vars(fitted).items() if value is not None}
     with written_whole(path) as partial:  # workers may fit the same layer at once
-        np.savez(partial, weight=fitted.weight, rtn_error=fitted.rtn_error, learned_error=fitted.learned_error,
-                 seconds=fitted.seconds)
+        np.savez(partial, **fields)  # type: ignore[arg-type]
 
 
 def missing(calibration: Calibration, pairs: list[tuple[Layer, Precision]]) -> list[tuple[Layer, Precision]]:
@@ -182,15 +184,15 @@ def store_blocks(proto: onnx.ModelProto, model: OnnxModel, specs: dict[str, Prec
         if spec is None or not is_learned(spec) or spec.kind != Kind.WEIGHT_ONLY or spec.symmetric:
             continue
         node, fitted = nodes.get(f"{layer.name}_Q{spec.bits}"), load(calibration, layer.name, spec)
-        if node is None or fitted is None or len(node.input) < 4:
+        if node is None or fitted is None or fitted.block_scale is None or fitted.block_zero is None \
+                or len(node.input) < 4:
             raise AutoqError(f"{layer.name} ({spec}): no zero-pointed MatMulNBits to write its learned blocks into")
-        lattice = grid(weight_array(model.proto, layer.weight).astype(np.float32), layer, spec)
         group, inputs = spec.group, layer.weight_shape[0]
-        zero = -np.asarray(lattice.low)[::group].T  # (outputs, blocks)
-        q = np.round(fitted.weight / lattice.scale) + zero.T.repeat(group, 0)[:inputs]
+        scale, zero = fitted.block_scale, fitted.block_zero  # (outputs, blocks)
+        q = np.round(fitted.weight / scale.T.repeat(group, 0)[:inputs]) + zero.T.repeat(group, 0)[:inputs]
         q = np.concatenate([q, np.repeat(zero[:, -1:].T, -inputs % group, 0)])  # padding dequantizes to 0
         values = {node.input[1]: _pack(q.T.reshape(zero.shape[0], zero.shape[1], group), spec.bits),
-                  node.input[2]: lattice.scale[::group].T}
+                  node.input[2]: scale}
         points = _unpack(numpy_helper.to_array(stored[node.input[3]]), spec.bits).reshape(zero.shape[0], -1)
         points[:, :zero.shape[1]] = zero
         values[node.input[3]] = _pack(points, spec.bits)
@@ -362,7 +364,11 @@ def fit(node: onnx.NodeProto, proto: onnx.ModelProto, layer: Layer, x: np.ndarra
     rtn_error, learned_error = error(rtn * s_t), error(learned)
     if learned_error >= KEEP * rtn_error:  # overfitted (few samples for many weights): round-to-nearest stays
         learned, learned_error = rtn * s_t, rtn_error
-    return Fitted(learned.numpy().astype(np.float32), rtn_error, learned_error, time.perf_counter() - started)
+    blocks: tuple[np.ndarray | None, np.ndarray | None] = (None, None)
+    if spec.kind == Kind.WEIGHT_ONLY and not spec.symmetric:  # the zero-pointed blocks, one value per block
+        blocks = (lattice.scale[::spec.group].T, -np.asarray(lattice.low)[::spec.group].T)
+    return Fitted(learned.numpy().astype(np.float32), rtn_error, learned_error, time.perf_counter() - started,
+                  *blocks)
 
 
 def _largest(w: np.ndarray, axis: int) -> np.ndarray:
