@@ -56,7 +56,8 @@ def fit_learned_rounding(evaluator: Evaluator, choices: dict[str, list[str]], pr
     cached in the run directory, so trials that pick one build as fast as round-to-nearest."""
     layers = {layer.name: layer for layer in evaluator.model.layers}
     pairs = rounding.missing(evaluator.calibration, [(layers[name], Precision.parse(p))
-                                                      for name, allowed in choices.items() for p in allowed])
+                                                      for name, allowed in choices.items() for p in allowed],
+                             evaluator.backend.learned_roundings)
     if not pairs:
         return
     with PhaseProgress("learned rounding", len(pairs), progress) as bar:

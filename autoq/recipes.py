@@ -222,9 +222,21 @@ def verdicts(front: pd.DataFrame, recipes: pd.DataFrame, side_by_side: SideBySid
             fastest = max(instead, key=gain.__getitem__) if instead else None
             text.append("not dominated" + (
                 f"; the fastest point at about its quality and no larger, point {int(front.loc[fastest, 'point'])}: "
-                f"{notes[fastest]}" if fastest is not None else ""))
+                f"{notes[fastest]}" if fastest is not None else _larger(front, quality, speedup, row, quality_spread)))
     return recipes.assign(dominated_by=pd.array(dominated_by, dtype="Int64"),
                           matched_by=pd.array(matched_by, dtype="Int64"), latency_saved=saved, verdict=text)
+
+
+def _larger(front: pd.DataFrame, quality: pd.Series, speedup: pd.Series, row: Any, spread: float) -> str:
+    """What a recipe smaller than every point at its quality gives up for its size: the fastest such point, how
+    much larger and faster (stored figures: only points no larger are timed side by side)."""
+    at_quality = speedup[quality >= row.val_quality - spread]
+    if at_quality.empty or not row.speedup:
+        return ""
+    i = at_quality.idxmax()
+    return (f"; every point at about its quality is larger: the fastest, point {int(front.loc[i, 'point'])}, is "
+            f"{front.loc[i, 'size_bytes'] / row.size_bytes - 1:.1%} larger at {speedup[i] / row.speedup:.2f}x its "
+            "speed (stored figures)")
 
 
 def _own_spread(front: pd.DataFrame, speedup: pd.Series) -> pd.Series:

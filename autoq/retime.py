@@ -52,7 +52,8 @@ def run_models(run_dir: Path, reference: Path, points: list[int] | None = None,
         if not path.is_file():
             msg = f"--against {path}: no such file"
             raise AutoqError(msg)
-        models[f"file: {path.name}"] = (path, {})
+        label = f"file: {path.name}"  # two runtimes' exports are both `model.onnx`: then the path as given
+        models[label if label not in models else f"file: {path}"] = (path, {})
     return models
 
 

@@ -163,8 +163,9 @@ def recipe_seeds(recipes: list[dict[str, str]], table: pd.DataFrame | None, choi
 
 def learned_twin(seed: Assignment, choices: dict[str, list[str]], keep: frozenset[str] = frozenset()) -> Assignment:
     """`seed` with each layer moved to the learned-rounding form of its spec where the space offers it
-    (`w4g32-acc4` -> `w4g32-adaround-acc4`; `w4g32-kquant-acc4` -> `w4g32-asym-adaround-acc4`, else the symmetric
-    form; `int8` -> `int8-adaround`): the same bits, blocks and kernels, the weights fitted to FP32's outputs.
+    (`w4g32-acc4` -> `w4g32-gptq-acc4` or `w4g32-adaround-acc4`; `w4g32-kquant-acc4` -> `w4g32-asym-gptq-acc4`,
+    `w4g32-asym-adaround-acc4`, else a symmetric form; `int8` -> `int8-adaround`): the same bits, blocks and
+    kernels, the weights fitted to FP32's outputs.
     `keep`: layers left as they are (a tied table and LM head, stored once only while they share a format)."""
     layers = {}
     for name, text in seed.layers.items():
@@ -174,16 +175,18 @@ def learned_twin(seed: Assignment, choices: dict[str, list[str]], keep: frozense
 
 
 def _learned_forms(spec: Precision) -> list[str]:
-    """The learned-rounding forms of `spec`, best first: a zero-pointed grid's own, then the symmetric one."""
+    """The learned-rounding forms of `spec`, best first: a zero-pointed grid's own, then the symmetric one; GPTQ
+    before AdaRound (lower output error on SmolLM2's Linears: `autoq.recovery.gptq`)."""
     if spec.kind not in (Kind.STATIC, Kind.WEIGHT_ONLY):
         return []
     symmetries = [spec.symmetric] if spec.kind == Kind.STATIC else [spec.symmetric, True]
     forms = []
     for symmetric in symmetries:
-        try:
-            forms.append(str(replace(spec, rounding="adaround", symmetric=symmetric)))
-        except AutoqError:  # no learned form of this spec
-            continue
+        for method in ("gptq", "adaround"):
+            try:
+                forms.append(str(replace(spec, rounding=method, symmetric=symmetric)))
+            except AutoqError:  # no such learned form of this spec
+                continue
     return forms
 
 

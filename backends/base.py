@@ -115,6 +115,7 @@ class Backend(ABC):
     llm_space: str | None = None  # the bundled space for a causal language model (None: it does not run one)
     llm_exporter = "genai"  # how a Hugging Face causal LM becomes its graph (`autoq.causal_lm.EXPORTERS`)
 
+    learned_roundings: tuple[str, ...] = ("adaround",)  # fitted once per layer by `autoq.recovery.rounding`
     probed_kinds: tuple[Kind, ...] = ()  # kinds it may leave unrun on some layers: `autoq.probe` finds those once
     builds: dict[Kind, tuple[int, ...]] = {}  # allow-list: the kinds it builds -> their bits (a float's width)
     unbuilt: dict[Kind, str] = {}  # why a kind (or a width of it) is not in `builds`, where there is a reason

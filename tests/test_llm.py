@@ -169,7 +169,7 @@ def test_a_tied_embedding_is_stored_once_with_the_same_values(decoder, tmp_path)
     assert table.weight not in {t.name for t in proto.graph.initializer}
     apart = tmp_path / "apart.onnx"
     onnx.save(onnx.load(str(model.path)), str(apart))
-    quantize_weight_only(apart, {n: Precision.parse(p) for n, p in layers.items()}, calibration, tie=False)
+    quantize_weight_only(apart, {n: Precision.parse(p) for n, p in layers.items()}, tie=False)
     assert tied.size_bytes < graph.stored_bytes(apart) - 0.9 * table.params / 2  # the int4 table, stored once
     feeds = {k: v[:2] for k, v in splits.validation.arrays.items()}
     np.testing.assert_allclose(backend.runner(tied, 1)(feeds)[0], _session(apart).run(["logits"], feeds)[0],

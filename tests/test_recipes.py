@@ -66,8 +66,14 @@ def test_verdicts_read_the_points_timed_side_by_side_with_the_recipe():
 
 
 def test_a_point_larger_than_the_recipe_does_not_dominate_it():
+    """A recipe smaller than every point is not dominated however slow it is; the verdict says what its size
+    costs: the fastest point at its quality, how much larger and how much faster."""
     recipes = pd.DataFrame([{"recipe": "tiny", "val_quality": 0.9, "val_latency_ms": 9.0, "speedup": 1.1,
                              "size_bytes": 20, "error": ""}])
+    assert verdicts(_front(), recipes)["verdict"].iloc[0] == (
+        "not dominated; every point at about its quality is larger: the fastest, point 0, is 25.0% larger at 1.82x "
+        "its speed (stored figures)")
+    recipes.loc[0, "val_quality"] = 1.01  # no point reaches its quality
     assert verdicts(_front(), recipes)["verdict"].iloc[0] == "not dominated"
 
 
@@ -79,8 +85,9 @@ def test_a_recipe_that_cannot_build_is_recorded_and_the_run_goes_on(tmp_path, ca
     static = table.loc["ORT quantize_static U8S8, all ops"]
     assert static["error"] == "" and 0.5 < static["val_quality"] <= 1 and static["speedup"] > 0
     assert static["verdict"].startswith(("dominated by point", "not dominated"))
-    # its contenders were re-run against it, not judged by stored figures (a bare "not dominated": none exists)
-    assert "timed side by side" in static["verdict"] or static["verdict"] == "not dominated"
+    # its contenders were re-run against it, not judged by stored figures (none exists: every point is larger)
+    assert "timed side by side" in static["verdict"] or static["verdict"].startswith(
+        "not dominated; every point at about its quality is larger") or static["verdict"] == "not dominated"
     saved = pd.read_csv(tmp_path / "run" / "recipes.csv", keep_default_na=False).set_index("recipe")
     assert saved.loc["ORT quantize_dynamic, MatMul/Gemm", "verdict"].startswith("failed: ValueError")
     page = (tmp_path / "run" / "report.html").read_text()
@@ -118,6 +125,22 @@ def test_a_recipe_that_cannot_build_is_recorded_and_the_run_goes_on(tmp_path, ca
     assert main(["verify", str(tmp_path / "run"), "--rounds", "2", "--passes", "1"]) == 0
     err = capsys.readouterr().err  # notes beside the table, not rows
     assert "not as loaded as it was then" in err and "fall inside the 95% intervals of this run's first verify" in err
+
+
+def test_files_timed_beside_a_run_stay_apart_when_their_names_match(tmp_path):
+    """`autoq verify --against a/model.onnx --against b/model.onnx` times both files, labelled apart."""
+    from autoq.retime import run_models
+
+    run = tmp_path / "run"
+    run.mkdir()
+    pd.DataFrame({"point": [0], "model": [None], "summary": ["fp32 x1"]}).to_csv(run / "pareto.csv", index=False)
+    files = []
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        files.append(tmp_path / folder / "model.onnx")
+        files[-1].write_bytes(b"onnx")
+    models = run_models(run, tmp_path / "fp32.onnx", [0], files)
+    assert [path for path, _ in models.values()][1:] == files and len(set(models)) == 3
 
 
 def test_verify_says_when_the_machine_changed_speed_while_timing():

@@ -175,10 +175,10 @@ def test_a_search_offering_learned_rounding_fits_it_once_before_the_trials(digit
     assert len(learned) == 1 and learned["executed_ok"].all()
 
 
-@pytest.mark.parametrize("learned", ["w4g32-adaround", "w4g32-asym-adaround"])
+@pytest.mark.parametrize("learned", ["w4g32-adaround", "w4g32-asym-adaround", "w4g32-gptq", "w4g32-asym-gptq"])
 def test_four_bit_learned_rounding_beats_nearest_and_builds_its_integers(learned, tmp_path):
-    """4-bit learned rounding on MatMuls, on the symmetric grid and on the zero-pointed one: each layer's fit
-    lowers its held-out output error below round-to-nearest's, ONNX Runtime's MatMulNBits stores the learned
+    """4-bit learned rounding (AdaRound, GPTQ) on MatMuls, on the symmetric grid and on the zero-pointed one: each
+    layer's fit lowers its held-out output error below round-to-nearest's, ONNX Runtime's MatMulNBits stores the learned
     integers (the build checks them, zero points included) and runs them as asked, the model computes closer to
     FP32 than the round-to-nearest build of the same grid on unseen samples, and a second build fits nothing."""
     from tests.models import embedding_mlp
@@ -208,10 +208,11 @@ def test_four_bit_learned_rounding_beats_nearest_and_builds_its_integers(learned
     assert rounding.prepare(model, calibration, [(la, spec) for la in matmuls]) == {}  # cached: nothing refitted
 
 
-def test_zero_pointed_learned_blocks_are_k_quants_blocks_with_learned_integers(tmp_path):
-    """`w4g32-asym-adaround` learns on k-quant's searched grid: the built MatMulNBits stores exactly the scales and
-    zero points ORT's k-quant quantizer stores for the same weights (only the rounding differs), and it computes
-    closer to FP32 than that k-quant build on unseen samples."""
+@pytest.mark.parametrize("learned", ["w4g32-asym-adaround", "w4g32-asym-gptq"])
+def test_zero_pointed_learned_blocks_are_k_quants_blocks_with_learned_integers(learned, tmp_path):
+    """`w4g32-asym-adaround` and `-gptq` learn on k-quant's searched grid: the built MatMulNBits stores exactly the
+    scales and zero points ORT's k-quant quantizer stores for the same weights (only the rounding differs), and it
+    computes closer to FP32 than that k-quant build on unseen samples."""
     from tests.models import two_layer_mlp
 
     rng = np.random.default_rng(0)  # k-quant packs an even number of blocks: 128 and 64 inputs
@@ -223,7 +224,7 @@ def test_zero_pointed_learned_blocks_are_k_quants_blocks_with_learned_integers(t
     feeds = {"x": splits.validation.arrays["x"]}
     matmuls = [la.name for la in model.layers if la.op_type == "MatMul"]
     built, errors = {}, {}
-    for spec in ("fp32", "w4g32-kquant", "w4g32-asym-adaround"):
+    for spec in ("fp32", "w4g32-kquant", learned):
         assignment = Assignment({la.name: spec if la.name in matmuls else "fp32" for la in model.layers})
         candidate = backend.build(model, assignment, calibration, tmp_path / spec)
         assert backend.executed(candidate) == backend.expected(assignment)
@@ -232,13 +233,13 @@ def test_zero_pointed_learned_blocks_are_k_quants_blocks_with_learned_integers(t
         built[spec] = [[stored[name] for name in node.input[1:4]] for node in proto.graph.node
                        if node.op_type == "MatMulNBits"]  # each layer's integers, scales, zero points
         errors[spec] = backend.runner(candidate, 1)(feeds)[0]
-    kquant, learned = built["w4g32-kquant"], built["w4g32-asym-adaround"]
-    assert len(kquant) == len(learned) == len(matmuls)
-    for (k_ints, *k_blocks), (l_ints, *l_blocks) in zip(kquant, learned, strict=True):
+    kquant, ours = built["w4g32-kquant"], built[learned]
+    assert len(kquant) == len(ours) == len(matmuls)
+    for (k_ints, *k_blocks), (l_ints, *l_blocks) in zip(kquant, ours, strict=True):
         for k_values, l_values in zip(k_blocks, l_blocks, strict=True):
             np.testing.assert_array_equal(l_values, k_values)
         assert k_ints.shape == l_ints.shape
-    assert any(not np.array_equal(k[0], la[0]) for k, la in zip(kquant, learned, strict=True))  # learned rounding
+    assert any(not np.array_equal(k[0], la[0]) for k, la in zip(kquant, ours, strict=True))  # learned rounding
     fp32 = errors.pop("fp32")
     error = {spec: float(((out - fp32) ** 2).mean()) for spec, out in errors.items()}
-    assert error["w4g32-asym-adaround"] < error["w4g32-kquant"], error
+    assert error[learned] < error["w4g32-kquant"], error

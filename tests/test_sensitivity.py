@@ -319,12 +319,14 @@ def test_a_recipe_seed_has_its_learned_twin_where_the_space_offers_one():
     choices = {"a": ["fp32", "w4g32-acc4", "w4g32-adaround-acc4"], "b": ["fp32", "w4g32-acc4"],
                "c": ["fp32", "int8-dyn"], "d": ["fp32", "w4g32-kquant-acc4", "w4g32-adaround-acc4"],
                "e": ["fp32", "w4g32-acc4", "w4g32-adaround-acc4"],
-               "f": ["fp32", "w4g32-kquant-acc4", "w4g32-adaround-acc4", "w4g32-asym-adaround-acc4"]}
+               "f": ["fp32", "w4g32-kquant-acc4", "w4g32-adaround-acc4", "w4g32-asym-adaround-acc4"],
+               "g": ["fp32", "w4g32-kquant-acc4", "w4g32-asym-adaround-acc4", "w4g32-asym-gptq-acc4"]}
     recipe = {"a": "w4g32-acc4", "b": "w4g32-acc4", "c": "int8-dyn", "d": "w4g32-kquant-acc4", "e": "w4g32-acc4",
-              "f": "w4g32-kquant-acc4"}
-    twin = {**recipe, "a": "w4g32-adaround-acc4", "d": "w4g32-adaround-acc4", "f": "w4g32-asym-adaround-acc4"}
+              "f": "w4g32-kquant-acc4", "g": "w4g32-kquant-acc4"}
+    twin = {**recipe, "a": "w4g32-adaround-acc4", "d": "w4g32-adaround-acc4", "f": "w4g32-asym-adaround-acc4",
+            "g": "w4g32-asym-gptq-acc4"}  # GPTQ first where both are offered
     assert seeding.learned_twin(Assignment(recipe), choices, frozenset({"e"})).layers == twin
     assert [s.layers for s in seeding.recipe_seeds([recipe], None, choices, keep=frozenset({"e"}))] == [recipe, twin]
-    for name in ("a", "d", "e", "f"):
-        choices[name] = [c for c in choices[name] if "adaround" not in c]
+    for name in ("a", "d", "e", "f", "g"):
+        choices[name] = [c for c in choices[name] if "adaround" not in c and "gptq" not in c]
     assert [s.layers for s in seeding.recipe_seeds([recipe], None, choices)] == [recipe]  # no twin: no duplicate

@@ -56,8 +56,8 @@ def test_a_precision_the_backend_cannot_build_is_refused_with_its_reason():
         space.choices(LAYERS, ORT)
     with pytest.raises(AutoqError, match="w8 is not available on this backend: MatMulNBits quantizes in blocks"):
         parse_space({"default": ["fp32", "w8"]}).choices(LAYERS, ORT)
-    with pytest.raises(AutoqError, match="w8g32-gptq is not available on this backend: ORT's GPTQ quantizer is 4-bit"):
-        parse_space({"default": ["fp32", "w8g32-gptq"]}).choices(LAYERS, ORT)
+    with pytest.raises(AutoqError, match="w2g32-gptq is not available on this backend: ORT's 2-bit blocks are rounded"):
+        parse_space({"default": ["fp32", "w2g32-gptq"]}).choices(LAYERS, ORT)
 
 
 def test_spaces_hold_canonical_spec_strings():

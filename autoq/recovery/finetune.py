@@ -173,7 +173,7 @@ def train(model: OnnxModel, assignment: Assignment, calibration: Calibration, sp
 
 
 def starting_point(model: OnnxModel, assignment: Assignment, calibration: Calibration, folder: Path,
-                   form: QuantizedForm | None) -> tuple[OnnxModel, Assignment]:
+                   form: QuantizedForm | None, learned: tuple[str, ...]) -> tuple[OnnxModel, Assignment]:
     """The model and assignment training starts from: a layer with learned rounding starts from its learned weights
     (on its grid) and trains as round-to-nearest, so the backend builds the trained weights, not the cached ones;
     biases the PTQ build changed (`form.biases`, bias correction) start as built, and the trained model is built
@@ -181,17 +181,16 @@ def starting_point(model: OnnxModel, assignment: Assignment, calibration: Calibr
     from autoq.graph import prepare
 
     specs = assignment.specs()
-    learned = any(is_learned(spec) for spec in specs.values())
-    if not learned and (form is None or not form.biases):
+    fitted = {name: spec for name, spec in specs.items() if is_learned(spec, learned)}
+    if not fitted and (form is None or not form.biases):
         return model, assignment
     proto = onnx.ModelProto()
     proto.CopyFrom(model.proto)
-    substitute(proto, model, specs, calibration)
+    substitute(proto, model, fitted, calibration)
     for tensor in proto.graph.initializer:
         if form is not None and tensor.name in form.biases:
             tensor.CopyFrom(numpy_helper.from_array(form.biases[tensor.name], tensor.name))
-    plain = {name: str(replace(spec, rounding="rtn")) if is_learned(spec) else str(spec)
-             for name, spec in specs.items()}
+    plain = {name: str(replace(spec, rounding="rtn")) if name in fitted else str(spec) for name, spec in specs.items()}
     options = {**assignment.options, **(form.options if form is not None else {})}
     folder.mkdir(parents=True, exist_ok=True)
     return prepare(save_onnx(proto, folder / "source.onnx"), folder), Assignment(plain, options)
@@ -239,7 +238,8 @@ def finetune_point(evaluator: Evaluator, run_dir: Path, point: int, epochs: int,
     backend, threads, calibration = evaluator.backend, evaluator.threads, evaluator.calibration
     before = evaluator.build(assignment, work / "ptq")  # the PTQ twin: what it quantizes and stores is simulated
     form = backend.quantized_form(before)
-    start, trained_as = starting_point(evaluator.model, assignment, calibration, work / "start", form)
+    start, trained_as = starting_point(evaluator.model, assignment, calibration, work / "start", form,
+                                       backend.learned_roundings)
     trained = train(start, trained_as, calibration, evaluator.splits, references, evaluator.metric,
                     work / "state.pt", epochs, minutes, None if form is None else form.ranges, progress)
     tuned = prepare(with_weights(start, trained.weights, work / "source.onnx"), work)

@@ -1,21 +1,22 @@
-"""Learned rounding (AdaRound, Nagel et al. 2020): each weight of a layer rounds up or down by a learned soft
-mask, fitted to minimise the layer's output error against FP32 on the calibration inputs (a static int8 layer's
-input fake-quantized with its calibrated uint8 range, as the int8 kernel will see it; a weight-only layer's input
-as it is). Fitted once per (layer, spec) and cached in the run directory, so a trial that picks it costs what
-round-to-nearest costs.
+"""Learned rounding: each weight of a layer rounded up or down so that the layer's output matches FP32's on the
+calibration inputs (a static int8 layer's input fake-quantized with its calibrated uint8 range, as the int8 kernel
+will see it; a weight-only layer's input as it is). Two methods: AdaRound (Nagel et al. 2020: a learned soft mask
+per weight, `-adaround`) and, for weight-only MatMuls, GPTQ (`-gptq`, `autoq.recovery.gptq`: no gradient steps,
+several times faster and lower in output error on SmolLM2's Linears). Fitted once per (layer, spec) and cached in
+the run directory, so a trial that picks one costs what round-to-nearest costs.
 
 The learned weights are cached as float weights that lie exactly on the layer's grid, the grid's largest weight
 kept where it was: static int8, one scale per output channel, max|w| / 127 (the symmetric per-channel weights
 ONNX Runtime and NNCF make); symmetric weight-only (`w4g32-adaround`), one signed scale per block of inputs, the
 block's largest-magnitude weight over -2^(bits-1) (ONNX Runtime's MatMulNBits grid). A backend's own
 round-to-nearest quantizer then reproduces the learned integers exactly from them: `substitute` puts them in the
-float model before the backend quantizes, `check_built` confirms the built integers, and the kernels, the executed
+float model before the backend quantizes, the backend confirms the built integers, and the kernels, the executed
 check and the deployed files are those of round-to-nearest. Asymmetric weight-only (`w4g32-asym-adaround`, the
 learned twin of the `kquant` recipe) learns on k-quant's zero-pointed blocks (each block's scale and minimum
-searched to fit its weights), which no min-max quantizer finds again: `store_blocks` writes its integers, scales
-and zero points into the MatMulNBits node the quantizer made. Torch's PT2E
-observer spreads weights over 127.5 levels and NNCF's int4 grid is not MatMulNBits', so those backends do not
-offer it.
+searched to fit its weights), which no min-max quantizer finds again: ORT's build writes its integers, scales and
+zero points into the MatMulNBits node (`autoq.backends.onnxruntime.learned`). Torch's PT2E observer spreads
+weights over 127.5 levels and NNCF's int4 grid is not MatMulNBits', so those backends do not offer them (a
+backend lists the roundings it takes from here: `Backend.learned_roundings`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -38,20 +40,26 @@ from autoq.files import written_whole
 from autoq.graph import Layer, OnnxModel, probe_session, weight_array
 from autoq.precision import Kind, Precision
 from autoq.quantsim import round_activation, signed_scales
+from autoq.recovery import gptq
+
+if TYPE_CHECKING:
+    import torch
 
 VERSION = 3  # 3: FP32 inputs, a held-out share judging the fit
 ZERO_POINTED_VERSION = 3  # 2: zero-pointed blocks on k-quant's grid (1: min-max blocks); 3: the blocks kept
-LEARNED = ("adaround",)  # the roundings fitted here (Precision.rounding)
+LEARNED = ("adaround", "gptq")  # the roundings fitted here (Precision.rounding); a backend offers some
 LEVELS = 127  # symmetric static int8 weights: [-127, 127]
-ITERATIONS, BATCH, MAX_SAMPLES, LR = 500, 16, 256, 1e-2
+ITERATIONS, BATCH, MAX_SAMPLES, LR = 500, 16, 256, 1e-2  # AdaRound's
 HELD_OUT = 5  # one sample in HELD_OUT is kept out of the fit to judge it
 KEEP = 0.95  # the learned weights are kept where they lower the held-out error by 5% or more
 ZETA, GAMMA, REG, WARMUP, BETA = 1.1, -0.1, 0.01, 0.2, (20.0, 2.0)  # AdaRound's stretch, regulariser, annealing
 FITTED_OPS = ("Conv", "Gemm", "MatMul")
 
 
-def is_learned(spec: Precision) -> bool:
-    return spec.rounding in LEARNED
+def is_learned(spec: Precision, roundings: tuple[str, ...] = LEARNED) -> bool:
+    """Whether `spec`'s weights are fitted here: `roundings`, a backend's `learned_roundings` (OpenVINO's `gptq`
+    is NNCF's own, run at its build)."""
+    return spec.rounding in roundings
 
 
 @dataclass(frozen=True)
@@ -88,9 +96,10 @@ def _save(path: Path, fitted: Fitted) -> None:
         np.savez(partial, **fields)  # type: ignore[arg-type]
 
 
-def missing(calibration: Calibration, pairs: list[tuple[Layer, Precision]]) -> list[tuple[Layer, Precision]]:
+def missing(calibration: Calibration, pairs: list[tuple[Layer, Precision]],
+            roundings: tuple[str, ...] = LEARNED) -> list[tuple[Layer, Precision]]:
     return [(layer, spec) for layer, spec in pairs
-            if is_learned(spec) and not cache_file(calibration, layer.name, spec).is_file()]
+            if is_learned(spec, roundings) and not cache_file(calibration, layer.name, spec).is_file()]
 
 
 def prepare(model: OnnxModel, calibration: Calibration, pairs: list[tuple[Layer, Precision]],
@@ -137,10 +146,11 @@ def input_range(calibration: Calibration, node: onnx.NodeProto, spec: Precision)
     return known if known is not None else calibration.ranges()[node.input[0]]
 
 
-def substitute(proto: onnx.ModelProto, model: OnnxModel, specs: dict[str, Precision], calibration: Calibration) -> int:
-    """Put the learned weights of the layers whose spec is learned into `proto` (a copy of `model`'s), in place;
-    fits what is not cached yet. Returns how many layers were substituted."""
-    layers = [layer for layer in model.layers if layer.name in specs and is_learned(specs[layer.name])]
+def substitute(proto: onnx.ModelProto, model: OnnxModel, specs: dict[str, Precision], calibration: Calibration,
+               roundings: tuple[str, ...] = LEARNED) -> int:
+    """Put the learned weights of the layers whose spec is learned (one of `roundings`) into `proto` (a copy of
+    `model`'s), in place; fits what is not cached yet. Returns how many layers were substituted."""
+    layers = [layer for layer in model.layers if layer.name in specs and is_learned(specs[layer.name], roundings)]
     if not layers:
         return 0
     pairs = [(layer, specs[layer.name]) for layer in layers]
@@ -152,99 +162,6 @@ def substitute(proto: onnx.ModelProto, model: OnnxModel, specs: dict[str, Precis
             raise AutoqError(f"no learned weights for {layer.name} ({spec})")
         stored[layer.weight].CopyFrom(numpy_helper.from_array(fitted.weight.astype(np.float32), layer.weight))
     return len(pairs)
-
-
-def check_built(proto: onnx.ModelProto, model: OnnxModel, specs: dict[str, Precision],
-                calibration: Calibration) -> None:
-    """Raise unless each learned layer of a built ONNX Runtime model stores the learned integers (its weights
-    times scales equal the cached grid weights): a quantizer that picked other scales would otherwise run
-    round-to-nearest of the learned weights under the learned spec's name."""
-    for layer in model.layers:
-        spec = specs.get(layer.name)
-        if spec is None or not is_learned(spec):
-            continue
-        fitted = load(calibration, layer.name, spec)
-        built = _built_weight(proto, layer, spec)
-        if fitted is None or built is None:
-            raise AutoqError(f"{layer.name} ({spec}): its quantized weights are not in the built model")
-        if not np.allclose(built, fitted.weight, rtol=1e-5, atol=1e-7):
-            raise AutoqError(f"{layer.name} ({spec}): the quantizer did not keep the learned integers")
-
-
-def store_blocks(proto: onnx.ModelProto, model: OnnxModel, specs: dict[str, Precision],
-                 calibration: Calibration) -> int:
-    """Write each learned zero-pointed layer's integers, scales and zero points into its MatMulNBits node (built
-    by round-to-nearest of the learned weights), in place: k-quant's searched blocks are not the min-max blocks
-    ORT's quantizer would find in them. Returns how many layers were written."""
-    stored = {t.name: t for t in proto.graph.initializer}
-    nodes = {node.name: node for node in proto.graph.node}
-    written = 0
-    for layer in model.layers:
-        spec = specs.get(layer.name)
-        if spec is None or not is_learned(spec) or spec.kind != Kind.WEIGHT_ONLY or spec.symmetric:
-            continue
-        node, fitted = nodes.get(f"{layer.name}_Q{spec.bits}"), load(calibration, layer.name, spec)
-        if node is None or fitted is None or fitted.block_scale is None or fitted.block_zero is None \
-                or len(node.input) < 4:
-            raise AutoqError(f"{layer.name} ({spec}): no zero-pointed MatMulNBits to write its learned blocks into")
-        group, inputs = spec.group, layer.weight_shape[0]
-        scale, zero = fitted.block_scale, fitted.block_zero  # (outputs, blocks)
-        q = np.round(fitted.weight / scale.T.repeat(group, 0)[:inputs]) + zero.T.repeat(group, 0)[:inputs]
-        q = np.concatenate([q, np.repeat(zero[:, -1:].T, -inputs % group, 0)])  # padding dequantizes to 0
-        values = {node.input[1]: _pack(q.T.reshape(zero.shape[0], zero.shape[1], group), spec.bits),
-                  node.input[2]: scale}
-        points = _unpack(numpy_helper.to_array(stored[node.input[3]]), spec.bits).reshape(zero.shape[0], -1)
-        points[:, :zero.shape[1]] = zero
-        values[node.input[3]] = _pack(points, spec.bits)
-        for name, value in values.items():
-            old = numpy_helper.to_array(stored[name])
-            stored[name].CopyFrom(numpy_helper.from_array(value.astype(old.dtype).reshape(old.shape), name))
-        written += 1
-    return written
-
-
-def _built_weight(proto: onnx.ModelProto, layer: Layer, spec: Precision) -> np.ndarray | None:
-    """The weight a built model computes `layer` with, de-quantized: a static layer's DequantizeLinear (integers
-    times per-channel scales), a weight-only layer's MatMulNBits (`<layer>_Q<bits>`: unsigned blocks packed low
-    bits first, one scale per output and block, the zero points packed alike, or 2^(bits-1) when symmetric)."""
-    stored = {t.name: t for t in proto.graph.initializer}
-    if spec.kind == Kind.WEIGHT_ONLY:
-        node = next((n for n in proto.graph.node if n.name == f"{layer.name}_Q{spec.bits}"), None)
-        if node is None or node.input[1] not in stored or node.input[2] not in stored:
-            return None
-        packed, scales = (numpy_helper.to_array(stored[name]) for name in node.input[1:3])
-        outputs, blocks = packed.shape[:2]
-        zero: np.ndarray | float = 2 ** (spec.bits - 1)
-        if len(node.input) > 3 and node.input[3] in stored:
-            zero = _unpack(numpy_helper.to_array(stored[node.input[3]]), spec.bits).reshape(outputs, -1)[:, :blocks]
-            zero = zero[:, :, None]
-        q = _unpack(packed, spec.bits).reshape(outputs, blocks, -1) - zero
-        weight = (q * scales.reshape(outputs, blocks, 1)).reshape(outputs, -1)
-        return weight[:, :layer.weight_shape[0]].T  # (outputs, padded inputs) -> the MatMul's (inputs, outputs)
-    producer = {out: node for node in proto.graph.node for out in node.output}
-    node = next((n for n in proto.graph.node if n.name == layer.name), None)
-    dequantize = producer.get(node.input[1]) if node is not None else None
-    if dequantize is None or dequantize.input[0] not in stored:
-        return None
-    q, scale = (numpy_helper.to_array(stored[name]) for name in dequantize.input[:2])
-    shape = [1] * q.ndim
-    shape[layer.channel_axis] = -1
-    return q.astype(np.float32) * scale.reshape(shape)
-
-
-def _unpack(packed: np.ndarray, bits: int) -> np.ndarray:
-    """MatMulNBits' unsigned `bits`-bit values, packed low bits first in each byte, as float (last axis widened)."""
-    values = np.stack([(packed >> (bits * i)) & (2 ** bits - 1) for i in range(8 // bits)], -1)
-    return values.reshape(*packed.shape[:-1], -1).astype(np.float32)
-
-
-def _pack(values: np.ndarray, bits: int) -> np.ndarray:
-    """`_unpack`'s inverse: unsigned `bits`-bit values packed low bits first, 8 // bits to a byte (last axis)."""
-    grouped = values.astype(np.uint8).reshape(*values.shape[:-1], -1, 8 // bits)
-    packed = np.zeros(grouped.shape[:-1], dtype=np.uint8)
-    for i in range(8 // bits):
-        packed |= grouped[..., i] << (bits * i)
-    return packed
 
 
 @dataclass(frozen=True)
@@ -304,8 +221,9 @@ def _forward(node: onnx.NodeProto, bias: np.ndarray | None, rank: int) -> Callab
 
 def fit(node: onnx.NodeProto, proto: onnx.ModelProto, layer: Layer, x: np.ndarray, x_seen: np.ndarray,
         spec: Precision) -> Fitted:
-    """AdaRound of one layer: its weights' rounding on `spec`'s grid fitted so that, on the input its kernel sees
-    (`x_seen`), it computes what FP32 computes on the FP32 input `x` (both over all calibration samples)."""
+    """One layer's learned rounding on `spec`'s grid (AdaRound, or GPTQ for `gptq` specs), fitted so that, on the
+    input its kernel sees (`x_seen`), it computes what FP32 computes on the FP32 input `x` (both over all calibration
+    samples but a held-out share, which judges the fit against round-to-nearest)."""
     import torch
 
     if layer.op_type not in FITTED_OPS:
@@ -327,11 +245,6 @@ def fit(node: onnx.NodeProto, proto: onnx.ModelProto, layer: Layer, x: np.ndarra
     low_t, high_t = (torch.as_tensor(np.asarray(bound, dtype=np.float32)) for bound in (low, high))
     with torch.no_grad():
         target = forward(x_t, w_t)
-    rest_t = torch.from_numpy(rest.astype(np.float32))
-    alpha = torch.log((rest_t - GAMMA) / (ZETA - rest_t)).requires_grad_(True)  # the soft mask starts at `rest`
-
-    def soft() -> torch.Tensor:
-        return torch.clamp(torch.sigmoid(alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
 
     def weight(h: torch.Tensor) -> torch.Tensor:
         return torch.where(keep_t, rtn, torch.clamp(floor_t + h, low_t, high_t)) * s_t
@@ -346,21 +259,14 @@ def fit(node: onnx.NodeProto, proto: onnx.ModelProto, layer: Layer, x: np.ndarra
             out, wanted = forward(x_q[held], q_weight), target[held]
             return float(((out - wanted) ** 2).sum() / (wanted ** 2).sum().clamp_min(1e-20))
 
-    optimizer = torch.optim.Adam([alpha], lr=LR)
-    batch = min(len(fitted_on), BATCH if x.ndim > 2 or node.op_type != "MatMul" else 256)
-    for step_index in range(ITERATIONS):
-        index = fitted_on[torch.randint(0, len(fitted_on), (batch,), generator=generator)]
-        h = soft()
-        loss = ((forward(x_q[index], weight(h)) - target[index]) ** 2).sum(1).mean()  # AdaRound's: summed over
-        progress = (step_index / ITERATIONS - WARMUP) / (1 - WARMUP)  # channels, averaged over the rest
-        if progress > 0:
-            beta = BETA[1] + (BETA[0] - BETA[1]) * (1 - progress)
-            loss = loss + REG * (1 - (2 * h - 1).abs().pow(beta)).sum()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    with torch.no_grad():
-        learned = weight((soft() >= 0.5).float())
+    if spec.rounding == "gptq":
+        if node.op_type != "MatMul" or w.ndim != 2:
+            raise AutoqError(f"GPTQ rounds MatMul weights, not {layer.op_type} ({layer.name})")
+        learned = torch.from_numpy(gptq.solve(w, x_q[fitted_on].numpy(), scale, low, high, lattice.keep,
+                                              rtn.numpy()).astype(np.float32)) * s_t
+    else:
+        learned = _adaround(forward, weight, rest, x_q[fitted_on], target[fitted_on], generator,
+                            BATCH if x.ndim > 2 or node.op_type != "MatMul" else 256)
     rtn_error, learned_error = error(rtn * s_t), error(learned)
     if learned_error >= KEEP * rtn_error:  # overfitted (few samples for many weights): round-to-nearest stays
         learned, learned_error = rtn * s_t, rtn_error
@@ -369,6 +275,35 @@ def fit(node: onnx.NodeProto, proto: onnx.ModelProto, layer: Layer, x: np.ndarra
         blocks = (lattice.scale[::spec.group].T, -np.asarray(lattice.low)[::spec.group].T)
     return Fitted(learned.numpy().astype(np.float32), rtn_error, learned_error, time.perf_counter() - started,
                   *blocks)
+
+
+def _adaround(forward: Callable, weight: Callable, rest: np.ndarray, x: torch.Tensor, target: torch.Tensor,
+              generator: torch.Generator, batch: int) -> torch.Tensor:
+    """AdaRound's optimisation: a soft mask per weight (starting at where the weight lies between its two grid
+    points), annealed to 0 or 1 by the regulariser while the layer's output error on `x` is minimised."""
+    import torch
+
+    rest_t = torch.from_numpy(rest.astype(np.float32))
+    alpha = torch.log((rest_t - GAMMA) / (ZETA - rest_t)).requires_grad_(True)  # the soft mask starts at `rest`
+
+    def soft() -> torch.Tensor:
+        return torch.clamp(torch.sigmoid(alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
+
+    optimizer = torch.optim.Adam([alpha], lr=LR)
+    batch = min(len(x), batch)
+    for step_index in range(ITERATIONS):
+        index = torch.randint(0, len(x), (batch,), generator=generator)
+        h = soft()
+        loss = ((forward(x[index], weight(h)) - target[index]) ** 2).sum(1).mean()  # AdaRound's: summed over
+        progress = (step_index / ITERATIONS - WARMUP) / (1 - WARMUP)  # channels, averaged over the rest
+        if progress > 0:
+            beta = BETA[1] + (BETA[0] - BETA[1]) * (1 - progress)
+            loss = loss + REG * (1 - (2 * h - 1).abs().pow(beta)).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        return weight((soft() >= 0.5).float())
 
 
 def _largest(w: np.ndarray, axis: int) -> np.ndarray:

@@ -45,6 +45,7 @@ from autoq.backends.onnxruntime.graph import (
     integer_chains,
     keep_float,
 )
+from autoq.backends.onnxruntime.learned import check_built, store_blocks
 from autoq.backends.onnxruntime.quantize import (
     DYNAMIC_LAYERS,
     TABLE_ROUNDINGS,
@@ -63,7 +64,7 @@ from autoq.calibrate import Calibration
 from autoq.fold import KEEP_LAYER_NAMES, constant_divisor, div_as_mul
 from autoq.graph import Layer, OnnxModel, save_onnx, tied_tables
 from autoq.precision import Assignment, Kind, Precision
-from autoq.recovery.rounding import check_built, is_learned, store_blocks, substitute
+from autoq.recovery.rounding import LEARNED, is_learned, substitute
 from autoq.regions import REMOVABLE, Regions, find_regions
 
 # Glue ORT's CPU provider runs on int8 (its QDQ selectors): integer kernels, and ops that pass int8 through.
@@ -103,20 +104,19 @@ class OnnxRuntimeBackend(Backend):
     builds = {Kind.FLOAT: (32,), Kind.STATIC: (8,), Kind.DYNAMIC: (8,), Kind.WEIGHT_ONLY: (2, 4, 8)}  # no 3-bit:
     # ORT's MatMulNBits quantizer packs 2, 4 or 8 bits
     llm_space = "llm-cpu"
+    learned_roundings = LEARNED  # AdaRound, and GPTQ (autoq's, cached: ORT's own re-ran per build, measured worse)
     unbuilt = {Kind.FLOAT: "ORT's CPU provider runs float layers in fp32 (use the openvino or torch backend for bf16)"}
 
     def refuses(self, precision: Precision) -> str | None:
         if precision.kind == Kind.WEIGHT_ONLY and precision.granularity != "group":
             return f"MatMulNBits quantizes in blocks: give a group size (e.g. w{precision.bits}g128)"
-        if is_learned(precision) and find_spec("torch") is None:
+        if is_learned(precision, self.learned_roundings) and find_spec("torch") is None:
             return "learned rounding is fitted with torch: pip install 'autoq[torch]'"
         if precision.kind == Kind.WEIGHT_ONLY and precision.rounding not in WEIGHT_ROUNDINGS:
             offered = ", ".join(WEIGHT_ROUNDINGS)
             return f"{precision.rounding} is not offered on ORT (its weight-only roundings: {offered})"
         if precision.bits == 2 and precision.rounding != "rtn":
             return "ORT's 2-bit blocks are rounded to nearest (its HQQ, GPTQ, k-quant and learned forms are 4/8-bit)"
-        if precision.rounding == "gptq" and precision.bits != 4:
-            return "ORT's GPTQ quantizer is 4-bit"
         if precision.rounding == "hqq" and (precision.bits != 4 or find_spec("torch") is None):
             return "ORT's HQQ quantizer is 4-bit and needs torch installed"
         return None
@@ -210,12 +210,12 @@ class OnnxRuntimeBackend(Backend):
         regions = self.regions(model, calibration, unfused=glue == UNFUSED)
         specs = assignment.specs()
         nodes = regions.int8_nodes(assignment, glue=glue != "float")
-        learned = any(is_learned(spec) for spec in specs.values())
+        learned = any(is_learned(spec, self.learned_roundings) for spec in specs.values())
         proto = model.proto
         if learned or nodes:  # a copy to change: learned weights put on their grid, Divs turned into Muls
             proto = onnx.ModelProto()
             proto.CopyFrom(model.proto)
-            substitute(proto, model, specs, calibration)
+            substitute(proto, model, specs, calibration, self.learned_roundings)
         if not nodes:  # quantize_static treats an empty node list as "all nodes"
             if learned:
                 save_onnx(proto, out)
@@ -231,7 +231,7 @@ class OnnxRuntimeBackend(Backend):
                                calibration.samples())
         smooth(out, model, {n: s.smooth for n, s in specs.items() if s.smooth}, calibration)
         quantize_dynamic_layers(out, specs)
-        quantize_weight_only(out, specs, calibration)
+        quantize_weight_only(out, specs)
         if learned:
             built = onnx.load(str(out))
             if store_blocks(built, model, specs, calibration):

@@ -5,8 +5,9 @@
   the first in graph order sets it.
 - int8-dyn (`quantize_dynamic`, MatMul): one call per weight granularity (per tensor, per channel).
 - weight-only (`MatMulNBitsQuantizer`): MatMul -> MatMulNBits (2, 4 or 8 bits, block size, symmetric or not,
-  accuracy_level; rounded to nearest, by HQQ, by llama.cpp's k-quant search of scales and minimums, or by GPTQ (4
-  bits; ORT's vendored Neural Compressor code) on the cached calibration samples), one call per distinct spec;
+  accuracy_level; rounded to nearest, by HQQ, or by llama.cpp's k-quant search of scales and minimums; learned
+  roundings (AdaRound, GPTQ) come as weights already on their grid, `autoq.recovery.rounding`), one call per
+  distinct spec;
   Gather -> GatherBlockQuantized (4 or 8 bits) of a stand-in MatMul's weights or of its tied LM head's.
 """
 
@@ -105,13 +106,13 @@ def quantize_dynamic_layers(path: Path, specs: dict[str, Precision]) -> None:
 
 
 # weight-only rounding -> how ORT's MatMulNBits quantizer is told (rtn: the default config); the backend offers these
-WEIGHT_ROUNDINGS = ("rtn", "hqq", "gptq", "kquant", "adaround")  # adaround: learned weights on the RTN grid
+WEIGHT_ROUNDINGS = ("rtn", "hqq", "gptq", "kquant", "adaround")  # gptq, adaround: learned weights on the RTN grid
+# (`autoq.recovery.rounding`), stored by the default config
 
 
-def _rounding_config(spec: Precision, calibration: Calibration, chosen: list[str]) -> object:
+def _rounding_config(spec: Precision, chosen: list[str]) -> object:
     from onnxruntime.quantization.matmul_nbits_quantizer import (  # it needs onnx_ir
         DefaultWeightOnlyQuantConfig,
-        GPTQWeightOnlyQuantConfig,
         HQQWeightOnlyQuantConfig,
         KQuantWeightOnlyQuantConfig,
     )
@@ -122,15 +123,12 @@ def _rounding_config(spec: Precision, calibration: Calibration, chosen: list[str
                                            customized_weight_config={n: {"bits": spec.bits} for n in chosen})
     if spec.rounding == "hqq":
         return HQQWeightOnlyQuantConfig(block_size=spec.group, bits=spec.bits, op_types_to_quantize=ops)
-    if spec.rounding == "gptq":
-        samples = CalibrationSamples(calibration.samples())
-        return GPTQWeightOnlyQuantConfig(calibration_data_reader=samples, op_types_to_quantize=ops)
     return DefaultWeightOnlyQuantConfig(block_size=spec.group, is_symmetric=spec.symmetric,
                                         accuracy_level=spec.accuracy_level or None, op_types_to_quantize=ops,
                                         bits=spec.bits)
 
 
-def quantize_weight_only(path: Path, specs: dict[str, Precision], calibration: Calibration, tie: bool = True) -> None:
+def quantize_weight_only(path: Path, specs: dict[str, Precision], tie: bool = True) -> None:
     """MatMulNBits / GatherBlockQuantized for the layers whose spec is weight-only, in place. An embedding table is
     rounded as a MatMul of its transpose would be (any bits and rounding the MatMul quantizer has) and gathered from
     those weights; a table tied to the LM head with the head's weight format reads the head's weights instead
@@ -155,7 +153,7 @@ def quantize_weight_only(path: Path, specs: dict[str, Precision], calibration: C
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer  # it needs onnx_ir
 
     for spec, chosen in groups.items():
-        config = _rounding_config(spec, calibration, chosen)
+        config = _rounding_config(spec, chosen)
         others = [n.name for n in proto.graph.node if n.name not in set(chosen)]
         with quiet_root_logger():
             quantizer = MatMulNBitsQuantizer(proto, bits=spec.bits, block_size=spec.group,

@@ -159,10 +159,10 @@ class OpenVinoBackend(Backend):
 
     def build(self, model: OnnxModel, assignment: Assignment, calibration: Calibration, workdir: Path) -> Candidate:
         specs = assignment.specs()
-        if any(is_learned(spec) for spec in specs.values()):  # learned rounding: weights already on their int8 grid
+        if any(is_learned(spec, self.learned_roundings) for spec in specs.values()):  # weights already on their grid
             proto = onnx.ModelProto()
             proto.CopyFrom(model.proto)
-            substitute(proto, model, specs, calibration)
+            substitute(proto, model, specs, calibration, self.learned_roundings)
             workdir.mkdir(parents=True, exist_ok=True)
             ov_model = ov.convert_model(str(save_onnx(proto, workdir / "learned.onnx")))
         else:
