@@ -27,6 +27,7 @@ from autoq.measure import fingerprint, interval, ratio_rounds
 from autoq.metrics import get_metric
 from autoq.precision import Assignment
 
+FP16 = "weight_only_wf16_afp32"  # no recipe function: float casting of every weighted op's weights
 FORMATS = {  # AI Edge Quantizer recipe -> what it stores and computes
     "dynamic_wi8_afp32": "int8 weights per channel, activations quantized at run time",
     "dynamic_wi4_afp32": "int4 weights per channel, activations quantized at run time",
@@ -35,6 +36,7 @@ FORMATS = {  # AI Edge Quantizer recipe -> what it stores and computes
     "static_wi8_ai16": "int8 weights, int16 activations",
     "weight_only_wi8_afp32": "int8 weights dequantized to float",
     "weight_only_wi4_afp32": "int4 weights dequantized to float",
+    FP16: "float16 weights (float casting) computed in float",
 }
 
 
@@ -46,7 +48,14 @@ def quantized(source: Path, name: str, samples: dict[str, np.ndarray], out: Path
     from autoq.backends.litert.model import interpreter
 
     made = quantizer.Quantizer(str(source))
-    made.load_quantization_recipe(getattr(recipe, name)())
+    if name == FP16:
+        from ai_edge_quantizer.algorithm_manager import AlgorithmName
+        from ai_edge_quantizer.qtyping import TFLOperationName
+
+        for op in (TFLOperationName.FULLY_CONNECTED, TFLOperationName.CONV_2D, TFLOperationName.EMBEDDING_LOOKUP):
+            made.add_weight_only_config(".*", op, 16, algorithm_key=AlgorithmName.FLOAT_CASTING)
+    else:
+        made.load_quantization_recipe(getattr(recipe, name)())
     statistics = None
     if made.need_calibration:
         details = interpreter(source).get_signature_runner(SIGNATURE).get_input_details()
