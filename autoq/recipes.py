@@ -129,20 +129,25 @@ def _side_by_side(evaluator: Evaluator, run_dir: Path, front: pd.DataFrame, poin
                   recipe: Any) -> dict[int, tuple[float, float, float]]:
     """Each front point's speed-up over the recipe, from their exported models timed against it in one set of
     alternating rounds with the session settings a user deploys with (as `autoq verify` times them; they write
-    nothing beside the models) on the search's latency feeds: (median, 95% low, 95% high)."""
+    nothing beside the models) on the search's latency feeds: (median, 95% low, 95% high). Each model runs as the
+    backend's `deployed_instances` separately made sessions, made in turns and taking turns in the rounds, the
+    interval resampling them: two sessions of one file can time a few percent apart."""
     backend, feeds = evaluator.backend, evaluator.latency_feeds
-
-    def timed(path: Path, options: dict) -> Callable[[], Any]:
-        run = backend.deployed_runner(Candidate(Assignment({}, options), path, 0), evaluator.threads)
-        return partial(run, feeds)
-
-    runs = {"recipe": timed(run_dir / recipe.model, json.loads(recipe.options or "{}"))}
     models = front.set_index("point")["model"]
+    files = {"recipe": (run_dir / recipe.model, json.loads(recipe.options or "{}"))}
     for point in points:
         options = Assignment.load(run_dir / "front" / f"point-{point}" / "assignment.yaml").options
-        runs[str(point)] = timed(run_dir / models[point], options)
-    rounds = ratio_rounds(runs, "recipe", rounds=SIDE_BY_SIDE_ROUNDS)
-    return {point: interval(rounds[str(point)][1]) for point in points}
+        files[str(point)] = (run_dir / models[point], options)
+    instances = backend.deployed_instances
+    runs: dict[str, list[Callable[[], Any]]] = {label: [] for label in files}
+    for _ in range(instances):  # in turns: no model has all the first-made (or last-made) sessions
+        for label, (path, options) in files.items():
+            run = backend.deployed_runner(Candidate(Assignment({}, options), path, 0), evaluator.threads)
+            runs[label].append(partial(run, feeds))
+    count = -(-SIDE_BY_SIDE_ROUNDS // instances) * instances
+    rounds = ratio_rounds(runs, "recipe", rounds=count)
+    clusters = np.arange(count) % instances  # the session each round ran
+    return {point: interval(rounds[str(point)][1], clusters=clusters) for point in points}
 
 
 def _front_speedup(front: pd.DataFrame) -> pd.Series:

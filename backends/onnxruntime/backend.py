@@ -105,6 +105,7 @@ class OnnxRuntimeBackend(Backend):
     # ORT's MatMulNBits quantizer packs 2, 4 or 8 bits
     llm_space = "llm-cpu"
     learned_roundings = LEARNED  # AdaRound, and GPTQ (autoq's, cached: ORT's own re-ran per build, measured worse)
+    deployed_instances = 2  # two sessions of one file timed 2-4% apart, whichever was made second faster (MiniLM)
     unbuilt = {Kind.FLOAT: "ORT's CPU provider runs float layers in fp32 (use the openvino or torch backend for bf16)"}
 
     def refuses(self, precision: Precision) -> str | None:
